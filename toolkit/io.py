@@ -1,0 +1,158 @@
+"""Small file helpers shared by every stage: atomic writes, hashing, and reading tabular files with
+errors that name the file and line."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+from toolkit.errors import OptkitError
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _tmp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write to a temporary name in the same directory, fsync, then rename: readers never see half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(path)
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+
+
+@contextlib.contextmanager
+def atomic_dir(path: Path) -> Iterator[Path]:
+    """Yield a temporary sibling directory; on success it replaces `path` whole, on error it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if path.exists():
+        old = path.with_name(f".{path.name}.old-{os.getpid()}")
+        os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(tmp, path)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
+    n = 0
+    lines = []
+    for row in rows:
+        lines.append(json.dumps(row, ensure_ascii=False, default=str))
+        n += 1
+    atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
+    return n
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every line a JSON object; a bad line is an error naming file and line number."""
+    rows = []
+    path = Path(path)
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise OptkitError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise OptkitError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            rows.append(obj)
+    return rows
+
+
+def read_table(path: Path, fmt: str = "auto", split_name: str | None = None) -> list[dict]:
+    """Rows of a .jsonl / .csv / .parquet file or a datasets directory, as dicts."""
+    path = Path(path)
+    if not path.exists():
+        raise OptkitError(f"data file not found: {path}")
+    if fmt == "auto":
+        if path.is_dir():
+            fmt = "datasets"
+        else:
+            suffix = path.suffix.lower()
+            fmt = {".jsonl": "jsonl", ".json": "jsonl", ".csv": "csv", ".parquet": "parquet"}.get(suffix, "")
+            if not fmt:
+                raise OptkitError(f"{path}: cannot tell the format from '{suffix}'; set data.format")
+    if fmt == "jsonl":
+        return read_jsonl(path)
+    if fmt == "csv":
+        import csv
+
+        with open(path, newline="", encoding="utf-8") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None:
+                raise OptkitError(f"{path}: empty CSV file (no header line)")
+            rows = []
+            for lineno, row in enumerate(reader, 2):
+                if None in row:
+                    raise OptkitError(f"{path}:{lineno}: more fields than the header has")
+                rows.append(row)
+            return rows
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.read_table(path).to_pylist()
+        except Exception as exc:  # pyarrow raises several types for corrupt files
+            raise OptkitError(f"{path}: cannot read parquet ({exc})") from None
+    if fmt == "datasets":
+        try:
+            import datasets
+        except ImportError:
+            from toolkit.errors import MissingExtraError
+
+            raise MissingExtraError("reading a datasets directory", "datasets", "datasets") from None
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if split_name is None:
+                raise OptkitError(f"{path}: a DatasetDict with splits {list(ds)}; set data.split_name")
+            if split_name not in ds:
+                raise OptkitError(f"{path}: no split '{split_name}' (has {list(ds)})")
+            ds = ds[split_name]
+        return ds.to_list()
+    raise OptkitError(f"{path}: unknown format '{fmt}'")
+
+
+def require_columns(rows: list[dict], columns: Iterable[str | None], source: str, field_prefix: str = "") -> None:
+    if not rows:
+        raise OptkitError(f"{source}: no rows")
+    have = set(rows[0])
+    for col in columns:
+        if col is not None and col not in have:
+            raise OptkitError(f"{source}: column '{col}' does not exist{(' (' + field_prefix + ')') if field_prefix else ''};"
+                              f" columns are: {', '.join(sorted(have))}")

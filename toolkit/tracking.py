@@ -1,0 +1,149 @@
+"""MLflow tracking: one run per recipe run, one nested run per stage (and per variant where a stage wants).
+
+Default store: a sqlite file under the artifacts dir, so a laptop run needs no server; set
+MLFLOW_TRACKING_URI (or tracking.uri) to log to a team server instead. Params are logged in batches,
+and never contain secrets (the recipe is flattened from `Recipe.public_dict()`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from toolkit.runtime import redact
+
+log = logging.getLogger("optkit.tracking")
+
+MAX_PARAM_LEN = 6000  # MLflow's limit on a param value (characters)
+BATCH = 100  # MLflow's log_batch limit on params per call
+
+
+def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten(value, name + "."))
+        else:
+            text = redact(str(value))
+            out[name] = text[:MAX_PARAM_LEN]
+    return out
+
+
+def default_uri(artifacts_dir: Path) -> str:
+    return f"sqlite:///{(Path(artifacts_dir) / 'mlflow.db').resolve()}"
+
+
+class Tracker:
+    """Thin wrapper over the MLflow client; the pipeline owns the run ids, stages just log."""
+
+    def __init__(self, uri: str, experiment: str, artifacts_dir: Path):
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if uri.startswith("sqlite:"):  # keep artifacts beside the db, not in the working dir
+                location = (Path(artifacts_dir) / "mlruns").resolve().as_uri()
+            exp_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            exp_id = exp.experiment_id
+        self.experiment_id = exp_id
+        self._stack: list[str] = []
+
+    @property
+    def run_id(self) -> str | None:
+        return self._stack[-1] if self._stack else None
+
+    @contextlib.contextmanager
+    def run(self, name: str, tags: Mapping[str, str] | None = None) -> Iterator[str]:
+        """Start a run (nested under the current one, if any); ends it FINISHED or FAILED."""
+        from mlflow.utils.mlflow_tags import MLFLOW_PARENT_RUN_ID, MLFLOW_RUN_NAME
+
+        all_tags = {MLFLOW_RUN_NAME: name, **(tags or {})}
+        if self._stack:
+            all_tags[MLFLOW_PARENT_RUN_ID] = self._stack[-1]
+        run = self.client.create_run(self.experiment_id, tags=all_tags, run_name=name)
+        run_id = run.info.run_id
+        self._stack.append(run_id)
+        status = "FINISHED"
+        try:
+            yield run_id
+        except KeyboardInterrupt:
+            status = "KILLED"
+            raise
+        except BaseException:
+            status = "FAILED"
+            raise
+        finally:
+            self._stack.pop()
+            self.client.set_terminated(run_id, status=status)
+
+    def log_params(self, params: Mapping[str, Any]) -> None:
+        from mlflow.entities import Param
+
+        items = [Param(k, redact(str(v))[:MAX_PARAM_LEN]) for k, v in params.items()]
+        for i in range(0, len(items), BATCH):
+            self.client.log_batch(self.run_id, params=items[i:i + BATCH])
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        ts = int(time.time() * 1000)
+        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool)]
+        for i in range(0, len(items), 1000):
+            self.client.log_batch(self.run_id, metrics=items[i:i + 1000])
+
+    def set_tags(self, tags: Mapping[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        self.client.log_batch(self.run_id, tags=[RunTag(k, redact(str(v))) for k, v in tags.items()])
+
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), artifact_path)
+        elif path.exists():
+            self.client.log_artifact(self.run_id, str(path), artifact_path)
+
+
+class NullTracker(Tracker):
+    """Tracking switched off: same interface, does nothing."""
+
+    def __init__(self):  # noqa: D107 - nothing to connect to
+        self._stack = []
+        self.uri = None
+
+    @contextlib.contextmanager
+    def run(self, name, tags=None):
+        self._stack.append(name)
+        try:
+            yield name
+        finally:
+            self._stack.pop()
+
+    def log_params(self, params): ...
+    def log_metrics(self, metrics, step=None): ...
+    def set_tags(self, tags): ...
+    def log_artifact(self, path, artifact_path=None): ...
+
+
+def make_tracker(enabled: bool, uri: str | None, experiment: str, artifacts_dir: Path) -> Tracker:
+    if not enabled:
+        return NullTracker()
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or uri or default_uri(artifacts_dir)
+    Path(artifacts_dir).mkdir(parents=True, exist_ok=True)
+    # MLflow logs every sqlite migration at INFO on first use; that is noise in a CLI run.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    return Tracker(uri, experiment, artifacts_dir)
