@@ -260,8 +260,11 @@ def _run_stage(recipe: Recipe, stage: str, run_dir: Path, tracker: Tracker, forc
         if getattr(recipe, up) is None:
             continue
         m = read_manifest(run_dir / up)
-        if m and m.get("status") == "done":
-            upstream_fps[up] = fingerprint(m)
+        if not m or m.get("status") != "done":
+            # Checked before the stage starts, so a stage that cannot run leaves no manifest behind.
+            raise OptkitError(f"stage '{stage}' needs the outputs of stage '{up}', which has not finished in "
+                              f"{run_dir}; run it first (optkit run RECIPE --only {up})")
+        upstream_fps[up] = fingerprint(m)
     if not force:
         fresh, reason = _is_fresh(run_dir, stage, expected, upstream_fps)
         if fresh:

@@ -1,0 +1,139 @@
+"""Recipe schema: unknown keys with suggestions, types, YAML errors with line numbers, overrides, docs."""
+
+import pytest
+from pydantic import BaseModel
+
+from toolkit.config import (Recipe, _first_model, apply_overrides, load_recipe, recipe_from_dict,
+                            schema_reference)
+from toolkit.errors import OptkitError
+
+MINIMAL = {"name": "t", "teacher": {"model": "smollm2-135m-instruct"}, "data": {"path": "d.jsonl"},
+           "collect": {}}
+
+
+def write(tmp_path, text, name="r.yaml"):
+    p = tmp_path / name
+    p.write_text(text)
+    return p
+
+
+def test_minimal_recipe_validates_with_defaults():
+    r = recipe_from_dict(MINIMAL)
+    assert r.stages() == ["collect"]
+    assert r.collect.generation.max_new_tokens == 64
+    assert r.teacher.trust_remote_code is False
+
+
+def test_misspelled_key_names_path_and_suggests(tmp_path):
+    p = write(tmp_path, "name: t\nteacher: {model: x}\ndata: {path: d.jsonl}\ncollect:\n  generaton: {}\n")
+    with pytest.raises(OptkitError) as e:
+        load_recipe(p)
+    msg = str(e.value)
+    assert "collect.generaton" in msg and "did you mean 'generation'" in msg and str(p) in msg
+
+
+def test_nested_misspelling_suggests_from_the_right_model():
+    bad = {**MINIMAL, "collect": {"generation": {"max_new_tokenz": 3}}}
+    with pytest.raises(OptkitError, match=r"collect\.generation\.max_new_tokenz: unknown key \(did you mean "
+                                          r"'max_new_tokens'\?\)"):
+        recipe_from_dict(bad)
+
+
+def test_wrong_type_names_field():
+    with pytest.raises(OptkitError, match=r"collect\.generation\.max_new_tokens: .*integer"):
+        recipe_from_dict({**MINIMAL, "collect": {"generation": {"max_new_tokens": "many"}}})
+
+
+def test_missing_required_key():
+    with pytest.raises(OptkitError, match="teacher: required key is missing"):
+        recipe_from_dict({"name": "t", "data": {"path": "x"}})
+
+
+def test_bad_yaml_reports_line(tmp_path):
+    p = write(tmp_path, "name: t\nteacher:\n  model: [unclosed\ndata: {path: x}\n")
+    with pytest.raises(OptkitError, match=r"r\.yaml:\d+:\d+: invalid YAML"):
+        load_recipe(p)
+
+
+def test_empty_and_non_mapping_recipes(tmp_path):
+    with pytest.raises(OptkitError, match="empty"):
+        load_recipe(write(tmp_path, ""))
+    with pytest.raises(OptkitError, match="mapping"):
+        load_recipe(write(tmp_path, "- a\n- b\n"))
+    with pytest.raises(OptkitError, match="not found"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_splits_must_sum_to_one():
+    with pytest.raises(OptkitError, match="data.splits: .*must be 1.0"):
+        recipe_from_dict({**MINIMAL, "data": {"path": "x", "splits": {"train": 0.5, "val": 0.1, "test": 0.1}}})
+
+
+def test_overrides_parse_yaml_values_and_create_sections():
+    d = apply_overrides({"a": {"b": 1}}, ["a.b=7", "a.c=[1, 2]", "x.y=true", "s=hello"])
+    assert d == {"a": {"b": 7, "c": [1, 2]}, "x": {"y": True}, "s": "hello"}
+    with pytest.raises(OptkitError, match="key.path=value"):
+        apply_overrides({}, ["novalue"])
+    with pytest.raises(OptkitError, match="not a section"):
+        apply_overrides({"a": 3}, ["a.b=1"])
+
+
+def test_override_errors_are_validated_like_the_file(tmp_path):
+    p = write(tmp_path, "name: t\nteacher: {model: x}\ndata: {path: d.jsonl}\ncollect: {}\n")
+    r = load_recipe(p, ["collect.generation.max_new_tokens=5"])
+    assert r.collect.generation.max_new_tokens == 5
+    with pytest.raises(OptkitError, match="collect.generation.max_new_tokens"):
+        load_recipe(p, ["collect.generation.max_new_tokens=-1"])
+
+
+def test_relative_paths_resolve_against_recipe_dir(tmp_path):
+    (tmp_path / "sub").mkdir()
+    p = write(tmp_path / "sub", "name: t\nteacher: {model: x}\ndata: {path: d.jsonl}\n")
+    r = load_recipe(p)
+    assert r.resolve_path(r.data.path) == (tmp_path / "sub" / "d.jsonl")
+
+
+def test_secrets_are_stripped_from_public_dict():
+    r = recipe_from_dict({**MINIMAL, "collect": {"backend": "openai", "openai": {"api_key": "sk-very-secret-1234"}}})
+    assert r.collect.openai.api_key.get_secret_value() == "sk-very-secret-1234"
+    assert "sk-very-secret-1234" not in repr(r.public_dict())
+    assert "api_key" not in r.public_dict()["collect"]["openai"]
+
+
+def _all_models(cls, seen=None):
+    seen = seen if seen is not None else set()
+    if cls in seen:
+        return seen
+    seen.add(cls)
+    for f in cls.model_fields.values():
+        sub = _first_model(f.annotation)
+        if sub is not None:
+            _all_models(sub, seen)
+    return seen
+
+
+def test_every_field_is_described_and_every_section_forbids_extras():
+    models = _all_models(Recipe)
+    assert len(models) > 10
+    for cls in models:
+        assert cls.model_config.get("extra") == "forbid", cls.__name__
+        for name, f in cls.model_fields.items():
+            assert f.description, f"{cls.__name__}.{name} has no description"
+
+
+def test_schema_reference_lists_nested_keys():
+    rows = schema_reference()
+    keys = [r.split("`")[1] for r in rows]
+    assert "collect.generation.max_new_tokens" in keys
+    assert "teacher.trust_remote_code" in keys
+    assert all(r.count("|") >= 5 for r in rows)
+
+
+def test_import_is_cheap():
+    import subprocess
+    import sys
+
+    code = ("import sys, toolkit.config, toolkit.pipeline, toolkit.cli;"
+            "bad=[m for m in ('torch','transformers','mlflow','sklearn') if m in sys.modules];"
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
