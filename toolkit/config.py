@@ -344,7 +344,7 @@ class EvaluateConfig(Section):
 class ExportConfig(Section):
     include: list[str] = Field(["student", "quantized", "gguf", "route", "cache"],
                                description="What goes into the bundle.")
-    register: bool = Field(False, description="Also register the models in the MLflow model registry.")
+    register_model: bool = Field(False, description="Also register the models in the MLflow model registry.")
 
 
 # --------------------------------------------------------------------------------------------- recipe
