@@ -29,4 +29,4 @@ def test_exactly_two_setup_commands_and_ci_runs_the_test_one():
 def test_recipe_reference_is_generated_from_the_schema():
     block = README.split("<!-- schema:start -->", 1)[1].split("<!-- schema:end -->", 1)[0]
     rows = [line for line in block.strip().splitlines() if line.startswith("| `")]
-    assert rows == schema_reference(), "README recipe reference is stale: run `python -m toolkit.cli schema`"
+    assert rows == schema_reference(), "README recipe reference is stale: run `python .ci/update_readme_schema.py`"
