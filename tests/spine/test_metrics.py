@@ -1,0 +1,40 @@
+"""Answer metrics against hand-computed values."""
+
+import pytest
+
+from toolkit.metrics import exact_match, first_label, gold_match, normalize, rouge_l, token_f1
+
+LABELS = ["ACCOUNT", "ORDER", "REFUND", "SHIPPING_ADDRESS", "CANCELLATION_FEE"]
+
+
+def test_normalize():
+    assert normalize("  The REFUND, please!  ") == "refund please"
+    assert normalize("SHIPPING_ADDRESS.") == "shipping_address"  # underscores survive: labels keep their shape
+
+
+def test_exact_and_f1():
+    assert exact_match("Refund.", "refund") == 1.0
+    assert exact_match("refund order", "refund") == 0.0
+    # pred tokens {refund, order}, ref {refund}: P=1/2, R=1 -> F1=2/3
+    assert token_f1("refund order", "refund") == pytest.approx(2 / 3)
+    assert token_f1("", "") == 1.0 and token_f1("x", "") == 0.0
+
+
+def test_rouge_l():
+    # LCS("a b c d", "a c d e") = "a c d" (3): P=3/4, R=3/4
+    assert rouge_l("a b c d", "a c d e") == pytest.approx(0.75)
+    assert rouge_l("x y", "z") == 0.0
+
+
+def test_gold_match_with_label_set_takes_first_label():
+    assert gold_match("The category is REFUND.", "REFUND", LABELS) == 1.0
+    assert gold_match("REFUND, not ORDER", "ORDER", LABELS) == 0.0
+    assert gold_match("shipping_address", "SHIPPING_ADDRESS", LABELS) == 1.0
+    assert gold_match("I cannot tell", "ORDER", LABELS) == 0.0
+    assert first_label("order then refund", LABELS) == "ORDER"
+
+
+def test_gold_match_without_labels():
+    assert gold_match("the answer is 42", "42") == 1.0
+    assert gold_match("420", "42") == 0.0
+    assert gold_match("anything", "") == 0.0
