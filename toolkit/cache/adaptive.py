@@ -1,0 +1,111 @@
+"""Per-cluster thresholds: the idea of vCache (Schroeder et al., 2025: a threshold per cached entry, learned
+from how similarity relates to correctness around that entry), implemented here from the idea, per region of
+embedding space instead of per entry, and calibrated offline with the same bound as the global threshold.
+
+1. Cluster the cached queries' embeddings (k-means on unit vectors; a runtime entry's cluster is its nearest
+   centroid by cosine).
+2. On a "fit" half of the calibration pairs, model P(reusable | similarity, cluster) with one logistic
+   regression whose per-cluster intercept/slope offsets are L2-shrunk toward a shared curve (small clusters
+   borrow strength from the rest).
+3. Serving "when the modelled P(reusable) >= tau" is a one-parameter policy: for each cluster it is a
+   similarity threshold t_c(tau). tau is chosen on the other "certify" half with exactly the same fixed-sequence
+   Clopper-Pearson test as the global threshold, so the promised bound on the overall false-hit rate is the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+from toolkit.cache import tune
+from toolkit.cache.runtime import l2_normalize
+
+
+@dataclass
+class ClusterModel:
+    centroids: np.ndarray  # [K, dim], unit rows
+    intercepts: np.ndarray  # [K] logit at standardized similarity 0
+    slopes: np.ndarray  # [K] logit per standardized similarity unit
+    mean: float  # similarity standardization
+    std: float
+
+    def assign(self, vecs: np.ndarray) -> np.ndarray:
+        return np.argmax(l2_normalize(vecs) @ self.centroids.T, axis=1)
+
+    def score(self, sims: np.ndarray, clusters: np.ndarray) -> np.ndarray:
+        """Modelled P(reusable); -inf where a cluster's curve does not rise with similarity (never served)."""
+        z = (np.asarray(sims) - self.mean) / self.std
+        slope = self.slopes[clusters]
+        p = 1 / (1 + np.exp(-(self.intercepts[clusters] + slope * z)))
+        return np.where(slope > 0, p, -np.inf)
+
+    def thresholds(self, tau: float) -> list[Optional[float]]:
+        """Per-cluster similarity thresholds equivalent to 'score >= tau' (None = the cluster never serves)."""
+        logit = np.log(tau / (1 - tau)) if 0 < tau < 1 else (np.inf if tau >= 1 else -np.inf)
+        out = []
+        for a, b in zip(self.intercepts, self.slopes):
+            out.append(float(self.mean + self.std * (logit - a) / b) if b > 0 and np.isfinite(logit) else None)
+        return out
+
+
+def default_clusters(n_fit: int) -> int:
+    return int(np.clip(n_fit // 150, 2, 32))
+
+
+def fit(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, k: int, seed: int = 0) -> ClusterModel:
+    from sklearn.cluster import KMeans
+    from sklearn.linear_model import LogisticRegression
+
+    vecs = l2_normalize(cached_vecs)
+    km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(vecs)
+    centroids = l2_normalize(km.cluster_centers_)
+    clusters = np.argmax(vecs @ centroids.T, axis=1)
+    mean, std = float(np.mean(sims)), float(np.std(sims) or 1.0)
+    z = (np.asarray(sims) - mean) / std
+    onehot = np.eye(k)[clusters]
+    # Shared intercept + slope, plus per-cluster offsets; the L2 penalty pulls offsets toward the shared curve.
+    features = np.column_stack([z, onehot, onehot * z[:, None]])
+    lr = LogisticRegression(C=1.0, max_iter=2000).fit(features, labels)
+    w = lr.coef_[0]
+    return ClusterModel(centroids, lr.intercept_[0] + w[1:k + 1], w[0] + w[k + 1:], mean, std)
+
+
+@dataclass
+class AdaptiveResult:
+    model: ClusterModel
+    selection: tune.Selection  # on the certify half, in score units (tau)
+    thresholds: list[Optional[float]]  # per cluster, similarity units
+    fit_pairs: int
+    certify_pairs: int
+
+    def served(self, sims: np.ndarray, cached_vecs: np.ndarray) -> np.ndarray:
+        if not self.selection.feasible:
+            return np.zeros(len(sims), bool)
+        t = np.array([np.inf if x is None else x for x in self.thresholds])
+        return np.asarray(sims) >= t[self.model.assign(cached_vecs)]
+
+    def export(self) -> dict:
+        return {"kind": "cluster", "clusters": int(len(self.thresholds)), "tau": self.selection.threshold,
+                "thresholds": self.thresholds, "centroids": np.round(self.model.centroids, 5).tolist(),
+                "fit_pairs": self.fit_pairs, "certify_pairs": self.certify_pairs,
+                "certify": self.selection.to_dict()}
+
+
+def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilon: float, confidence: float,
+              k: Optional[int] = None, seed: int = 0) -> AdaptiveResult:
+    """Fit clusters and curves on one half of the calibration pairs, choose tau on the other half."""
+    sims, labels = np.asarray(sims), np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(sims))
+    fit_idx, cert_idx = perm[: len(perm) // 2], perm[len(perm) // 2:]
+    k = k or default_clusters(len(fit_idx))
+    model = fit(sims[fit_idx], labels[fit_idx], cached_vecs[fit_idx], k, seed)
+    scores = model.score(sims[cert_idx], model.assign(cached_vecs[cert_idx]))
+    scores = np.where(np.isfinite(scores), scores, -1.0)  # never-served clusters sort below every tau in (0, 1)
+    sel = tune.select(scores, labels[cert_idx], epsilon, confidence)
+    if sel.feasible and sel.threshold <= 0:  # the sequence reached never-served pairs: cap tau inside (0, 1)
+        sel.threshold = 1e-9
+    thresholds = model.thresholds(sel.threshold) if sel.feasible else [None] * k
+    return AdaptiveResult(model, sel, thresholds, len(fit_idx), len(cert_idx))

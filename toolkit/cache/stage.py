@@ -1,0 +1,325 @@
+"""cache stage: tune a semantic-cache threshold with a stated false-hit bound and export `cache.json`.
+
+setup (pairs from a file, or nearest-neighbour pairs built from groups of the recipe's data; embeddings)
+-> run (split calibration / held-out, fixed-sequence Clopper-Pearson selection, held-out check, F1 reference,
+optional per-cluster thresholds, stress set) -> save (cache.json, report.json, curves.png, MLflow).
+Definitions of false-hit rate, hit rate and similarity: see toolkit/cache/tune.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from toolkit.cache import stress, tune
+from toolkit.cache.runtime import FORMAT, PROBES, SIMILARITY, embed_texts, normalize_text, probe_vectors
+from toolkit.errors import OptkitError
+from toolkit.io import atomic_write_bytes, atomic_write_json, read_table, require_columns
+
+log = logging.getLogger("optkit.cache")
+
+CACHE_JSON = "cache.json"
+REPORT_JSON = "report.json"
+CURVES_PNG = "curves.png"
+FHR_DEFINITION = ("false-hit rate = P(label = 0 | similarity >= threshold): among queries served from the cache, "
+                  "the fraction whose cached answer may not be reused")
+HIT_RATE_DEFINITION = "hit rate = P(similarity >= threshold): fraction of all queries served from the cache"
+
+
+@dataclass
+class Pairs:
+    texts: list[str]  # unique texts
+    query: np.ndarray  # index into texts
+    cached: np.ndarray
+    labels: np.ndarray  # 1 = reusable
+    source: str
+
+
+# --------------------------------------------------------------------------------------------- setup
+
+
+def _label(value, where: str) -> int:
+    text = str(value).strip().lower()
+    if text in ("1", "true", "1.0"):
+        return 1
+    if text in ("0", "false", "0.0"):
+        return 0
+    raise OptkitError(f"{where}: label must be 0 or 1, got {value!r}")
+
+
+def _text(value, where: str) -> str:
+    if not isinstance(value, str) or not value.strip():
+        raise OptkitError(f"{where}: empty text")
+    return value
+
+
+def _keep(keys: list[str], limit: Optional[int], seed: int) -> list[int]:
+    """A deterministic sample of at most `limit` items, chosen by hash (stable when rows are appended)."""
+    if limit is None or len(keys) <= limit:
+        return list(range(len(keys)))
+    ranked = sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).hexdigest())
+    return sorted(ranked[:limit])
+
+
+def pairs_from_file(path: Path, cfg, seed: int) -> Pairs:
+    rows = read_table(path)
+    cols = (cfg.query_column, cfg.cached_column, cfg.label_column)
+    require_columns(rows, cols, str(path), "cache.query_column / cached_column / label_column")
+    index: dict[str, int] = {}
+    q, c, y = [], [], []
+    for i, row in enumerate(rows, 1):
+        where = f"{path}: row {i}"
+        a = _text(row[cfg.query_column], f"{where}: column '{cfg.query_column}' (cache.query_column)")
+        b = _text(row[cfg.cached_column], f"{where}: column '{cfg.cached_column}' (cache.cached_column)")
+        q.append(index.setdefault(a, len(index)))
+        c.append(index.setdefault(b, len(index)))
+        y.append(_label(row[cfg.label_column], f"{where}: column '{cfg.label_column}' (cache.label_column)"))
+    texts = list(index)
+    keep = _keep([f"{texts[q[i]]}\x00{texts[c[i]]}" for i in range(len(q))], cfg.max_pairs, seed)
+    return Pairs(texts, np.array(q)[keep], np.array(c)[keep], np.array(y)[keep], str(path))
+
+
+def groups_from_data(recipe, cfg) -> tuple[list[str], list[str], Path]:
+    data = recipe.data
+    path = recipe.resolve_path(data.path)
+    rows = read_table(path, data.format, data.split_name)
+    text_col = cfg.text_column or data.prompt_column
+    require_columns(rows, (text_col, cfg.group_column), str(path), "cache.text_column / cache.group_column")
+    seen: dict[str, str] = {}
+    for i, row in enumerate(rows, 1):
+        text = normalize_text(_text(row[text_col], f"{path}: row {i}: column '{text_col}'"))
+        group = row[cfg.group_column]
+        if group is None or str(group).strip() == "":
+            raise OptkitError(f"{path}: row {i}: empty '{cfg.group_column}' (cache.group_column)")
+        seen.setdefault(text, str(group))  # a repeated text keeps its first group
+    if len(set(seen.values())) < 2:
+        raise OptkitError(f"{path}: cache.group_column '{cfg.group_column}' has a single value; pairs need at "
+                          "least two groups")
+    return list(seen), list(seen.values()), path
+
+
+def nearest_pairs(vecs: np.ndarray, groups: list[str], queries: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """For each query text, its nearest *other* text (what a cache holding everything else would return);
+    label = same group. Chunked so memory stays O(chunk x n)."""
+    g = np.array(groups)
+    cached = np.empty(len(queries), dtype=np.int64)
+    for start in range(0, len(queries), 1024):
+        idx = np.array(queries[start:start + 1024])
+        sims = vecs[idx] @ vecs.T
+        sims[np.arange(len(idx)), idx] = -np.inf
+        cached[start:start + len(idx)] = np.argmax(sims, axis=1)
+    q = np.array(queries)
+    return cached, (g[q] == g[cached]).astype(np.int64)
+
+
+def embed_cached(ctx, embedder, ref: str, texts: list[str], batch_size: int) -> np.ndarray:
+    """Embeddings, kept under work/ so an interrupted or re-run stage does not embed again."""
+    from toolkit.models import model_revision
+
+    key = hashlib.sha256("\n".join([ref, model_revision(ref), *texts]).encode()).hexdigest()[:20]
+    path = ctx.work_dir / f"emb-{key}.npy"
+    if path.is_file():
+        vecs = np.load(path, allow_pickle=False)
+        if vecs.shape[0] == len(texts):
+            return vecs
+    out = []
+    with ctx.progress("embedding", len(texts)) as advance:
+        for start in range(0, len(texts), 512):
+            out.append(embed_texts(embedder, texts[start:start + 512], batch_size))
+            advance(len(out[-1]))
+    vecs = np.concatenate(out).astype(np.float32)
+    buf = io.BytesIO()
+    np.save(buf, vecs, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+    return vecs
+
+
+def split(pairs: Pairs, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Calibration / held-out by hash of the pair's texts and the seed (deterministic, order-free)."""
+    u = np.array([int(hashlib.sha256(f"{seed}:{pairs.texts[a]}\x00{pairs.texts[b]}".encode()).hexdigest()[:8], 16)
+                  / 16 ** 8 for a, b in zip(pairs.query, pairs.cached)])
+    held = u < holdout
+    return np.nonzero(~held)[0], np.nonzero(held)[0]
+
+
+# --------------------------------------------------------------------------------------------- save
+
+
+def plot_curves(path: Path, cal: dict, held: dict, sel: tune.Selection, f1_t: float, epsilon: float) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, table, title in ((axes[0], cal, "calibration"), (axes[1], held, "held-out")):
+        t = table["threshold"]
+        ax.plot(t, table["precision"], label="precision")
+        ax.plot(t, table["recall"], label="recall")
+        ax.plot(t, table["hit_rate"], label="hit rate")
+        ax.plot(t, table["fhr"], label="false-hit rate")
+        if title == "calibration":
+            ax.plot(t, table["fhr_upper"], "--", label="false-hit upper bound")
+        ax.axhline(epsilon, color="grey", lw=0.8, ls=":")
+        if sel.threshold is not None:
+            ax.axvline(sel.threshold, color="black", lw=1, label=f"chosen t={sel.threshold:.3f}")
+        ax.axvline(f1_t, color="red", lw=1, ls="-.", label=f"F1-optimal t={f1_t:.3f}")
+        ax.set_title(f"{title} pairs (n={table['n']})")
+        ax.set_xlabel("cosine similarity threshold (serve if similarity >= t)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def log_curve(ctx, table: dict) -> None:
+    for i, t in enumerate(table["threshold"]):
+        ctx.log_metrics({f"curve.{k}": table[k][i] for k in ("threshold", "precision", "recall", "hit_rate",
+                                                             "fhr", "fhr_upper")}, step=i)
+
+
+# --------------------------------------------------------------------------------------------- run
+
+
+def load_pairs(ctx, embedder) -> tuple[Pairs, np.ndarray]:
+    cfg, recipe = ctx.config, ctx.recipe
+    if cfg.pairs_path:
+        path = ctx.add_input(recipe.resolve_path(cfg.pairs_path))
+        pairs = pairs_from_file(path, cfg, recipe.seed)
+        return pairs, embed_cached(ctx, embedder, cfg.embedder, pairs.texts, cfg.batch_size)
+    if not cfg.group_column:
+        raise OptkitError("cache: set cache.pairs_path (labeled pairs) or cache.group_column (build pairs from "
+                          "groups of the recipe's data)")
+    texts, groups, path = groups_from_data(recipe, cfg)
+    ctx.add_input(path)
+    vecs = embed_cached(ctx, embedder, cfg.embedder, texts, cfg.batch_size)
+    queries = _keep(texts, cfg.max_pairs, recipe.seed)
+    cached, labels = nearest_pairs(vecs, groups, queries)
+    return Pairs(texts, np.array(queries), cached, labels, f"{path} (nearest-neighbour pairs by "
+                                                               f"'{cfg.group_column}')"), vecs
+
+
+def run(ctx) -> dict:
+    from toolkit.models import load_embedder, model_revision
+
+    cfg = ctx.config
+    embedder = load_embedder(cfg.embedder)
+    pairs, vecs = load_pairs(ctx, embedder)
+    sims = np.sum(vecs[pairs.query] * vecs[pairs.cached], axis=1).astype(np.float64)  # cosine: unit vectors
+    tune.check_inputs(sims, pairs.labels, cfg.epsilon, cfg.confidence, pairs.source)
+    cal, held = split(pairs, cfg.holdout, ctx.recipe.seed)
+    if len(held) == 0 or len(cal) == 0:
+        raise OptkitError(f"cache: {len(pairs.labels)} pairs are too few to split with cache.holdout={cfg.holdout}")
+    tune.check_inputs(sims[cal], pairs.labels[cal], cfg.epsilon, cfg.confidence, "calibration pairs")
+    y = pairs.labels
+
+    # The global threshold: the promise.
+    sel = tune.select(sims[cal], y[cal], cfg.epsilon, cfg.confidence)
+    if not sel.feasible:
+        log.warning("cache: no threshold has a false-hit upper bound <= %.3g on %d calibration pairs (best "
+                    "achievable: %.3f at t=%.3f); exporting an exact-match-only cache", cfg.epsilon, sel.n,
+                    sel.best_bound, sel.best_bound_threshold)
+    held_eval = tune.evaluate(sims[held], y[held], sel.threshold, cfg.confidence)
+    threshold_ci = tune.bootstrap_threshold(sims[cal], y[cal], cfg.epsilon, cfg.confidence, seed=ctx.recipe.seed)
+    served_ci = tune.interval(sel.false_hits, sel.served)
+
+    # The F1-optimal threshold, only as a reference for how wrong the usual choice is.
+    f1_t = tune.f1_threshold(sims[cal], y[cal])
+    f1_ref = {"threshold": f1_t, "calibration": tune.evaluate(sims[cal], y[cal], f1_t, cfg.confidence),
+              "heldout": tune.evaluate(sims[held], y[held], f1_t, cfg.confidence)}
+    hindsight = tune.hindsight_best(sims[held], y[held], held_eval["fhr"])
+
+    adaptive = _adaptive(ctx, sims, y, vecs[pairs.cached], cal, held, held_eval) if cfg.adaptive == "cluster" else None
+    stress_report = _stress(embedder, sel.threshold) if cfg.stress else None
+
+    report = {
+        "definitions": {"similarity": SIMILARITY["definition"] + " (higher = closer)", "false_hit_rate":
+                        FHR_DEFINITION, "hit_rate": HIT_RATE_DEFINITION,
+                        "bound": f"one-sided {cfg.confidence:.0%} Clopper-Pearson upper bound, thresholds tested "
+                                 "high to low in a fixed sequence, stopping at the first failure"},
+        "pairs": {"source": pairs.source, "total": int(len(y)), "positives": int(y.sum()),
+                  "calibration": int(len(cal)), "heldout": int(len(held))},
+        "selection": sel.to_dict(), "threshold_ci95_bootstrap": threshold_ci,
+        "calibration_fhr_ci95": list(served_ci), "heldout": held_eval,
+        "heldout_hindsight_best_static": hindsight, "f1_reference": f1_ref,
+        "adaptive": adaptive, "stress": stress_report,
+        "curves": {"calibration": {**tune.curve_table(sims[cal], y[cal], cfg.confidence), "n": int(len(cal))},
+                   "heldout": {**tune.curve_table(sims[held], y[held], cfg.confidence), "n": int(len(held))}},
+    }
+    metrics = _headline(sel, held_eval, f1_ref, adaptive)
+    cache_cfg = {
+        "format": FORMAT,
+        "embedder": {"model": cfg.embedder, "revision": model_revision(cfg.embedder), "dim": int(vecs.shape[1]),
+                     "normalize": True, "probes": list(PROBES),
+                     "probe_vectors": np.round(probe_vectors(embedder), 6).tolist()},
+        "similarity": SIMILARITY, "false_hit_rate": FHR_DEFINITION,
+        "threshold": sel.threshold, "feasible": sel.feasible, "epsilon": cfg.epsilon,
+        "confidence": cfg.confidence, "bound": sel.bound, "threshold_ci95": threshold_ci,
+        "calibration": {"pairs": sel.n, "served": sel.served, "false_hits": sel.false_hits},
+        "adaptive": (adaptive or {}).get("config"),
+        "runtime": {"ttl_s": cfg.ttl_s, "max_entries": cfg.max_entries, "ann": cfg.ann,
+                    "ann_min_entries": cfg.ann_min_entries},
+        "metrics": metrics,
+    }
+    if adaptive:
+        adaptive.pop("config", None)
+    atomic_write_json(ctx.dir / REPORT_JSON, report)
+    plot_curves(ctx.dir / CURVES_PNG, report["curves"]["calibration"], report["curves"]["heldout"], sel, f1_t,
+                cfg.epsilon)
+    atomic_write_json(ctx.dir / CACHE_JSON, cache_cfg)  # last: its presence means the others are complete
+
+    ctx.log_metrics(metrics)
+    log_curve(ctx, report["curves"]["calibration"])
+    for name in (CACHE_JSON, REPORT_JSON, CURVES_PNG):
+        ctx.log_artifact(ctx.dir / name)
+    ctx.extra["cache"] = {"threshold": sel.threshold, "feasible": sel.feasible, "pairs": int(len(y))}
+    return metrics
+
+
+def _headline(sel: tune.Selection, held: dict, f1_ref: dict, adaptive: Optional[dict]) -> dict:
+    m = {"feasible": int(sel.feasible), "threshold": sel.threshold if sel.feasible else float("nan"),
+         "calibration_pairs": sel.n, "bound": sel.bound if sel.feasible else sel.best_bound,
+         "calibration_fhr": sel.fhr if sel.feasible else float("nan"), "calibration_hit_rate": sel.hit_rate,
+         "heldout_fhr": held["fhr"], "heldout_fhr_upper": held["fhr_upper"], "heldout_hit_rate": held["hit_rate"],
+         "heldout_recall": held["recall"], "f1_threshold": f1_ref["threshold"],
+         "f1_heldout_fhr": f1_ref["heldout"]["fhr"], "f1_heldout_hit_rate": f1_ref["heldout"]["hit_rate"]}
+    if adaptive:
+        m.update(adaptive_exported=int(adaptive["exported"]), adaptive_heldout_fhr=adaptive["heldout"]["fhr"],
+                 adaptive_heldout_hit_rate=adaptive["heldout"]["hit_rate"])
+    return m
+
+
+def _adaptive(ctx, sims, y, cached_vecs, cal, held, global_held: dict) -> dict:
+    """Per-cluster thresholds, exported only when they serve more held-out queries within the bound."""
+    from toolkit.cache import adaptive
+
+    cfg = ctx.config
+    res = adaptive.calibrate(sims[cal], y[cal], cached_vecs[cal], cfg.epsilon, cfg.confidence, cfg.clusters,
+                             ctx.recipe.seed)
+    held_eval = tune.rates(res.served(sims[held], cached_vecs[held]), y[held], cfg.confidence)
+    better = held_eval["hit_rate"] > global_held["hit_rate"]
+    within = held_eval["fhr"] <= cfg.epsilon
+    exported = bool(res.selection.feasible and better and within)
+    reason = ("exported: higher held-out hit rate within the bound" if exported else
+              "not exported: " + ("no tau met the bound on the certify half" if not res.selection.feasible else
+                                  "held-out hit rate not above the global threshold's" if not better else
+                                  "held-out false-hit rate above epsilon"))
+    config = {**res.export(), "exported": exported}
+    return {"exported": exported, "reason": reason, "clusters": len(res.thresholds), "heldout": held_eval,
+            "global_heldout_hit_rate": global_held["hit_rate"], "certify": res.selection.to_dict(),
+            "thresholds": res.thresholds, "config": config}
+
+
+def _stress(embedder, threshold: Optional[float]) -> dict:
+    rows = stress.pairs()
+    a = embed_texts(embedder, [r["query"] for r in rows])
+    b = embed_texts(embedder, [r["cached_query"] for r in rows])
+    return stress.report(np.sum(a * b, axis=1), threshold)

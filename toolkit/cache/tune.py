@@ -1,0 +1,237 @@
+"""Choosing a semantic-cache threshold with a stated false-hit bound.
+
+Definitions (used the same way in the stage, the report, the benchmark and the README):
+
+- similarity s: cosine similarity of the two L2-normalized embeddings, in [-1, 1], higher = closer.
+- a pair (query, cached query, label) is *served* (a cache hit) at threshold t when s >= t.
+- false-hit rate FHR(t) = P(label = 0 | s >= t): among served hits, the fraction whose cached answer may
+  NOT be reused (1 - precision). This is what a user of the cache experiences as "wrong answers from cache".
+- hit rate HR(t) = P(s >= t): the fraction of all queries answered from the cache.
+- recall(t) = P(s >= t | label = 1): the fraction of reusable pairs that the cache actually serves.
+
+Selection: among thresholds t, maximize the hit rate subject to FHR(t) <= epsilon, where FHR(t) is replaced by
+its one-sided Clopper-Pearson upper bound at the given confidence. Scanning many thresholds and keeping the
+lowest that passes would test many hypotheses and weaken the guarantee, so we use fixed-sequence testing
+(the "Learn then Test" recipe): thresholds are tested from high to low in an order fixed before looking at
+labels, and the scan stops at the first threshold whose bound exceeds epsilon. Stopping at the first failure
+keeps the overall error probability at 1 - confidence without any multiplicity correction.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Optional
+
+import numpy as np
+
+from toolkit.errors import OptkitError
+
+# The sequence starts at the highest threshold whose served count could pass even with this many false hits.
+# Starting where a single early false hit would end the scan (k = 0) makes the test fail by bad luck far too
+# often; the start depends only on epsilon, confidence and counts, never on labels, so the test stays valid.
+START_FALSE_HITS = 2
+
+
+def check_inputs(sims: np.ndarray, labels: np.ndarray, epsilon: float, confidence: float, what: str = "pairs"):
+    if not 0 < epsilon < 1:
+        raise OptkitError(f"cache.epsilon must be in (0, 1), got {epsilon}")
+    if not 0.5 < confidence < 1:
+        raise OptkitError(f"cache.confidence must be in (0.5, 1), got {confidence}")
+    if len(sims) != len(labels):
+        raise OptkitError(f"{what}: {len(sims)} similarities but {len(labels)} labels")
+    if len(sims) == 0:
+        raise OptkitError(f"{what}: no pairs")
+    classes = set(np.unique(labels).tolist())
+    if not classes <= {0, 1}:
+        raise OptkitError(f"{what}: labels must be 0 or 1, got {sorted(classes)}")
+    if len(classes) < 2:
+        raise OptkitError(f"{what}: every label is {classes.pop()}; the threshold needs both reusable (1) and "
+                          "non-reusable (0) pairs")
+
+
+def upper_bound(k, n, confidence: float):
+    """One-sided Clopper-Pearson upper bound on a binomial rate after k failures in n trials (1 when n = 0)."""
+    from scipy.stats import beta
+
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        ub = beta.ppf(confidence, k + 1, np.maximum(n - k, 1e-12))
+    return np.where((n <= 0) | (k >= n), 1.0, ub)
+
+
+def interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Two-sided Clopper-Pearson interval of a binomial rate."""
+    from scipy.stats import beta
+
+    if n == 0:
+        return 0.0, 1.0
+    a = (1 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
+    return lo, hi
+
+
+@dataclass
+class Curve:
+    """Served counts at every distinct similarity, thresholds in decreasing order."""
+
+    thresholds: np.ndarray  # distinct similarities, decreasing; serving s >= thresholds[i]
+    served: np.ndarray  # pairs with s >= t
+    false_hits: np.ndarray  # of those, label 0
+    n: int
+    positives: int
+
+    @property
+    def fhr(self) -> np.ndarray:
+        return self.false_hits / np.maximum(self.served, 1)
+
+    @property
+    def hit_rate(self) -> np.ndarray:
+        return self.served / self.n
+
+    @property
+    def recall(self) -> np.ndarray:
+        return (self.served - self.false_hits) / max(self.positives, 1)
+
+    @property
+    def precision(self) -> np.ndarray:
+        return 1 - self.fhr
+
+
+def curve(sims: np.ndarray, labels: np.ndarray) -> Curve:
+    sims = np.asarray(sims, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    order = np.argsort(-sims, kind="stable")
+    s, y = sims[order], labels[order]
+    served = np.arange(1, len(s) + 1)
+    false = np.cumsum(1 - y)
+    # Keep the last index of each run of equal similarities: a threshold serves all ties at once.
+    last = np.r_[s[1:] != s[:-1], True]
+    return Curve(s[last], served[last], false[last], len(s), int(y.sum()))
+
+
+@dataclass
+class Selection:
+    feasible: bool
+    threshold: Optional[float]  # None = no threshold meets the bound: serve exact matches only
+    epsilon: float
+    confidence: float
+    n: int  # calibration pairs
+    served: int
+    false_hits: int
+    fhr: Optional[float]  # point estimate at the threshold
+    bound: Optional[float]  # one-sided upper bound at the threshold (<= epsilon when feasible)
+    hit_rate: float
+    recall: float
+    best_bound: float  # the lowest upper bound any threshold reaches (what is achievable)
+    best_bound_threshold: Optional[float]
+    tested: int  # thresholds tested before the sequence stopped
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def start_count(epsilon: float, confidence: float, n: int) -> int:
+    """Smallest served count whose bound would pass with START_FALSE_HITS false hits (fewer when n is small)."""
+    for k in (START_FALSE_HITS, 1, 0):
+        counts = np.arange(k + 1, n + 1)
+        if len(counts):
+            ok = np.nonzero(upper_bound(k, counts, confidence) <= epsilon)[0]
+            if len(ok):
+                return int(counts[ok[0]])
+    return n + 1
+
+
+def select(sims: np.ndarray, labels: np.ndarray, epsilon: float, confidence: float = 0.95) -> Selection:
+    """The lowest threshold reached by fixed-sequence testing of 'FHR(t) <= epsilon' from high t to low t."""
+    check_inputs(sims, labels, epsilon, confidence, "calibration pairs")
+    c = curve(sims, labels)
+    ub = upper_bound(c.false_hits, c.served, confidence)
+    best = int(np.argmin(ub))
+    first = np.searchsorted(c.served, start_count(epsilon, confidence, c.n))  # served is increasing
+    fails = np.nonzero(ub[first:] > epsilon)[0]
+    stop = first + (fails[0] if len(fails) else len(ub) - first)  # index of the first failing test
+    common = dict(epsilon=epsilon, confidence=confidence, n=c.n, best_bound=float(ub[best]),
+                  best_bound_threshold=float(c.thresholds[best]), tested=int(min(stop + 1, len(ub)) - first))
+    if stop == first:  # the very first test failed (or there was nothing to test)
+        return Selection(False, None, served=0, false_hits=0, fhr=None, bound=None, hit_rate=0.0, recall=0.0,
+                         **common)
+    i = stop - 1
+    return Selection(True, float(c.thresholds[i]), served=int(c.served[i]), false_hits=int(c.false_hits[i]),
+                     fhr=float(c.fhr[i]), bound=float(ub[i]), hit_rate=float(c.hit_rate[i]),
+                     recall=float(c.recall[i]), **common)
+
+
+def evaluate(sims: np.ndarray, labels: np.ndarray, threshold: Optional[float], confidence: float = 0.95) -> dict:
+    """Realized rates of a fixed threshold on other pairs (None = nothing served)."""
+    sims = np.asarray(sims, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    served_mask = sims >= threshold if threshold is not None else np.zeros(len(sims), bool)
+    return rates(served_mask, labels, confidence)
+
+
+def rates(served_mask: np.ndarray, labels: np.ndarray, confidence: float = 0.95) -> dict:
+    served = int(served_mask.sum())
+    false = int(((labels == 0) & served_mask).sum())
+    positives = int((labels == 1).sum())
+    lo, hi = interval(false, served)
+    return {"n": int(len(labels)), "served": served, "false_hits": false,
+            "fhr": false / served if served else 0.0, "fhr_ci95": [lo, hi],
+            "fhr_upper": float(upper_bound(false, served, confidence)),
+            "hit_rate": served / len(labels) if len(labels) else 0.0,
+            "recall": (served - false) / positives if positives else 0.0}
+
+
+def f1_threshold(sims: np.ndarray, labels: np.ndarray) -> float:
+    """The F1-maximizing threshold (what RedisVL's optimizer picks), reported only as a reference."""
+    c = curve(sims, labels)
+    tp = c.served - c.false_hits
+    f1 = 2 * tp / (c.served + c.positives)
+    return float(c.thresholds[int(np.argmax(f1))])
+
+
+def hindsight_best(sims: np.ndarray, labels: np.ndarray, max_fhr: float) -> dict:
+    """The best single static threshold chosen knowing the labels: max hit rate with realized FHR <= max_fhr."""
+    c = curve(sims, labels)
+    ok = np.nonzero(c.fhr <= max_fhr + 1e-12)[0]
+    if not len(ok):
+        return {"threshold": None, "hit_rate": 0.0, "fhr": 0.0}
+    i = ok[np.argmax(c.served[ok])]
+    return {"threshold": float(c.thresholds[i]), "hit_rate": float(c.hit_rate[i]), "fhr": float(c.fhr[i])}
+
+
+def bootstrap_threshold(sims: np.ndarray, labels: np.ndarray, epsilon: float, confidence: float,
+                        rounds: int = 200, seed: int = 0) -> Optional[list[float]]:
+    """95% percentile interval of the selected threshold over bootstrap resamples of the calibration pairs
+    (how much the threshold itself would move with other calibration data). None if mostly infeasible."""
+    rng = np.random.default_rng(seed)
+    sims = np.asarray(sims)
+    labels = np.asarray(labels)
+    picks = []
+    for _ in range(rounds):
+        idx = rng.integers(0, len(sims), len(sims))
+        if len(np.unique(labels[idx])) < 2:
+            continue
+        sel = select(sims[idx], labels[idx], epsilon, confidence)
+        if sel.feasible:
+            picks.append(sel.threshold)
+    if len(picks) < rounds / 2:
+        return None
+    return [float(np.percentile(picks, 2.5)), float(np.percentile(picks, 97.5))]
+
+
+def curve_table(sims: np.ndarray, labels: np.ndarray, confidence: float, points: int = 101) -> dict:
+    """Precision / recall / hit rate / FHR and its upper bound on an even threshold grid (for plots and logs)."""
+    sims = np.asarray(sims, dtype=np.float64)
+    labels = np.asarray(labels, dtype=np.int64)
+    lo, hi = float(np.floor(sims.min() * 100) / 100), float(np.ceil(sims.max() * 100) / 100)
+    grid = np.linspace(lo, hi, points)
+    served = (sims[None, :] >= grid[:, None])
+    n_served = served.sum(1)
+    false = (served & (labels[None, :] == 0)).sum(1)
+    positives = max(int(labels.sum()), 1)
+    fhr = np.where(n_served > 0, false / np.maximum(n_served, 1), 0.0)
+    return {"threshold": grid.tolist(), "precision": (1 - fhr).tolist(), "fhr": fhr.tolist(),
+            "fhr_upper": upper_bound(false, n_served, confidence).tolist(),
+            "recall": ((n_served - false) / positives).tolist(), "hit_rate": (n_served / len(sims)).tolist()}
