@@ -326,6 +326,10 @@ class CacheConfig(Section):
     epsilon: float = Field(0.05, gt=0, lt=1, description="Promised bound on the false-hit rate: among queries "
                            "served from the cache, the fraction whose cached answer is not reusable.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="One-sided confidence of the bound.")
+    selection: Literal["scan", "fixed_sequence"] = Field(
+        "scan", description="scan = lowest threshold whose upper bound <= epsilon (most hits; search not "
+        "multiplicity-corrected, coverage measured in eval/bench_cache.py); fixed_sequence = test thresholds high "
+        "to low and stop at the first failure (strict guarantee, fewer hits).")
     holdout: float = Field(0.3, gt=0, lt=1, description="Fraction of pairs held out to check the bound.")
     adaptive: Literal["none", "cluster"] = Field("none", description="cluster = also fit per-cluster thresholds and "
                                                  "export them only if they raise the held-out hit rate at the "

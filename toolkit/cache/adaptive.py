@@ -9,7 +9,7 @@ embedding space instead of per entry, and calibrated offline with the same bound
    borrow strength from the rest).
 3. Serving "when the modelled P(reusable) >= tau" is a one-parameter policy: for each cluster it is a
    similarity threshold t_c(tau). tau is chosen on the other "certify" half with exactly the same fixed-sequence
-   Clopper-Pearson test as the global threshold, so the promised bound on the overall false-hit rate is the same.
+   Clopper-Pearson selection as the global threshold, so the promised bound on the overall false-hit rate is the same.
 """
 
 from __future__ import annotations
@@ -94,7 +94,7 @@ class AdaptiveResult:
 
 
 def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilon: float, confidence: float,
-              k: Optional[int] = None, seed: int = 0) -> AdaptiveResult:
+              k: Optional[int] = None, seed: int = 0, method: str = "scan") -> AdaptiveResult:
     """Fit clusters and curves on one half of the calibration pairs, choose tau on the other half."""
     sims, labels = np.asarray(sims), np.asarray(labels)
     rng = np.random.default_rng(seed)
@@ -104,7 +104,7 @@ def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, eps
     model = fit(sims[fit_idx], labels[fit_idx], cached_vecs[fit_idx], k, seed)
     scores = model.score(sims[cert_idx], model.assign(cached_vecs[cert_idx]))
     scores = np.where(np.isfinite(scores), scores, -1.0)  # never-served clusters sort below every tau in (0, 1)
-    sel = tune.select(scores, labels[cert_idx], epsilon, confidence)
+    sel = tune.select(scores, labels[cert_idx], epsilon, confidence, method)
     if sel.feasible and sel.threshold <= 0:  # the sequence reached never-served pairs: cap tau inside (0, 1)
         sel.threshold = 1e-9
     thresholds = model.thresholds(sel.threshold) if sel.feasible else [None] * k

@@ -250,12 +250,13 @@ class SemanticCache:
         return self.lookup_vector(self._embed([query])[0], ns)
 
     def lookup_vector(self, vec: np.ndarray, namespace: Namespace = "default") -> Optional[Hit]:
-        """The semantic layer alone, for an already-embedded (L2-normalized) query."""
+        """The semantic layer alone, for an already-embedded query (normalized here: cosine, as tuned)."""
         ns = namespace_key(namespace)
+        self._expire()
         space = self._spaces.get(ns)
         if space is None:
             return None
-        row, sim = space.nearest(np.asarray(vec, dtype=np.float32))
+        row, sim = space.nearest(l2_normalize(vec))
         if row < 0 or sim < self._threshold_of(space, row):
             return None
         return self._hit(space, ns, row, sim, exact=False)
@@ -328,9 +329,7 @@ class SemanticCache:
 
     def _expire(self) -> None:
         """Drop entries older than the TTL. Entries are created in order, so the expired ones are a prefix."""
-        if self.ttl_s is None:
-            return
-        limit = self.clock() - self.ttl_s
+        limit = float("-inf") if self.ttl_s is None else self.clock() - self.ttl_s
         while self._order:
             ns, row = self._order[0]
             space = self._spaces[ns]

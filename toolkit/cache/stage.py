@@ -1,7 +1,7 @@
 """cache stage: tune a semantic-cache threshold with a stated false-hit bound and export `cache.json`.
 
 setup (pairs from a file, or nearest-neighbour pairs built from groups of the recipe's data; embeddings)
--> run (split calibration / held-out, fixed-sequence Clopper-Pearson selection, held-out check, F1 reference,
+-> run (split calibration / held-out, Clopper-Pearson-bounded threshold selection, held-out check, F1 reference,
 optional per-cluster thresholds, stress set) -> save (cache.json, report.json, curves.png, MLflow).
 Definitions of false-hit rate, hit rate and similarity: see toolkit/cache/tune.py.
 """
@@ -60,10 +60,11 @@ def _text(value, where: str) -> str:
 
 
 def _keep(keys: list[str], limit: Optional[int], seed: int) -> list[int]:
-    """A deterministic sample of at most `limit` items, chosen by hash (stable when rows are appended)."""
+    """A deterministic sample of at most `limit` items, chosen by hash (stable when rows are appended; salted
+    differently from `split`, or the sample would be exactly the pairs with the lowest split hashes)."""
     if limit is None or len(keys) <= limit:
         return list(range(len(keys)))
-    ranked = sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"{seed}:{keys[i]}".encode()).hexdigest())
+    ranked = sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"sample:{seed}:{keys[i]}".encode()).hexdigest())
     return sorted(ranked[:limit])
 
 
@@ -142,7 +143,7 @@ def embed_cached(ctx, embedder, ref: str, texts: list[str], batch_size: int) -> 
 
 def split(pairs: Pairs, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Calibration / held-out by hash of the pair's texts and the seed (deterministic, order-free)."""
-    u = np.array([int(hashlib.sha256(f"{seed}:{pairs.texts[a]}\x00{pairs.texts[b]}".encode()).hexdigest()[:8], 16)
+    u = np.array([int(hashlib.sha256(f"split:{seed}:{pairs.texts[a]}\x00{pairs.texts[b]}".encode()).hexdigest()[:8], 16)
                   / 16 ** 8 for a, b in zip(pairs.query, pairs.cached)])
     held = u < holdout
     return np.nonzero(~held)[0], np.nonzero(held)[0]
@@ -222,13 +223,14 @@ def run(ctx) -> dict:
     y = pairs.labels
 
     # The global threshold: the promise.
-    sel = tune.select(sims[cal], y[cal], cfg.epsilon, cfg.confidence)
+    sel = tune.select(sims[cal], y[cal], cfg.epsilon, cfg.confidence, cfg.selection)
     if not sel.feasible:
         log.warning("cache: no threshold has a false-hit upper bound <= %.3g on %d calibration pairs (best "
                     "achievable: %.3f at t=%.3f); exporting an exact-match-only cache", cfg.epsilon, sel.n,
                     sel.best_bound, sel.best_bound_threshold)
     held_eval = tune.evaluate(sims[held], y[held], sel.threshold, cfg.confidence)
-    threshold_ci = tune.bootstrap_threshold(sims[cal], y[cal], cfg.epsilon, cfg.confidence, seed=ctx.recipe.seed)
+    threshold_ci = tune.bootstrap_threshold(sims[cal], y[cal], cfg.epsilon, cfg.confidence, cfg.selection,
+                                           seed=ctx.recipe.seed)
     served_ci = tune.interval(sel.false_hits, sel.served)
 
     # The F1-optimal threshold, only as a reference for how wrong the usual choice is.
@@ -243,8 +245,8 @@ def run(ctx) -> dict:
     report = {
         "definitions": {"similarity": SIMILARITY["definition"] + " (higher = closer)", "false_hit_rate":
                         FHR_DEFINITION, "hit_rate": HIT_RATE_DEFINITION,
-                        "bound": f"one-sided {cfg.confidence:.0%} Clopper-Pearson upper bound, thresholds tested "
-                                 "high to low in a fixed sequence, stopping at the first failure"},
+                        "bound": f"one-sided {cfg.confidence:.0%} Clopper-Pearson upper bound on the calibration "
+                                 f"pairs; threshold search: {cfg.selection}"},
         "pairs": {"source": pairs.source, "total": int(len(y)), "positives": int(y.sum()),
                   "calibration": int(len(cal)), "heldout": int(len(held))},
         "selection": sel.to_dict(), "threshold_ci95_bootstrap": threshold_ci,
@@ -262,7 +264,8 @@ def run(ctx) -> dict:
                      "probe_vectors": np.round(probe_vectors(embedder), 6).tolist()},
         "similarity": SIMILARITY, "false_hit_rate": FHR_DEFINITION,
         "threshold": sel.threshold, "feasible": sel.feasible, "epsilon": cfg.epsilon,
-        "confidence": cfg.confidence, "bound": sel.bound, "threshold_ci95": threshold_ci,
+        "confidence": cfg.confidence, "bound": sel.bound, "selection": cfg.selection,
+        "threshold_ci95": threshold_ci,
         "calibration": {"pairs": sel.n, "served": sel.served, "false_hits": sel.false_hits},
         "adaptive": (adaptive or {}).get("config"),
         "runtime": {"ttl_s": cfg.ttl_s, "max_entries": cfg.max_entries, "ann": cfg.ann,
@@ -303,7 +306,7 @@ def _adaptive(ctx, sims, y, cached_vecs, cal, held, global_held: dict) -> dict:
 
     cfg = ctx.config
     res = adaptive.calibrate(sims[cal], y[cal], cached_vecs[cal], cfg.epsilon, cfg.confidence, cfg.clusters,
-                             ctx.recipe.seed)
+                             ctx.recipe.seed, cfg.selection)
     held_eval = tune.rates(res.served(sims[held], cached_vecs[held]), y[held], cfg.confidence)
     better = held_eval["hit_rate"] > global_held["hit_rate"]
     within = held_eval["fhr"] <= cfg.epsilon

@@ -10,11 +10,16 @@ Definitions (used the same way in the stage, the report, the benchmark and the R
 - recall(t) = P(s >= t | label = 1): the fraction of reusable pairs that the cache actually serves.
 
 Selection: among thresholds t, maximize the hit rate subject to FHR(t) <= epsilon, where FHR(t) is replaced by
-its one-sided Clopper-Pearson upper bound at the given confidence. Scanning many thresholds and keeping the
-lowest that passes would test many hypotheses and weaken the guarantee, so we use fixed-sequence testing
-(the "Learn then Test" recipe): thresholds are tested from high to low in an order fixed before looking at
-labels, and the scan stops at the first threshold whose bound exceeds epsilon. Stopping at the first failure
-keeps the overall error probability at 1 - confidence without any multiplicity correction.
+its one-sided Clopper-Pearson upper bound at the given confidence. Two ways to search:
+
+- scan (default): the lowest threshold whose bound is <= epsilon. Each bound is exact for its threshold; the
+  search over thresholds is not multiplicity-corrected. Served sets are nested (a lower threshold serves a
+  superset), so the bounds are strongly correlated and the loss is small: measured coverage in
+  tests/cache/test_tune.py and eval/bench_cache.py.
+- fixed_sequence: the "Learn then Test" recipe: thresholds are tested from high to low in an order fixed before
+  looking at labels and the search stops at the first threshold whose bound exceeds epsilon. This keeps the
+  error probability at 1 - confidence with no correction, at the cost of hit rate: one unlucky early false hit
+  ends the search.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import numpy as np
 
 from toolkit.errors import OptkitError
 
-# The sequence starts at the highest threshold whose served count could pass even with this many false hits.
+# fixed_sequence starts at the highest threshold whose served count could pass even with this many false hits.
 # Starting where a single early false hit would end the scan (k = 0) makes the test fail by bad luck far too
 # often; the start depends only on epsilon, confidence and counts, never on labels, so the test stays valid.
 START_FALSE_HITS = 2
@@ -143,21 +148,29 @@ def start_count(epsilon: float, confidence: float, n: int) -> int:
     return n + 1
 
 
-def select(sims: np.ndarray, labels: np.ndarray, epsilon: float, confidence: float = 0.95) -> Selection:
-    """The lowest threshold reached by fixed-sequence testing of 'FHR(t) <= epsilon' from high t to low t."""
+def select(sims: np.ndarray, labels: np.ndarray, epsilon: float, confidence: float = 0.95,
+           method: str = "scan") -> Selection:
+    """The lowest threshold whose false-hit upper bound is <= epsilon (see the module doc for `method`)."""
     check_inputs(sims, labels, epsilon, confidence, "calibration pairs")
     c = curve(sims, labels)
     ub = upper_bound(c.false_hits, c.served, confidence)
     best = int(np.argmin(ub))
-    first = np.searchsorted(c.served, start_count(epsilon, confidence, c.n))  # served is increasing
-    fails = np.nonzero(ub[first:] > epsilon)[0]
-    stop = first + (fails[0] if len(fails) else len(ub) - first)  # index of the first failing test
+    if method == "scan":
+        ok = np.nonzero(ub <= epsilon)[0]
+        chosen, tested = (int(ok[-1]) if len(ok) else None), len(ub)
+    elif method == "fixed_sequence":
+        first = int(np.searchsorted(c.served, start_count(epsilon, confidence, c.n)))  # served is increasing
+        fails = np.nonzero(ub[first:] > epsilon)[0]
+        stop = first + (int(fails[0]) if len(fails) else len(ub) - first)  # index of the first failing test
+        chosen, tested = (stop - 1 if stop > first else None), min(stop + 1, len(ub)) - first
+    else:
+        raise OptkitError(f"cache.selection must be scan or fixed_sequence, got '{method}'")
     common = dict(epsilon=epsilon, confidence=confidence, n=c.n, best_bound=float(ub[best]),
-                  best_bound_threshold=float(c.thresholds[best]), tested=int(min(stop + 1, len(ub)) - first))
-    if stop == first:  # the very first test failed (or there was nothing to test)
+                  best_bound_threshold=float(c.thresholds[best]), tested=int(tested))
+    if chosen is None:
         return Selection(False, None, served=0, false_hits=0, fhr=None, bound=None, hit_rate=0.0, recall=0.0,
                          **common)
-    i = stop - 1
+    i = chosen
     return Selection(True, float(c.thresholds[i]), served=int(c.served[i]), false_hits=int(c.false_hits[i]),
                      fhr=float(c.fhr[i]), bound=float(ub[i]), hit_rate=float(c.hit_rate[i]),
                      recall=float(c.recall[i]), **common)
@@ -202,7 +215,7 @@ def hindsight_best(sims: np.ndarray, labels: np.ndarray, max_fhr: float) -> dict
 
 
 def bootstrap_threshold(sims: np.ndarray, labels: np.ndarray, epsilon: float, confidence: float,
-                        rounds: int = 200, seed: int = 0) -> Optional[list[float]]:
+                        method: str = "scan", rounds: int = 200, seed: int = 0) -> Optional[list[float]]:
     """95% percentile interval of the selected threshold over bootstrap resamples of the calibration pairs
     (how much the threshold itself would move with other calibration data). None if mostly infeasible."""
     rng = np.random.default_rng(seed)
@@ -213,7 +226,7 @@ def bootstrap_threshold(sims: np.ndarray, labels: np.ndarray, epsilon: float, co
         idx = rng.integers(0, len(sims), len(sims))
         if len(np.unique(labels[idx])) < 2:
             continue
-        sel = select(sims[idx], labels[idx], epsilon, confidence)
+        sel = select(sims[idx], labels[idx], epsilon, confidence, method)
         if sel.feasible:
             picks.append(sel.threshold)
     if len(picks) < rounds / 2:

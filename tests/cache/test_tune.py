@@ -1,0 +1,141 @@
+"""Threshold selection: the Clopper-Pearson bound, fixed-sequence selection, its coverage on a distribution whose
+true false-hit rate is known in closed form, infeasibility, the F1 reference, and bad input."""
+
+import numpy as np
+import pytest
+from scipy.stats import norm
+
+from toolkit.cache import tune
+from toolkit.errors import OptkitError
+
+# A two-Gaussian world: reusable pairs' similarities ~ N(0.80, 0.08), non-reusable ~ N(0.45, 0.15).
+POS, NEG, PRIOR = (0.80, 0.08), (0.45, 0.15), 0.4
+
+
+def sample(n, rng):
+    y = (rng.random(n) < PRIOR).astype(int)
+    s = np.where(y == 1, rng.normal(*POS, n), rng.normal(*NEG, n))
+    return s, y
+
+
+def true_fhr(t):
+    """P(label 0 | s >= t) in closed form."""
+    neg = (1 - PRIOR) * norm.sf(t, *NEG)
+    pos = PRIOR * norm.sf(t, *POS)
+    return neg / (neg + pos)
+
+
+def test_upper_bound_matches_closed_form_and_is_monotone():
+    # With zero failures the one-sided Clopper-Pearson bound is 1 - (1 - confidence)^(1/n).
+    for n in (10, 59, 300):
+        assert tune.upper_bound(0, n, 0.95) == pytest.approx(1 - 0.05 ** (1 / n), rel=1e-9)
+    ubs = tune.upper_bound(np.array([0, 1, 2, 5]), 100, 0.95)
+    assert np.all(np.diff(ubs) > 0)
+    assert tune.upper_bound(3, 3, 0.95) == 1.0 and tune.upper_bound(0, 0, 0.95) == 1.0
+    lo, hi = tune.interval(5, 100)
+    assert lo < 0.05 < hi and hi > tune.upper_bound(5, 100, 0.95)  # two-sided 95% is wider than one-sided 95%
+
+
+def test_curve_convention_higher_similarity_is_served_first():
+    s = np.array([0.9, 0.2, 0.5, 0.5, 0.7])
+    y = np.array([1, 0, 0, 1, 1])
+    c = tune.curve(s, y)
+    assert list(c.thresholds) == [0.9, 0.7, 0.5, 0.2]  # decreasing: ties served together
+    assert list(c.served) == [1, 2, 4, 5] and list(c.false_hits) == [0, 0, 1, 2]
+    assert c.fhr[2] == pytest.approx(0.25) and c.hit_rate[2] == pytest.approx(0.8)
+
+
+def test_selection_respects_the_bound_and_maximizes_hits():
+    rng = np.random.default_rng(0)
+    s, y = sample(3000, rng)
+    sel = tune.select(s, y, epsilon=0.05, confidence=0.95)
+    assert sel.feasible and sel.bound <= 0.05
+    assert sel.served == int((s >= sel.threshold).sum())
+    # Serving one more distinct similarity would either fail the bound or was never tested (sequence stopped).
+    c = tune.curve(s, y)
+    i = int(np.nonzero(c.thresholds == sel.threshold)[0][0])
+    assert tune.upper_bound(c.false_hits[i + 1], c.served[i + 1], 0.95) > 0.05
+    assert true_fhr(sel.threshold) <= 0.05
+
+
+@pytest.mark.parametrize("method", ["scan", "fixed_sequence"])
+def test_coverage_true_false_hit_rate_below_epsilon_in_95_percent_of_calibrations(method):
+    rng = np.random.default_rng(1)
+    held, hits = 0, []
+    reps = 300
+    for _ in range(reps):
+        s, y = sample(800, rng)
+        sel = tune.select(s, y, epsilon=0.05, confidence=0.95, method=method)
+        if not sel.feasible or true_fhr(sel.threshold) <= 0.05:
+            held += 1
+        hits.append(sel.hit_rate)
+    assert held / reps >= 0.95
+    assert np.mean(hits) > 0.05  # not vacuous: the cache serves a real share of traffic
+    if method == "scan":
+        assert np.mean(hits) > 0.12
+
+
+def test_fixed_sequence_stops_at_first_failure():
+    # Clean top, one bad patch in the middle, clean again: scan may pass below the patch, fixed_sequence never.
+    s = np.linspace(1.0, 0.0, 1000)
+    y = np.ones(1000, int)
+    y[400:425] = 0
+    y[900:] = 0
+    scan = tune.select(s, y, 0.05, method="scan")
+    fixed = tune.select(s, y, 0.05, method="fixed_sequence")
+    assert fixed.feasible and 400 <= fixed.served < 425  # stops inside the bad patch
+    assert scan.served > fixed.served
+    with pytest.raises(OptkitError, match="selection"):
+        tune.select(s, y, 0.05, method="best")
+
+
+def test_f1_threshold_is_looser_and_wrong_more_often():
+    rng = np.random.default_rng(2)
+    s, y = sample(3000, rng)
+    sel = tune.select(s, y, 0.05)
+    t_f1 = tune.f1_threshold(s, y)
+    assert t_f1 < sel.threshold
+    assert true_fhr(t_f1) > 0.05 > true_fhr(sel.threshold)
+
+
+def test_infeasible_reports_best_achievable_bound():
+    rng = np.random.default_rng(3)
+    s = rng.random(200)
+    y = (rng.random(200) < 0.5).astype(int)  # similarity says nothing: every threshold errs ~50%
+    sel = tune.select(s, y, epsilon=0.05)
+    assert not sel.feasible and sel.threshold is None and sel.hit_rate == 0
+    assert sel.best_bound > 0.05 and sel.best_bound_threshold is not None
+    assert tune.evaluate(s, y, None)["served"] == 0
+
+
+def test_small_calibration_set_cannot_promise_a_tight_bound():
+    # 40 perfect pairs: even zero errors only bound the rate at 1 - 0.05^(1/n) > 0.05.
+    s = np.linspace(0.5, 1.0, 40)
+    y = (s > 0.7).astype(int)
+    assert not tune.select(s, y, 0.05).feasible
+    assert tune.select(s, y, 0.3).feasible
+
+
+def test_hindsight_best_and_evaluate_agree():
+    rng = np.random.default_rng(4)
+    s, y = sample(1000, rng)
+    best = tune.hindsight_best(s, y, 0.03)
+    ev = tune.evaluate(s, y, best["threshold"])
+    assert ev["fhr"] <= 0.03 and ev["hit_rate"] == pytest.approx(best["hit_rate"])
+    lower = tune.evaluate(s, y, best["threshold"] - 0.05)
+    assert lower["fhr"] > 0.03 or lower["hit_rate"] <= best["hit_rate"]
+
+
+@pytest.mark.parametrize("eps", [0.0, 1.0, -0.1, 1.5])
+def test_epsilon_outside_open_unit_interval(eps):
+    with pytest.raises(OptkitError, match="epsilon"):
+        tune.select(np.array([0.1, 0.9]), np.array([0, 1]), eps)
+
+
+def test_one_class_and_empty_and_bad_labels():
+    with pytest.raises(OptkitError, match="every label is 1"):
+        tune.select(np.array([0.1, 0.9, 0.5]), np.array([1, 1, 1]), 0.05)
+    with pytest.raises(OptkitError, match="no pairs"):
+        tune.select(np.array([]), np.array([]), 0.05)
+    with pytest.raises(OptkitError, match="0 or 1"):
+        tune.select(np.array([0.1, 0.9]), np.array([0, 2]), 0.05)
