@@ -28,6 +28,16 @@ def _parser() -> argparse.ArgumentParser:
     val.add_argument("overrides", nargs="*", metavar="key.path=value")
 
     sub.add_parser("schema", help="print the recipe reference (every key, type, default, description)")
+
+    rep = sub.add_parser("report", help="print a finished run's summary: stages and the evaluate table")
+    rep.add_argument("run", help="run directory (artifacts/<name>), run name, or recipe file")
+    cmp_ = sub.add_parser("compare", help="show what changed between two runs (recipe, stages, metrics)")
+    cmp_.add_argument("run_a")
+    cmp_.add_argument("run_b")
+    ver = sub.add_parser("verify", help="check an exported bundle against its manifest (exit 1 on any mismatch)")
+    ver.add_argument("bundle", help="bundle directory (artifacts/<name>/export/bundle)")
+    ver.add_argument("--manifest-sha256", metavar="HEX", help="also require manifest.json to have this sha256 "
+                     "(printed at export)")
     return p
 
 
@@ -63,7 +73,35 @@ def _cmd_schema(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "schema": _cmd_schema}
+def _cmd_report(args) -> int:
+    from toolkit.evaluate.summary import find_run, report_text
+
+    print(report_text(find_run(args.run)))
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from toolkit.evaluate.summary import compare_text, find_run
+
+    print(compare_text(find_run(args.run_a), find_run(args.run_b)))
+    return 0
+
+
+def _cmd_verify(args) -> int:
+    from toolkit.bundle import verify_bundle
+
+    problems = verify_bundle(args.bundle, args.manifest_sha256)
+    for p in problems:
+        print(f"MISMATCH {p}")
+    if problems:
+        print(f"{args.bundle}: {len(problems)} problem(s); do not deploy this bundle", file=sys.stderr)
+        return 1
+    print(f"{args.bundle}: ok, every file matches manifest.json")
+    return 0
+
+
+COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "schema": _cmd_schema, "report": _cmd_report,
+            "compare": _cmd_compare, "verify": _cmd_verify}
 
 
 def main(argv: list[str] | None = None) -> int:

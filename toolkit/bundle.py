@@ -1,0 +1,163 @@
+"""The serving-side view of an exported bundle: read its manifest, check files against their sha256, and load
+the router and the semantic cache from it.
+
+Runtime only: this module imports the standard library at top level; `Bundle.router()` / `Bundle.cache()`
+import `toolkit.route` / `toolkit.cache` (numpy + the embedder) when called. No torch, transformers,
+peft, sklearn or mlflow, so a serving process needs none of optkit's training dependencies.
+
+Every file a loader reads is checked against the manifest first, and a mismatch is refused with
+`BundleIntegrityError`. The check protects against corruption and edits after export; it does not stop someone
+who rewrites the manifest too: compare `manifest_sha256()` with the digest printed at export (and stored in
+the export stage's manifest / MLflow) when that matters.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+from toolkit.errors import OptkitError
+
+MANIFEST = "manifest.json"
+FORMAT = "optkit-bundle/1"
+# Files inside a bundle that the manifest does not list on purpose (editor/OS litter is still reported).
+UNLISTED = (MANIFEST,)
+
+
+class BundleIntegrityError(OptkitError):
+    """A bundle file is missing, changed, or not listed in the manifest."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def list_files(root: Path) -> list[str]:
+    """Every regular file under root, as sorted posix paths relative to root (symlinks count as files)."""
+    root = Path(root)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+
+
+class Bundle:
+    """An export bundle on disk. `Bundle.open(dir)`, then `.router()`, `.cache()`, `.model_path(name)`."""
+
+    def __init__(self, root: Path, manifest: dict):
+        self.root = Path(root)
+        self.manifest = manifest
+        self.files: dict[str, dict] = manifest["files"]
+        self._checked: set[str] = set()
+
+    @classmethod
+    def open(cls, root: str | Path, verify: bool = False) -> "Bundle":
+        """Read the manifest; with verify=True check every file now (else each file is checked on first use)."""
+        root = Path(root)
+        path = root / MANIFEST
+        if not path.is_file():
+            raise OptkitError(f"{root}: not an optkit bundle (no {MANIFEST})")
+        try:
+            manifest = json.loads(path.read_text())
+        except ValueError as exc:
+            raise BundleIntegrityError(f"{path}: not valid JSON ({exc})") from None
+        if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
+            raise OptkitError(f"{path}: not an optkit bundle manifest (format {manifest.get('format')!r}, "
+                              f"want {FORMAT})")
+        bundle = cls(root, manifest)
+        if verify:
+            problems = bundle.verify()
+            if problems:
+                raise BundleIntegrityError(f"{root}: {len(problems)} problem(s): " + "; ".join(problems[:5]))
+        return bundle
+
+    def manifest_sha256(self) -> str:
+        return sha256_file(self.root / MANIFEST)
+
+    # ------------------------------------------------------------------ checking
+
+    def verify(self) -> list[str]:
+        """Every problem found: listed files missing or changed, files present but not listed. [] = intact."""
+        problems = [p for rel in self.files for p in self._check(rel)]
+        listed = set(self.files) | set(UNLISTED)
+        problems += [f"{rel}: not listed in the manifest" for rel in list_files(self.root) if rel not in listed]
+        return problems
+
+    def _check(self, rel: str) -> list[str]:
+        meta = self.files[rel]
+        path = self.root / rel
+        if not path.is_file():
+            return [f"{rel}: missing"]
+        if path.stat().st_size != meta["bytes"]:
+            return [f"{rel}: size {path.stat().st_size} != {meta['bytes']} in the manifest"]
+        if sha256_file(path) != meta["sha256"]:
+            return [f"{rel}: sha256 does not match the manifest"]
+        return []
+
+    def checked(self, rels: Iterable[str]) -> None:
+        """Check these files (once per process); raise BundleIntegrityError on the first problem."""
+        for rel in rels:
+            if rel in self._checked:
+                continue
+            if rel not in self.files:
+                raise BundleIntegrityError(f"{self.root}: {rel} is not listed in the bundle manifest")
+            problems = self._check(rel)
+            if problems:
+                raise BundleIntegrityError(f"{self.root}: refusing to load {problems[0]}")
+            self._checked.add(rel)
+
+    def under(self, prefix: str) -> list[str]:
+        """Manifest entries at or below a bundle-relative path."""
+        prefix = prefix.rstrip("/")
+        return [rel for rel in self.files if rel == prefix or rel.startswith(prefix + "/")]
+
+    def path(self, rel: str) -> Path:
+        """A checked path: every listed file at or under `rel` matches the manifest."""
+        rels = self.under(rel)
+        if not rels:
+            raise BundleIntegrityError(f"{self.root}: {rel} is not in the bundle manifest")
+        self.checked(rels)
+        return self.root / rel
+
+    # ------------------------------------------------------------------ parts
+
+    @property
+    def models(self) -> list[dict]:
+        return list(self.manifest.get("models", []))
+
+    def model_path(self, name: str) -> Path:
+        """Checked directory (or GGUF file) of a bundled model, e.g. to hand to vLLM or llama.cpp."""
+        for m in self.models:
+            if m["name"] == name:
+                return self.path(m["path"])
+        raise OptkitError(f"bundle has no model '{name}' (has: {', '.join(m['name'] for m in self.models)})")
+
+    def router(self, embedder: Any = None):
+        """The bundled Router (files checked first)."""
+        rel = self.manifest.get("router")
+        if not rel:
+            raise OptkitError(f"{self.root}: the bundle has no router")
+        from toolkit.route import Router
+
+        return Router.load(self.path(rel), embedder=embedder)
+
+    def cache(self, embedder: Any = None, **overrides):
+        """The bundled SemanticCache (empty, configured by the tuned cache.json; file checked first)."""
+        rel = self.manifest.get("cache")
+        if not rel:
+            raise OptkitError(f"{self.root}: the bundle has no cache config")
+        from toolkit.cache import SemanticCache
+
+        return SemanticCache.load(self.path(rel), embedder=embedder, **overrides)
+
+
+def verify_bundle(root: str | Path, expect_manifest_sha256: Optional[str] = None) -> list[str]:
+    """Problems with a bundle on disk ([] = intact), for `optkit verify`."""
+    bundle = Bundle.open(root)
+    problems = bundle.verify()
+    if expect_manifest_sha256 and bundle.manifest_sha256() != expect_manifest_sha256.lower():
+        problems.insert(0, f"{MANIFEST}: sha256 {bundle.manifest_sha256()} != expected {expect_manifest_sha256}")
+    return problems

@@ -1,0 +1,189 @@
+"""evaluate/ outputs: variants.json + variants.csv (one row per variant), pareto.json, quality_vs_cost.png,
+latency.png and report.md."""
+
+from __future__ import annotations
+
+import csv
+import io
+import platform
+from pathlib import Path
+from typing import Optional
+
+from toolkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+
+# Columns of the table, in order (rows may carry more: the JSON keeps everything).
+COLUMNS = ("variant", "source", "engine", "n", "quality", "agreement", "agreement_f1", "perplexity", "judge_score",
+           "ttft_p50_s", "tpot_p50_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s", "tokens_per_s_b1",
+           "requests_per_s_b1", "cost_per_1m_requests", "size_bytes", "memory_bytes", "pareto")
+
+DEFINITIONS = """\
+- **quality**: mean task metric ({metric}) against the gold reference on the held-out prompts.
+- **agreement**: the answer names the same label as the teacher's (normalized exact match without labels);
+  **agreement_f1**: token F1 with the teacher's answer. **perplexity**: of the variant on the teacher's answers
+  (teacher-forced, answer tokens incl. end-of-turn; transformers variants only).
+- **TTFT**: request start (before tokenization) to the first generated token. **TPOT**: (e2e - TTFT) /
+  (output tokens - 1), vLLM's definition (excludes the first token; GuideLLM calls this ITL, and its own TPOT
+  is e2e / output tokens). **e2e** p50/p95/p99: request start to last token, one request at a time (batch 1).
+- **tokens/s (batch b)**: generated tokens / wall time with b requests per generate call (llama.cpp: batch 1 only).
+- **$ / 1M requests**: API variants = token prices x measured tokens; self-hosted = pricing.per_hour / measured
+  requests/s at the largest batch size. The system adds cache and router time at the serving rate and pays
+  the chosen model only on a cache miss.
+- **Pareto**: no other variant has quality >= and cost <= with one strictly better."""
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else ""
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def write_tables(out_dir: Path, rows: list[dict]) -> None:
+    atomic_write_json(out_dir / "variants.json", rows)
+    buf = io.StringIO()
+    extra = sorted({k for r in rows for k in r if k not in COLUMNS and not isinstance(r[k], (dict, list))})
+    writer = csv.DictWriter(buf, fieldnames=list(COLUMNS) + extra, extrasaction="ignore")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: r.get(k) for k in list(COLUMNS) + extra})
+    atomic_write_text(out_dir / "variants.csv", buf.getvalue())
+    pareto = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["cost_per_1m_requests"])
+    atomic_write_json(out_dir / "pareto.json", [{"variant": r["variant"], "quality": r["quality"],
+                                                 "cost_per_1m_requests": r["cost_per_1m_requests"]} for r in pareto])
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plot_quality_cost(rows: list[dict], path: Path, metric: str) -> bool:
+    pts = [r for r in rows if r.get("quality") is not None and r.get("cost_per_1m_requests") is not None]
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 4.5))
+    for r in pts:
+        ax.scatter(r["cost_per_1m_requests"], r["quality"], s=60, marker="*" if r.get("pareto") else "o",
+                   color="tab:red" if r.get("pareto") else "tab:blue", zorder=3)
+        ax.annotate(r["variant"], (r["cost_per_1m_requests"], r["quality"]), textcoords="offset points",
+                    xytext=(5, 4), fontsize=8)
+    front = sorted((r for r in pts if r.get("pareto")), key=lambda r: r["cost_per_1m_requests"])
+    if len(front) > 1:
+        ax.step([r["cost_per_1m_requests"] for r in front], [r["quality"] for r in front], where="post",
+                color="tab:red", alpha=0.6, label="Pareto frontier")
+        ax.legend(fontsize=8)
+    costs = [r["cost_per_1m_requests"] for r in pts]
+    if min(costs) > 0 and max(costs) / min(costs) > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("$ per 1M requests (lower is better)")
+    ax.set_ylabel(f"quality: {metric} (higher is better)")
+    ax.set_title("Quality vs cost")
+    ax.grid(alpha=0.3)
+    atomic_write_bytes(path, _png(fig))
+    plt.close(fig)
+    return True
+
+
+def plot_latency(rows: list[dict], path: Path) -> bool:
+    pts = [r for r in rows if r.get("e2e_p50_s") is not None]
+    if not pts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    series = [("TTFT p50", "ttft_p50_s"), ("e2e p50", "e2e_p50_s"), ("e2e p95", "e2e_p95_s"), ("e2e p99", "e2e_p99_s")]
+    x = np.arange(len(pts))
+    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.5, 1.1 * len(pts)), 4.5))
+    for i, (label, key) in enumerate(series):
+        ax.bar(x + i * width, [r.get(key) or 0 for r in pts], width, label=label)
+    ax.set_xticks(x + width * (len(series) - 1) / 2, [r["variant"] for r in pts], rotation=30, ha="right")
+    ax.set_ylabel("seconds (batch 1)")
+    ax.set_title("Latency per variant")
+    ax.legend(fontsize=8)
+    ax.grid(axis="y", alpha=0.3)
+    atomic_write_bytes(path, _png(fig))
+    plt.close(fig)
+    return True
+
+
+def _table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(k)) for _, k in cols) + " |")
+    return lines
+
+
+def write_report(out_dir: Path, rows: list[dict], setup: dict, plots: dict[str, bool], notes: list[str]) -> None:
+    import torch
+
+    metric = setup["metric"]
+    main = [("variant", "variant"), ("engine", "engine"), (metric, "quality"), ("agreement", "agreement"),
+            ("ppl on teacher", "perplexity"), ("judge", "judge_score"), ("TTFT p50 s", "ttft_p50_s"),
+            ("TPOT p50 s", "tpot_p50_s"), ("e2e p50 s", "e2e_p50_s"), ("e2e p95 s", "e2e_p95_s"),
+            ("e2e p99 s", "e2e_p99_s"), ("$ / 1M req", "cost_per_1m_requests"), ("Pareto", "pareto")]
+    tput_keys = sorted({k for r in rows for k in r if k.startswith("tokens_per_s_b")},
+                       key=lambda k: int(k.rsplit("b", 1)[1]))
+    size = [("variant", "variant"), ("disk MB", "size_mb"), ("weights in memory MB", "memory_mb")] + \
+        [(f"tok/s b{k.rsplit('b', 1)[1]}", k) for k in tput_keys]
+    for r in rows:
+        r["size_mb"] = r["size_bytes"] / 1e6 if r.get("size_bytes") else None
+        r["memory_mb"] = r["memory_bytes"] / 1e6 if r.get("memory_bytes") else None
+    lines = [
+        f"# Evaluation: {setup['run']}",
+        "",
+        f"{setup['n']} held-out prompts of the `{setup['split']}` split (quality); latency on {setup['latency_n']} "
+        f"prompts one at a time after {setup['warmup']} warm-up request(s). Machine: {platform.machine()}, "
+        f"{setup['cpus']} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads. Timings on a "
+        "shared machine are noisy: compare variants measured in the same run, not across runs.",
+        "",
+        *_table(rows, main),
+        "",
+        "Size and throughput:",
+        "",
+        *_table(rows, size),
+        "",
+    ]
+    sysrow = next((r for r in rows if r["variant"] == "system"), None)
+    if sysrow:
+        lines += ["## The composed system", "",
+                  f"Exact-cache hits {_fmt(sysrow.get('exact_hit_rate'))}, semantic-cache hits "
+                  f"{_fmt(sysrow.get('semantic_hit_rate'))}, sent to the teacher {_fmt(sysrow.get('teacher_fraction'))}, "
+                  f"to the student {_fmt(sysrow.get('student_fraction'))}; cache + router overhead p50 "
+                  f"{_fmt(sysrow.get('overhead_p50_s'))} s, p99 {_fmt(sysrow.get('overhead_p99_s'))} s.", ""]
+    front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["cost_per_1m_requests"])
+    lines += ["## Pareto set (quality vs cost)", ""]
+    lines += [f"- **{r['variant']}**: {metric} {_fmt(r['quality'])} at ${_fmt(r['cost_per_1m_requests'])} per 1M requests"
+              for r in front] or ["- (no variant has both a quality and a cost: add pricing to the recipe)"]
+    lines += ["", "Cost basis per variant:", ""]
+    lines += [f"- {r['variant']}: {r.get('cost_basis', 'n/a')}" for r in rows]
+    if plots.get("quality_vs_cost"):
+        lines += ["", "![quality vs cost](quality_vs_cost.png)"]
+    if plots.get("latency"):
+        lines += ["", "![latency](latency.png)"]
+    lines += ["", "## Definitions", "", DEFINITIONS.format(metric=metric)]
+    if notes:
+        lines += ["", "## Notes", "", *[f"- {n}" for n in notes]]
+    atomic_write_text(out_dir / "report.md", "\n".join(lines) + "\n")
+
+
+def headline(rows: list[dict]) -> dict:
+    """Stage metrics: quality, cost and e2e p50 per variant (flat names for the manifest and MLflow)."""
+    out: dict[str, Optional[float]] = {"variants": len(rows), "pareto_size": sum(bool(r.get("pareto")) for r in rows)}
+    for r in rows:
+        for key in ("quality", "agreement", "cost_per_1m_requests", "e2e_p50_s"):
+            if r.get(key) is not None:
+                out[f"{r['variant']}.{key}"] = r[key]
+    return out

@@ -1,0 +1,221 @@
+"""The evaluate stage, top to bottom: held-out prompts -> each variant (answers, quality, latency, throughput,
+perplexity, judge, cost) -> the composed system replay -> Pareto set -> tables, plots, report.md -> MLflow
+(one nested run per variant).
+
+Each variant's result is kept under work/ keyed by everything that decides it, so an interrupted evaluation
+resumes at the next variant instead of starting over.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Optional
+
+from toolkit.config import config_hash
+from toolkit.errors import OptkitError
+from toolkit.evaluate import measure
+from toolkit.evaluate.variants import Variant, discover, select
+from toolkit.io import atomic_write_json, read_jsonl, write_jsonl
+
+log = logging.getLogger("optkit.evaluate")
+
+
+# ------------------------------------------------------------------------------------------ setup
+
+
+def eval_records(ctx) -> list[dict]:
+    from toolkit.records import load_records
+
+    cfg = ctx.config
+    records = sorted(load_records(ctx.upstream("collect"), [cfg.split]), key=lambda r: r["id"])
+    if not records:
+        raise OptkitError(f"evaluate.split: collect has no '{cfg.split}' records (collect.splits must include it)")
+    return records[:cfg.max_samples] if cfg.max_samples else records
+
+
+def upstream_fingerprints(ctx) -> dict:
+    from toolkit.pipeline import read_manifest
+
+    return {s: (read_manifest(ctx.run_dir / s) or {}).get("fingerprint")
+            for s in ("collect", "distill", "quantize", "route", "cache") if getattr(ctx.recipe, s) is not None}
+
+
+def make_engine(ctx, v: Variant, max_new_tokens: int):
+    recipe = ctx.recipe
+    gen = recipe.collect.generation if recipe.collect else None
+    common = {"chat_template": recipe.data.chat_template, "max_new_tokens": max_new_tokens,
+              "stop": list(gen.stop) if gen else []}
+    if v.engine == "llama.cpp":
+        from toolkit.evaluate.engines import LlamaCppEngine
+
+        return LlamaCppEngine(v.gguf, seed=recipe.seed, **common)
+    from toolkit.evaluate.engines import HFEngine
+
+    if v.source == "teacher":
+        return HFEngine(v.model_dir, dtype=recipe.teacher.dtype, trust_remote_code=recipe.teacher.trust_remote_code,
+                        **common)
+    trust = bool(recipe.distill and recipe.distill.student.trust_remote_code)
+    return HFEngine(v.model_dir, adapter_dir=v.adapter_dir, dtype=recipe.teacher.dtype, trust_remote_code=trust,
+                    **common)
+
+
+def known_answers(ctx, v: Variant, records: list[dict]) -> Optional[list[dict]]:
+    """Answers that already exist and are exactly what generation would give: the teacher's own (collect) and the
+    merged student's (distill/student_outputs.jsonl, same generation settings), unless max_new_tokens changed."""
+    if v.source == "teacher":
+        return [{"output": r["output"], "output_tokens": r.get("output_tokens"), "input_tokens": r.get("input_tokens")}
+                for r in records]
+    if v.name == "student" and ctx.config.max_new_tokens is None:
+        path = ctx.upstream("distill") / "student_outputs.jsonl"
+        if path.is_file():
+            by_id = {r["id"]: r for r in read_jsonl(path)}
+            if all(r["id"] in by_id for r in records):
+                teacher_in = {r["id"]: r.get("input_tokens") for r in records}
+                return [{"output": by_id[r["id"]]["output"], "output_tokens": by_id[r["id"]].get("output_tokens"),
+                         "input_tokens": teacher_in[r["id"]]} for r in records]
+    return None
+
+
+# ------------------------------------------------------------------------------------------ one variant
+
+
+def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int, judge) -> tuple[dict, list[dict]]:
+    cfg = ctx.config
+    msgs = [r["messages"] for r in records]
+    row: dict = {"variant": v.name, "source": v.source, "engine": v.engine, "size_bytes": v.facts.get("size_bytes"),
+                 "quality_metric": cfg.metric, **{k: v.facts[k] for k in ("method", "format") if v.facts.get(k)}}
+    if v.engine == "records":
+        answers = known_answers(ctx, v, records)
+        row.update(measure.records_latency(records))
+    else:
+        engine = make_engine(ctx, v, max_new)
+        try:
+            answers = known_answers(ctx, v, records)
+            if answers is None:
+                with ctx.progress(f"{v.name}: answering", None):
+                    answers = engine.generate(msgs, batch_size=max(cfg.batch_sizes))
+            timed = msgs[:cfg.latency_samples]
+            row.update(measure.measure_latency(engine, timed, cfg.warmup))
+            row.update(measure.measure_throughput(engine, timed, cfg.batch_sizes))
+            if cfg.perplexity:
+                row["perplexity"] = engine.perplexity([(r["messages"], r["output"]) for r in records])
+            row["memory_bytes"] = engine.memory_bytes()
+        finally:
+            engine.close()
+        row["engine"] = engine.name
+    scored = measure.score_rows(answers, records, cfg.metric, labels)
+    row.update(measure.quality_summary(scored))
+    if judge is not None:
+        from toolkit.evaluate.judge import judge_variant
+
+        row.update(judge_variant(judge, scored, records, cfg.judge.against, cfg.judge.max_samples))
+    key, price = measure.find_price(ctx.recipe.pricing, v.price_keys)
+    row.update(measure.variant_cost(row, price, key, scored, cfg.prompt_cache_fraction))
+    row["price_key"] = key
+    return row, scored
+
+
+def cached_variant(ctx, v: Variant, records, labels, max_new, judge, fps: dict) -> tuple[dict, list[dict]]:
+    cfg = ctx.config
+    key = config_hash({"variant": v.descriptor(), "evaluate": cfg.model_dump(), "max_new": max_new,
+                       "ids": [r["id"] for r in records], "upstream": fps,
+                       "pricing": {k: p.model_dump() for k, p in ctx.recipe.pricing.items()}})
+    path = ctx.work_dir / f"variant-{v.name}-{key}.json"
+    if path.is_file():
+        saved = json.loads(path.read_text())
+        log.info("evaluate: %s: reusing the finished measurement in %s", v.name, path.name)
+        return saved["row"], saved["scored"]
+    log.info("evaluate: %s (%s)", v.name, v.engine)
+    row, scored = evaluate_variant(ctx, v, records, labels, max_new, judge)
+    atomic_write_json(path, {"row": row, "scored": scored})
+    return row, scored
+
+
+# ------------------------------------------------------------------------------------------ the stage
+
+
+def evaluate(ctx) -> dict:
+    from toolkit.evaluate.report import headline, plot_latency, plot_quality_cost, write_report, write_tables
+
+    cfg, recipe = ctx.config, ctx.recipe
+    records = eval_records(ctx)
+    all_refs = [r for r in records if r.get("reference")]
+    labels = measure.label_set(all_refs) if cfg.metric == "gold" else None
+    max_new = cfg.max_new_tokens or (recipe.collect.generation.max_new_tokens if recipe.collect else 64)
+    variants, do_system = select(ctx, discover(ctx))
+    judge = None
+    if cfg.judge is not None:
+        from toolkit.evaluate.judge import Judge
+
+        judge = Judge(cfg.judge)
+    fps = upstream_fingerprints(ctx)
+    rows, answers, notes = [], {}, []
+    try:
+        for v in variants:
+            row, scored = cached_variant(ctx, v, records, labels, max_new, judge, fps)
+            rows.append(row)
+            answers[v.name] = {s["id"]: s for s in scored}
+            write_jsonl(ctx.dir / "outputs" / f"{v.name}.jsonl", scored)
+    finally:
+        if judge is not None:
+            judge.close()
+    if do_system:
+        rows.append(system_row(ctx, records, answers, rows, labels))
+    for row, flag in zip(rows, measure.pareto_flags(rows)):
+        row["pareto"] = flag
+    notes += [f"{r['variant']}: throughput above batch 1 not measured (llama-cpp-python serves one request at a "
+              "time)" for r in rows if r.get("engine") == "llama.cpp"]
+    if labels is None and cfg.metric == "gold":
+        notes.append("no gold references in the evaluated split: quality is n/a; agreement with the teacher remains")
+    write_tables(ctx.dir, rows)
+    plots = {"quality_vs_cost": plot_quality_cost(rows, ctx.dir / "quality_vs_cost.png", cfg.metric),
+             "latency": plot_latency(rows, ctx.dir / "latency.png")}
+    setup = {"run": recipe.name, "n": len(records), "split": cfg.split, "metric": cfg.metric,
+             "latency_n": min(cfg.latency_samples, len(records)), "warmup": cfg.warmup, "cpus": os.cpu_count()}
+    write_report(ctx.dir, rows, setup, plots, notes)
+    log_to_mlflow(ctx, rows)
+    return headline(rows)
+
+
+def system_row(ctx, records, answers, rows, labels) -> dict:
+    from toolkit.evaluate.system import replay
+    from toolkit.records import load_records
+
+    cfg = ctx.config
+    by_name = {r["variant"]: r for r in rows}
+    pricing = ctx.recipe.pricing
+    warm = load_records(ctx.upstream("collect"), [cfg.system.warm_split]) if cfg.system.warm_split else []
+    student_price = measure.find_price(pricing, ("system", cfg.system.student, "student"))[1]
+    overhead_rate = student_price.per_hour if student_price is not None and student_price.per_hour else 0.0
+    prices = {name: measure.find_price(pricing, keys)[1] for name, keys in
+              (("teacher", ("teacher",)), (cfg.system.student, (cfg.system.student, "student")))}
+
+    def cost_of(name: str, answer: dict) -> Optional[float]:
+        price = prices.get(name)
+        if price is None:
+            return None
+        if price.per_hour is not None:
+            return by_name[name].get("cost_per_request_usd")
+        return measure.request_cost(price, answer["input_tokens"] or 0, answer["output_tokens"] or 0,
+                                    cfg.prompt_cache_fraction)
+
+    row, log_rows = replay(ctx, records, warm, answers, by_name, cost_of, overhead_rate, cfg.metric, labels)
+    write_jsonl(ctx.dir / "outputs" / "system.jsonl", log_rows)
+    return row
+
+
+def log_to_mlflow(ctx, rows: list[dict]) -> None:
+    """One nested run per variant (the MLflow UI compares them side by side), plus the stage's files."""
+    for row in rows:
+        with ctx.tracker.run(f"variant:{row['variant']}", tags={"optkit.variant": row["variant"],
+                                                               "optkit.stage": "evaluate"}):
+            ctx.tracker.log_params({k: row[k] for k in ("variant", "source", "engine", "cost_basis", "price_key",
+                                                        "method", "format") if row.get(k) is not None})
+            ctx.tracker.log_metrics({k: float(v) for k, v in row.items()
+                                     if isinstance(v, (int, float)) and v is not None})
+    for name in ("report.md", "variants.csv", "variants.json", "pareto.json", "quality_vs_cost.png", "latency.png"):
+        if (ctx.dir / name).is_file():
+            ctx.log_artifact(ctx.dir / name)

@@ -1,0 +1,125 @@
+"""The composed system replayed over held-out traffic: exact cache -> semantic cache -> router -> student or
+teacher, one request at a time in a fixed order (by id), the cache filling as answers are produced.
+
+Answers come from the variants' own evaluated answers for the same prompts, so the system's quality is what the
+deployed system would have answered. Timing: the cache lookup and router decision are measured for real on each
+request (the overhead); a miss adds the chosen model's mean measured e2e latency (and TTFT) at batch 1.
+Cost: each request pays the overhead time at the serving machine's rate (pricing.system.per_hour, else the
+student's) plus, on a miss, the chosen model's cost for that prompt (its own tokens for API models).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Optional
+
+import numpy as np
+
+from toolkit.evaluate.measure import agrees, pct, task_score
+
+log = logging.getLogger("optkit.evaluate")
+
+
+def _exact_key(text: str) -> str:
+    from toolkit.cache.runtime import normalize_text  # same normalization as the runtime cache's exact layer
+
+    return normalize_text(text)
+
+
+def load_parts(ctx) -> tuple[Optional[object], Optional[object]]:
+    """(Router or None, SemanticCache or None) from the finished route / cache stages."""
+    cfg = ctx.config.system
+    router = cache = None
+    if ctx.recipe.route is not None and ctx.has_upstream("route"):
+        from toolkit.route import Router
+
+        router = Router.load(ctx.upstream("route"))
+    if cfg.semantic_cache and ctx.recipe.cache is not None and ctx.has_upstream("cache"):
+        from toolkit.cache import SemanticCache
+
+        cache = SemanticCache.load(ctx.upstream("cache") / "cache.json")
+    return router, cache
+
+
+def model_for(router, choice: str, student: str) -> str:
+    """Router model name -> variant: the teacher by name (or the router's strong model), else the student."""
+    if choice == "teacher" or ("teacher" not in router.models and choice == router.strong):
+        return "teacher"
+    return student
+
+
+def replay(ctx, records: list[dict], warm: list[dict], answers: dict[str, dict[str, dict]],
+           rows: dict[str, dict], cost_of: Callable[[str, dict], Optional[float]], overhead_per_hour: float,
+           metric: str, labels: Optional[list[str]]) -> tuple[dict, list[dict]]:
+    """(summary row, per-request log). answers[variant][id] = scored answer row of that variant."""
+    cfg = ctx.config.system
+    router, cache = load_parts(ctx)
+    exact: dict[str, str] = {}
+    if warm:
+        if cache is not None:
+            cache.insert_many([r["prompt"] for r in warm], [r["output"] for r in warm])
+        if cfg.exact_cache:
+            exact.update({_exact_key(r["prompt"]): r["output"] for r in warm})
+    log_rows = []
+    for rec in records:
+        started = time.perf_counter()
+        served, answer = None, None
+        if cfg.exact_cache and _exact_key(rec["prompt"]) in exact:
+            served, answer = "exact", exact[_exact_key(rec["prompt"])]
+        elif cache is not None:
+            hit = cache.lookup(rec["prompt"])
+            if hit is not None:
+                served, answer = ("exact" if hit.exact else "semantic"), hit.answer
+        if served is None:
+            served = model_for(router, router.route(rec["prompt"]), cfg.student) if router else cfg.student
+        overhead = time.perf_counter() - started
+        model_row = None
+        if served in answers:
+            model_row = answers[served][rec["id"]]
+            answer = model_row["output"]
+            # Filling the cache happens after the answer is sent: not on the request's critical path.
+            if cache is not None:
+                cache.insert(rec["prompt"], answer)
+            if cfg.exact_cache:
+                exact[_exact_key(rec["prompt"])] = answer
+        model_cost, model_e2e, model_ttft = 0.0, 0.0, 0.0
+        if model_row is not None:
+            model_cost = cost_of(served, model_row)
+            model_e2e = rows[served].get("e2e_mean_s") or 0.0
+            model_ttft = rows[served].get("ttft_mean_s") or model_e2e  # API teachers: no TTFT, use e2e
+        e2e, ttft = overhead + model_e2e, overhead + model_ttft
+        log_rows.append({
+            "id": rec["id"], "served_by": served, "output": answer, "reference": rec.get("reference"),
+            "score": task_score(answer, rec.get("reference"), metric, labels),
+            "agree": agrees(answer, rec["output"], labels), "overhead_s": overhead, "e2e_s": e2e, "ttft_s": ttft,
+            "cost_usd": None if model_cost is None else model_cost + overhead * overhead_per_hour / 3600,
+        })
+    return summarize(log_rows, cfg.student, router is not None, cache is not None), log_rows
+
+
+def summarize(log_rows: list[dict], student: str, has_router: bool, has_cache: bool) -> dict:
+    n = len(log_rows)
+    served = [r["served_by"] for r in log_rows]
+    scores = [r["score"] for r in log_rows if r["score"] is not None]
+    costs = [r["cost_usd"] for r in log_rows]
+    e2e = [r["e2e_s"] for r in log_rows]
+    usd = float(np.mean(costs)) if costs and None not in costs else None
+    return {
+        "variant": "system", "source": "system",
+        "engine": "+".join(p for p, on in (("cache", has_cache), ("router", has_router)) if on) + f" -> teacher/{student}",
+        "n": n, "quality": float(np.mean(scores)) if scores else None, "quality_n": len(scores),
+        "agreement": float(np.mean([r["agree"] for r in log_rows])) if n else None,
+        "exact_hit_rate": served.count("exact") / n if n else None,
+        "semantic_hit_rate": served.count("semantic") / n if n else None,
+        "teacher_fraction": served.count("teacher") / n if n else None,
+        "student_fraction": served.count(student) / n if n else None,
+        "overhead_p50_s": pct([r["overhead_s"] for r in log_rows], 50),
+        "overhead_p99_s": pct([r["overhead_s"] for r in log_rows], 99),
+        "ttft_p50_s": pct([r["ttft_s"] for r in log_rows], 50),
+        "e2e_p50_s": pct(e2e, 50), "e2e_p95_s": pct(e2e, 95), "e2e_p99_s": pct(e2e, 99),
+        "e2e_mean_s": float(np.mean(e2e)) if e2e else None,
+        "cost_per_request_usd": usd, "cost_per_1m_requests": usd * 1e6 if usd is not None else None,
+        "cost_basis": "per request: cache/router time at the serving rate + the chosen model's cost on a miss"
+        if usd is not None else "a chosen model has no pricing",
+    }

@@ -1,0 +1,113 @@
+"""The bundle's model card (README.md): what is inside, how to serve it, the measured numbers and their limits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def _size(root: Path, rel: str) -> int:
+    p = root / rel
+    return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
+
+
+def _fmt(v, digits: int = 3) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _contents(manifest: dict, root: Path) -> list[str]:
+    lines = ["| name | kind | path | quantization | size (MB) |", "|---|---|---|---|---|"]
+    for m in manifest["models"]:
+        lines.append(f"| {m['name']} | {m['kind']} | `{m['path']}` | {m.get('quantization') or m.get('method') or '-'} "
+                     f"| {_size(root, m['path']) / 1e6:.1f} |")
+    if manifest.get("router"):
+        lines.append(f"| router | router | `{manifest['router']}/` | - | {_size(root, manifest['router']) / 1e6:.2f} |")
+    if manifest.get("cache"):
+        lines.append(f"| cache | cache config | `{manifest['cache']}` | - | {_size(root, manifest['cache']) / 1e6:.2f} |")
+    return lines
+
+
+def _measured(rows: list[dict]) -> list[str]:
+    if not rows:
+        return ["No evaluate stage ran for this bundle: no measured numbers. Add an `evaluate:` section to the "
+                "recipe to measure quality, latency and cost before deploying."]
+    metric = rows[0].get("quality_metric", "quality")
+    lines = [f"| variant | engine | {metric} | agreement w/ teacher | e2e p50 (s) | e2e p95 (s) | "
+             "tokens/s (batch 1) | $ / 1M requests | Pareto |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['variant']} | {r.get('engine', '-')} | {_fmt(r.get('quality'))} | {_fmt(r.get('agreement'))} "
+                     f"| {_fmt(r.get('e2e_p50_s'))} | {_fmt(r.get('e2e_p95_s'))} | {_fmt(r.get('tokens_per_s_b1'))} "
+                     f"| {_fmt(r.get('cost_per_1m_requests'))} | {'yes' if r.get('pareto') else ''} |")
+    return lines
+
+
+def _limits(manifest: dict, rows: list[dict]) -> list[str]:
+    recipe = manifest["recipe"]
+    n = max((r.get("n") or 0 for r in rows), default=0)
+    ev = recipe.get("evaluate") or {}
+    lines = [
+        f"- Quality is measured on {n} held-out prompts of the `{ev.get('split', 'test')}` split of "
+        f"`{recipe['data']['path']}`: the numbers hold for traffic like that data, not for other tasks. "
+        f"With n = {n}, a difference of a few points between variants is within sampling noise.",
+        "- Latency and throughput were measured on the machine that ran the evaluation, with the engine named "
+        "per row (transformers / llama.cpp), one process at a time; on a shared or different machine they "
+        "change. They are not vLLM numbers unless the engine says vllm.",
+        "- Cost for self-hosted variants = pricing.per_hour / measured requests per second at the largest "
+        "batch size; API variants use the token prices of the recipe. Prices are the recipe's, not quotes.",
+    ]
+    if manifest.get("cache"):
+        lines.append("- The semantic cache's false-hit bound (cache.json) holds for queries like its tuning pairs and "
+                     "only with the same embedder; the cache refuses a different embedder.")
+    if manifest.get("router"):
+        lines.append("- The router's quality target (route/router.json) was calibrated on the val split; its "
+                     "guarantee is statistical and assumes the same prompt distribution.")
+    lines.append(f"- Teacher: `{recipe['teacher']['model']}`. Check the licences of the teacher model and of the "
+                 "data before redistributing weights trained on their outputs.")
+    return lines
+
+
+def model_card(manifest: dict, root: Path) -> str:
+    rows = manifest.get("metrics") or []
+    models = manifest["models"]
+    serve_names = [m["name"] for m in models if m["kind"] == "hf"]
+    parts = [
+        f"# {manifest['run']}: optimized model bundle",
+        "",
+        f"Exported by optkit {manifest['optkit']} on {manifest['created_at']}. "
+        f"{manifest['recipe'].get('description') or ''}".rstrip(),
+        "",
+        "## Contents",
+        "",
+        *_contents(manifest, root),
+        "",
+        "## Serve",
+        "",
+        "```bash",
+        "optkit verify .          # every file against manifest.json (exit 1 on any mismatch)",
+        *[f"./serve.sh {n}" for n in serve_names[:3]],
+        "```",
+        "",
+        "`serve.sh` holds the exact `vllm serve` lines (LoRA adapters via `--enable-lora --lora-modules`) and the "
+        "Ollama / llama.cpp commands for the GGUF files. The router and cache load with the runtime only:",
+        "",
+        "```python",
+        "from toolkit.bundle import Bundle",
+        "b = Bundle.open('.')            # files are checked against their sha256 before loading",
+        "router, cache = b.router(), b.cache()",
+        "```",
+        "",
+        "## Measured",
+        "",
+        *_measured(rows),
+        "",
+        "## Limits",
+        "",
+        *_limits(manifest, rows),
+    ]
+    if manifest.get("notes"):
+        parts += ["", "## Notes", "", *[f"- {n}" for n in manifest["notes"]]]
+    return "\n".join(parts) + "\n"
