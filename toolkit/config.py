@@ -71,16 +71,18 @@ class DataConfig(Section):
     format: Literal["auto", "jsonl", "csv", "parquet", "datasets"] = Field(
         "auto", description="File format; auto = from the extension (a directory = datasets).")
     split_name: Optional[str] = Field(None, description="For a datasets DatasetDict: which split to read.")
-    prompt_column: str = Field("prompt", description="Column holding the user prompt.")
+    prompt_column: str = Field("prompt", description="Column holding the user prompt (the records' `prompt` "
+                               "field: the raw text routers and caches see).")
     prompt_template: Optional[str] = Field(
         None, description="Python format string over the row's columns that builds the user message, e.g. "
-        "'Classify: {text}'. Default: the prompt column as is.")
+        "'Classify: {text}' (write literal braces as {{ }}). Default: the prompt column as is.")
     reference_column: Optional[str] = Field(None, description="Column with the gold answer, if the data has one.")
     id_column: Optional[str] = Field(None, description="Column with a stable id; default = hash of the prompt.")
     system_prompt: Optional[str] = Field(None, description="System message put before every prompt.")
     chat_template: bool = Field(True, description="Format prompts with the model's chat template.")
     dedupe: bool = Field(True, description="Drop repeated prompts (after templating), keeping the first.")
-    limit: Optional[int] = Field(None, ge=1, description="Use at most this many prompts (after dedupe).")
+    limit: Optional[int] = Field(None, ge=1, description="Use at most this many prompts (after dedupe): a "
+                                 "deterministic sample by hash of id and seed, not the first rows of the file.")
     splits: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic train/val/test split "
                                 "(by hash of prompt id and the recipe seed).")
 
@@ -104,7 +106,9 @@ class GenerationConfig(Section):
 
 
 class HFBackendConfig(Section):
-    batch_size: int = Field(8, ge=1, description="Prompts per generate() call (left-padded).")
+    batch_size: int = Field(8, ge=1, description="Prompts per generate() call (left-padded; prompts are "
+                            "sorted by length first so a batch pads little).")
+    device: str = Field("auto", description="torch device: auto = cuda when available, else cpu.")
 
 
 class OpenAIBackendConfig(Section):

@@ -1,0 +1,194 @@
+"""collect: send the recipe's prompts to the teacher and keep its answers (the records of toolkit/records.py).
+
+setup (prompts, backend, result store) -> run (only prompts the store lacks) -> save (outputs.jsonl,
+failures.jsonl, topk.safetensors, prompts.jsonl, summary.json). Heavy imports live in the backends.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from toolkit.errors import OptkitError
+from toolkit.io import atomic_write_bytes, atomic_write_json, write_jsonl
+from toolkit.records import FAILURES, OUTPUTS, TOPK
+
+log = logging.getLogger("optkit.collect")
+
+PROMPTS = "prompts.jsonl"
+SUMMARY = "summary.json"
+MAX_LABELS = 50  # references with at most this many distinct values are treated as class labels
+
+
+@dataclass
+class Collector:
+    """The backends' sink: persists each answer at once, remembers failures, moves the progress bar."""
+
+    store: object
+    advance: Callable[[int], None]
+    failures: dict = field(default_factory=dict)  # key -> (error, attempts)
+    new: list = field(default_factory=list)  # keys answered in this run
+
+    def done(self, request, result: dict) -> None:
+        self.store.put(request.key, result)
+        self.failures.pop(request.key, None)
+        self.new.append(request.key)
+        self.advance(1)
+
+    def failed(self, request, error: str, attempts: int) -> None:
+        self.failures[request.key] = (error, attempts)
+        log.warning("collect: prompt %s failed after %d attempt(s): %s", request.id, attempts, error)
+        self.advance(1)
+
+
+def run(ctx) -> dict:
+    from toolkit.collect.backends import Request, generation_params, make_backend
+    from toolkit.collect.prompts import load_prompts
+    from toolkit.collect.store import ResultStore, result_key
+
+    recipe, cfg = ctx.recipe, ctx.config
+    # ---- setup
+    data_path = recipe.resolve_path(recipe.data.path)
+    if not data_path.exists():
+        raise OptkitError(f"data.path: file not found: {data_path}")
+    ctx.add_input(data_path)
+    prompts = load_prompts(recipe.data, data_path, recipe.seed)
+    write_jsonl(ctx.dir / PROMPTS, (p.to_dict() for p in prompts))
+    selected = [p for p in prompts if p.split in cfg.splits]
+    if not selected:
+        raise OptkitError(f"collect.splits {cfg.splits}: none of the {len(prompts)} prompts fall in these splits")
+    backend = make_backend(cfg.backend, recipe)
+    identity, params = backend.identity(), generation_params(recipe)
+    keys = {p.id: result_key(identity, p.messages, params) for p in selected}
+
+    # ---- run: only what the store lacks, each distinct request once
+    with ResultStore(ctx.work_dir / "results.jsonl") as store:
+        todo = list({keys[p.id]: Request(keys[p.id], p.id, p.messages) for p in selected
+                     if keys[p.id] not in store}.values())
+        log.info("collect: %d prompts, %d already answered, %d to send (%s backend)",
+                 len(selected), len(selected) - len(todo), len(todo), cfg.backend)
+        started = time.perf_counter()
+        try:
+            with ctx.progress("teacher answers", len(todo)) as advance:
+                sink = Collector(store, advance)
+                backend.generate(todo, sink)
+        finally:
+            backend.close()
+        wall = time.perf_counter() - started
+        results = {p.id: store.get(keys[p.id]) for p in selected}
+        new_results = [store.get(k) for k in sink.new]
+
+    # ---- save
+    price = recipe.pricing.get("teacher")
+    records, failures = [], []
+    for p in selected:
+        if results[p.id] is not None:
+            records.append(make_record(p, results[p.id], recipe.teacher.model, price))
+        else:
+            error, attempts = sink.failures.get(keys[p.id], ("not answered", 0))
+            failures.append({"id": p.id, "split": p.split, "prompt": p.prompt, "error": error, "attempts": attempts})
+    write_jsonl(ctx.dir / OUTPUTS, records)
+    write_jsonl(ctx.dir / FAILURES, failures)
+    if cfg.top_logprobs:
+        write_topk(ctx.dir / TOPK, records, results)
+    summary = summarize(records, failures, new_results, wall, len(prompts), getattr(backend, "stats", {}))
+    summary["teacher"] = identity
+    atomic_write_json(ctx.dir / SUMMARY, summary)
+    ctx.extra["teacher"] = identity
+    metrics = headline(summary)
+    ctx.log_metrics(metrics)
+    ctx.log_artifact(ctx.dir / SUMMARY)
+    check_failures(len(failures), len(selected), cfg.max_failures, failures)
+    return metrics
+
+
+def make_record(p, result: dict, model: str, price) -> dict:
+    record = {**p.to_dict(), "output": result["output"], "finish_reason": result["finish_reason"],
+              "input_tokens": int(result["input_tokens"]), "output_tokens": int(result["output_tokens"]),
+              "latency_s": result["latency_s"], "cost_usd": cost_usd(result, price), "model": model}
+    if result.get("tokens_estimated"):
+        record["tokens_estimated"] = True
+    return record
+
+
+def cost_usd(result: dict, price) -> float:
+    """Token prices for API teachers; per_hour (self-hosted) is charged for the record's share of wall time."""
+    if price is None:
+        return 0.0
+    cost = (result["input_tokens"] * price.input_per_1m + result["output_tokens"] * price.output_per_1m) / 1e6
+    if price.per_hour:
+        cost += price.per_hour * result["latency_s"] / 3600
+    return round(cost, 10)
+
+
+def write_topk(path, records: list[dict], results: dict) -> None:
+    """topk.safetensors as toolkit/records.py says: `<id>.ids` int32 [T, k], `<id>.logprobs` float16 [T, k]."""
+    import numpy as np
+    from safetensors.numpy import save
+
+    tensors = {}
+    for r in records:
+        topk = results[r["id"]].get("topk")
+        if not topk or not topk["ids"]:
+            continue
+        tensors[f"{r['id']}.ids"] = np.asarray(topk["ids"], dtype=np.int32)
+        tensors[f"{r['id']}.logprobs"] = np.asarray(topk["logprobs"], dtype=np.float16)
+    atomic_write_bytes(path, save(tensors, metadata={"format": "optkit-topk-v1"}))
+
+
+def gold_accuracy(records: list[dict]) -> Optional[float]:
+    """Share of records whose output names the reference (class labels when the references are few)."""
+    from toolkit.metrics import gold_match
+
+    scored = [r for r in records if r.get("reference")]
+    if not scored:
+        return None
+    labels = sorted({r["reference"] for r in scored})
+    labels = labels if len(labels) <= MAX_LABELS else None
+    return sum(gold_match(r["output"], r["reference"], labels) for r in scored) / len(scored)
+
+
+def summarize(records, failures, new_results, wall, n_prompts, stats) -> dict:
+    by_split: dict[str, int] = {}
+    for r in records:
+        by_split[r["split"]] = by_split.get(r["split"], 0) + 1
+    new_out = sum(int(r["output_tokens"]) for r in new_results)
+    summary = {
+        "prompts": n_prompts, "sent": len(records) + len(failures), "answered": len(records),
+        "failed": len(failures), "by_split": by_split,
+        "answered_this_run": len(new_results), "from_store": len(records) - len(new_results),
+        "input_tokens": sum(r["input_tokens"] for r in records),
+        "output_tokens": sum(r["output_tokens"] for r in records),
+        "cost_usd": round(sum(r["cost_usd"] for r in records), 6),
+        "finish_reasons": _count(r["finish_reason"] for r in records),
+        "wall_s": round(wall, 3),
+        # Throughput of what was generated in this run (answers read from the store took no time).
+        "output_tokens_per_s": round(new_out / wall, 3) if new_results and wall > 0 else None,
+        "requests_per_s": round(len(new_results) / wall, 3) if new_results and wall > 0 else None,
+        "teacher_gold_accuracy": gold_accuracy(records),
+        "backend_stats": dict(stats),
+    }
+    return summary
+
+
+def headline(summary: dict) -> dict:
+    keys = ("answered", "failed", "output_tokens", "cost_usd", "output_tokens_per_s", "teacher_gold_accuracy",
+            "answered_this_run")
+    metrics = {k: summary[k] for k in keys if summary.get(k) is not None}
+    metrics["retries"] = summary["backend_stats"].get("retries", 0)
+    return metrics
+
+
+def check_failures(n_failed: int, n_total: int, allowed: float, failures: list[dict]) -> None:
+    if n_failed and n_failed / n_total > allowed:
+        raise OptkitError(f"collect: {n_failed} of {n_total} prompts failed after retries (collect.max_failures = "
+                          f"{allowed:g}); see failures.jsonl. First error: {' '.join(failures[0]['error'].split())}")
+
+
+def _count(values) -> dict:
+    out: dict[str, int] = {}
+    for v in values:
+        out[v] = out.get(v, 0) + 1
+    return out
