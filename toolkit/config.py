@@ -165,6 +165,7 @@ class StudentConfig(Section):
     model: Optional[str] = Field(None, description="A causal LM (HF id / dir / built-in) to use as the student.")
     from_teacher: Optional[PruneConfig] = Field(None, description="Build the student from the teacher by "
                                                 "keeping a subset of its decoder layers.")
+    revision: Optional[str] = Field(None, description="Hub revision of student.model.")
     trust_remote_code: bool = Field(False, description="Allow the student repo's own code to run.")
 
     @model_validator(mode="after")
@@ -201,8 +202,16 @@ class TrainConfig(Section):
     max_length: int = Field(256, ge=8, description="Prompt + completion tokens; longer examples are truncated.")
     warmup_ratio: float = Field(0.03, ge=0, lt=1, description="Warm-up fraction of steps.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = Field(
+        "linear", description="Learning-rate schedule after warm-up.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume point).")
+    save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
+    min_completion_tokens: int = Field(1, ge=1, description="Teacher outputs shorter than this (in tokens) are "
+                                       "skipped, with a count in the log.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
+                                         "(less memory, ~30% slower).")
     bf16: Literal["auto", True, False] = Field("auto", description="bfloat16 training; auto = where supported.")
 
 
@@ -219,6 +228,8 @@ class DistillConfig(Section):
     kd: KDConfig = Field(default_factory=KDConfig, description="Logit knowledge distillation.")
     training: TrainConfig = Field(default_factory=TrainConfig, description="Optimizer and schedule.")
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="Multi-process settings.")
+    eval_batch_size: int = Field(8, ge=1, description="Prompts per batch for the student's generations and "
+                                 "the NLL evaluation.")
 
 
 # --------------------------------------------------------------------------------------------- quantize

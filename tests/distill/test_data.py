@@ -1,0 +1,75 @@
+"""Training examples from teacher records: completion-only labels, skipped and truncated counts, top-k alignment."""
+
+import logging
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from tests.distill.helpers import bitext_rows, make_records
+from toolkit.distill.data import IGNORE, build_examples, render_prompt
+from toolkit.distill.train import LeftPadCollator
+from toolkit.errors import OptkitError
+
+
+@pytest.fixture(scope="module")
+def tok(smollm2_dir):
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+def test_loss_only_on_the_completion_which_ends_with_end_of_turn(tok):
+    rec = make_records(bitext_rows(1))[0]
+    (ex,), stats = build_examples([rec], tok, 256)
+    prompt = tok(render_prompt(tok, rec["messages"], True), add_special_tokens=False)["input_ids"]
+    assert ex["input_ids"][:len(prompt)] == prompt
+    assert all(label == IGNORE for label in ex["labels"][:len(prompt)])
+    completion = ex["labels"][len(prompt):]
+    assert tok.decode(completion[:-1]) == rec["output"] and completion[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert stats.as_dict() == {"examples": 1, "skipped_short_completions": 0, "truncated": 0, "topk_misaligned": 0}
+
+
+def test_empty_and_short_completions_are_skipped_with_a_count(tok, caplog):
+    recs = make_records(bitext_rows(4), outputs=["", "ORDER", "a b c d e f", "  "])
+    with caplog.at_level(logging.WARNING, logger="optkit.distill"):
+        examples, stats = build_examples(recs, tok, 256, min_completion_tokens=2)
+    assert [e["id"] for e in examples] == [recs[2]["id"]]
+    assert stats.skipped_short == 3 and "skipped 3 training records" in caplog.text
+    with pytest.raises(OptkitError, match="no usable training examples.*min_completion_tokens=1"):
+        build_examples(make_records(bitext_rows(2), outputs=["", ""]), tok, 256)
+
+
+def test_long_examples_are_truncated_from_the_prompt_side_with_a_count(tok, caplog):
+    recs = make_records(bitext_rows(3))
+    recs[0]["messages"][1]["content"] = "please help me " * 200
+    with caplog.at_level(logging.WARNING, logger="optkit.distill"):
+        examples, stats = build_examples(recs, tok, 128)
+    assert stats.truncated == 1 and "truncated 1 training examples longer than training.max_length=128" in caplog.text
+    ex = examples[0]
+    assert len(ex["input_ids"]) == 128
+    completion = [t for t in ex["labels"] if t != IGNORE]
+    assert tok.decode(completion[:-1]) == recs[0]["output"]  # the answer survives, the prompt's head is cut
+
+
+def test_topk_alignment_uses_rows_only_where_our_tokens_are_in_the_teachers_topk(tok):
+    recs = make_records(bitext_rows(2), outputs=["ORDER", "REFUND"])
+    ids0 = tok("ORDER", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    good = (torch.tensor([[t, 7, 8] for t in ids0], dtype=torch.int32), torch.full((len(ids0), 3), -1.0).half())
+    bad = (torch.tensor([[5, 6, 7]], dtype=torch.int32), torch.full((1, 3), -1.0).half())
+    examples, stats = build_examples(recs, tok, 256, topk={recs[0]["id"]: good, recs[1]["id"]: bad})
+    assert examples[0]["topk_ids"].shape == (len(ids0), 3)
+    assert examples[1]["topk_ids"] is None and stats.topk_misaligned == 1
+
+
+def test_left_pad_collator_aligns_completions_at_the_right_edge(tok):
+    examples, _ = build_examples(make_records(bitext_rows(3), outputs=["ORDER", "REFUND please now", "X"]), tok, 256)
+    batch = LeftPadCollator(tok.pad_token_id, with_topk=False)(examples)
+    width = batch["input_ids"].shape[1]
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        assert batch["input_ids"][i, width - n:].tolist() == ex["input_ids"]
+        assert batch["attention_mask"][i].sum() == n
+        assert batch["position_ids"][i, -1] == n - 1 and batch["position_ids"][i, width - n] == 0
+    # every completion token is predicted from inside the kept window
+    keep = batch["logits_to_keep"]
+    assert (batch["labels"][:, : width - keep + 1] == IGNORE).all()
+    assert (batch["labels"][:, width - keep + 1:] != IGNORE).any()

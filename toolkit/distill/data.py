@@ -1,0 +1,155 @@
+"""Training examples from teacher records: prompt tokens (no loss) + teacher completion tokens (loss).
+
+The prompt is rendered exactly as the teacher saw it (the record's chat messages through the chat template),
+the completion is the teacher's output followed by the end-of-turn token, so the student also learns to stop.
+Problems are counted, not hidden: empty or too-short completions are skipped, over-long examples are
+truncated (prompt from the left, so the generation prompt and the answer stay), and both counts are logged
+and written to student.json.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from toolkit.errors import OptkitError
+
+log = logging.getLogger("optkit.distill")
+
+IGNORE = -100
+
+
+def render_prompt(tok, messages: list[dict], chat_template: bool) -> str:
+    if chat_template and getattr(tok, "chat_template", None):
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return "\n\n".join(m["content"] for m in messages)  # as collect renders it for non-chat models
+
+
+def end_token_id(tok) -> int:
+    eos = tok.eos_token_id
+    return eos[0] if isinstance(eos, list) else eos
+
+
+@dataclass
+class BuildStats:
+    used: int = 0
+    skipped_short: int = 0
+    truncated: int = 0
+    topk_misaligned: int = 0
+    skipped_ids: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"examples": self.used, "skipped_short_completions": self.skipped_short,
+                "truncated": self.truncated, "topk_misaligned": self.topk_misaligned}
+
+
+def build_example(rec: dict, tok, max_length: int, chat_template: bool, stats: BuildStats) -> dict:
+    prompt_ids = tok(render_prompt(tok, rec["messages"], chat_template), add_special_tokens=False)["input_ids"]
+    completion_ids = tok(rec["output"], add_special_tokens=False)["input_ids"] + [end_token_id(tok)]
+    if len(prompt_ids) + len(completion_ids) > max_length:
+        stats.truncated += 1
+        # Keep at least a little prompt context; cut the completion's tail only when it alone is too long.
+        room_for_completion = max_length - min(len(prompt_ids), max(4, max_length // 4))
+        completion_ids = completion_ids[:room_for_completion]
+        prompt_ids = prompt_ids[len(prompt_ids) - (max_length - len(completion_ids)):]
+    return {"id": rec["id"], "input_ids": prompt_ids + completion_ids,
+            "labels": [IGNORE] * len(prompt_ids) + completion_ids, "prompt_len": len(prompt_ids)}
+
+
+def build_examples(records: list[dict], tok, max_length: int, min_completion_tokens: int = 1,
+                   chat_template: bool = True, topk: dict | None = None,
+                   what: str = "training") -> tuple[list[dict], BuildStats]:
+    """Examples for every usable record; OptkitError when none is usable."""
+    stats = BuildStats()
+    examples = []
+    for rec in records:
+        n_out = len(tok(rec.get("output") or "", add_special_tokens=False)["input_ids"])
+        if n_out < min_completion_tokens:
+            stats.skipped_short += 1
+            stats.skipped_ids.append(rec["id"])
+            continue
+        ex = build_example(rec, tok, max_length, chat_template, stats)
+        if topk is not None:
+            attach_topk(ex, topk.get(rec["id"]), stats)
+        examples.append(ex)
+    stats.used = len(examples)
+    if stats.skipped_short:
+        log.warning("distill: skipped %d %s records whose teacher output has fewer than %d tokens",
+                    stats.skipped_short, what, min_completion_tokens)
+    if stats.truncated:
+        log.warning("distill: truncated %d %s examples longer than training.max_length=%d tokens",
+                    stats.truncated, what, max_length)
+    if not examples:
+        raise OptkitError(f"distill: no usable {what} examples: all {len(records)} teacher outputs are empty or "
+                          f"shorter than training.min_completion_tokens={min_completion_tokens}")
+    return examples, stats
+
+
+def attach_topk(ex: dict, topk, stats: BuildStats) -> None:
+    """Align the teacher's top-k (one row per generated token) with our completion positions.
+
+    Re-tokenizing the output text can differ from the tokens the teacher generated; a row is used only
+    while our token is among the teacher's top-k at that position, otherwise KD is off for the example.
+    """
+    labels = ex["labels"]
+    start = ex["prompt_len"]
+    n = len(labels) - start
+    ex["topk_ids"] = None
+    if topk is None:
+        stats.topk_misaligned += 1
+        return
+    ids, lps = topk
+    m = min(n, ids.shape[0])
+    ours = labels[start:start + m]
+    if m == 0 or any(int(t) not in set(ids[j].tolist()) for j, t in enumerate(ours)):
+        stats.topk_misaligned += 1
+        return
+    ex["topk_ids"] = ids[:m].long()
+    ex["topk_logprobs"] = lps[:m].float()
+
+
+class LeftPadCollator:
+    """Left-pads so completions end at the right edge; adds position ids and `logits_to_keep`."""
+
+    def __init__(self, pad_id: int, with_topk: bool):
+        self.pad_id = pad_id
+        self.with_topk = with_topk
+
+    def __call__(self, batch: list[dict]) -> dict:
+        import torch
+
+        width = max(len(ex["input_ids"]) for ex in batch)
+        n = len(batch)
+        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
+        labels = torch.full((n, width), -100, dtype=torch.long)
+        attention = torch.zeros((n, width), dtype=torch.long)
+        for i, ex in enumerate(batch):
+            off = width - len(ex["input_ids"])
+            input_ids[i, off:] = torch.tensor(ex["input_ids"])
+            labels[i, off:] = torch.tensor(ex["labels"])
+            attention[i, off:] = 1
+        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
+        # Positions that predict a completion token: the longest completion + the last prompt token.
+        completion = max(len(ex["input_ids"]) - ex["prompt_len"] for ex in batch)
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
+               "position_ids": position_ids, "logits_to_keep": min(width, completion + 1)}
+        if self.with_topk:
+            k = next((ex["topk_ids"].shape[1] for ex in batch if ex.get("topk_ids") is not None), 1)
+            t_ids = torch.zeros((n, width, k), dtype=torch.long)
+            t_lps = torch.zeros((n, width, k), dtype=torch.float32)
+            t_mask = torch.zeros((n, width), dtype=torch.bool)
+            for i, ex in enumerate(batch):
+                if ex.get("topk_ids") is None:
+                    continue
+                start = width - len(ex["input_ids"]) + ex["prompt_len"]
+                m = ex["topk_ids"].shape[0]
+                t_ids[i, start:start + m] = ex["topk_ids"]
+                t_lps[i, start:start + m] = ex["topk_logprobs"]
+                t_mask[i, start:start + m] = True
+            out.update(topk_ids=t_ids, topk_logprobs=t_lps, topk_mask=t_mask)
+        return out
+
+
+def batches(examples: list[dict], pad_id: int, batch_size: int) -> list[dict]:
+    collate = LeftPadCollator(pad_id, with_topk=False)
+    return [collate(examples[i:i + batch_size]) for i in range(0, len(examples), batch_size)]

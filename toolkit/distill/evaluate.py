@@ -1,0 +1,90 @@
+"""In-stage evaluation: student vs teacher on held-out prompts.
+
+- NLL of the teacher's outputs under each model (how well the student models the teacher).
+- Agreement of the student's greedy answer with the teacher's: exact match, token F1, ROUGE-L.
+- Gold accuracy of both, where the data has references: the label set is the distinct references, and an
+  answer counts when the first label it names is the gold one (toolkit.metrics.gold_match).
+"""
+
+from __future__ import annotations
+
+import time
+from statistics import mean
+
+from toolkit import metrics
+from toolkit.distill.data import batches, build_examples, end_token_id, render_prompt
+
+
+def generate(model, tok, prompts: list[dict], gen, chat_template: bool, batch_size: int = 8,
+             on_batch=None) -> list[dict]:
+    """Greedy generations for every prompt (id, split, output, output_tokens, latency_s).
+    `gen` = the recipe's collect.generation, so student and teacher answer under the same settings."""
+    import torch
+
+    tok.padding_side = "left"  # decoder-only generation continues from the right edge
+    eos = end_token_id(tok)
+    rows = []
+    model.eval()
+    for i in range(0, len(prompts), batch_size):
+        chunk = prompts[i:i + batch_size]
+        texts = [render_prompt(tok, p["messages"], chat_template) for p in chunk]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=gen.max_new_tokens, do_sample=False,
+                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
+        per_row = (time.perf_counter() - start) / len(chunk)
+        for p, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
+            ids = seq.tolist()
+            n = next((j + 1 for j, t in enumerate(ids) if t == eos), len(ids))  # tokens up to and incl. eos
+            text = cut_at_stop(tok.decode(ids[:n], skip_special_tokens=True), gen.stop)
+            rows.append({"id": p["id"], "split": p["split"], "output": text.strip(), "output_tokens": n,
+                         "latency_s": round(per_row, 4)})
+        if on_batch:
+            on_batch(len(chunk))
+    return rows
+
+
+def cut_at_stop(text: str, stops: list[str]) -> str:
+    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
+    return text[:cut] if cut >= 0 else text
+
+
+def nll_of_teacher_outputs(model, tok, records: list[dict], max_length: int, chat_template: bool,
+                           batch_size: int = 8) -> float:
+    from toolkit.distill.student import completion_nll
+
+    examples, _ = build_examples(records, tok, max_length, 1, chat_template, what="evaluation")
+    return completion_nll(model, batches(examples, tok.pad_token_id, batch_size))
+
+
+def agreement(student: dict[str, str], teacher: dict[str, str]) -> dict:
+    ids = [i for i in teacher if i in student]
+    if not ids:
+        return {}
+    return {"agreement_exact": mean(metrics.exact_match(student[i], teacher[i]) for i in ids),
+            "agreement_f1": mean(metrics.token_f1(student[i], teacher[i]) for i in ids),
+            "agreement_rouge_l": mean(metrics.rouge_l(student[i], teacher[i]) for i in ids),
+            "n": len(ids)}
+
+
+def gold_accuracy(answers: dict[str, str], references: dict[str, str], labels: list[str]) -> float | None:
+    ids = [i for i in answers if references.get(i)]
+    if not ids:
+        return None
+    return mean(metrics.gold_match(answers[i], references[i], labels) for i in ids)
+
+
+def compare(student_rows: list[dict], teacher_records: list[dict], label_refs: list[str]) -> dict:
+    """Agreement and gold accuracy of student vs teacher over the teacher records given."""
+    student = {r["id"]: r["output"] for r in student_rows}
+    teacher = {r["id"]: r["output"] for r in teacher_records}
+    refs = {r["id"]: r.get("reference") for r in teacher_records if r.get("reference")}
+    labels = sorted({str(x) for x in label_refs if x})
+    out = agreement(student, teacher)
+    st_gold = gold_accuracy({i: student[i] for i in teacher if i in student}, refs, labels)
+    te_gold = gold_accuracy(teacher, refs, labels)
+    if st_gold is not None and te_gold is not None:
+        out.update(student_gold_accuracy=st_gold, teacher_gold_accuracy=te_gold,
+                   gold_ratio=(st_gold / te_gold) if te_gold > 0 else None)
+    return out
