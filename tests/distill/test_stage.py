@@ -1,0 +1,155 @@
+"""The distill stage through the real pipeline: contract outputs, MLflow curves, KD variants, bad input."""
+
+import json
+import logging
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.distill.helpers import bitext_rows, build_tiny_llama, make_records, recipe_dict, write_collect
+from toolkit.config import recipe_from_dict
+from toolkit.errors import OptkitError
+from toolkit.pipeline import run_dir_for, run_pipeline
+
+TRAIN = {"max_steps": 6, "batch_size": 4, "save_steps": 3, "logging_steps": 1, "learning_rate": 2e-3}
+
+
+def run_distill(workdir, teacher, distill, records=None, topk=None, tracking=False):
+    data = recipe_dict(workdir, str(teacher), distill)
+    data["tracking"] = {"enabled": tracking}
+    recipe = recipe_from_dict(data)
+    write_collect(run_dir_for(recipe), records if records is not None else make_records(bitext_rows(40)), topk)
+    outcome, = run_pipeline(recipe, only="distill")
+    return recipe, outcome, run_dir_for(recipe) / "distill"
+
+
+def test_lora_stage_writes_the_contract_outputs_and_logs_curves(workdir, tiny_teacher):
+    records = make_records(bitext_rows(40))
+    recipe, outcome, d = run_distill(workdir, tiny_teacher, {
+        "student": {"from_teacher": {"num_layers": 2, "score_batches": 1}}, "method": "lora",
+        "lora": {"dropout": 0.0}, "training": TRAIN}, records, tracking=True)
+    assert outcome.status == "ran"
+    # base/: the untrained pruned student; adapter/: peft; model/: merged, vLLM-ready files
+    for f in ("base/config.json", "base/model.safetensors", "adapter/adapter_config.json",
+              "adapter/adapter_model.safetensors", "model/config.json", "model/model.safetensors",
+              "model/tokenizer.json", "model/generation_config.json"):
+        assert (d / f).is_file(), f
+    assert json.loads((d / "model" / "config.json").read_text())["num_hidden_layers"] == 2
+    adapter_cfg = json.loads((d / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["r"] == 16
+    # the merged model is base + adapter: same logits either way
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(d / "model")
+    with_adapter = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(d / "base"), d / "adapter")
+    ids = torch.tensor([[1, 200, 300, 400]])
+    with torch.no_grad():
+        torch.testing.assert_close(merged(ids).logits, with_adapter(ids).logits, rtol=1e-4, atol=1e-4)
+        assert not torch.allclose(merged(ids).logits, AutoModelForCausalLM.from_pretrained(d / "base")(ids).logits)
+
+    student = json.loads((d / "student.json").read_text())
+    assert student["source"] == "from_teacher" and len(student["kept_layers"]) == 2
+    assert student["selection"] == "search" and len(student["candidates"]) >= 3
+    assert student["param_ratio"] < 1 and student["training"]["global_step"] == 6
+    assert student["training"]["data"]["examples"] == sum(r["split"] == "train" for r in records)
+
+    rows = [json.loads(x) for x in (d / "student_outputs.jsonl").read_text().splitlines()]
+    assert {r["id"] for r in rows} == {r["id"] for r in records if r["split"] in ("val", "test")}
+    assert all(set(r) == {"id", "split", "output", "output_tokens", "latency_s"} for r in rows)
+    assert all(1 <= r["output_tokens"] <= 6 for r in rows)  # collect.generation.max_new_tokens
+
+    report = json.loads((d / "eval.json").read_text())
+    test = report["test"]
+    for key in ("student_nll", "teacher_nll", "agreement_exact", "agreement_f1", "agreement_rouge_l",
+                "student_gold_accuracy", "teacher_gold_accuracy"):
+        assert key in test
+    assert test["teacher_gold_accuracy"] == 1.0  # these records' teacher answered the gold label
+    assert test["n"] == sum(r["split"] == "test" for r in records)
+    manifest = json.loads((d / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["metrics"]["student_nll"] == test["student_nll"]
+    assert not any(k.startswith("work/") for k in manifest["outputs"])
+
+    # training curves reached MLflow with their steps
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'artifacts' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                              "tags.`optkit.stage` = 'distill'")
+    history = client.get_metric_history(runs[0].info.run_id, "train.loss")
+    assert sorted(m.step for m in history) == [1, 2, 3, 4, 5, 6]
+
+    # unchanged config: skipped; the pipeline does not retrain
+    outcome2, = run_pipeline(recipe, only="distill")
+    assert outcome2.status == "skipped"
+
+
+def test_full_finetune_with_precomputed_topk_kd(workdir, tiny_teacher):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_teacher)
+    records = make_records(bitext_rows(24))
+    topk = {}
+    for r in records:  # teacher top-5 per output token, with the output's own token first
+        ids = tok(r["output"], add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+        t_ids = torch.tensor([[t, 10, 11, 12, 13] for t in ids], dtype=torch.int32)
+        t_lps = torch.log_softmax(torch.tensor([[3.0, 1.0, 0.5, 0.2, 0.1]] * len(ids)), -1).half()
+        topk[r["id"]] = (t_ids, t_lps)
+    _, outcome, d = run_distill(workdir, tiny_teacher, {
+        "student": {"from_teacher": {"num_layers": 2, "selection": "first_last"}}, "method": "full",
+        "kd": {"loss": "forward_kl", "source": "precomputed", "ratio": 0.5}, "training": TRAIN}, records, topk)
+    assert outcome.status == "ran"
+    assert not (d / "adapter").exists() and (d / "model" / "model.safetensors").is_file()
+    student = json.loads((d / "student.json").read_text())
+    assert student["kept_layers"] == [0, 3] and student["training"]["data"]["topk_misaligned"] == 0
+
+
+def test_online_jsd_kd_changes_training_versus_plain_sft(workdir, tiny_teacher):
+    common = {"student": {"from_teacher": {"num_layers": 2, "selection": "first"}}, "method": "full",
+              "training": TRAIN}
+    _, _, d_sft = run_distill(workdir / "a", tiny_teacher, common)
+    _, _, d_kd = run_distill(workdir / "b", tiny_teacher, {**common, "kd": {"loss": "jsd", "ratio": 0.7}})
+    loss = lambda d: json.loads((d / "student.json").read_text())["training"]["train_loss"]  # noqa: E731
+    assert loss(d_sft) != pytest.approx(loss(d_kd), rel=1e-3)
+    w_sft = load_file(str(d_sft / "model" / "model.safetensors"))
+    w_kd = load_file(str(d_kd / "model" / "model.safetensors"))
+    assert not torch.allclose(w_sft["model.layers.0.mlp.up_proj.weight"], w_kd["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_incompatible_tokenizer_for_logit_kd_fails_before_training(workdir, tiny_teacher):
+    from transformers import BertTokenizerFast, LlamaConfig, LlamaForCausalLM
+
+    from toolkit.models import resolve
+
+    other = workdir / "bert_student"
+    tok = BertTokenizerFast.from_pretrained(resolve("minilm-l6"))
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(other)
+    tok.save_pretrained(other)
+    with pytest.raises(OptkitError, match="distill.kd.loss: logit KD needs the same vocabulary"):
+        run_distill(workdir, tiny_teacher, {"student": {"model": str(other)}, "kd": {"loss": "forward_kl"},
+                                            "training": TRAIN})
+    assert not (workdir / "artifacts" / "t" / "distill" / "work" / "checkpoints").exists()
+
+
+def test_student_larger_than_teacher_warns(workdir, tiny_teacher, smollm2_dir, caplog):
+    big = build_tiny_llama(workdir / "big", smollm2_dir, layers=6, hidden=64)
+    with caplog.at_level(logging.WARNING, logger="optkit.distill"):
+        _, outcome, d = run_distill(workdir, tiny_teacher, {"student": {"model": str(big)}, "method": "full",
+                                                            "training": {**TRAIN, "max_steps": 1}})
+    assert "larger than the teacher" in caplog.text
+    assert json.loads((d / "student.json").read_text())["param_ratio"] > 1
+
+
+def test_all_teacher_outputs_empty_is_an_error(workdir, tiny_teacher):
+    records = make_records(bitext_rows(10), outputs=[""] * 10)
+    with pytest.raises(OptkitError, match="no usable (scoring|training) examples"):
+        run_distill(workdir, tiny_teacher, {"student": {"from_teacher": {"num_layers": 2}}, "training": TRAIN},
+                    records)
+
+
+def test_qlora_on_cpu_fails_the_stage_with_the_reason(workdir, tiny_teacher):
+    with pytest.raises(OptkitError, match="qlora needs a CUDA GPU"):
+        run_distill(workdir, tiny_teacher, {"student": {"from_teacher": {"num_layers": 2}}, "method": "qlora",
+                                            "training": TRAIN})
