@@ -236,10 +236,14 @@ class DistillConfig(Section):
 
 
 class CalibrationConfig(Section):
-    num_samples: int = Field(64, ge=1, description="Calibration sequences.")
-    max_length: int = Field(256, ge=8, description="Tokens per calibration sequence.")
+    num_samples: int = Field(64, ge=1, description="Calibration sequences (train-split prompts, with teacher "
+                             "outputs when source = prompts+outputs).")
+    min_samples: int = Field(16, ge=1, description="Fewer usable calibration texts than this is an error "
+                             "(quantizing on a handful of sequences silently ruins the model).")
+    max_length: int = Field(256, ge=8, description="Tokens per calibration / evaluation sequence.")
     source: Literal["prompts", "prompts+outputs"] = Field(
-        "prompts+outputs", description="Calibrate on the recipe's prompts, optionally followed by teacher outputs.")
+        "prompts+outputs", description="Calibrate on the recipe's prompts, optionally followed by teacher outputs "
+        "(falls back to the prompts alone when there are no teacher outputs).")
 
 
 class QuantMethodConfig(Section):
@@ -247,34 +251,57 @@ class QuantMethodConfig(Section):
 
 
 class Int8Config(QuantMethodConfig):
-    smoothing_strength: float = Field(0.8, ge=0, le=1, description="SmoothQuant migration strength.")
-    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized.")
+    smoothing_strength: float = Field(0.8, ge=0, le=1, description="SmoothQuant migration strength (0 = skip "
+                                      "SmoothQuant).")
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of its mean "
+                                  "diagonal).")
+    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized (names, or 're:<regex>').")
 
 
 class GPTQConfig(QuantMethodConfig):
-    group_size: int = Field(64, ge=1, description="Weights per quantization group (must divide layer widths).")
-    act_order: bool = Field(False, description="Quantize columns in order of activation magnitude.")
+    group_size: int = Field(64, ge=1, description="Weights per quantization group (must divide every quantized "
+                            "layer's input width; SmolLM2's 576 needs 32, 64 or 192, not 128).")
+    act_order: bool = Field(False, description="Quantize columns in order of activation magnitude "
+                            "(group-wise act order, vLLM-compatible).")
     symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric weights.")
-    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized.")
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of its mean "
+                                  "diagonal).")
+    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized (names, or 're:<regex>', e.g. "
+                              "'re:.*layers\\.0\\..*' to keep the first block in full precision).")
 
 
 class AWQConfig(QuantMethodConfig):
-    group_size: int = Field(64, ge=1, description="Weights per quantization group.")
+    group_size: int = Field(64, ge=1, description="Weights per quantization group (must divide layer input widths).")
     symmetric: bool = Field(False, description="Symmetric or asymmetric (AWQ default) weights.")
-    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized.")
+    duo_scaling: bool = Field(True, description="Search scales from activations and weights (AWQ's duo scaling).")
+    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized (names, or 're:<regex>').")
+
+
+GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
 
 
 class GGUFConfig(QuantMethodConfig):
-    types: list[str] = Field(["Q8_0", "Q4_K_M"], description="llama.cpp quantization types to produce.")
-    imatrix: bool = Field(False, description="Compute an importance matrix on calibration data first.")
+    types: list[Literal[GGUF_TYPES]] = Field(["Q8_0", "Q4_K_M"], min_length=1,
+                                             description="llama.cpp quantization types to produce.")
+    modelfile_type: Optional[Literal[GGUF_TYPES]] = Field(
+        None, description="Which GGUF the Ollama Modelfile points at (default: the first of types).")
+    converter_dir: Optional[str] = Field(
+        None, description="A llama.cpp checkout holding convert_hf_to_gguf.py; default: fetched once from the "
+        "llama-cpp-python sdist of the installed version into the optkit cache.")
 
 
 class QuantizeConfig(Section):
+    model: Optional[str] = Field(None, description="Model to quantize (local HF dir or built-in name); default: "
+                                 "the distill stage's merged student (distill/model).")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="Calibration data.")
+    eval_samples: int = Field(64, ge=1, description="Held-out texts (test split) for perplexity.")
+    agreement_samples: int = Field(16, ge=0, description="Test prompts generated by every artifact to measure "
+                                   "teacher agreement and gold accuracy (0 = skip).")
+    max_new_tokens: int = Field(32, ge=1, description="Generation length for agreement and tokens/s.")
     int8: Optional[Int8Config] = Field(None, description="W8A8 (SmoothQuant + GPTQ) via llm-compressor.")
     gptq: Optional[GPTQConfig] = Field(None, description="W4A16 GPTQ via llm-compressor.")
     awq: Optional[AWQConfig] = Field(None, description="W4A16 AWQ via llm-compressor.")
-    gguf: Optional[GGUFConfig] = Field(None, description="GGUF via llama.cpp.")
+    gguf: Optional[GGUFConfig] = Field(None, description="GGUF via llama.cpp (converter + llama-cpp-python).")
 
 
 # --------------------------------------------------------------------------------------------- route

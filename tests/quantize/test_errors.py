@@ -1,0 +1,95 @@
+"""Bad input gets a one-line OptkitError naming the field, layer or file; nothing is half-written."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from toolkit.errors import MissingExtraError, OptkitError
+from toolkit.pipeline import run_pipeline
+
+from .conftest import fake_run, recipe
+
+
+def test_indivisible_group_size_names_the_layer(pruned_dir, workdir):
+    # 576-wide layers (SmolLM2's hidden size) are not divisible by the stock group size 128.
+    fake_run(workdir, pruned_dir)
+    with pytest.raises(OptkitError, match=r"quantize\.gptq\.group_size = 128 does not divide layer "
+                                          r"'model\.layers\.0\.self_attn\.q_proj' \(input width 576\)"):
+        run_pipeline(recipe({"gptq": {"group_size": 128}}), only="quantize")
+    assert not (workdir / "artifacts/qtest/quantize/gptq").exists()
+    manifest = json.loads((workdir / "artifacts/qtest/quantize/manifest.json").read_text())
+    assert manifest["status"] == "failed"
+
+
+def test_too_little_calibration_data(pruned_dir, workdir):
+    fake_run(workdir, pruned_dir, n_train=5)
+    with pytest.raises(OptkitError, match=r"only 5 calibration texts.*quantize\.calibration\.min_samples = 16"):
+        run_pipeline(recipe({"gptq": {}}), only="quantize")
+
+
+def test_quantized_model_fed_back_in(pruned_dir, workdir):
+    run = fake_run(workdir, pruned_dir)
+    cfg_path = run / "distill/model/config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["quantization_config"] = {"quant_method": "compressed-tensors", "format": "pack-quantized"}
+    cfg_path.write_text(json.dumps(cfg))
+    with pytest.raises(OptkitError, match="already quantized \\(compressed-tensors\\)"):
+        run_pipeline(recipe({"gguf": {}}), only="quantize")
+
+
+def test_unsupported_architecture_for_gguf(workdir, tmp_path):
+    """A real (tiny, randomly initialised) architecture that llama.cpp's converter does not know."""
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    from toolkit.models import resolve
+    from toolkit.quantize import gguf
+
+    tok = AutoTokenizer.from_pretrained(resolve("smollm2-135m-instruct"))
+    cfg = GPT2Config(n_embd=64, n_layer=1, n_head=2, vocab_size=len(tok), n_positions=128)
+    cfg.architectures = ["GPT2LMHeadModelX"]  # a name no converter class is registered for
+    src = tmp_path / "odd"
+    GPT2LMHeadModel(cfg).save_pretrained(src)
+    tok.save_pretrained(src)
+    with pytest.raises(OptkitError, match="converter failed.*unsupported architecture"):
+        gguf.convert(src, tmp_path / "out.gguf", gguf.converter_dir())
+    assert not (tmp_path / "out.gguf").exists()
+
+
+def test_missing_extra_is_named(monkeypatch):
+    from toolkit.quantize import gguf, llmc
+
+    monkeypatch.setitem(sys.modules, "llmcompressor", None)  # what an absent package looks like to import
+    with pytest.raises(MissingExtraError, match=r"llmcompressor.*pip install 'optkit\[quant\]'"):
+        llmc.require_llmcompressor()
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)
+    with pytest.raises(MissingExtraError, match=r"llama-cpp-python.*pip install 'optkit\[gguf\]'"):
+        gguf.llama_cpp_version()
+
+
+def test_no_method_enabled(pruned_dir, workdir):
+    fake_run(workdir, pruned_dir)
+    with pytest.raises(OptkitError, match="no method enabled"):
+        run_pipeline(recipe({"gptq": {"enabled": False}}), only="quantize")
+
+
+def test_schema_refuses_unknown_gguf_type():
+    from toolkit.config import OptkitError as _  # noqa: F401  (config import stays cheap)
+    from pydantic import ValidationError
+
+    from toolkit.config import QuantizeConfig
+
+    with pytest.raises(ValidationError):
+        QuantizeConfig(gguf={"types": ["Q4_K_XL"]})
+
+
+def test_import_is_cheap():
+    import subprocess
+
+    code = ("import sys, toolkit.quantize; heavy = [m for m in ('torch', 'transformers', 'llmcompressor', "
+            "'llama_cpp') if m in sys.modules]; print(heavy)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

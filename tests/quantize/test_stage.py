@@ -1,0 +1,98 @@
+"""The quantize stage end to end on real weights: llm-compressor and llama.cpp produce the contract's
+artifacts, each reloads in its engine, summary.json holds the measurements, and a re-run resumes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from toolkit.pipeline import run_pipeline
+
+from .conftest import fake_run, recipe
+
+
+@pytest.mark.slow
+def test_every_method_on_a_pruned_smollm2(quantized_run):
+    run, rec, outcome = quantized_run
+    assert outcome.status == "ran"
+    q = run / "quantize"
+    summary = json.loads((q / "summary.json").read_text())
+    assert set(summary) == {"fp32", "int8", "gptq", "awq", "gguf-Q8_0", "gguf-Q4_K_M"}
+
+    # compressed-tensors dirs with what vLLM needs next to the weights
+    formats = {"int8": "int-quantized", "gptq": "pack-quantized", "awq": "pack-quantized"}
+    for name, fmt in formats.items():
+        d = q / name
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "generation_config.json"):
+            assert (d / f).is_file(), f"{name}/{f}"
+        qc = json.loads((d / "config.json").read_text())["quantization_config"]
+        assert qc["quant_method"] == "compressed-tensors" and qc["format"] == fmt
+        weights = qc["config_groups"]["group_0"]["weights"]
+        assert weights["num_bits"] == (8 if name == "int8" else 4)
+        assert summary[name]["path"] == name and summary[name]["calibration_samples"] == 16
+    gptq_w = json.loads((q / "gptq/config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
+    assert gptq_w["weights"]["group_size"] == 32 and gptq_w["weights"]["symmetric"] is False
+    assert gptq_w["weights"]["actorder"] == "group"
+
+    # GGUF files + a Modelfile pointing at the first type
+    assert (q / "gguf/model-Q8_0.gguf").is_file() and (q / "gguf/model-Q4_K_M.gguf").is_file()
+    assert (q / "gguf/Modelfile").read_text().splitlines()[1] == "FROM ./model-Q8_0.gguf"
+    assert summary["gguf-Q4_K_M"]["size_bytes"] < summary["gguf-Q8_0"]["size_bytes"]
+
+    for name, entry in summary.items():
+        assert math.isfinite(entry["perplexity"]) and entry["eval_tokens"] > 50, name
+        assert entry["tokens_per_s"] > 0, name
+        if name != "fp32":
+            assert entry["size_bytes"] < summary["fp32"]["size_bytes"], name
+            assert "ppl_increase_pct" in entry
+    manifest = json.loads((q / "manifest.json").read_text())
+    assert manifest["status"] == "done" and "gptq/model.safetensors" in manifest["outputs"]
+    assert not any(k.startswith("work/") for k in manifest["outputs"])
+    assert manifest["metrics"]["gguf_Q4_K_M_ppl_increase_pct"] == summary["gguf-Q4_K_M"]["ppl_increase_pct"]
+
+    # unchanged re-run: skipped; a re-run after an interruption reuses finished artifacts
+    assert run_pipeline(rec, only="quantize")[0].status == "skipped"
+    before = (q / "gptq/model.safetensors").stat().st_mtime_ns
+    (q / "manifest.json").unlink()  # as if the run died after the artifacts were verified
+    assert run_pipeline(rec, only="quantize")[0].status == "ran"
+    assert (q / "gptq/model.safetensors").stat().st_mtime_ns == before
+    assert json.loads((q / "summary.json").read_text())["gptq"] == summary["gptq"]
+
+
+@pytest.mark.slow
+def test_gguf_vocab_matches_the_hf_tokenizer(pruned_dir, tmp_path):
+    """The converted GGUF tokenizes and decodes text exactly as the HF tokenizer (a byte-level BPE must not
+    become a sentencepiece vocab, which would print 'Ġ' in every answer)."""
+    from llama_cpp import Llama
+    from transformers import AutoTokenizer
+
+    from toolkit.quantize import gguf
+
+    out = tmp_path / "m.gguf"
+    gguf.convert(pruned_dir, out, gguf.converter_dir())
+    tok = AutoTokenizer.from_pretrained(pruned_dir)
+    llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
+    text = "I want to cancel order 732201349959, it's too late?"
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids
+    assert llm.detokenize(ids).decode() == text
+
+
+def test_calibration_falls_back_to_prompts(pruned_dir, workdir):
+    from transformers import AutoTokenizer
+
+    from toolkit.config import CalibrationConfig
+    from toolkit.pipeline import StageContext
+    from toolkit.quantize.calibration import calibration_texts, load_examples
+    from toolkit.tracking import NullTracker
+
+    run = fake_run(workdir, pruned_dir, outputs=False)
+    ctx = StageContext("quantize", recipe({"gptq": {}}), run, run / "quantize", NullTracker())
+    examples = load_examples(ctx)
+    assert len(examples) == 52 and all(e.teacher is None for e in examples)
+    tok = AutoTokenizer.from_pretrained(pruned_dir)
+    texts = calibration_texts(examples, tok, CalibrationConfig(num_samples=64))
+    assert len(texts) == 40  # the whole train split; no test prompt leaks into calibration
+    assert texts[0].endswith("<|im_start|>assistant\n")

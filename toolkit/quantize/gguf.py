@@ -1,0 +1,177 @@
+"""gguf: llama.cpp's converter (HF dir -> F16 GGUF), then llama.cpp's quantizer (Q8_0, Q4_K_M, ...).
+
+The converter script (`convert_hf_to_gguf.py`, MIT, the ggml authors) is not part of the llama-cpp-python
+wheel, but its sdist vendors llama.cpp with it. We fetch the sdist of the *installed* llama-cpp-python
+version once with pip (same registry as every other package), keep only the converter, its `conversion`
+package, `gguf-py` and the licence in the optkit cache, and run it with the current Python. Quantization
+goes through the llama_cpp binding's `llama_model_quantize` (the same C function as `llama-quantize`).
+An importance matrix is not offered: the binding cannot pass one to the quantizer (it is a C++ map pointer).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+from toolkit.errors import MissingExtraError, OptkitError
+
+log = logging.getLogger("optkit.quantize")
+
+CONVERTER = "convert_hf_to_gguf.py"
+# What we keep from the sdist's vendor/llama.cpp: the script, the modules it imports, the licence.
+KEEP = (CONVERTER, "conversion/", "gguf-py/", "LICENSE")
+
+
+def llama_cpp_version() -> str:
+    try:
+        import llama_cpp
+    except ImportError:
+        raise MissingExtraError("GGUF quantization", "llama-cpp-python", "gguf") from None
+    return llama_cpp.__version__
+
+
+def converter_dir(configured: str | None = None) -> Path:
+    """A directory with convert_hf_to_gguf.py: the configured one, the cached one, or fetched now."""
+    if configured:
+        path = Path(configured).expanduser()
+        if not (path / CONVERTER).is_file():
+            raise OptkitError(f"quantize.gguf.converter_dir: no {CONVERTER} in {path}")
+        return path
+    from toolkit.models import cache_root
+
+    version = llama_cpp_version()
+    target = cache_root() / "llama.cpp-converter" / version
+    if not (target / CONVERTER).is_file():
+        with tempfile.TemporaryDirectory() as tmp:
+            extract_converter(download_sdist(version, Path(tmp)), target)
+    return target
+
+
+def download_sdist(version: str, dest: Path) -> Path:
+    log.info("fetching llama.cpp's converter from the llama-cpp-python %s sdist (once)", version)
+    cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
+           f"llama-cpp-python=={version}", "-d", str(dest)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
+    if proc.returncode != 0 or not found:
+        raise OptkitError(f"could not download the llama-cpp-python {version} sdist to get llama.cpp's GGUF "
+                          f"converter ({proc.stderr.strip()[-300:]}); set quantize.gguf.converter_dir to a "
+                          "llama.cpp checkout instead")
+    return found[0]
+
+
+def extract_converter(sdist: Path, target: Path) -> Path:
+    from toolkit.io import atomic_dir
+
+    with tarfile.open(sdist) as tar, atomic_dir(target) as tmp:
+        for member in tar.getmembers():
+            parts = member.name.split("/", 3)  # llama_cpp_python-X/vendor/llama.cpp/<rel>
+            if len(parts) < 4 or parts[1:3] != ["vendor", "llama.cpp"] or not member.isfile():
+                continue
+            rel = parts[3]
+            if rel == CONVERTER or rel == "LICENSE" or rel.startswith(KEEP[1:3]):
+                member.name = rel
+                tar.extract(member, tmp, filter="data")  # "data" refuses links and paths outside tmp
+    if not (target / CONVERTER).is_file():
+        raise OptkitError(f"{sdist.name} does not contain vendor/llama.cpp/{CONVERTER}")
+    return target
+
+
+def converter_view(src: Path, work: Path) -> Path:
+    """The model dir as the converter should see it. A byte-level BPE tokenizer that also sets
+    byte_fallback (transformers writes one when it converts a GGUF tokenizer, e.g. our built-in SmolLM2)
+    makes the converter file it as a sentencepiece-style Llama vocab: the GGUF then decodes 'Ġ' literally.
+    byte_fallback never fires in a byte-level BPE (every byte has a token), so a view of the dir with it
+    off converts to the right (gpt2) vocab without changing tokenization."""
+    tok_file = src / "tokenizer.json"
+    if not tok_file.is_file():
+        return src
+    tok = json.loads(tok_file.read_text())
+    model, pre = tok.get("model") or {}, tok.get("pre_tokenizer") or {}
+    if not (model.get("type") == "BPE" and model.get("byte_fallback") and "ByteLevel" in json.dumps(pre)):
+        return src
+    view = work / "converter-view"
+    shutil.rmtree(view, ignore_errors=True)
+    view.mkdir(parents=True)
+    for f in src.iterdir():
+        if f.name != "tokenizer.json":
+            (view / f.name).symlink_to(f.resolve())
+    model["byte_fallback"] = False
+    (view / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False))
+    return view
+
+
+def convert(src: Path, out_file: Path, converter: Path) -> None:
+    """HF dir -> F16 GGUF with the current interpreter (it needs torch, numpy, transformers, sentencepiece)."""
+    view = converter_view(src, out_file.parent)
+    cmd = [sys.executable, str(converter / CONVERTER), str(view), "--outfile", str(out_file), "--outtype", "f16"]
+    env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the gguf-py that matches it
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0 or not out_file.is_file():
+        tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
+        raise OptkitError(f"llama.cpp's converter failed on {src} (unsupported architecture?): {tail}")
+
+
+def quantize_file(f16: Path, out_file: Path, qtype: str, threads: int) -> None:
+    import ctypes
+
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype}")
+    params.nthread = threads
+    tmp = out_file.with_name("." + out_file.name + ".tmp")
+    rc = llama_cpp.llama_model_quantize(str(f16).encode(), str(tmp).encode(), ctypes.byref(params))
+    if rc != 0 or not tmp.is_file():
+        tmp.unlink(missing_ok=True)
+        raise OptkitError(f"llama.cpp could not quantize {f16.name} to {qtype} (code {rc})")
+    os.replace(tmp, out_file)
+
+
+def modelfile(gguf_name: str, stop: str | None) -> str:
+    """An Ollama Modelfile. Ollama takes the chat template from the GGUF's own metadata."""
+    lines = ["# Ollama: ollama create <name> -f Modelfile && ollama run <name>", f"FROM ./{gguf_name}",
+             "PARAMETER temperature 0"]
+    if stop:
+        lines.append(f'PARAMETER stop "{stop}"')
+    return "\n".join(lines) + "\n"
+
+
+def quantize(src: Path, out: Path, cfg, work: Path, threads: int) -> dict:
+    """Writes out/model-<TYPE>.gguf for each type and out/Modelfile; returns {type: file name}."""
+    from toolkit.io import atomic_write_text
+
+    version = llama_cpp_version()
+    conv = converter_dir(cfg.converter_dir)
+    f16 = work / "model-F16.gguf"  # intermediate (work/ is keyed by the source): a resumed run reuses it
+    if not f16.is_file():
+        tmp = work / ".model-F16.gguf.tmp"
+        convert(src, tmp, conv)
+        os.replace(tmp, f16)
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    for qtype in cfg.types:
+        target = out / f"model-{qtype}.gguf"
+        quantize_file(f16, target, qtype, threads)
+        files[qtype] = target.name
+    chosen = cfg.modelfile_type or cfg.types[0]
+    if chosen not in files:
+        raise OptkitError(f"quantize.gguf.modelfile_type = {chosen} is not one of quantize.gguf.types")
+    atomic_write_text(out / "Modelfile", modelfile(files[chosen], _eos_token(src)))
+    return {"files": files, "converter": f"llama.cpp via llama-cpp-python {version} sdist (MIT)"}
+
+
+def _eos_token(src: Path) -> str | None:
+    try:
+        cfg = json.loads((src / "tokenizer_config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    eos = cfg.get("eos_token")
+    return eos.get("content") if isinstance(eos, dict) else eos

@@ -1,0 +1,92 @@
+"""Shared parts of the llm-compressor methods (int8, gptq, awq): scheme building, shape checks, oneshot.
+
+Every method loads the source model in fp32, runs `llmcompressor.oneshot` with its own modifiers on the
+pre-tokenized calibration texts, and saves a compressed-tensors directory (vLLM's native quantized format)
+with the tokenizer and generation config next to it.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+from toolkit.errors import MissingExtraError, OptkitError
+
+log = logging.getLogger("optkit.quantize")
+
+
+def require_llmcompressor() -> None:
+    try:
+        import llmcompressor  # noqa: F401
+    except ImportError:
+        raise MissingExtraError("int8/gptq/awq quantization", "llmcompressor", "quant") from None
+
+
+def int_weight_scheme(bits: int, group_size: int, symmetric: bool, act_order: bool = False):
+    """A W<bits>A16 group-wise scheme with our group size (the stock W4A16 preset fixes group 128)."""
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group",
+                               group_size=group_size, actorder="group" if act_order else None)
+    return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
+
+
+def _ignored(name: str, ignore: list[str]) -> bool:
+    for pattern in ignore:
+        if pattern.startswith("re:"):
+            if re.match(pattern[3:], name):
+                return True
+        elif name == pattern or name.endswith("." + pattern):
+            return True
+    return False
+
+
+def check_group_size(model, group_size: int, ignore: list[str], field: str) -> None:
+    """Fail before calibration, naming the layer, when a group does not divide a layer's input width."""
+    import torch
+
+    for name, module in model.named_modules():
+        if not isinstance(module, torch.nn.Linear) or _ignored(name, ignore):
+            continue
+        if module.in_features % group_size:
+            raise OptkitError(f"{field} = {group_size} does not divide layer '{name}' (input width "
+                              f"{module.in_features}); choose a divisor of {module.in_features} or add the layer "
+                              f"to the ignore list")
+
+
+def load_source(src: Path):
+    """The model to quantize, in fp32 (the quantizers' statistics are computed in the model's dtype)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    tok = AutoTokenizer.from_pretrained(src)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def calibration_dataset(texts: list[str], tokenizer, max_length: int):
+    """Pre-tokenized so llm-compressor uses exactly our texts and truncation (no template, no shuffle)."""
+    from datasets import Dataset
+
+    enc = tokenizer(texts, truncation=True, max_length=max_length, add_special_tokens=False)
+    return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
+
+
+def run_oneshot(src: Path, out: Path, recipe, texts: list[str], max_length: int, check=None) -> None:
+    """Quantize src with the given modifiers and write a compressed-tensors dir to out."""
+    require_llmcompressor()
+    from llmcompressor import oneshot
+
+    model, tok = load_source(src)
+    if check is not None:
+        check(model)
+    ds = calibration_dataset(texts, tok, max_length)
+    oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=max_length,
+            num_calibration_samples=len(texts), shuffle_calibration_samples=False, pipeline="sequential")
+    model.save_pretrained(out, save_compressed=True)
+    tok.save_pretrained(out)
+    if model.generation_config is not None:
+        model.generation_config.save_pretrained(out)
