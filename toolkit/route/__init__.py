@@ -1,0 +1,16 @@
+"""route: a complexity router that knows when the cheaper model is good enough.
+
+Runtime (numpy + the embedder only): `Router.load(dir).route(prompt) -> model name`, `.route_batch(prompts)`,
+`.score(prompts)`, `.models`, `.threshold`. Training (`run(ctx)`, the pipeline stage) imports sklearn / torch
+lazily inside `toolkit.route.stage`.
+"""
+
+from toolkit.route.runtime import Router
+
+__all__ = ["Router", "run"]
+
+
+def run(ctx):
+    from toolkit.route.stage import run as _run
+
+    return _run(ctx)

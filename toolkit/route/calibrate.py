@@ -1,0 +1,134 @@
+"""Choosing the threshold for the recipe's goal on calibration data (prompts the router was not fit on).
+
+Goal "min_quality = X": the cheapest threshold whose one-sided lower confidence bound on
+quality(routed) / quality(strong) is >= X. Per prompt, d_i = q_routed_i - X * q_strong_i; the goal holds
+when mean(d) >= 0, and we test it with a one-sided t bound. Thresholds are tested in a fixed sequence from
+"always strong" (d_i >= 0 by construction) towards cheaper ones, stopping at the first that fails: fixed-
+sequence testing keeps the error rate at 1 - confidence without a multiple-testing correction (the
+"Learn then Test" argument, Angelopoulos et al. 2021), so the chosen threshold is not the luckiest of many.
+
+Goal "max_strong_fraction = Y": the lowest threshold whose strong-call count k on n calibration prompts
+satisfies (k + 1) / (n + 1) <= Y (the conformal quantile: a new exchangeable prompt goes strong with
+probability <= Y).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from toolkit.errors import OptkitError
+from toolkit.route.runtime import decide
+
+
+@dataclass
+class Calibration:
+    threshold: float
+    goal: str
+    goal_value: float
+    confidence: float
+    n: int
+    quality_ratio: float  # routed / always-strong quality on calibration data, at the threshold
+    lower_bound: float  # one-sided bound on that ratio (min_quality goal), else nan
+    strong_fraction: float
+    cost: float  # mean normalized cost (0 = always cheapest, 1 = always strong)
+    notes: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()}
+
+
+def min_examples(min_quality: float, confidence: float) -> int:
+    """Fewest calibration prompts that could certify the goal at all: with n prompts that are all perfect,
+    the exact (Clopper-Pearson) one-sided bound on a success rate is (1 - confidence) ** (1 / n)."""
+    if min_quality >= 1:
+        return 10
+    return max(10, math.ceil(math.log(1 - confidence) / math.log(min_quality)))
+
+
+def check_enough(n: int, target) -> None:
+    """Too few calibration prompts for the requested confidence: say so before any work is done."""
+    if target.min_quality is None:
+        return
+    need = min_examples(target.min_quality, target.confidence)
+    if n < need:
+        raise OptkitError(f"route.calibration: {n} calibration prompts cannot certify target.min_quality="
+                          f"{target.min_quality:g} at confidence {target.confidence:g} (needs >= {need}); add labeled "
+                          "data, raise route.calibration or lower the target")
+
+
+def candidate_thresholds(P: np.ndarray, cost_norm: np.ndarray, strong: int) -> np.ndarray:
+    """Thresholds in increasing order = from always-strong to always-cheapest."""
+    if P.shape[1] == 2:
+        score = P[:, strong] - P[:, 1 - strong]
+        uniq = np.unique(score)
+        return np.concatenate([[uniq[0] - 1.0], uniq, [uniq[-1] + 1.0]])
+    pairs = [(P[:, a] - P[:, b]) / (cost_norm[a] - cost_norm[b])
+             for a in range(P.shape[1]) for b in range(P.shape[1]) if cost_norm[a] > cost_norm[b]]
+    ratios = np.concatenate(pairs)
+    return np.unique(np.concatenate([[ratios.min() - 1], np.quantile(ratios, np.linspace(0, 1, 1001)),
+                                     [ratios.max() + 1]]))
+
+
+def _t_quantile(confidence: float, dof: int) -> float:
+    from scipy.stats import t
+
+    return float(t.ppf(confidence, max(dof, 1)))
+
+
+def calibrate(P: np.ndarray, S: np.ndarray, cost_norm: np.ndarray, strong: int, target) -> Calibration:
+    """P: predicted quality [n, M] on calibration prompts; S: their true scores; target: RouteTargetConfig."""
+    n = len(P)
+    rows = np.arange(n)
+    q_strong = S[:, strong]
+    if q_strong.mean() <= 0:
+        raise OptkitError("route.labels: the strong model scores 0 on every calibration prompt; "
+                          "a quality goal relative to it is meaningless (check the labels)")
+    lams = candidate_thresholds(P, cost_norm, strong)
+    choices = (decide(P, cost_norm, lam) for lam in lams)  # lazily: the sequence usually stops early
+    if target.min_quality is not None:
+        return _for_quality(lams, choices, S, q_strong, cost_norm, strong, rows, target)
+    return _for_fraction(lams, choices, S, q_strong, cost_norm, strong, rows, target)
+
+
+def _point(lam, choice, S, q_strong, cost_norm, strong, rows) -> tuple[float, float, float]:
+    q = S[rows, choice]
+    return float(q.mean() / q_strong.mean()), float((choice == strong).mean()), float(cost_norm[choice].mean())
+
+
+def _for_quality(lams, choices, S, q_strong, cost_norm, strong, rows, target) -> Calibration:
+    X, conf, n = target.min_quality, target.confidence, len(rows)
+    check_enough(n, target)
+    tq = _t_quantile(conf, n - 1)
+    accepted, best_failed = None, None
+    for lam, choice in zip(lams, choices):
+        d = S[rows, choice] - X * q_strong
+        lcb_d = d.mean() - tq * d.std(ddof=1) / math.sqrt(n) if n > 1 else d.mean()
+        lcb_ratio = X + lcb_d / q_strong.mean()
+        if lcb_d < 0:
+            best_failed = (lam, choice, lcb_ratio)
+            break
+        accepted = (lam, choice, lcb_ratio)
+    lam, choice, lcb_ratio = accepted  # always-strong is always accepted: d_i = (1 - X) q_strong_i >= 0
+    ratio, frac, cost = _point(lam, choice, S, q_strong, cost_norm, strong, rows)
+    if cost >= 1.0 - 1e-12:
+        best = f"; the first cheaper threshold's bound is {best_failed[2]:.4f}" if best_failed else ""
+        raise OptkitError(f"route.target.min_quality={X:g} is infeasible: no threshold that sends any of the {n} "
+                          f"calibration prompts to a cheaper model keeps the {conf:.0%} lower bound on quality "
+                          f">= {X:g}{best} (always-strong is the only way). Lower the target or add labeled data")
+    return Calibration(float(lam), "min_quality", X, conf, n, ratio, float(lcb_ratio), frac, cost)
+
+
+def _for_fraction(lams, choices, S, q_strong, cost_norm, strong, rows, target) -> Calibration:
+    Y, n = target.max_strong_fraction, len(rows)
+    for lam, choice in zip(lams, choices):  # from always-strong down: the first that fits is the best quality
+        k = int((choice == strong).sum())
+        if (k + 1) / (n + 1) <= Y or k == 0:
+            ratio, frac, cost = _point(lam, choice, S, q_strong, cost_norm, strong, rows)
+            notes = [] if k or Y >= 1 / (n + 1) else [
+                f"max_strong_fraction={Y:g} is below 1/(n+1) for n={n} calibration prompts: nothing goes strong"]
+            return Calibration(float(lam), "max_strong_fraction", Y, target.confidence, n, ratio, float("nan"),
+                               frac, cost, notes)
+    raise AssertionError("unreachable: the last threshold sends nothing to the strong model")

@@ -1,0 +1,204 @@
+"""The serving-side router: numpy + the embedder, nothing else (no sklearn, no torch of its own).
+
+A router predicts, for every prompt, the quality each model would reach (`P`, shape [n, M]) and picks
+the model with the best `P - threshold * normalized_cost` (normalized cost: cheapest = 0, strong = 1).
+With two models that is simply "strong when score = P_strong - P_weak >= threshold", so the threshold
+is in quality units: the predicted quality gain that is worth one strong call.
+
+Everything the router needs is in two files written by the route stage (or `save_router`):
+`router.json` (models, costs, threshold, feature spec, calibration facts) and `router.safetensors`
+(feature scaling and the model head's weights).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+ROUTER_JSON = "router.json"
+ROUTER_WEIGHTS = "router.safetensors"
+FORMAT_VERSION = 1
+
+# ------------------------------------------------------------------------------------------ text features
+
+_CODE = re.compile(r"```|\bdef |\bclass |\breturn\b|[{};]\s*$|#include|\bimport |=>|\bSELECT\b", re.M)
+_QWORDS = re.compile(r"\b(what|why|how|which|who|whom|whose|when|where|explain|prove|derive|calculate)\b", re.I)
+_MATH = re.compile(r"[=+\-*/^<>∑√π∫]|\\frac|\\sqrt")
+
+
+def _text_row(text: str) -> list[float]:
+    n = max(len(text), 1)
+    words = text.split()
+    return [
+        np.log1p(len(text)),
+        np.log1p(len(words)),
+        sum(c.isdigit() for c in text) / n,
+        len(_MATH.findall(text)) / n * 10,
+        float(bool(_CODE.search(text))),
+        np.log1p(len(_QWORDS.findall(text))),
+        text.count("?") / max(len(words), 1) * 10,
+        np.log1p(text.count("\n")),
+        sum(c.isupper() for c in text) / n,
+        float(any(ord(c) > 127 for c in text)),
+    ]
+
+
+TEXT_FEATURES = ("log_chars", "log_words", "digit_frac", "math_symbols", "has_code", "question_words",
+                 "question_marks", "log_lines", "upper_frac", "non_ascii")
+
+
+def text_features(texts: Sequence[str]) -> np.ndarray:
+    """Cheap per-prompt features (float32 [n, len(TEXT_FEATURES)]), unscaled."""
+    return np.asarray([_text_row(t) for t in texts], dtype=np.float32).reshape(len(texts), len(TEXT_FEATURES))
+
+
+# ------------------------------------------------------------------------------------------ model heads
+
+
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
+
+
+def _predict_linear(w: dict, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    return _sigmoid(x @ w["coef"] + w["intercept"])
+
+
+def _predict_mlp(w: dict, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    h = np.maximum(x @ w["w1"] + w["b1"], 0.0)
+    return np.clip(h @ w["w2"] + w["b2"], 0.0, 1.0)
+
+
+def _predict_knn(w: dict, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    # Cosine similarity on unit-norm embeddings; the mean score of the k most similar labeled prompts.
+    sims = emb @ w["keys"].T
+    k = int(w["k"][0])
+    if k >= sims.shape[1]:
+        return np.repeat(w["values"].mean(0, keepdims=True), len(x), axis=0)
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+    return w["values"][top].mean(axis=1)
+
+
+def _predict_mf(w: dict, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
+    return _sigmoid((x @ w["proj"]) @ w["model_emb"].T + w["bias"])
+
+
+# head name (router.json "head") -> numpy predictor(weights, scaled features, unit embeddings) -> P [n, M]
+PREDICTORS: dict[str, Callable[[dict, np.ndarray, np.ndarray], np.ndarray]] = {
+    "linear": _predict_linear,
+    "mlp": _predict_mlp,
+    "knn": _predict_knn,
+    "mf": _predict_mf,
+}
+
+
+def decide(P: np.ndarray, cost_norm: np.ndarray, threshold: float) -> np.ndarray:
+    """Index of the chosen model per row: argmax of P - threshold * cost; ties go to the costlier model
+    (so with two models: strong iff P_strong - P_weak >= threshold)."""
+    order = np.argsort(-cost_norm, kind="stable")  # costliest first: argmax keeps the first maximum
+    utility = P[:, order] - threshold * cost_norm[order]
+    return order[np.argmax(utility, axis=1)]
+
+
+# ------------------------------------------------------------------------------------------ Router
+
+
+class Router:
+    """A trained, calibrated router. `Router.load(dir)`, then `.route(prompt) -> model name`."""
+
+    def __init__(self, spec: dict, weights: dict[str, np.ndarray], embedder=None):
+        self.spec = spec
+        self.weights = weights
+        self.models: list[str] = list(spec["models"])
+        self.strong: str = spec["strong"]
+        # None while the stage is still calibrating (the router predicts but cannot route yet)
+        self.threshold: float = float("nan") if spec.get("threshold") is None else float(spec["threshold"])
+        self.costs: dict[str, float] = dict(spec["costs"])
+        self._cost_norm = np.asarray(spec["cost_norm"], dtype=np.float64)
+        self._head = spec["head"]
+        self._head_weights = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
+        self._embedder = embedder
+
+    # --- loading
+
+    @classmethod
+    def load(cls, path: str | Path, embedder=None) -> "Router":
+        """Load from a route stage directory (or the router.json inside it). `embedder`: anything with
+        `.encode(list[str]) -> array`; default = the sentence-transformers model named in router.json."""
+        path = Path(path)
+        directory = path.parent if path.suffix == ".json" else path
+        spec = json.loads((directory / ROUTER_JSON).read_text())
+        if spec.get("format_version") != FORMAT_VERSION:
+            raise ValueError(f"{directory / ROUTER_JSON}: format_version {spec.get('format_version')} "
+                             f"is not {FORMAT_VERSION}")
+        from safetensors.numpy import load_file  # numpy-only reader
+
+        weights = load_file(str(directory / ROUTER_WEIGHTS))
+        return cls(spec, weights, embedder)
+
+    @property
+    def embedder(self):
+        if self._embedder is None:
+            from toolkit.models import load_embedder  # sentence-transformers (and its torch) load only here
+
+            feats = self.spec["features"]
+            self._embedder = load_embedder(feats["embedder"])
+            self._embedder.max_seq_length = feats["max_seq_length"]
+        return self._embedder
+
+    # --- features
+
+    def embed(self, prompts: Sequence[str], batch_size: int = 64) -> np.ndarray:
+        emb = self.embedder.encode(list(prompts), batch_size=batch_size, normalize_embeddings=True,
+                                   convert_to_numpy=True, show_progress_bar=False)
+        return np.asarray(emb, dtype=np.float32)
+
+    def features(self, prompts: Sequence[str], emb: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scaled feature matrix, unit embeddings) exactly as the router was trained on."""
+        if emb is None:
+            emb = self.embed(prompts)
+        parts = [emb]
+        if self.spec["features"]["text_features"]:
+            parts.append(text_features(prompts))
+        x = np.concatenate(parts, axis=1) if len(parts) > 1 else emb
+        x = (x - self.weights["feat.mean"]) / self.weights["feat.scale"]
+        return x.astype(np.float32), emb
+
+    # --- prediction
+
+    def predict_quality(self, prompts: Sequence[str], emb: Optional[np.ndarray] = None) -> np.ndarray:
+        """Predicted quality of every model per prompt: [n, len(models)]."""
+        x, emb = self.features(prompts, emb)
+        return self.predict_from_features(x, emb)
+
+    def predict_from_features(self, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
+        return PREDICTORS[self._head](self._head_weights, x, emb)
+
+    def score(self, prompts: Sequence[str], emb: Optional[np.ndarray] = None) -> np.ndarray:
+        """Two models: predicted quality gain of the strong model, shape [n] (route strong iff >= threshold).
+        More models: the predicted quality matrix [n, M] (columns in `models` order)."""
+        P = self.predict_quality(prompts, emb)
+        return self._to_score(P)
+
+    def _to_score(self, P: np.ndarray) -> np.ndarray:
+        if len(self.models) != 2:
+            return P
+        s = self.models.index(self.strong)
+        return P[:, s] - P[:, 1 - s]
+
+    def route_batch(self, prompts: Sequence[str], threshold: Optional[float] = None) -> list[str]:
+        if not len(prompts):
+            return []
+        t = self.threshold if threshold is None else float(threshold)
+        choice = decide(self.predict_quality(prompts), self._cost_norm, t)
+        return [self.models[i] for i in choice]
+
+    def route(self, prompt: str, threshold: Optional[float] = None) -> str:
+        return self.route_batch([prompt], threshold)[0]
+
+    def __repr__(self) -> str:
+        return (f"Router(models={self.models}, strong={self.strong!r}, threshold={self.threshold:.4g}, "
+                f"head={self._head!r})")

@@ -1,0 +1,202 @@
+"""The route stage: labels -> features -> fit -> calibrate -> report -> save router.json + router.safetensors."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from toolkit.errors import OptkitError
+from toolkit.io import atomic_write_bytes, atomic_write_json, write_jsonl
+from toolkit.route import labels as L
+from toolkit.route.calibrate import calibrate, check_enough
+from toolkit.route.models import FITTERS, contiguous
+from toolkit.route.report import build_report, plot_curves
+from toolkit.route.runtime import FORMAT_VERSION, ROUTER_JSON, ROUTER_WEIGHTS, TEXT_FEATURES, Router, text_features
+
+log = logging.getLogger("optkit.route")
+
+
+def run(ctx) -> dict:
+    cfg, recipe = ctx.config, ctx.recipe
+    # --- setup: labels and costs
+    table, source = _labels(ctx)
+    costs, strong = resolve_costs(cfg, recipe, table.models, default_strong=L.TEACHER if source == "pipeline" else None)
+    s_idx = table.models.index(strong)
+    L.check_learnable(table, s_idx)
+    check_enough(len(table.select("cal")), cfg.target)
+    cost_norm = normalized(costs, table.models)
+
+    # --- features (embeddings cached in work/ so an interrupted run does not embed twice)
+    emb = embed_cached(cfg, table.prompts, ctx.work_dir)
+    raw = _raw_features(cfg, table.prompts, emb)
+    fit_idx, cal_idx, test_idx = table.select("fit"), table.select("cal"), table.select("test")
+    mean, scale = standardizer(raw[fit_idx])
+    x = ((raw - mean) / scale).astype(np.float32)
+
+    # --- fit on `fit`, calibrate on `cal`, report on `test`
+    head, weights = FITTERS[cfg.model](x[fit_idx], emb[fit_idx], table.scores[fit_idx], cfg, recipe.seed)
+    spec = router_spec(cfg, table, costs, cost_norm, strong, head)
+    router = Router(spec, {"feat.mean": mean, "feat.scale": scale, **{f"head.{k}": v for k, v in weights.items()}})
+    P = router.predict_from_features(x, emb)
+    cal = calibrate(P[cal_idx], table.scores[cal_idx], cost_norm, s_idx, cfg.target)
+    spec["threshold"] = cal.threshold
+    spec["calibration"] = {**cal.as_dict(), "data_sha256": table.digest("cal"), "fit_data_sha256": table.digest("fit")}
+    log.info("route: threshold %.4g (%s)", cal.threshold, cal.as_dict())
+
+    report = build_report(table, P, cost_norm, s_idx, cal, cfg, test_idx, raw_lengths=raw_lengths(table.prompts),
+                          seed=recipe.seed)
+    spec["metrics"] = report["router"]
+
+    # --- save
+    save_router(ctx.dir, spec, router.weights)
+    atomic_write_json(ctx.dir / "report.json", report)
+    write_jsonl(ctx.dir / "labels.jsonl", table.rows())
+    png = plot_curves(report, ctx.dir / "curve.png")
+    _log(ctx, report, png)
+    ctx.extra["route"] = {"models": table.models, "strong": strong, "threshold": cal.threshold,
+                          "labels": source, "n": {p: int((table.part == p).sum()) for p in ("fit", "cal", "test")}}
+    return _headline(report, cal)
+
+
+def _labels(ctx) -> tuple[L.LabelTable, str]:
+    cfg = ctx.config
+    if cfg.labels.source == "file":
+        table, path = L.from_file(cfg, ctx.recipe, ctx.recipe.seed)
+        ctx.add_input(path)
+        return table, "file"
+    if ctx.recipe.collect is None or ctx.recipe.distill is None:
+        raise OptkitError("route.labels.source=pipeline needs the collect and distill sections in the recipe "
+                          "(or use route.labels.source=file)")
+    return L.from_pipeline(cfg, ctx.upstream("collect"), ctx.upstream("distill"), ctx.recipe.seed), "pipeline"
+
+
+def resolve_costs(cfg, recipe, models: list[str], default_strong: Optional[str] = None) -> tuple[dict, str]:
+    """Per-model relative cost and the strong model's name; unknown or missing names are errors."""
+    if cfg.strong is not None and cfg.strong not in models:
+        raise OptkitError(f"route.strong: unknown model '{cfg.strong}' (models: {', '.join(models)})")
+    if cfg.costs:
+        for name in cfg.costs:
+            if name not in models:
+                raise OptkitError(f"route.costs.{name}: unknown model '{name}' (models: {', '.join(models)})")
+        missing = [m for m in models if m not in cfg.costs]
+        if missing:
+            raise OptkitError(f"route.costs: no cost for model(s) {', '.join(missing)}")
+        costs = {m: float(cfg.costs[m]) for m in models}
+    elif all(m in recipe.pricing for m in models) and any(
+            recipe.pricing[m].input_per_1m + recipe.pricing[m].output_per_1m > 0 for m in models):
+        costs = {m: recipe.pricing[m].input_per_1m + recipe.pricing[m].output_per_1m for m in models}
+    elif len(models) == 2 and (cfg.strong or default_strong):
+        strong = cfg.strong or default_strong
+        costs = {m: float(m == strong) for m in models}
+    else:
+        raise OptkitError("route.costs: give every model a relative cost (or route.strong, for two models)")
+    strong = cfg.strong or max(models, key=lambda m: costs[m])
+    if costs[strong] <= min(costs.values()) and len(set(costs.values())) == 1:
+        raise OptkitError("route.costs: every model costs the same; there is nothing to save by routing")
+    if costs[strong] < max(costs.values()):
+        raise OptkitError(f"route.strong: '{strong}' is not the costliest model ({costs})")
+    return costs, strong
+
+
+def normalized(costs: dict, models: list[str]) -> np.ndarray:
+    c = np.array([costs[m] for m in models], dtype=np.float64)
+    return (c - c.min()) / (c.max() - c.min())
+
+
+def embed_cached(cfg, prompts: list[str], work_dir: Path) -> np.ndarray:
+    """Unit-norm embeddings [n, dim] float32, cached per (embedder, revision, truncation, prompts)."""
+    from toolkit.models import load_embedder, model_revision
+
+    key = hashlib.sha256(f"{cfg.embedder}|{model_revision(cfg.embedder)}|{cfg.max_seq_length}|".encode()
+                         + "\x1e".join(prompts).encode()).hexdigest()[:20]
+    path = Path(work_dir) / f"emb-{key}.npy"
+    if path.is_file():
+        return np.load(path, allow_pickle=False)
+    model = load_embedder(cfg.embedder)
+    model.max_seq_length = cfg.max_seq_length
+    emb = model.encode(prompts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                       show_progress_bar=False).astype(np.float32)
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, emb, allow_pickle=False)
+    atomic_write_bytes(path, buf.getvalue())
+    return emb
+
+
+def _raw_features(cfg, prompts: list[str], emb: np.ndarray) -> np.ndarray:
+    return np.concatenate([emb, text_features(prompts)], axis=1) if cfg.text_features else emb
+
+
+def raw_lengths(prompts: list[str]) -> np.ndarray:
+    return np.array([len(p) for p in prompts], dtype=np.float64)
+
+
+def standardizer(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(0).astype(np.float32)
+    scale = x.std(0).astype(np.float32)
+    scale[scale < 1e-6] = 1.0  # constant columns (e.g. no prompt has code) stay as they are
+    return mean, scale
+
+
+def router_spec(cfg, table: L.LabelTable, costs: dict, cost_norm: np.ndarray, strong: str, head: str) -> dict:
+    from toolkit.models import model_revision
+
+    return {
+        "format_version": FORMAT_VERSION,
+        "models": table.models,
+        "strong": strong,
+        "costs": costs,
+        "cost_norm": cost_norm.tolist(),
+        "threshold": None,
+        "threshold_units": ("predicted quality gain of the strong model over the other (score units); route "
+                            "strong iff score >= threshold" if len(table.models) == 2 else
+                            "predicted quality per unit of normalized cost; choose argmax(quality - threshold * "
+                            "cost_norm)"),
+        "quality_units": "per-prompt score in [0, 1] (mean = accuracy for 0/1 labels)",
+        "model": cfg.model,
+        "head": head,
+        "features": {"embedder": cfg.embedder, "embedder_revision": model_revision(cfg.embedder),
+                     "max_seq_length": cfg.max_seq_length, "normalize_embeddings": True, "dim": None,
+                     "text_features": cfg.text_features,
+                     "text_feature_names": list(TEXT_FEATURES) if cfg.text_features else [],
+                     "order": ["embedding"] + (["text"] if cfg.text_features else []),
+                     "scaling": "(x - feat.mean) / feat.scale, fit on the training part"},
+        "labels": {"source": cfg.labels.source, "metric": cfg.labels.metric if cfg.labels.source == "pipeline"
+                   else None, "n": {p: int((table.part == p).sum()) for p in ("fit", "cal", "test")}},
+    }
+
+
+def save_router(directory: Path, spec: dict, weights: dict[str, np.ndarray]) -> None:
+    """router.safetensors (C-contiguous arrays) + router.json. The weights go first: a router.json present
+    means its weights file is complete."""
+    from safetensors.numpy import save
+
+    weights = contiguous(weights)
+    spec = dict(spec)
+    spec["features"] = {**spec["features"], "dim": int(weights["feat.mean"].shape[0])}
+    spec["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in weights.items()}
+    atomic_write_bytes(Path(directory) / ROUTER_WEIGHTS, save(weights))
+    atomic_write_json(Path(directory) / ROUTER_JSON, spec)
+
+
+def _log(ctx, report: dict, png: Path) -> None:
+    for i, (x, q) in enumerate(zip(report["curve"]["router"]["x"], report["curve"]["router"]["quality"])):
+        ctx.log_metrics({"curve_quality": q, "curve_strong_pct": 100 * x}, step=i)
+    ctx.log_artifact(png)
+    ctx.log_artifact(ctx.dir / "report.json")
+    ctx.log_artifact(ctx.dir / ROUTER_JSON)
+
+
+def _headline(report: dict, cal) -> dict:
+    r, at = report["router"], report["at_threshold"]
+    out = {"apgr": r["apgr"], "cpt50": r["cpt50"], "cpt80": r["cpt80"], "threshold": cal.threshold,
+           "test_quality_ratio": at["quality_ratio"], "test_strong_fraction": at["strong_fraction"],
+           "test_cost": at["cost"]}
+    if "bootstrap" in report:
+        out["guarantee_holds_fraction"] = report["bootstrap"]["holds_fraction"]
+    return {k: v for k, v in out.items() if v is not None}
