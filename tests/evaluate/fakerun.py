@@ -214,3 +214,36 @@ def copy_run(src_root: Path, dst_root: Path) -> Path:
     """A private copy of the built run (symlinks kept as symlinks: the GGUF is not copied)."""
     shutil.copytree(src_root / "artifacts", dst_root / "artifacts", symlinks=True)
     return dst_root / "artifacts" / RUN
+
+
+# ------------------------------------------------------------------------------------------ shared, once per process
+
+_CACHE: dict = {}
+
+
+def built(tmp_path_factory, smollm2_dir) -> Path:
+    """The built run's root (artifacts/evtest under it), made once per test process for both test folders."""
+    if "built" not in _CACHE:
+        root = tmp_path_factory.mktemp("evbuilt")
+        build(root, Path(smollm2_dir))
+        _CACHE["built"] = root
+    return _CACHE["built"]
+
+
+EVALUATE = {"latency_samples": 3, "batch_sizes": [1, 4], "warmup": 1}
+
+
+def evaluated(tmp_path_factory, smollm2_dir) -> tuple[Path, object]:
+    """(root, recipe) of a copy of the built run on which the evaluate stage ran, tracked in a private MLflow."""
+    if "evaluated" not in _CACHE:
+        from toolkit.config import recipe_from_dict
+        from toolkit.pipeline import run_pipeline
+
+        root = tmp_path_factory.mktemp("evaluated")
+        copy_run(built(tmp_path_factory, smollm2_dir), root)
+        recipe = recipe_from_dict(recipe_dict(root, tracking={"enabled": True, "uri": f"sqlite:///{root}/mlflow.db"},
+                                              evaluate=EVALUATE, export={"register_model": True}))
+        (outcome,) = run_pipeline(recipe, only="evaluate")
+        assert outcome.status == "ran"
+        _CACHE["evaluated"] = (root, recipe)
+    return _CACHE["evaluated"]

@@ -120,7 +120,16 @@ def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int,
 
 def cached_variant(ctx, v: Variant, records, labels, max_new, judge, fps: dict) -> tuple[dict, list[dict]]:
     cfg = ctx.config
-    key = config_hash({"variant": v.descriptor(), "evaluate": cfg.model_dump(), "max_new": max_new,
+    # Paths inside the run are keyed relative to it: a moved or copied run directory still resumes.
+    def rel(x):
+        if not isinstance(x, str):
+            return x
+        for prefix in (str(ctx.run_dir.resolve()), str(ctx.run_dir)):
+            x = x.replace(prefix, "<run>")
+        return x
+
+    descriptor = {k: rel(x) for k, x in v.descriptor().items()}
+    key = config_hash({"variant": descriptor, "evaluate": cfg.model_dump(), "max_new": max_new,
                        "ids": [r["id"] for r in records], "upstream": fps,
                        "pricing": {k: p.model_dump() for k, p in ctx.recipe.pricing.items()}})
     path = ctx.work_dir / f"variant-{v.name}-{key}.json"
