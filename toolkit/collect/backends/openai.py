@@ -158,8 +158,8 @@ class OpenAIBackend:
                 raise OptkitError(f"collect.top_logprobs > 0 with the openai backend maps tokens to ids with the "
                                   f"teacher's tokenizer, which cannot be loaded: {exc}") from None
             vocab: dict[str, int] = {}
-            for i in range(len(tok)):
-                vocab.setdefault(tok.decode([i]), i)
+            for i, text in enumerate(tok.batch_decode([[i] for i in range(len(tok))])):
+                vocab.setdefault(text, i)  # a string several ids decode to maps to the lowest id
             self.vocab = vocab
         found = self.vocab.get(token, -1)
         if found < 0:

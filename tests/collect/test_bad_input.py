@@ -1,0 +1,100 @@
+"""Bad input through the CLI: one line on stderr naming the field, file or line; exit code 2; the collect
+manifest never says done."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+
+from tests.collect.conftest import openai_collect, write_recipe
+from toolkit.cli import main
+
+
+def run_cli(path, capsys) -> tuple[int, str]:
+    capsys.readouterr()
+    code = main(["run", str(path)])
+    return code, capsys.readouterr().err.strip()
+
+
+def assert_not_done(workdir):
+    manifest = workdir / "artifacts" / "t" / "collect" / "manifest.json"
+    assert not manifest.exists() or json.loads(manifest.read_text())["status"] != "done"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+HF = {"backend": "hf"}  # data errors surface before any model is loaded
+
+
+@pytest.mark.parametrize("case", ["missing_file", "bad_jsonl_line", "missing_prompt_column", "empty_dataset",
+                                  "missing_template_column", "duplicate_id"])
+def test_bad_data(workdir, capsys, case):
+    data = workdir / "prompts.jsonl"
+    rows = [{"id": i, "instruction": f"message {i}", "category": "ORDER"} for i in range(4)]
+    text = "".join(json.dumps(r) + "\n" for r in rows)
+    overrides, expect = {"path": str(data)}, []
+    if case == "missing_file":
+        overrides["path"] = str(workdir / "nope.jsonl")
+        expect = ["data.path", "nope.jsonl"]
+    elif case == "bad_jsonl_line":
+        lines = text.splitlines()
+        lines[2] = '{"id": 2, "instruction": "broken'
+        text = "\n".join(lines) + "\n"
+        expect = ["prompts.jsonl:3", "invalid JSON"]
+    elif case == "missing_prompt_column":
+        overrides["prompt_column"] = "text"
+        expect = ["'text'", "data.prompt_column", "instruction"]
+    elif case == "empty_dataset":
+        text = ""
+        expect = ["empty", "data.path"]
+    elif case == "missing_template_column":
+        overrides["prompt_template"] = "Classify: {message}"
+        expect = ["'message'", "data.prompt_template"]
+    elif case == "duplicate_id":
+        text += json.dumps({"id": 1, "instruction": "another message", "category": "ORDER"}) + "\n"
+        expect = ["row 5", "id '1'", "data.id_column"]
+    data.write_text(text)
+    code, err = run_cli(write_recipe(workdir, HF, data=overrides), capsys)
+    assert code == 2
+    assert err.startswith("error: ") and "\n" not in err, err
+    assert all(e in err for e in expect), err
+    assert_not_done(workdir)
+
+
+def test_unreachable_endpoint(workdir, capsys):
+    class Nowhere:
+        base_url = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens here
+
+    code, err = run_cli(write_recipe(workdir, openai_collect(Nowhere), data={"limit": 3}), capsys)
+    assert code == 2 and "\n" not in err
+    assert "cannot reach the endpoint" in err and "collect.openai.base_url" in err and Nowhere.base_url in err
+    assert_not_done(workdir)
+
+
+def test_bad_api_key_fails_at_once(workdir, capsys, fake_openai):
+    server = fake_openai(api_key="sk-right-key-000")
+    collect = openai_collect(server, api_key="sk-wrong-key-111", concurrency=2, max_retries=5)
+    code, err = run_cli(write_recipe(workdir, collect, data={"limit": 20}), capsys)
+    assert code == 2 and "\n" not in err
+    assert "rejected the API key (HTTP 401" in err and "OPENAI_API_KEY" in err
+    assert "sk-wrong-key-111" not in err  # the server echoed it; we print *** instead
+    assert sum(server.hits.values()) <= 2  # not retried: at most the requests already in flight
+    assert_not_done(workdir)
+
+
+def test_wrong_base_url_path_is_one_clear_error(workdir, capsys, fake_openai):
+    server = fake_openai()
+
+    class NoV1:
+        base_url = server.base_url.removesuffix("/v1") + "/api"
+
+    code, err = run_cli(write_recipe(workdir, openai_collect(NoV1), data={"limit": 3}), capsys)
+    assert code == 2 and "HTTP 404" in err and "collect.openai.base_url" in err and "\n" not in err
+    assert_not_done(workdir)
+

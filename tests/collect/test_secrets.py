@@ -1,0 +1,54 @@
+"""API keys never reach logs, MLflow params/tags, or any file under artifacts/ (the MLflow db included)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from tests.collect.conftest import REPO, openai_collect, write_recipe
+
+GOOD = "sk-optkit-good-7f3a9c1e5b"
+BAD = "sk-optkit-bad-2d8e4f6a0c"  # the fake server echoes a rejected key in its 401 body, like OpenAI
+
+
+def optkit(workdir, recipe, **env) -> subprocess.CompletedProcess:
+    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    full_env.update(env, PYTHONPATH=str(REPO))
+    return subprocess.run([sys.executable, "-m", "toolkit.cli", "run", str(recipe)], cwd=workdir, env=full_env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_api_keys_stay_secret(workdir, fake_openai):
+    server = fake_openai(api_key=GOOD)
+    tracking = {"enabled": True}
+    # 1) the key inline in the recipe (a SecretStr field), a successful run
+    ok = write_recipe(workdir, openai_collect(server, api_key=GOOD), data={"limit": 4}, name="inline",
+                      tracking=tracking)
+    # 2) a wrong key from the environment: the run fails, and the server's error message contains the key
+    bad = write_recipe(workdir, openai_collect(server, api_key_env="OPTKIT_TEST_KEY"), data={"limit": 4},
+                       name="envkey", tracking=tracking)
+    first = optkit(workdir, ok)
+    second = optkit(workdir, bad, OPTKIT_TEST_KEY=BAD)
+    assert first.returncode == 0, first.stderr
+    assert second.returncode == 2 and "rejected the API key" in second.stderr
+    assert f"Bearer {GOOD}" in server.auth_seen and f"Bearer {BAD}" in server.auth_seen  # the keys were used
+
+    logs = first.stdout + first.stderr + second.stdout + second.stderr
+    assert GOOD not in logs and BAD not in logs and "***" in second.stderr
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{workdir / 'artifacts' / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    params = {k: v for r in runs for k, v in r.data.params.items()}
+    assert "collect.openai.base_url" in params and len(runs) == 4  # 2 recipe runs + 2 stage runs were logged
+    for run in runs:
+        for value in [*run.data.params.values(), *run.data.tags.values(), *run.data.params.keys()]:
+            assert GOOD not in value and BAD not in value
+
+    files = [p for p in (workdir / "artifacts").rglob("*") if p.is_file()]
+    assert any(p.name == "mlflow.db" for p in files) and any(p.name == "manifest.json" for p in files)
+    for path in files:
+        data = path.read_bytes()
+        assert GOOD.encode() not in data and BAD.encode() not in data, path
