@@ -12,6 +12,8 @@ from toolkit.config import recipe_from_dict
 from toolkit.errors import OptkitError
 from toolkit.pipeline import run_dir_for, run_pipeline
 
+pytestmark = pytest.mark.slow  # every test here trains (tiny model, seconds each)
+
 TRAIN = {"max_steps": 6, "batch_size": 4, "save_steps": 3, "logging_steps": 1, "learning_rate": 2e-3}
 
 

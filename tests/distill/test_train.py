@@ -72,6 +72,7 @@ def test_completion_only_loss_equals_plain_cross_entropy_per_example(setup):
     assert float(ours) == pytest.approx(total / count, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_lora_training_lowers_the_loss_and_saves_adapter_and_merged_model(setup, tmp_path):
     base, collect = setup
     facts = train(make_spec(base, collect, tmp_path, method="lora", max_steps=12, learning_rate=5e-3))
@@ -84,6 +85,7 @@ def test_lora_training_lowers_the_loss_and_saves_adapter_and_merged_model(setup,
     assert facts["world_size"] == 1 and facts["resumed_from"] is None
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(setup, tmp_path):
     base, collect = setup
     # lr 1e30 blows the weights up after the first step: step 1 is finite (and checkpointed), later ones not.
@@ -109,6 +111,7 @@ def _run_spec(spec: dict, path: Path) -> subprocess.Popen:
     return _worker(path)
 
 
+@pytest.mark.slow
 def test_kill_9_after_a_checkpoint_then_resume_gives_the_uninterrupted_result(setup, tmp_path):
     base, collect = setup
     steps = 40
@@ -149,6 +152,7 @@ def test_kill_9_after_a_checkpoint_then_resume_gives_the_uninterrupted_result(se
     assert not torch.allclose(start["model.layers.0.mlp.up_proj.weight"], a["model.layers.0.mlp.up_proj.weight"])
 
 
+@pytest.mark.slow
 def test_two_process_ddp_over_gloo_through_the_launcher(setup, tmp_path):
     base, collect = setup
     spec = make_spec(base, collect, tmp_path, method="lora", max_steps=4, save_steps=2)
