@@ -115,3 +115,15 @@ def test_bootstrap_guarantee_counts_resamples():
     out = M.bootstrap_guarantee(routed, strong, 0.8, 500, seed=0)
     assert out["holds_fraction"] == 1.0  # 0.9 +- 0.03: never below 0.8
     assert M.bootstrap_guarantee(routed, strong, 0.9, 500, seed=0)["holds_fraction"] == pytest.approx(0.5, abs=0.1)
+
+
+def test_vectorized_two_model_sums_match_routing_each_threshold():
+    from toolkit.route.calibrate import _d_moments, candidate_thresholds
+
+    P, S, _ = _synthetic(n=120, seed=3)
+    P = np.round(P, 1)  # many ties
+    lams = candidate_thresholds(P, TWO, 1)
+    total, total2 = _d_moments(lams, P, S, TWO, 1, 0.9)
+    for i, lam in enumerate(lams):
+        d = S[np.arange(120), decide(P, TWO, lam)] - 0.9 * S[:, 1]
+        assert total[i] == pytest.approx(d.sum()) and total2[i] == pytest.approx((d * d).sum())

@@ -156,3 +156,20 @@ def test_bad_score_value_names_file_and_row(tmp_path, monkeypatch):
                                                                     "gpt4_1106": "gpt4_1106_correct"}}
     _expect_error(tmp_path, monkeypatch, r"bad.jsonl: row 7: column 'gpt4_1106_correct'.*outside \[0, 1\]",
                   labels=labels)
+
+
+def test_curve_and_metrics_reach_mlflow(mmlu_run):
+    from mlflow.tracking import MlflowClient
+
+    route_dir, _ = mmlu_run
+    artifacts = route_dir.parents[1]
+    client = MlflowClient(tracking_uri=f"sqlite:///{artifacts / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("optkit")
+    runs = client.search_runs([exp.experiment_id], "tags.`optkit.stage` = 'route'")
+    assert len(runs) == 1
+    run = runs[0]
+    assert run.data.metrics["apgr"] == pytest.approx(json.loads((route_dir / "report.json").read_text())["router"]["apgr"])
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"curve.png", "report.json", "router.json"} <= names
+    curve = client.get_metric_history(run.info.run_id, "curve_quality")
+    assert len(curve) > 10  # the quality-vs-strong-calls curve, one step per point

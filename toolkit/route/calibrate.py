@@ -87,9 +87,9 @@ def calibrate(P: np.ndarray, S: np.ndarray, cost_norm: np.ndarray, strong: int, 
         raise OptkitError("route.labels: the strong model scores 0 on every calibration prompt; "
                           "a quality goal relative to it is meaningless (check the labels)")
     lams = candidate_thresholds(P, cost_norm, strong)
-    choices = (decide(P, cost_norm, lam) for lam in lams)  # lazily: the sequence usually stops early
     if target.min_quality is not None:
-        return _for_quality(lams, choices, S, q_strong, cost_norm, strong, rows, target)
+        return _for_quality(lams, P, S, cost_norm, strong, target)
+    choices = (decide(P, cost_norm, lam) for lam in lams)  # lazily: the sequence usually stops early
     return _for_fraction(lams, choices, S, q_strong, cost_norm, strong, rows, target)
 
 
@@ -98,27 +98,48 @@ def _point(lam, choice, S, q_strong, cost_norm, strong, rows) -> tuple[float, fl
     return float(q.mean() / q_strong.mean()), float((choice == strong).mean()), float(cost_norm[choice].mean())
 
 
-def _for_quality(lams, choices, S, q_strong, cost_norm, strong, rows, target) -> Calibration:
-    X, conf, n = target.min_quality, target.confidence, len(rows)
+def _d_moments(lams, P, S, cost_norm, strong, X) -> tuple[np.ndarray, np.ndarray]:
+    """Sum and sum of squares of d_i = q_routed_i - X * q_strong_i at every candidate threshold."""
+    q_strong = S[:, strong]
+    if P.shape[1] != 2:  # N models: route at each threshold
+        rows = np.arange(len(P))
+        d = [S[rows, decide(P, cost_norm, lam)] - X * q_strong for lam in lams]
+        return np.array([v.sum() for v in d]), np.array([(v * v).sum() for v in d])
+    # Two models, vectorized: at threshold lam the k prompts with score >= lam go strong, and those are the
+    # first k in decreasing score order, so the sums are running sums.
+    weak = 1 - strong
+    score = P[:, strong] - P[:, weak]
+    d_strong, d_weak = (1 - X) * q_strong, S[:, weak] - X * q_strong
+    order = np.argsort(-score, kind="stable")
+    cum = np.concatenate([[0.0], np.cumsum((d_strong - d_weak)[order])])
+    cum2 = np.concatenate([[0.0], np.cumsum((d_strong ** 2 - d_weak ** 2)[order])])
+    k = len(score) - np.searchsorted(np.sort(score), lams, side="left")
+    return d_weak.sum() + cum[k], (d_weak ** 2).sum() + cum2[k]
+
+
+def _for_quality(lams, P, S, cost_norm, strong, target) -> Calibration:
+    X, conf, n = target.min_quality, target.confidence, len(P)
     check_enough(n, target)
-    tq = _t_quantile(conf, n - 1)
-    accepted, best_failed = None, None
-    for lam, choice in zip(lams, choices):
-        d = S[rows, choice] - X * q_strong
-        lcb_d = d.mean() - tq * d.std(ddof=1) / math.sqrt(n) if n > 1 else d.mean()
-        lcb_ratio = X + lcb_d / q_strong.mean()
-        if lcb_d < 0:
-            best_failed = (lam, choice, lcb_ratio)
-            break
-        accepted = (lam, choice, lcb_ratio)
-    lam, choice, lcb_ratio = accepted  # always-strong is always accepted: d_i = (1 - X) q_strong_i >= 0
-    ratio, frac, cost = _point(lam, choice, S, q_strong, cost_norm, strong, rows)
+    q_strong = S[:, strong]
+    total, total2 = _d_moments(lams, P, S, cost_norm, strong, X)
+    mean = total / n
+    sd = np.sqrt(np.clip((total2 - n * mean ** 2) / max(n - 1, 1), 0, None))
+    lcb = mean - _t_quantile(conf, n - 1) * sd / math.sqrt(n)
+    lcb_ratio = X + lcb / q_strong.mean()
+    # Fixed sequence from always-strong (index 0: its ratio is exactly 1, nothing to test) towards cheaper.
+    failed = np.flatnonzero(lcb[1:] < 0)
+    last = int(failed[0]) if len(failed) else len(lams) - 1  # index of the last accepted threshold
+    lam = lams[last]
+    choice = decide(P, cost_norm, lam)
+    ratio, frac, cost = _point(lam, choice, S, q_strong, cost_norm, strong, np.arange(n))
     if cost >= 1.0 - 1e-12:
-        best = f"; the first cheaper threshold's bound is {best_failed[2]:.4f}" if best_failed else ""
+        cheaper = np.flatnonzero([cost_norm[decide(P, cost_norm, v)].mean() < 1 - 1e-12 for v in lams[:last + 3]])
+        best = f"; the first cheaper threshold's bound is {lcb_ratio[cheaper[0]]:.4f}" if len(cheaper) else ""
         raise OptkitError(f"route.target.min_quality={X:g} is infeasible: no threshold that sends any of the {n} "
                           f"calibration prompts to a cheaper model keeps the {conf:.0%} lower bound on quality "
                           f">= {X:g}{best} (always-strong is the only way). Lower the target or add labeled data")
-    return Calibration(float(lam), "min_quality", X, conf, n, ratio, float(lcb_ratio), frac, cost)
+    bound = 1.0 if last == 0 else float(lcb_ratio[last])
+    return Calibration(float(lam), "min_quality", X, conf, n, ratio, bound, frac, cost)
 
 
 def _for_fraction(lams, choices, S, q_strong, cost_norm, strong, rows, target) -> Calibration:

@@ -1,0 +1,248 @@
+"""Benchmark of the route stage on real routing labels (RouteLLM's MMLU: Mixtral-8x7B vs GPT-4-1106 correctness).
+
+    python eval/bench_route.py [--data ../shared/data/routing_routellm/mmlu_routing_10k.jsonl] [--models logreg,knn]
+
+Splits the 10k labeled prompts by hash into fit / calibration / held-out, trains each router model with the
+shipped stage code, calibrates the threshold for "keep >= X of GPT-4's quality at 95% confidence", and reports
+on the held-out part: APGR, CPT(50%), CPT(80%), cost at the target vs the baselines (random, always-weak,
+always-strong, prompt length, oracle); whether the quality guarantee holds under bootstrap; and latency of the
+numpy runtime (classifier alone, embed + classify one query, batched throughput). Results go to
+eval/results/route_mmlu.{json,md}. Timings on a shared machine are noisy: rerun before quoting them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", default=str(ROOT / "../shared/data/routing_routellm/mmlu_routing_10k.jsonl"))
+    p.add_argument("--models", default="logreg,mlp,knn,mf")
+    p.add_argument("--holdout", type=float, default=0.2)
+    p.add_argument("--calibration", type=float, default=0.25, help="share of the non-held-out prompts")
+    p.add_argument("--min-quality", type=float, default=0.95)
+    p.add_argument("--confidence", type=float, default=0.95)
+    p.add_argument("--k", type=int, default=100)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--bootstrap", type=int, default=1000)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--latency-queries", type=int, default=300)
+    p.add_argument("--cache", default=str(Path.home() / ".cache/optkit/bench_route"))
+    p.add_argument("--out", default=str(ROOT / "eval/results/route_mmlu"))
+    return p.parse_args()
+
+
+def load(path: str):
+    from toolkit.io import read_jsonl
+
+    rows = read_jsonl(Path(path))
+    prompts = [r["prompt"] for r in rows]
+    S = np.array([[float(r["mixtral_8x7b_correct"]), float(r["gpt4_1106_correct"])] for r in rows])
+    return rows, prompts, S
+
+
+def config(args, model: str):
+    from toolkit.config import RouteConfig
+
+    return RouteConfig.model_validate({
+        "labels": {"source": "file", "path": args.data, "score_columns": {"mixtral_8x7b": "mixtral_8x7b_correct",
+                                                                          "gpt4_1106": "gpt4_1106_correct"}},
+        "model": model, "k": args.k, "costs": {"mixtral_8x7b": 0.05, "gpt4_1106": 1.0},
+        "target": {"min_quality": args.min_quality, "confidence": args.confidence},
+        "holdout": args.holdout, "calibration": args.calibration, "bootstrap": args.bootstrap})
+
+
+def coverage(P: np.ndarray, S: np.ndarray, cost_norm, strong: int, cfg, resamples: int, seed: int) -> dict:
+    """Does the calibration procedure keep its promise? Treat the held-out set as the population: calibrate
+    on a bootstrap resample of it, then check the chosen threshold's quality on the whole held-out set.
+    A valid 95% bound holds on >= 95% of resamples."""
+    from toolkit.errors import OptkitError
+    from toolkit.route.calibrate import calibrate
+    from toolkit.route.runtime import decide
+
+    rng = np.random.default_rng(seed)
+    n, ok, costs = len(P), 0, []
+    rows = np.arange(n)
+    for _ in range(resamples):
+        idx = rng.integers(0, n, n)
+        try:
+            cal = calibrate(P[idx], S[idx], cost_norm, strong, cfg.target)
+            choice = decide(P, cost_norm, cal.threshold)
+        except OptkitError:  # infeasible on this resample: the router falls back to always-strong
+            choice = np.full(n, strong)
+        ratio = S[rows, choice].mean() / S[:, strong].mean()
+        ok += ratio >= cfg.target.min_quality
+        costs.append(cost_norm[choice].mean())
+    return {"resamples": resamples, "holds_fraction": ok / resamples, "mean_cost": float(np.mean(costs))}
+
+
+def classifier_latency(router, x: np.ndarray, emb: np.ndarray, reps: int = 2000) -> dict:
+    """One query's precomputed features -> model name, timed one by one."""
+    from toolkit.route.runtime import decide
+
+    cost_norm = np.asarray(router.spec["cost_norm"])
+    t = []
+    for i in range(reps):
+        j = i % len(x)
+        t0 = time.perf_counter()
+        P = router.predict_from_features(x[j:j + 1], emb[j:j + 1])
+        router.models[decide(P, cost_norm, router.threshold)[0]]
+        t.append(time.perf_counter() - t0)
+    us = 1e6 * np.asarray(t)
+    return {"p50": float(np.median(us)), "p99": float(np.quantile(us, 0.99))}
+
+
+def latency(router, prompts: list[str], x: np.ndarray, emb: np.ndarray, n_queries: int) -> dict:
+    cls = classifier_latency(router, x, emb)
+    router.route(prompts[0])  # warm-up: loads the embedder
+    t_one = []
+    for p in prompts[:n_queries]:
+        t0 = time.perf_counter()
+        router.route(p)
+        t_one.append(time.perf_counter() - t0)
+    batch = prompts[:max(n_queries, 512)]
+    t0 = time.perf_counter()
+    router.route_batch(batch)
+    qps = len(batch) / (time.perf_counter() - t0)
+    ms = 1e3 * np.asarray(t_one)
+    return {"classifier_us_p50": cls["p50"], "classifier_us_p99": cls["p99"],
+            "one_query_ms_p50": float(np.median(ms)), "one_query_ms_p99": float(np.quantile(ms, 0.99)),
+            "one_query_mean_chars": float(np.mean([len(p) for p in prompts[:n_queries]])),
+            "batched_qps": float(qps), "batched_n": len(batch)}
+
+
+def main() -> None:
+    args = parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from toolkit.route import labels as L
+    from toolkit.route.calibrate import calibrate
+    from toolkit.route.models import FITTERS
+    from toolkit.route.report import build_report, plot_curves
+    from toolkit.route.runtime import Router
+    from toolkit.route.stage import (embed_cached, normalized, raw_lengths, router_spec, save_router,
+                                     standardizer, text_features)
+
+    rows, prompts, S = load(args.data)
+    models = ["mixtral_8x7b", "gpt4_1106"]
+    cfg0 = config(args, "logreg")
+    part = np.array([L._assign(r["id"], cfg0, args.seed) for r in rows], dtype=object)
+    table = L.LabelTable([r["id"] for r in rows], prompts, S, models, part)
+    fit, cal_i, test = table.select("fit"), table.select("cal"), table.select("test")
+    print(f"{len(rows)} prompts: fit {len(fit)}, calibration {len(cal_i)}, held-out {len(test)}", flush=True)
+
+    t0 = time.time()
+    Path(args.cache).mkdir(parents=True, exist_ok=True)
+    emb = embed_cached(cfg0, prompts, Path(args.cache))
+    print(f"embeddings {emb.shape} in {time.time() - t0:.0f}s (cached in {args.cache})", flush=True)
+    raw = np.concatenate([emb, text_features(prompts)], axis=1)
+    mean, scale = standardizer(raw[fit])
+    x = ((raw - mean) / scale).astype(np.float32)
+    cost_norm = normalized(cfg0.costs, models)
+    strong = 1
+
+    results, best, routers = {}, None, {}
+    for name in args.models.split(","):
+        cfg = config(args, name)
+        t0 = time.time()
+        head, weights = FITTERS[name](x[fit], emb[fit], S[fit], cfg, args.seed)
+        fit_s = time.time() - t0
+        spec = router_spec(cfg, table, cfg.costs, cost_norm, "gpt4_1106", head)
+        router = Router(spec, {"feat.mean": mean, "feat.scale": scale, **{f"head.{k}": v for k, v in weights.items()}})
+        P = router.predict_from_features(x, emb)
+        cal = calibrate(P[cal_i], S[cal_i], cost_norm, strong, cfg.target)
+        router.threshold = spec["threshold"] = cal.threshold
+        rep = build_report(table, P, cost_norm, strong, cal, cfg, test, raw_lengths(prompts), args.seed)
+        cov = coverage(P[test], S[test], cost_norm, strong, cfg, args.bootstrap, args.seed)
+        results[name] = {"fit_seconds": round(fit_s, 2), "router": rep["router"], "at_threshold": rep["at_threshold"],
+                         "calibration": rep["calibration"], "bootstrap_fixed_threshold": rep.get("bootstrap"),
+                         "bootstrap_procedure_coverage": cov, "beats_baselines": rep["beats_baselines"]}
+        print(f"{name:7s} APGR {rep['router']['apgr']:.3f}  CPT50 {rep['router']['cpt50']:.3f}  "
+              f"CPT80 {rep['router']['cpt80']:.3f}  held-out ratio {rep['at_threshold']['quality_ratio']:.4f} at "
+              f"{rep['at_threshold']['strong_fraction']:.1%} strong  coverage {cov['holds_fraction']:.3f}  "
+              f"fixed-threshold bootstrap {rep['bootstrap']['holds_fraction']:.3f}", flush=True)
+        if best is None or rep["router"]["apgr"] > results[best[0]]["router"]["apgr"]:
+            best = (name, rep, router, weights)
+        routers[name] = router
+    name, rep, router, weights = best
+    with tempfile.TemporaryDirectory() as d:  # latency of the saved-and-reloaded runtime, as served
+        save_router(Path(d), router.spec, router.weights)
+        served = Router.load(d)
+        sample = np.random.default_rng(args.seed).permutation(test)  # held-out prompts in random order
+        lat = latency(served, [prompts[i] for i in sample], x[sample], emb[sample], args.latency_queries)
+    for other, r in routers.items():  # the classifier alone, every model (kNN scans its memory: slower)
+        results[other]["classifier_us"] = classifier_latency(r, x[test], emb[test])
+    results_all = {
+        "data": str(args.data), "n": {"fit": len(fit), "calibration": len(cal_i), "held_out": len(test)},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("cache", "out")},
+        "baselines": rep["baselines"], "model_quality_held_out": rep["model_quality"], "routers": results,
+        "best": name, "latency_best": lat, "threads": args.threads,
+        "machine_note": "shared 2-core CPU with other jobs running: timings are noisy",
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(results_all, indent=2) + "\n")
+    plot_curves(rep, out.with_suffix(".png"))
+    out.with_suffix(".md").write_text(markdown(results_all))
+    print(markdown(results_all))
+
+
+def _f(v, pct=False):
+    if v is None:
+        return "n/a"
+    return f"{100 * v:.1f}%" if pct else f"{v:.3f}"
+
+
+def markdown(r: dict) -> str:
+    b = r["baselines"]
+    lines = [f"# Route benchmark: MMLU routing (Mixtral-8x7B vs GPT-4-1106), {r['n']['held_out']} held-out prompts",
+             "", f"fit {r['n']['fit']} / calibration {r['n']['calibration']} / held-out {r['n']['held_out']}; "
+             f"goal: >= {r['settings']['min_quality']:g} of GPT-4 quality at {r['settings']['confidence']:.0%} "
+             "confidence.", "",
+             "| router | APGR | CPT(50%) | CPT(80%) | strong calls to reach goal (held-out curve) | classifier p99 µs |",
+             "|---|---|---|---|---|---|"]
+    for name, res in r["routers"].items():
+        m = res["router"]
+        lines.append(f"| {name} | {_f(m['apgr'])} | {_f(m['cpt50'], 1)} | {_f(m['cpt80'], 1)} | "
+                     f"{_f(m.get('cost_at_target'), 1)} | {res['classifier_us']['p99']:.1f} |")
+    for name in ("random", "length", "oracle"):
+        m = b[name]
+        lines.append(f"| baseline: {name} | {_f(m['apgr'])} | {_f(m['cpt50'], 1)} | {_f(m['cpt80'], 1)} | "
+                     f"{_f(m.get('cost_at_target'), 1)} | |")
+    lines.append(f"| baseline: always-weak | quality {_f(b['always_weak']['quality'])} | | | "
+                 f"{'meets goal' if b['always_weak']['meets_goal'] else 'misses goal'} |")
+    lines.append(f"| baseline: always-strong | quality {_f(b['always_strong']['quality'])} | | | 100.0% | |")
+    lines += ["", "| router | calibrated threshold | held-out quality ratio | held-out strong calls | "
+              "guarantee: procedure coverage (recalibrate on held-out resamples) | fixed threshold: resamples "
+              "with ratio >= goal |", "|---|---|---|---|---|---|"]
+    for name, res in r["routers"].items():
+        at = res["at_threshold"]
+        lines.append(f"| {name} | {at['threshold']:.4f} | {at['quality_ratio']:.4f} | {_f(at['strong_fraction'], 1)} | "
+                     f"{_f(res['bootstrap_procedure_coverage']['holds_fraction'], 1)} | "
+                     f"{_f((res['bootstrap_fixed_threshold'] or {}).get('holds_fraction'), 1)} |")
+    lat = r["latency_best"]
+    lines += ["", f"Latency of the best router ({r['best']}, saved and reloaded, numpy runtime, {r['threads']} threads; "
+              f"{r['machine_note']}):", "",
+              f"- classifier alone: p50 {lat['classifier_us_p50']:.1f} µs, p99 {lat['classifier_us_p99']:.1f} µs",
+              f"- embed + classify one query (mean {lat['one_query_mean_chars']:.0f} chars): p50 "
+              f"{lat['one_query_ms_p50']:.1f} ms, p99 {lat['one_query_ms_p99']:.1f} ms",
+              f"- batched: {lat['batched_qps']:.0f} queries/s ({lat['batched_n']} queries, batch 64)", ""]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
