@@ -86,3 +86,15 @@ def test_store_survives_a_torn_last_line(tmp_path):
     with ResultStore(path) as store:
         assert [store.get(k)["output"] for k in ("a", "b", "c")] == ["x", "y", "z"]
     assert all(json.loads(line) for line in path.read_text().splitlines())
+
+
+def test_result_key_changes_with_model_messages_and_params():
+    from toolkit.collect.store import result_key
+
+    ident, msgs, params = {"backend": "hf", "model": "m", "dtype": "float32"}, [{"role": "user", "content": "hi"}], \
+        {"max_new_tokens": 8, "temperature": 0.0}
+    base = result_key(ident, msgs, params)
+    assert base == result_key(dict(reversed(list(ident.items()))), msgs, dict(params))  # order does not matter
+    assert base != result_key({**ident, "dtype": "bfloat16"}, msgs, params)
+    assert base != result_key(ident, [{"role": "user", "content": "hi!"}], params)
+    assert base != result_key(ident, msgs, {**params, "max_new_tokens": 9})
