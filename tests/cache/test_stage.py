@@ -131,3 +131,22 @@ def test_bad_inputs_name_the_field_or_row(workdir):
         with pytest.raises(OptkitError, match="cache.epsilon"):
             recipe({"pairs_path": str(CLINC), "epsilon": eps})
     assert not (workdir / "artifacts" / "cachetest" / "cache" / "cache.json").exists()
+
+
+def test_infeasible_bound_exports_an_exact_only_cache(workdir):
+    # Near-identical phrasings labelled alternately reusable / not: no threshold separates them, so no threshold
+    # can promise 5% false hits. The stage says so, reports the best achievable bound, and disables semantic hits.
+    rows = [{"query": f"how do I do thing {i}", "cached_query": f"how can I do thing {i}", "label": i % 2}
+            for i in range(60)]
+    path = _write_pairs(workdir / "pairs.jsonl", rows)
+    [outcome] = run_pipeline(recipe({"pairs_path": str(path), "stress": False}))
+    out = workdir / "artifacts" / "cachetest" / "cache"
+    cfg = json.loads((out / "cache.json").read_text())
+    assert cfg["feasible"] is False and cfg["threshold"] is None
+    report = json.loads((out / "report.json").read_text())
+    assert report["selection"]["best_bound"] > 0.05 and outcome.metrics["feasible"] == 0
+    assert "threshold" not in outcome.metrics
+    cache = SemanticCache.load(out / "cache.json")
+    cache.insert("how do I do thing 1", "answer")
+    assert cache.lookup("how do I do thing 1").exact
+    assert cache.lookup("how can I do thing 1") is None

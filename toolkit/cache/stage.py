@@ -191,17 +191,20 @@ def log_curve(ctx, table: dict) -> None:
 
 
 def load_pairs(ctx, embedder) -> tuple[Pairs, np.ndarray]:
+    """Pairs and the embeddings of their texts. The data is read and checked before the embedder is used, so
+    bad input fails in a second, not after loading a model."""
     cfg, recipe = ctx.config, ctx.recipe
     if cfg.pairs_path:
         path = ctx.add_input(recipe.resolve_path(cfg.pairs_path))
         pairs = pairs_from_file(path, cfg, recipe.seed)
-        return pairs, embed_cached(ctx, embedder, cfg.embedder, pairs.texts, cfg.batch_size)
+        tune.check_inputs(np.zeros(len(pairs.labels)), pairs.labels, cfg.epsilon, cfg.confidence, pairs.source)
+        return pairs, embed_cached(ctx, embedder(), cfg.embedder, pairs.texts, cfg.batch_size)
     if not cfg.group_column:
         raise OptkitError("cache: set cache.pairs_path (labeled pairs) or cache.group_column (build pairs from "
                           "groups of the recipe's data)")
     texts, groups, path = groups_from_data(recipe, cfg)
     ctx.add_input(path)
-    vecs = embed_cached(ctx, embedder, cfg.embedder, texts, cfg.batch_size)
+    vecs = embed_cached(ctx, embedder(), cfg.embedder, texts, cfg.batch_size)
     queries = _keep(texts, cfg.max_pairs, recipe.seed)
     cached, labels = nearest_pairs(vecs, groups, queries)
     return Pairs(texts, np.array(queries), cached, labels, f"{path} (nearest-neighbour pairs by "
@@ -212,8 +215,15 @@ def run(ctx) -> dict:
     from toolkit.models import load_embedder, model_revision
 
     cfg = ctx.config
-    embedder = load_embedder(cfg.embedder)
+    loaded = []
+
+    def embedder():
+        if not loaded:
+            loaded.append(load_embedder(cfg.embedder))
+        return loaded[0]
+
     pairs, vecs = load_pairs(ctx, embedder)
+    embedder = embedder()
     sims = np.sum(vecs[pairs.query] * vecs[pairs.cached], axis=1).astype(np.float64)  # cosine: unit vectors
     tune.check_inputs(sims, pairs.labels, cfg.epsilon, cfg.confidence, pairs.source)
     cal, held = split(pairs, cfg.holdout, ctx.recipe.seed)
@@ -288,12 +298,13 @@ def run(ctx) -> dict:
 
 
 def _headline(sel: tune.Selection, held: dict, f1_ref: dict, adaptive: Optional[dict]) -> dict:
-    m = {"feasible": int(sel.feasible), "threshold": sel.threshold if sel.feasible else float("nan"),
-         "calibration_pairs": sel.n, "bound": sel.bound if sel.feasible else sel.best_bound,
-         "calibration_fhr": sel.fhr if sel.feasible else float("nan"), "calibration_hit_rate": sel.hit_rate,
+    m = {"feasible": int(sel.feasible), "calibration_pairs": sel.n,
+         "bound": sel.bound if sel.feasible else sel.best_bound, "calibration_hit_rate": sel.hit_rate,
          "heldout_fhr": held["fhr"], "heldout_fhr_upper": held["fhr_upper"], "heldout_hit_rate": held["hit_rate"],
          "heldout_recall": held["recall"], "f1_threshold": f1_ref["threshold"],
          "f1_heldout_fhr": f1_ref["heldout"]["fhr"], "f1_heldout_hit_rate": f1_ref["heldout"]["hit_rate"]}
+    if sel.feasible:  # no NaN placeholders: an infeasible run simply has no threshold
+        m.update(threshold=sel.threshold, calibration_fhr=sel.fhr)
     if adaptive:
         m.update(adaptive_exported=int(adaptive["exported"]), adaptive_heldout_fhr=adaptive["heldout"]["fhr"],
                  adaptive_heldout_hit_rate=adaptive["heldout"]["hit_rate"])

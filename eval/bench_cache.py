@@ -1,0 +1,268 @@
+"""Benchmark of the cache stage: does the promised false-hit bound hold, how many hits does it cost, how fast is
+a lookup at 100k entries. Rerun: `python eval/bench_cache.py` (about 5 minutes on 2 CPU cores).
+
+Definitions (as in toolkit/cache/tune.py): similarity = cosine of MiniLM embeddings; a pair is served when
+similarity >= threshold; false-hit rate = P(label 0 | served); hit rate = P(served).
+
+Data: CLINC150 test split (../shared/data/clinc150, CC BY 3.0), label = same intent (a proxy for "reusable").
+1. pairs:  the 6,000 shared intent pairs (1/3 positives, hard negatives from the same domain).
+2. nn:     nearest-neighbour pairs, what a deployed cache actually faces: each test utterance against its nearest
+           other test utterance; label = same in-scope intent (an out-of-scope query is never reusable).
+For each: a fixed calibration / held-out split (70/30) -> selected threshold -> (a) realized false-hit rate on
+1,000 bootstrap resamples of the held-out pairs, (b) 100 repeated random splits (does the whole procedure keep
+its promise), (c) the best static threshold chosen with hindsight on the held-out pairs at the same realized
+error, (d) the F1-optimal threshold, (e) per-cluster thresholds.
+3. latency: SemanticCache.lookup_vector at 20k and 100k entries (numpy brute force and faiss HNSW), with the
+   embedding of a query timed separately. The 100k entries are the 5.5k real embeddings plus perturbed copies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def parse_args():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data", default=str(REPO / ".." / "shared" / "data" / "clinc150"),
+                    help="folder with clinc150_full.csv and clinc150_test_intent_pairs.csv")
+    ap.add_argument("--epsilon", type=float, default=0.05)
+    ap.add_argument("--confidences", default="0.95,0.99",
+                    help="confidence levels to compare (the literal held-out bootstrap target needs slack)")
+    ap.add_argument("--parts", default="pairs,nn,latency")
+    ap.add_argument("--boot", type=int, default=1000)
+    ap.add_argument("--splits", type=int, default=100)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(REPO / "eval" / "results" / "bench_cache"))
+    return ap.parse_args()
+
+
+def embed_all(texts: list[str]) -> tuple[np.ndarray, float]:
+    from toolkit.cache.runtime import embed_texts
+    from toolkit.models import load_embedder
+
+    model = load_embedder("minilm-l6")
+    t = time.perf_counter()
+    vecs = embed_texts(model, texts, batch_size=64)
+    return vecs, len(texts) / (time.perf_counter() - t)
+
+
+def nn_pairs(vecs: np.ndarray, intents: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    from toolkit.cache.stage import nearest_pairs
+
+    groups = [f"oos#{i}" if g == "oos" else g for i, g in enumerate(intents)]  # oos is never reusable
+    q = np.arange(len(vecs))
+    c, y = nearest_pairs(vecs, groups, list(q))
+    return q, c, y
+
+
+def study(name: str, sims, labels, cached_vecs, args, rng, conf: float) -> dict:
+    from toolkit.cache import adaptive, tune
+
+    eps = args.epsilon
+    n = len(sims)
+    held_mask = rng.random(n) < 0.3
+    cal, held = np.nonzero(~held_mask)[0], np.nonzero(held_mask)[0]
+    out = {"pairs": int(n), "positives": int(labels.sum()), "calibration": int(len(cal)), "heldout": int(len(held))}
+
+    def boot_ok(served_mask):
+        """Fraction of bootstrap resamples of the held-out pairs whose realized false-hit rate is <= epsilon."""
+        s, y = served_mask[held], labels[held]
+        idx = rng.integers(0, len(held), (args.boot, len(held)))
+        served = s[idx].sum(1)
+        false = (s[idx] & (y[idx] == 0)).sum(1)
+        fhr = np.where(served > 0, false / np.maximum(served, 1), 0.0)
+        return float((fhr <= eps).mean())
+
+    policies = {}
+    for method in ("scan", "fixed_sequence"):
+        sel = tune.select(sims[cal], labels[cal], eps, conf, method)
+        mask = sims >= sel.threshold if sel.feasible else np.zeros(n, bool)
+        policies[method] = (sel, mask)
+    ad = adaptive.calibrate(sims[cal], labels[cal], cached_vecs[cal], eps, conf)
+    policies["cluster"] = (ad.selection, ad.served(sims, cached_vecs))
+    for method, (sel, mask) in policies.items():
+        h = tune.rates(mask[held], labels[held], conf)
+        best = tune.hindsight_best(sims[held], labels[held], h["fhr"])
+        out[method] = {"threshold": sel.threshold if method != "cluster" else None,
+                       "calibration_bound": sel.bound, "calibration_hit_rate": float(mask[cal].mean()),
+                       "heldout_fhr": h["fhr"], "heldout_hit_rate": h["hit_rate"], "heldout_recall": h["recall"],
+                       "heldout_served": h["served"], "bootstrap_fraction_fhr_le_eps": boot_ok(mask),
+                       "hindsight_static_hit_rate_at_same_fhr": best["hit_rate"],
+                       "hit_rate_ratio_vs_hindsight": h["hit_rate"] / best["hit_rate"] if best["hit_rate"] else None}
+    t_f1 = tune.f1_threshold(sims[cal], labels[cal])
+    f1 = tune.evaluate(sims[held], labels[held], t_f1, conf)
+    out["f1_reference"] = {"threshold": t_f1, "heldout_fhr": f1["fhr"], "heldout_hit_rate": f1["hit_rate"]}
+
+    # The whole procedure, repeated on fresh random splits: does the promise hold on held-out data?
+    rep = {m: {"ok": 0, "hit": [], "fhr": []} for m in ("scan", "fixed_sequence", "cluster")}
+    for r in range(args.splits):
+        hm = rng.random(n) < 0.3
+        c_idx, h_idx = np.nonzero(~hm)[0], np.nonzero(hm)[0]
+        for m in ("scan", "fixed_sequence", "cluster"):
+            if m == "cluster":
+                res = adaptive.calibrate(sims[c_idx], labels[c_idx], cached_vecs[c_idx], eps, conf, seed=r)
+                mask = res.served(sims[h_idx], cached_vecs[h_idx])
+            else:
+                sel = tune.select(sims[c_idx], labels[c_idx], eps, conf, m)
+                mask = sims[h_idx] >= sel.threshold if sel.feasible else np.zeros(len(h_idx), bool)
+            h = tune.rates(mask, labels[h_idx], conf)
+            rep[m]["ok"] += h["fhr"] <= eps
+            rep[m]["hit"].append(h["hit_rate"])
+            rep[m]["fhr"].append(h["fhr"])
+    out["repeated_splits"] = {m: {"splits": args.splits, "fraction_heldout_fhr_le_eps": v["ok"] / args.splits,
+                                  "mean_heldout_hit_rate": float(np.mean(v["hit"])),
+                                  "mean_heldout_fhr": float(np.mean(v["fhr"])),
+                                  "p95_heldout_fhr": float(np.percentile(v["fhr"], 95))} for m, v in rep.items()}
+    print(f"[{name} @ {conf}] done")
+    return out
+
+
+def latency(vecs: np.ndarray, texts: list[str], rng) -> dict:
+    from toolkit.cache import SemanticCache
+    from toolkit.cache.runtime import l2_normalize
+    from toolkit.models import load_embedder
+
+    def corpus(size):
+        reps = int(np.ceil(size / len(vecs)))
+        noise = 0.35 * rng.standard_normal((reps * len(vecs), vecs.shape[1])).astype(np.float32) / np.sqrt(
+            vecs.shape[1])
+        base = np.tile(vecs, (reps, 1)) + np.where(np.arange(reps * len(vecs))[:, None] < len(vecs), 0, noise)
+        return l2_normalize(base[:size])
+
+    queries = l2_normalize(vecs[rng.choice(len(vecs), 1000, replace=False)]
+                           + 0.2 * rng.standard_normal((1000, vecs.shape[1])).astype(np.float32) / np.sqrt(384))
+    out = {}
+    numpy_answers = {}
+    for size, ann in ((20_000, "numpy"), (100_000, "numpy"), (100_000, "faiss")):
+        try:
+            cache = SemanticCache(threshold=0.0, ann=ann, ann_min_entries=1, max_entries=size)
+            c = corpus(size)
+            t0 = time.perf_counter()
+            cache.insert_many([f"q{i}" for i in range(size)], list(range(size)), vectors=c)
+            build = time.perf_counter() - t0
+        except ImportError as exc:  # faiss not installed
+            out[f"{ann}@{size}"] = {"skipped": str(exc)}
+            continue
+        times, answers = [], []
+        for q in queries:
+            t = time.perf_counter()
+            hit = cache.lookup_vector(q)
+            times.append(time.perf_counter() - t)
+            answers.append(hit.answer)
+        key = f"{ann}@{size}"
+        out[key] = {"entries": size, "insert_s": build, "p50_ms": float(np.median(times) * 1e3),
+                    "p99_ms": float(np.percentile(times, 99) * 1e3), "lookups": len(queries)}
+        if ann == "numpy":
+            numpy_answers[size] = answers
+        else:
+            out[key]["recall_at_1_vs_numpy"] = float(np.mean(np.array(answers) == np.array(numpy_answers[size])))
+        print(f"[latency] {key}: {out[key]}")
+    model = load_embedder("minilm-l6")
+    sample = [texts[i] for i in rng.choice(len(texts), 200, replace=False)]
+    model.encode(sample[:8])
+    times = []
+    for t_ in sample:
+        t = time.perf_counter()
+        model.encode([t_], normalize_embeddings=True)
+        times.append(time.perf_counter() - t)
+    out["embedding_single_query"] = {"p50_ms": float(np.median(times) * 1e3),
+                                     "p99_ms": float(np.percentile(times, 99) * 1e3), "queries": len(sample)}
+    return out
+
+
+def markdown(res: dict) -> str:
+    eps = res["epsilon"]
+    lines = [f"# bench_cache results ({res['date']}, {res['machine']})", "",
+             f"epsilon = {eps}, embedder = MiniLM-L6 (cosine). "
+             "Timings measured on a shared 2-core machine: noisy.", ""]
+    for name in ("pairs", "nn"):
+        for conf, s in res.get(name, {}).items():
+            lines += [f"## {name}, confidence {conf}: {s['pairs']} pairs ({s['positives']} positive), calibration "
+                      f"{s['calibration']}, held-out {s['heldout']}", "",
+                      "| policy | threshold | held-out FHR | held-out hit rate | bootstrap P(FHR<=eps) | "
+                      "hindsight static hit rate @ same FHR | ratio | repeated splits P(FHR<=eps) | mean hit rate |",
+                      "|---|---|---|---|---|---|---|---|---|"]
+            for m in ("scan", "fixed_sequence", "cluster"):
+                p, r = s[m], s["repeated_splits"][m]
+                thr = "per-cluster" if m == "cluster" else (f"{p['threshold']:.3f}" if p["threshold"] else "none")
+                ratio = f"{p['hit_rate_ratio_vs_hindsight']:.3f}" if p["hit_rate_ratio_vs_hindsight"] else "-"
+                lines.append(f"| {m} | {thr} | {p['heldout_fhr']:.3f} | {p['heldout_hit_rate']:.3f} | "
+                             f"{p['bootstrap_fraction_fhr_le_eps']:.3f} | "
+                             f"{p['hindsight_static_hit_rate_at_same_fhr']:.3f} | {ratio} | "
+                             f"{r['fraction_heldout_fhr_le_eps']:.2f} | {r['mean_heldout_hit_rate']:.3f} |")
+            f1 = s["f1_reference"]
+            lines += ["", f"F1-optimal threshold {f1['threshold']:.3f}: held-out FHR {f1['heldout_fhr']:.3f}, hit "
+                      f"rate {f1['heldout_hit_rate']:.3f}.", ""]
+    if "latency" not in res:
+        return "\n".join(lines)
+    lat = res["latency"]
+    lines += ["## lookup latency (after embedding; 1,000 lookups)", "", "| index | entries | p50 ms | p99 ms | note |",
+              "|---|---|---|---|---|"]
+    for key, v in lat.items():
+        if key.startswith("embedding") or "skipped" in v:
+            continue
+        note = f"recall@1 vs exact {v['recall_at_1_vs_numpy']:.3f}" if "recall_at_1_vs_numpy" in v else "exact"
+        lines.append(f"| {key.split('@')[0]} | {v['entries']} | {v['p50_ms']:.3f} | {v['p99_ms']:.3f} | {note} |")
+    e = lat["embedding_single_query"]
+    lines += ["", f"Embedding one query (MiniLM-L6, CPU): p50 {e['p50_ms']:.1f} ms, p99 {e['p99_ms']:.1f} ms.", ""]
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
+    import torch
+
+    torch.set_num_threads(args.threads)
+    data = Path(args.data)
+    rng = np.random.default_rng(0)
+    rows = [r for r in csv.DictReader(open(data / "clinc150_full.csv", newline="", encoding="utf-8"))
+            if r["split"] == "test"]
+    texts = [r["text"] for r in rows]
+    index = {t: i for i, t in enumerate(texts)}
+    vecs, rate = embed_all(texts)
+    print(f"embedded {len(texts)} texts at {rate:.0f}/s")
+
+    pairs = list(csv.DictReader(open(data / "clinc150_test_intent_pairs.csv", newline="", encoding="utf-8")))
+    a = np.array([index[p["text_a"]] for p in pairs])
+    b = np.array([index[p["text_b"]] for p in pairs])
+    y = np.array([int(p["label"]) for p in pairs])
+    parts = args.parts.split(",")
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared",
+           "epsilon": args.epsilon, "embedding_texts_per_s": rate}
+    confs = [float(c) for c in args.confidences.split(",")]
+    datasets = {}
+    if "pairs" in parts:
+        datasets["pairs"] = (np.sum(vecs[a] * vecs[b], 1).astype(np.float64), y, vecs[b])
+    if "nn" in parts:
+        q, c, y_nn = nn_pairs(vecs, [r["intent"] for r in rows])
+        datasets["nn"] = (np.sum(vecs[q] * vecs[c], 1).astype(np.float64), y_nn, vecs[c])
+    for name, (sims, labels, cached) in datasets.items():
+        res[name] = {str(conf): study(name, sims, labels, cached, args, np.random.default_rng(0), conf)
+                     for conf in confs}
+    if "latency" in parts:
+        res["latency"] = latency(vecs, texts, rng)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    md = markdown(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
