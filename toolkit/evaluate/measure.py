@@ -124,14 +124,18 @@ def records_latency(records: list[dict]) -> dict:
     tokens = sum(int(r.get("output_tokens") or 0) for r in records)
     return {"latency_n": len(e2e), "e2e_p50_s": pct(e2e, 50), "e2e_p95_s": pct(e2e, 95), "e2e_p99_s": pct(e2e, 99),
             "e2e_mean_s": float(np.mean(e2e)) if e2e else None,
-            "tokens_per_s_b1": tokens / sum(e2e) if e2e and sum(e2e) > 0 else None}
+            "tokens_per_s_b1": tokens / sum(e2e) if e2e and sum(e2e) > 0 else None,
+            # collect's latency_s is a batch share for batched backends (vLLM): 1 / mean = its throughput.
+            "requests_per_s_collect": len(e2e) / sum(e2e) if e2e and sum(e2e) > 0 else None}
 
 
 def best_rps(row: dict) -> tuple[Optional[float], Optional[int]]:
     """Requests/s at the largest batch size measured (how a self-hosted server would be loaded)."""
     sizes = sorted((int(k.rsplit("_b", 1)[1]) for k in row if k.startswith("requests_per_s_b") and row[k]),
                    reverse=True)
-    return (row[f"requests_per_s_b{sizes[0]}"], sizes[0]) if sizes else (None, None)
+    if sizes:
+        return row[f"requests_per_s_b{sizes[0]}"], sizes[0]
+    return row.get("requests_per_s_collect"), None  # a teacher known only from collect's records
 
 
 # ------------------------------------------------------------------------------------------ cost
@@ -163,7 +167,8 @@ def variant_cost(row: dict, price, key: Optional[str], scored: list[dict], cache
                     "cost_basis": f"pricing.{key}.per_hour but no measured throughput"}
         usd = price.per_hour / 3600 / rps
         return {"cost_per_request_usd": usd, "cost_per_1m_requests": usd * 1e6,
-                "cost_basis": f"pricing.{key}.per_hour {price.per_hour:g} $/h / {rps:.3g} req/s at batch {b}"}
+                "cost_basis": f"pricing.{key}.per_hour {price.per_hour:g} $/h / {rps:.3g} req/s at "
+                              + (f"batch {b}" if b else "collect's batching")}
     bills = [request_cost(price, r["input_tokens"] or 0, r["output_tokens"] or 0, cached_fraction) for r in scored]
     usd = float(np.mean(bills)) if bills else None
     return {"cost_per_request_usd": usd, "cost_per_1m_requests": usd * 1e6 if usd is not None else None,
