@@ -261,8 +261,8 @@ class Int8Config(QuantMethodConfig):
 class GPTQConfig(QuantMethodConfig):
     group_size: int = Field(64, ge=1, description="Weights per quantization group (must divide every quantized "
                             "layer's input width; SmolLM2's 576 needs 32, 64 or 192, not 128).")
-    act_order: bool = Field(False, description="Quantize columns in order of activation magnitude "
-                            "(group-wise act order, vLLM-compatible).")
+    act_order: bool = Field(True, description="GPTQ rounds columns in order of activation magnitude ('weight' "
+                            "act order: better accuracy, same saved format and speed).")
     symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric weights.")
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of its mean "
                                   "diagonal).")

@@ -34,7 +34,7 @@ def test_every_method_on_a_pruned_smollm2(quantized_run):
         assert summary[name]["path"] == name and summary[name]["calibration_samples"] == 16
     gptq_w = json.loads((q / "gptq/config.json").read_text())["quantization_config"]["config_groups"]["group_0"]
     assert gptq_w["weights"]["group_size"] == 32 and gptq_w["weights"]["symmetric"] is False
-    assert gptq_w["weights"]["actorder"] == "group"
+    assert gptq_w["weights"]["actorder"] == "weight"
 
     # GGUF files + a Modelfile pointing at the first type
     assert (q / "gguf/model-Q8_0.gguf").is_file() and (q / "gguf/model-Q4_K_M.gguf").is_file()
@@ -62,18 +62,15 @@ def test_every_method_on_a_pruned_smollm2(quantized_run):
 
 
 @pytest.mark.slow
-def test_gguf_vocab_matches_the_hf_tokenizer(pruned_dir, tmp_path):
-    """The converted GGUF tokenizes and decodes text exactly as the HF tokenizer (a byte-level BPE must not
+def test_gguf_vocab_matches_the_hf_tokenizer(quantized_run, pruned_dir):
+    """The stage's GGUF tokenizes and decodes text exactly as the HF tokenizer (a byte-level BPE must not
     become a sentencepiece vocab, which would print 'Ġ' in every answer)."""
     from llama_cpp import Llama
     from transformers import AutoTokenizer
 
-    from toolkit.quantize import gguf
-
-    out = tmp_path / "m.gguf"
-    gguf.convert(pruned_dir, out, gguf.converter_dir())
+    run, _, _ = quantized_run
     tok = AutoTokenizer.from_pretrained(pruned_dir)
-    llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
+    llm = Llama(model_path=str(run / "quantize/gguf/model-Q8_0.gguf"), vocab_only=True, verbose=False)
     text = "I want to cancel order 732201349959, it's too late?"
     ids = tok(text, add_special_tokens=False)["input_ids"]
     assert llm.tokenize(text.encode(), add_bos=False, special=False) == ids

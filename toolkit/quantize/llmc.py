@@ -23,12 +23,12 @@ def require_llmcompressor() -> None:
         raise MissingExtraError("int8/gptq/awq quantization", "llmcompressor", "quant") from None
 
 
-def int_weight_scheme(bits: int, group_size: int, symmetric: bool, act_order: bool = False):
+def int_weight_scheme(bits: int, group_size: int, symmetric: bool):
     """A W<bits>A16 group-wise scheme with our group size (the stock W4A16 preset fixes group 128)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
     weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group",
-                               group_size=group_size, actorder="group" if act_order else None)
+                               group_size=group_size)
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
 
 
