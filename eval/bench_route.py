@@ -36,6 +36,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--min-quality", type=float, default=0.95)
     p.add_argument("--confidence", type=float, default=0.95)
     p.add_argument("--k", type=int, default=100)
+    p.add_argument("--embedding", choices=["transformer", "static"], default="transformer",
+                   help="static = MiniLM distilled into token vectors (toolkit/route/static.py)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
@@ -60,7 +62,7 @@ def config(args, model: str):
     return RouteConfig.model_validate({
         "labels": {"source": "file", "path": args.data, "score_columns": {"mixtral_8x7b": "mixtral_8x7b_correct",
                                                                           "gpt4_1106": "gpt4_1106_correct"}},
-        "model": model, "k": args.k, "costs": {"mixtral_8x7b": 0.05, "gpt4_1106": 1.0},
+        "model": model, "k": args.k, "embedding": args.embedding, "costs": {"mixtral_8x7b": 0.05, "gpt4_1106": 1.0},
         "target": {"min_quality": args.min_quality, "confidence": args.confidence},
         "holdout": args.holdout, "calibration": args.calibration, "bootstrap": args.bootstrap})
 
@@ -180,6 +182,13 @@ def main() -> None:
         routers[name] = router
     name, rep, router, weights = best
     with tempfile.TemporaryDirectory() as d:  # latency of the saved-and-reloaded runtime, as served
+        if args.embedding == "static":
+            import shutil
+
+            from toolkit.route.static import cached_vectors
+
+            for f in router.spec["features"]["static_files"]:
+                shutil.copy(cached_vectors(cfg0.embedder) / f, Path(d) / f)
         save_router(Path(d), router.spec, router.weights)
         served = Router.load(d)
         sample = np.random.default_rng(args.seed).permutation(test)  # held-out prompts in random order
@@ -209,7 +218,8 @@ def _f(v, pct=False):
 
 def markdown(r: dict) -> str:
     b = r["baselines"]
-    lines = [f"# Route benchmark: MMLU routing (Mixtral-8x7B vs GPT-4-1106), {r['n']['held_out']} held-out prompts",
+    lines = [f"# Route benchmark: MMLU routing (Mixtral-8x7B vs GPT-4-1106), {r['n']['held_out']} held-out prompts, "
+             f"{r['settings']['embedding']} embeddings",
              "", f"fit {r['n']['fit']} / calibration {r['n']['calibration']} / held-out {r['n']['held_out']}; "
              f"goal: >= {r['settings']['min_quality']:g} of GPT-4 quality at {r['settings']['confidence']:.0%} "
              "confidence.", "",

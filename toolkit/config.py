@@ -344,6 +344,10 @@ class RouteConfig(Section):
     labels: RouteLabelsConfig = Field(default_factory=RouteLabelsConfig, description="Where labels come from.")
     embedder: str = Field("minilm-l6", description="sentence-transformers model for features (built-in name, "
                           "local dir or Hub id).")
+    embedding: Literal["transformer", "static"] = Field(
+        "transformer", description="transformer = run the embedder on every prompt; static = distill the embedder "
+        "once into per-token vectors and average them (model2vec-style: ~100x faster, no torch when serving; "
+        "the vectors ship in the route dir).")
     max_seq_length: int = Field(256, ge=8, description="Embedder truncation in tokens (shorter = faster routing).")
     text_features: bool = Field(True, description="Add cheap text features (length, digits, code, question words).")
     model: Literal["logreg", "mlp", "knn", "mf"] = Field(

@@ -103,6 +103,37 @@ def decide(P: np.ndarray, cost_norm: np.ndarray, threshold: float) -> np.ndarray
     return order[np.argmax(utility, axis=1)]
 
 
+# ------------------------------------------------------------------------------------------ static embedder
+
+
+class StaticEmbedder:
+    """Prompt embedding = normalized mean of static token vectors (built by `toolkit.route.static`).
+    Needs numpy + the Rust `tokenizers` library only: no torch at serving time."""
+
+    VECTORS, TOKENIZER = "static_embedder.safetensors", "tokenizer.json"
+
+    def __init__(self, directory: str | Path, max_tokens: int = 512):
+        from safetensors.numpy import load_file
+        from tokenizers import Tokenizer
+
+        directory = Path(directory)
+        self.vectors = load_file(str(directory / self.VECTORS))["vectors"].astype(np.float32)
+        self.known = np.any(self.vectors != 0, axis=1)  # tokens left out of a partial build are skipped
+        self.tokenizer = Tokenizer.from_file(str(directory / self.TOKENIZER))
+        self.tokenizer.no_padding()
+        self.max_tokens = max_tokens
+
+    def encode(self, texts: Sequence[str], batch_size: int = 64, normalize_embeddings: bool = True,
+               convert_to_numpy: bool = True, show_progress_bar: bool = False) -> np.ndarray:
+        out = np.zeros((len(texts), self.vectors.shape[1]), dtype=np.float32)
+        for i, enc in enumerate(self.tokenizer.encode_batch(list(texts), add_special_tokens=False)):
+            ids = [t for t in enc.ids[:self.max_tokens] if self.known[t]]
+            if ids:
+                v = self.vectors[ids].mean(0)
+                out[i] = v / (np.linalg.norm(v) + 1e-12) if normalize_embeddings else v
+        return out
+
+
 # ------------------------------------------------------------------------------------------ Router
 
 
@@ -121,6 +152,7 @@ class Router:
         self._head = spec["head"]
         self._head_weights = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
         self._embedder = embedder
+        self.directory: Optional[Path] = None  # set by load(): static embedders live beside router.json
 
     # --- loading
 
@@ -137,14 +169,19 @@ class Router:
         from safetensors.numpy import load_file  # numpy-only reader
 
         weights = load_file(str(directory / ROUTER_WEIGHTS))
-        return cls(spec, weights, embedder)
+        router = cls(spec, weights, embedder)
+        router.directory = directory
+        return router
 
     @property
     def embedder(self):
         if self._embedder is None:
+            feats = self.spec["features"]
+            if feats.get("embedding") == "static":
+                self._embedder = StaticEmbedder(self.directory)
+                return self._embedder
             from toolkit.models import load_embedder  # sentence-transformers (and its torch) load only here
 
-            feats = self.spec["features"]
             self._embedder = load_embedder(feats["embedder"])
             self._embedder.max_seq_length = feats["max_seq_length"]
         return self._embedder

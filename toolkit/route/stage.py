@@ -52,6 +52,13 @@ def run(ctx) -> dict:
     spec["metrics"] = report["router"]
 
     # --- save
+    if cfg.embedding == "static":  # the router directory carries its own embedder
+        import shutil
+
+        from toolkit.route.static import cached_vectors
+
+        for name in spec["features"]["static_files"]:
+            shutil.copy(cached_vectors(cfg.embedder) / name, ctx.dir / name)
     save_router(ctx.dir, spec, router.weights)
     atomic_write_json(ctx.dir / "report.json", report)
     write_jsonl(ctx.dir / "labels.jsonl", table.rows())
@@ -111,6 +118,11 @@ def embed_cached(cfg, prompts: list[str], work_dir: Path) -> np.ndarray:
     """Unit-norm embeddings [n, dim] float32, cached per (embedder, revision, truncation, prompts)."""
     from toolkit.models import load_embedder, model_revision
 
+    if cfg.embedding == "static":  # fast enough to need no cache; the vectors themselves are cached
+        from toolkit.route.runtime import StaticEmbedder
+        from toolkit.route.static import cached_vectors
+
+        return StaticEmbedder(cached_vectors(cfg.embedder)).encode(prompts)
     key = hashlib.sha256(f"{cfg.embedder}|{model_revision(cfg.embedder)}|{cfg.max_seq_length}|".encode()
                          + "\x1e".join(prompts).encode()).hexdigest()[:20]
     path = Path(work_dir) / f"emb-{key}.npy"
@@ -161,6 +173,9 @@ def router_spec(cfg, table: L.LabelTable, costs: dict, cost_norm: np.ndarray, st
         "model": cfg.model,
         "head": head,
         "features": {"embedder": cfg.embedder, "embedder_revision": model_revision(cfg.embedder),
+                     "embedding": cfg.embedding,
+                     "static_files": ["static_embedder.safetensors", "tokenizer.json"] if cfg.embedding == "static"
+                     else [],
                      "max_seq_length": cfg.max_seq_length, "normalize_embeddings": True, "dim": None,
                      "text_features": cfg.text_features,
                      "text_feature_names": list(TEXT_FEATURES) if cfg.text_features else [],
