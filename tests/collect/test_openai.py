@@ -130,3 +130,24 @@ def test_missing_logprobs_are_counted_not_fatal(workdir, fake_openai):
     assert main(["run", str(write_recipe(workdir, collect, data={"limit": 2}))]) == 0
     summary = json.loads((collect_dir(workdir) / "summary.json").read_text())
     assert summary["backend_stats"]["missing_logprobs"] == 2 and summary["answered"] == 2
+
+
+def test_backoff_doubles_with_jitter_and_is_capped():
+    from types import SimpleNamespace
+
+    from toolkit.collect.backends.openai import OpenAIBackend, Retryable
+    from toolkit.config import recipe_from_dict
+
+    recipe = recipe_from_dict({"name": "t", "teacher": {"model": "m"}, "data": {"path": "x.jsonl"},
+                               "collect": {"backend": "openai",
+                                           "openai": {"backoff_base_s": 0.5, "backoff_max_s": 3.0}}})
+    backend = OpenAIBackend(recipe)
+
+    def wait(attempt, retry_after=None):  # tenacity's RetryCallState exposes these two attributes
+        exc = Retryable("HTTP 500", "http_5xx", retry_after)
+        return backend.wait_s(SimpleNamespace(outcome=SimpleNamespace(exception=lambda: exc), attempt_number=attempt))
+
+    for attempt, ceiling in [(1, 0.5), (2, 1.0), (3, 2.0), (4, 3.0), (9, 3.0)]:
+        waits = [wait(attempt) for _ in range(200)]
+        assert ceiling / 2 <= min(waits) and max(waits) <= ceiling and max(waits) - min(waits) > ceiling / 10
+    assert wait(1, retry_after=7.5) == 7.5  # the server's Retry-After wins over the backoff cap
