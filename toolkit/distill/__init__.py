@@ -229,10 +229,11 @@ def _evaluate(ctx, teacher, teacher_tok, records: list[dict], student_rows: list
         recs = [r for r in records if r["split"] == split and r.get("output")]
         if not recs:
             continue
-        args = (cfg.training.max_length, _chat_template(recipe), cfg.eval_batch_size)
-        report[split] = {"student_nll": nll_of_teacher_outputs(model, tok, recs, *args),
-                         "teacher_nll": nll_of_teacher_outputs(teacher, teacher_tok, recs, *args),
-                         **compare(student_rows, recs, refs)}
+        report[split] = compare(student_rows, recs, refs)
+        if split == "test":  # NLL needs a forward pass of both models: the held-out split only (val is for route)
+            args = (cfg.training.max_length, _chat_template(recipe), cfg.eval_batch_size)
+            report[split].update(student_nll=nll_of_teacher_outputs(model, tok, recs, *args),
+                                 teacher_nll=nll_of_teacher_outputs(teacher, teacher_tok, recs, *args))
     if "test" not in report:
         report["test"] = report.get("val", {})
     log.info("distill: test %s", {k: round(v, 4) for k, v in report["test"].items() if isinstance(v, float)})
