@@ -151,8 +151,10 @@ def evaluate(ctx) -> dict:
 
     cfg, recipe = ctx.config, ctx.recipe
     records = eval_records(ctx)
-    all_refs = [r for r in records if r.get("reference")]
-    labels = measure.label_set(all_refs) if cfg.metric == "gold" else None
+    # The label set comes from every split: a label missing from the evaluated subset can still be answered.
+    from toolkit.records import load_records
+
+    labels = measure.label_set(load_records(ctx.upstream("collect"))) if cfg.metric == "gold" else None
     max_new = cfg.max_new_tokens or (recipe.collect.generation.max_new_tokens if recipe.collect else 64)
     variants, do_system = select(ctx, discover(ctx))
     judge = None

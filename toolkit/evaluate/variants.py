@@ -93,7 +93,8 @@ def select(ctx, found: list[Variant]) -> tuple[list[Variant], bool]:
     names = [v.name for v in found]
     system_ok = cfg.system.enabled and has_system_parts(ctx)
     if cfg.variants == "all":
-        wanted, system = list(names), system_ok
+        # "all" replays the system only when its student exists (a recipe without distill has none).
+        wanted, system = list(names), system_ok and cfg.system.student in names
     else:
         unknown = [n for n in cfg.variants if n not in names and n != SYSTEM]
         if unknown:
