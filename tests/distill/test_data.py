@@ -73,3 +73,12 @@ def test_left_pad_collator_aligns_completions_at_the_right_edge(tok):
     keep = batch["logits_to_keep"]
     assert (batch["labels"][:, : width - keep + 1] == IGNORE).all()
     assert (batch["labels"][:, width - keep + 1:] != IGNORE).any()
+
+
+def test_no_end_of_turn_after_an_output_cut_at_max_new_tokens(tok):
+    recs = make_records(bitext_rows(2), outputs=["This message is about", "ORDER"])
+    recs[0]["finish_reason"] = "length"
+    (cut, done), _ = build_examples(recs, tok, 256)
+    eot = tok.convert_tokens_to_ids("<|im_end|>")
+    assert cut["labels"][-1] != eot and tok.decode(cut["labels"][cut["prompt_len"]:]) == "This message is about"
+    assert done["labels"][-1] == eot

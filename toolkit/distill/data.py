@@ -1,7 +1,8 @@
 """Training examples from teacher records: prompt tokens (no loss) + teacher completion tokens (loss).
 
 The prompt is rendered exactly as the teacher saw it (the record's chat messages through the chat template),
-the completion is the teacher's output followed by the end-of-turn token, so the student also learns to stop.
+the completion is the teacher's output followed by the end-of-turn token (unless the teacher was cut off at
+max_new_tokens), so the student also learns where to stop.
 Problems are counted, not hidden: empty or too-short completions are skipped, over-long examples are
 truncated (prompt from the left, so the generation prompt and the answer stay), and both counts are logged
 and written to student.json.
@@ -45,7 +46,11 @@ class BuildStats:
 
 def build_example(rec: dict, tok, max_length: int, chat_template: bool, stats: BuildStats) -> dict:
     prompt_ids = tok(render_prompt(tok, rec["messages"], chat_template), add_special_tokens=False)["input_ids"]
-    completion_ids = tok(rec["output"], add_special_tokens=False)["input_ids"] + [end_token_id(tok)]
+    completion_ids = tok(rec["output"], add_special_tokens=False)["input_ids"]
+    # The end-of-turn token teaches the student to stop, but only where the teacher stopped: an output cut
+    # at max_new_tokens (finish_reason "length") did not end there.
+    if rec.get("finish_reason") != "length":
+        completion_ids.append(end_token_id(tok))
     if len(prompt_ids) + len(completion_ids) > max_length:
         stats.truncated += 1
         # Keep at least a little prompt context; cut the completion's tail only when it alone is too long.
