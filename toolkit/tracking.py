@@ -44,6 +44,10 @@ class Tracker:
         import mlflow
         from mlflow.tracking import MlflowClient
 
+        # mlflow installs its own handlers on import and logs every sqlite migration at INFO: noise in a CLI
+        # run. Quiet it after the import, or the import resets the level.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = uri
         mlflow.set_tracking_uri(uri)
         self.client = MlflowClient(tracking_uri=uri)
@@ -143,7 +147,4 @@ def make_tracker(enabled: bool, uri: str | None, experiment: str, artifacts_dir:
         return NullTracker()
     uri = os.environ.get("MLFLOW_TRACKING_URI") or uri or default_uri(artifacts_dir)
     Path(artifacts_dir).mkdir(parents=True, exist_ok=True)
-    # MLflow logs every sqlite migration at INFO on first use; that is noise in a CLI run.
-    logging.getLogger("alembic").setLevel(logging.WARNING)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
     return Tracker(uri, experiment, artifacts_dir)
