@@ -95,7 +95,11 @@ def verify_hf(model_dir: Path, probe: Probe) -> dict:
             new = gen[0, len(ids):]
             new_tokens += len(new)
             outputs.append(tok.decode(new, skip_special_tokens=True))
-    return _result(nll, n, outputs, new_tokens, seconds, probe, dir_size(model_dir))
+    # transformers decompresses compressed-tensors weights to dense fp32 on load: tokens/s here is the dense
+    # model's speed, not a quantized kernel's (vLLM's is measured by the evaluate stage / vLLM itself).
+    quantized = getattr(model.config, "quantization_config", None) is not None
+    engine = "transformers (decompressed to fp32)" if quantized else "transformers"
+    return {**_result(nll, n, outputs, new_tokens, seconds, probe, dir_size(model_dir)), "engine": engine}
 
 
 # --------------------------------------------------------------------------------------------- llama.cpp
@@ -122,7 +126,7 @@ def verify_gguf(path: Path, probe: Probe, threads: int) -> dict:
         new_tokens += res["usage"]["completion_tokens"]
         outputs.append(res["choices"][0]["text"])
     del llm
-    return _result(nll, n, outputs, new_tokens, seconds, probe, dir_size(path))
+    return {**_result(nll, n, outputs, new_tokens, seconds, probe, dir_size(path)), "engine": "llama.cpp"}
 
 
 def _result(nll, n, outputs, new_tokens, seconds, probe, size) -> dict:
