@@ -179,6 +179,10 @@ def evaluate(ctx) -> dict:
         row["pareto"] = flag
     notes += [f"{r['variant']}: throughput above batch 1 not measured (llama-cpp-python serves one request at a "
               "time)" for r in rows if r.get("engine") == "llama.cpp"]
+    notes += [f"{r['variant']}: transformers decompresses compressed-tensors weights on load here (CPU), so its "
+              "latency and memory are those of the dequantized model, and its quality reflects the quantized "
+              "weights but not activation quantization (W8A8's A8). vLLM runs the integer kernels." for r in rows
+              if r.get("engine") == "transformers" and r.get("format") == "compressed-tensors"]
     if labels is None and cfg.metric == "gold":
         notes.append("no gold references in the evaluated split: quality is n/a; agreement with the teacher remains")
     write_tables(ctx.dir, rows)
