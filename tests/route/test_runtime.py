@@ -6,7 +6,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from toolkit.config import RouteConfig
 from toolkit.io import read_jsonl
