@@ -83,7 +83,8 @@ def bench_hf(args, requests_for) -> dict:
     loaded.load()
     runs: dict[int, list] = {bs: [] for bs in args.batch_sizes}
     for rep in range(args.repeats):
-        for bs in args.batch_sizes:
+        sizes = args.batch_sizes[rep % len(args.batch_sizes):] + args.batch_sizes[:rep % len(args.batch_sizes)]
+        for bs in sizes:  # rotated per repeat, like the openai configurations
             backend = HFBackend(make_recipe(args, backend="hf", hf={"batch_size": bs}))
             backend.model, backend.tok = loaded.model, loaded.tok
             runs[bs].append(timed(backend, requests_for(backend.recipe)))
@@ -160,12 +161,14 @@ def bench_openai(args, requests_for) -> dict:
                                                             "concurrency": args.concurrency, "timeout_s": 600})
         requests = requests_for(recipe)
         asyncio.run(direct(base_url, requests[:2], args.max_new_tokens, 1))  # warm-up
-        runs: dict[str, list] = {f"server_direct_c{c}": [] for c in args.direct_concurrency}
-        runs["openai_backend"] = []
+        configs = {f"server_direct_c{c}": (lambda c=c: asyncio.run(direct(base_url, requests, args.max_new_tokens, c)))
+                   for c in args.direct_concurrency}
+        configs["openai_backend"] = lambda: timed(OpenAIBackend(recipe), requests)
+        runs: dict[str, list] = {name: [] for name in configs}
         for rep in range(args.repeats):
-            for c in args.direct_concurrency:
-                runs[f"server_direct_c{c}"].append(asyncio.run(direct(base_url, requests, args.max_new_tokens, c)))
-            runs["openai_backend"].append(timed(OpenAIBackend(recipe), requests))
+            names = list(configs)
+            for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate: no config always last
+                runs[name].append(configs[name]())
             print(f"  openai repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']:.1f}" for k, v in runs.items()),
                   flush=True)
     finally:
