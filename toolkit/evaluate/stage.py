@@ -52,14 +52,28 @@ def make_engine(ctx, v: Variant, max_new_tokens: int):
         from toolkit.evaluate.engines import LlamaCppEngine
 
         return LlamaCppEngine(v.gguf, seed=recipe.seed, **common)
-    from toolkit.evaluate.engines import HFEngine
+    from toolkit.evaluate.engines import HFEngine, VLLMEngine
 
-    if v.source == "teacher":
-        return HFEngine(v.model_dir, dtype=recipe.teacher.dtype, trust_remote_code=recipe.teacher.trust_remote_code,
-                        **common)
-    trust = bool(recipe.distill and recipe.distill.student.trust_remote_code)
+    trust = (recipe.teacher.trust_remote_code if v.source == "teacher" else
+             bool(recipe.distill and recipe.distill.student.trust_remote_code))
+    if use_vllm(ctx.config.engine):
+        return VLLMEngine(v.model_dir, adapter_dir=v.adapter_dir, dtype=recipe.teacher.dtype, trust_remote_code=trust,
+                          seed=recipe.seed, **common)
     return HFEngine(v.model_dir, adapter_dir=v.adapter_dir, dtype=recipe.teacher.dtype, trust_remote_code=trust,
                     **common)
+
+
+def use_vllm(choice: str) -> bool:
+    import importlib.util
+
+    if choice == "transformers":
+        return False
+    available = importlib.util.find_spec("vllm") is not None
+    if choice == "vllm" and not available:
+        from toolkit.errors import MissingExtraError
+
+        raise MissingExtraError("evaluate.engine: vllm", "vllm", "gpu")
+    return available
 
 
 def known_answers(ctx, v: Variant, records: list[dict]) -> Optional[list[dict]]:
