@@ -90,7 +90,7 @@ def test_clinc_pairs_threshold_report_mlflow_and_runtime(workdir):
 
 
 def test_pairs_from_bitext_intents(workdir):
-    r = recipe({"group_column": "intent", "stress": False, "epsilon": 0.1})
+    r = recipe({"group_column": "intent", "stress": False, "epsilon": 0.1, "bound": "realized"})
     [outcome] = run_pipeline(r)
     out = workdir / "artifacts" / "cachetest" / "cache"
     report = json.loads((out / "report.json").read_text())
@@ -101,6 +101,7 @@ def test_pairs_from_bitext_intents(workdir):
     assert "intent" in report["pairs"]["source"] and report["stress"] is None
     sel = report["selection"]
     assert sel["feasible"] is False or sel["bound"] <= 0.1
+    assert json.loads((out / "cache.json").read_text())["bound_on"] == "realized"
     assert outcome.metrics["heldout_hit_rate"] == report["heldout"]["hit_rate"]
 
 

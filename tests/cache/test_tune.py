@@ -139,3 +139,18 @@ def test_one_class_and_empty_and_bad_labels():
         tune.select(np.array([]), np.array([]), 0.05)
     with pytest.raises(OptkitError, match="0 or 1"):
         tune.select(np.array([0.1, 0.9]), np.array([0, 2]), 0.05)
+
+
+def test_realized_bound_covers_the_heldout_check_more_often():
+    """bound=realized adds the held-out batch's own noise: the realized held-out false-hit rate stays <= epsilon
+    far more often than with the rate bound (whose promise is about the long-run rate, not one batch)."""
+    assert tune.realized_bound(5, 200, 0.43, 0.95) > tune.upper_bound(5, 200, 0.95)
+    rng = np.random.default_rng(5)
+    ok = {None: 0, 0.43: 0}
+    for _ in range(150):
+        s, y = sample(2000, rng)
+        cal = rng.random(2000) < 0.7
+        for ratio in ok:
+            sel = tune.select(s[cal], y[cal], 0.05, 0.95, batch_ratio=ratio)
+            ok[ratio] += tune.evaluate(s[~cal], y[~cal], sel.threshold)["fhr"] <= 0.05
+    assert ok[0.43] / 150 >= 0.9 and ok[0.43] > ok[None] + 10

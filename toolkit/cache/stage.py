@@ -233,14 +233,15 @@ def run(ctx) -> dict:
     y = pairs.labels
 
     # The global threshold: the promise.
-    sel = tune.select(sims[cal], y[cal], cfg.epsilon, cfg.confidence, cfg.selection)
+    batch_ratio = len(held) / len(cal) if cfg.bound == "realized" else None
+    sel = tune.select(sims[cal], y[cal], cfg.epsilon, cfg.confidence, cfg.selection, batch_ratio)
     if not sel.feasible:
         log.warning("cache: no threshold has a false-hit upper bound <= %.3g on %d calibration pairs (best "
                     "achievable: %.3f at t=%.3f); exporting an exact-match-only cache", cfg.epsilon, sel.n,
                     sel.best_bound, sel.best_bound_threshold)
     held_eval = tune.evaluate(sims[held], y[held], sel.threshold, cfg.confidence)
     threshold_ci = tune.bootstrap_threshold(sims[cal], y[cal], cfg.epsilon, cfg.confidence, cfg.selection,
-                                           seed=ctx.recipe.seed)
+                                           batch_ratio=batch_ratio, seed=ctx.recipe.seed)
     served_ci = tune.interval(sel.false_hits, sel.served)
 
     # The F1-optimal threshold, only as a reference for how wrong the usual choice is.
@@ -256,7 +257,7 @@ def run(ctx) -> dict:
         "definitions": {"similarity": SIMILARITY["definition"] + " (higher = closer)", "false_hit_rate":
                         FHR_DEFINITION, "hit_rate": HIT_RATE_DEFINITION,
                         "bound": f"one-sided {cfg.confidence:.0%} Clopper-Pearson upper bound on the calibration "
-                                 f"pairs; threshold search: {cfg.selection}"},
+                                 f"pairs ({cfg.bound} false-hit rate); threshold search: {cfg.selection}"},
         "pairs": {"source": pairs.source, "total": int(len(y)), "positives": int(y.sum()),
                   "calibration": int(len(cal)), "heldout": int(len(held))},
         "selection": sel.to_dict(), "threshold_ci95_bootstrap": threshold_ci,
@@ -274,7 +275,7 @@ def run(ctx) -> dict:
                      "probe_vectors": np.round(probe_vectors(embedder), 6).tolist()},
         "similarity": SIMILARITY, "false_hit_rate": FHR_DEFINITION,
         "threshold": sel.threshold, "feasible": sel.feasible, "epsilon": cfg.epsilon,
-        "confidence": cfg.confidence, "bound": sel.bound, "selection": cfg.selection,
+        "confidence": cfg.confidence, "bound": sel.bound, "bound_on": cfg.bound, "selection": cfg.selection,
         "threshold_ci95": threshold_ci,
         "calibration": {"pairs": sel.n, "served": sel.served, "false_hits": sel.false_hits},
         "adaptive": (adaptive or {}).get("config"),

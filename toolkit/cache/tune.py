@@ -65,6 +65,25 @@ def upper_bound(k, n, confidence: float):
     return np.where((n <= 0) | (k >= n), 1.0, ub)
 
 
+def realized_bound(k, n, batch_ratio: float, confidence: float):
+    """Upper `confidence` quantile of the false-hit rate *realized* on a future batch whose served count is
+    n * batch_ratio, given k false hits among n served now. The exact predictive is beta-binomial (Jeffreys
+    prior); its quantile is computed from a beta with the same mean and variance (scipy's discrete betabinom.ppf
+    is far too slow over thousands of thresholds). Wider than the rate bound: it adds the future batch's own
+    sampling noise, which a held-out check also sees."""
+    from scipy.stats import beta
+
+    k = np.asarray(k, dtype=float)
+    n = np.asarray(n, dtype=float)
+    m = np.maximum(1, np.round(n * batch_ratio))
+    a, b = k + 0.5, np.maximum(n - k, 0) + 0.5
+    mean = a / (a + b)
+    var = a * b * (a + b + m) / (m * (a + b) ** 2 * (a + b + 1))
+    common = mean * (1 - mean) / var - 1  # moment-matched beta(alpha, beta) of the realized rate X / m
+    q = beta.ppf(confidence, mean * common, (1 - mean) * common)
+    return np.where(n <= 0, 1.0, q)
+
+
 def interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Two-sided Clopper-Pearson interval of a binomial rate."""
     from scipy.stats import beta
@@ -149,11 +168,15 @@ def start_count(epsilon: float, confidence: float, n: int) -> int:
 
 
 def select(sims: np.ndarray, labels: np.ndarray, epsilon: float, confidence: float = 0.95,
-           method: str = "scan") -> Selection:
-    """The lowest threshold whose false-hit upper bound is <= epsilon (see the module doc for `method`)."""
+           method: str = "scan", batch_ratio: Optional[float] = None) -> Selection:
+    """The lowest threshold whose false-hit upper bound is <= epsilon (see the module doc for `method`).
+    batch_ratio=None bounds the false-hit *rate*; a number bounds the rate *realized* on a future batch that
+    large relative to the calibration set (see realized_bound)."""
     check_inputs(sims, labels, epsilon, confidence, "calibration pairs")
     c = curve(sims, labels)
     ub = upper_bound(c.false_hits, c.served, confidence)
+    if batch_ratio is not None:  # never looser than the rate bound (the Jeffreys predictive can be, at k = 0)
+        ub = np.maximum(ub, realized_bound(c.false_hits, c.served, batch_ratio, confidence))
     best = int(np.argmin(ub))
     if method == "scan":
         ok = np.nonzero(ub <= epsilon)[0]
@@ -215,7 +238,8 @@ def hindsight_best(sims: np.ndarray, labels: np.ndarray, max_fhr: float) -> dict
 
 
 def bootstrap_threshold(sims: np.ndarray, labels: np.ndarray, epsilon: float, confidence: float,
-                        method: str = "scan", rounds: int = 200, seed: int = 0) -> Optional[list[float]]:
+                        method: str = "scan", batch_ratio: Optional[float] = None, rounds: int = 200,
+                        seed: int = 0) -> Optional[list[float]]:
     """95% percentile interval of the selected threshold over bootstrap resamples of the calibration pairs
     (how much the threshold itself would move with other calibration data). None if mostly infeasible."""
     rng = np.random.default_rng(seed)
@@ -226,7 +250,7 @@ def bootstrap_threshold(sims: np.ndarray, labels: np.ndarray, epsilon: float, co
         idx = rng.integers(0, len(sims), len(sims))
         if len(np.unique(labels[idx])) < 2:
             continue
-        sel = select(sims[idx], labels[idx], epsilon, confidence, method)
+        sel = select(sims[idx], labels[idx], epsilon, confidence, method, batch_ratio)
         if sel.feasible:
             picks.append(sel.threshold)
     if len(picks) < rounds / 2:
