@@ -259,11 +259,13 @@ class Int8Config(QuantMethodConfig):
 
 
 class GPTQConfig(QuantMethodConfig):
-    group_size: int = Field(64, ge=1, description="Weights per quantization group (must divide every quantized "
-                            "layer's input width; SmolLM2's 576 needs 32, 64 or 192, not 128).")
+    group_size: int = Field(32, ge=1, description="Weights per quantization group (must divide every quantized "
+                            "layer's input width; SmolLM2's 576 needs 32, 64 or 192, not 128). Measured on "
+                            "SmolLM2-135M: group 32 asymmetric +0.5% perplexity vs group 64 symmetric +6.7%.")
     act_order: bool = Field(True, description="GPTQ rounds columns in order of activation magnitude ('weight' "
                             "act order: better accuracy, same saved format and speed).")
-    symmetric: bool = Field(True, description="Symmetric (no zero point) or asymmetric weights.")
+    symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric weights (default: "
+                            "asymmetric, measured better).")
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of its mean "
                                   "diagonal).")
     ignore: list[str] = Field(["lm_head"], description="Modules left unquantized (names, or 're:<regex>', e.g. "
