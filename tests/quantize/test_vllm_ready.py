@@ -20,7 +20,9 @@ def test_vllm_loads_and_generates_every_artifact(quantized_run):
     run, _, _ = quantized_run
     dirs = [run / "quantize" / name for name in ("int8", "gptq", "awq")]
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
+           # engine in-process: no EngineCore/worker processes to spawn per model (366 s -> ~2 min here)
+           "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([str(VLLM_PY), str(Path(__file__).with_name("vllm_load.py")), *map(str, dirs)],
                           capture_output=True, text=True, env=env, timeout=900)
