@@ -27,7 +27,7 @@ def run(ctx) -> dict:
     teacher, teacher_tok = _load_teacher(recipe)
 
     student_facts = _build_student(ctx, teacher, teacher_tok, records)
-    facts = _train(ctx, student_facts["tokenizer_report"])
+    facts = _train(ctx)
     _publish(ctx, cfg.method)
 
     student_rows = _generate(ctx, prompts)
@@ -156,7 +156,7 @@ def _dir_hash(path: Path) -> str:
     return h.hexdigest()[:16]
 
 
-def _train(ctx, tokenizer_report: dict) -> dict:
+def _train(ctx) -> dict:
     from toolkit.config import config_hash
     from toolkit.distill.launch import run_training
     from toolkit.distill.train import FINAL, spec_for_hash
