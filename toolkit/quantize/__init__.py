@@ -100,7 +100,9 @@ def source_model(ctx) -> Path:
         if not isinstance(resolved, Path):
             raise OptkitError(f"quantize.model: '{cfg.model}' must be a local model directory or a built-in name")
         src = resolved
-        ctx.add_input(src / "config.json")
+        for f in [src / "config.json", *sorted(src.glob("*.safetensors"))]:  # changed weights re-run the stage
+            if f.is_file():
+                ctx.add_input(f)
     else:
         src = ctx.upstream("distill") / "model"
     if not (src / "config.json").is_file():
