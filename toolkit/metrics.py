@@ -5,6 +5,7 @@
 - rouge_l: LCS-based F-measure over tokens (Lin 2004), for longer answers.
 - gold_match: does the answer contain the gold label as its first normalized answer? (for class labels
   the model may wrap in a sentence: "The category is REFUND.").
+- label_agreement: do two answers name the same first label? (agreement on the decision, not the phrasing).
 """
 
 from __future__ import annotations
@@ -88,6 +89,23 @@ def first_label(pred: str, labels: list[str]) -> Optional[str]:
         if pos >= 0 and (best_pos is None or pos < best_pos):
             best, best_pos = label, pos
     return best
+
+
+def label_set(references, max_labels: int = 50) -> Optional[list[str]]:
+    """The distinct references as a label set, or None when they do not look like class labels (fewer than 2
+    or more than `max_labels` distinct values: free-text references, not categories)."""
+    labels = sorted({str(r) for r in references if r})
+    return labels if 2 <= len(labels) <= max_labels else None
+
+
+def label_agreement(pred: str, other: str, labels: list[str]) -> float:
+    """1.0 when both answers name the same first label. When neither names a label, they agree only if their
+    texts match exactly (normalized): two unlabeled answers are not the same decision just because both
+    missed the label set (a student that never names a label would otherwise agree with every teacher miss)."""
+    a, b = first_label(pred, labels), first_label(other, labels)
+    if a is None and b is None:
+        return exact_match(pred, other)
+    return float(a == b)
 
 
 METRICS: dict[str, Callable[[str, str], float]] = {

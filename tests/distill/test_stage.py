@@ -65,7 +65,7 @@ def test_lora_stage_writes_the_contract_outputs_and_logs_curves(workdir, tiny_te
     report = json.loads((d / "eval.json").read_text())
     test = report["test"]
     for key in ("student_nll", "teacher_nll", "agreement_exact", "agreement_f1", "agreement_rouge_l",
-                "student_gold_accuracy", "teacher_gold_accuracy"):
+                "agreement_label", "student_gold_accuracy", "teacher_gold_accuracy"):
         assert key in test
     assert test["teacher_gold_accuracy"] == 1.0  # these records' teacher answered the gold label
     assert test["n"] == sum(r["split"] == "test" for r in records)

@@ -2,7 +2,8 @@
 
 import pytest
 
-from toolkit.metrics import exact_match, first_label, gold_match, normalize, rouge_l, token_f1
+from toolkit.metrics import (exact_match, first_label, gold_match, label_agreement, label_set, normalize, rouge_l,
+                             token_f1)
 
 LABELS = ["ACCOUNT", "ORDER", "REFUND", "SHIPPING_ADDRESS", "CANCELLATION_FEE"]
 
@@ -39,3 +40,19 @@ def test_gold_match_without_labels():
     assert gold_match("the answer is 42", "42") == 1.0
     assert gold_match("420", "42") == 0.0
     assert gold_match("anything", "") == 0.0
+
+
+def test_label_agreement_compares_first_labels_not_phrasing():
+    assert label_agreement("REFUND", "This message is about a refund request.", LABELS) == 1.0
+    assert label_agreement("order, then refund", "refund", LABELS) == 0.0  # first labels ORDER vs REFUND
+    assert label_agreement("It is about an order", "I cannot tell", LABELS) == 0.0  # one names none
+    # neither names a label: they agree only when the texts match (normalized)
+    assert label_agreement("I cannot tell.", "i cannot tell", LABELS) == 1.0
+    assert label_agreement("I cannot tell", "No idea", LABELS) == 0.0
+
+
+def test_label_set_only_for_few_distinct_references():
+    assert label_set(["B", "A", "B", None, ""]) == ["A", "B"]
+    assert label_set(["A", "A"]) is None  # one value: nothing to choose between
+    assert label_set([f"answer {i}" for i in range(51)]) is None  # free text, not a label set
+    assert label_set([f"L{i}" for i in range(50)]) is not None

@@ -1,7 +1,9 @@
 """In-stage evaluation: student vs teacher on held-out prompts.
 
 - NLL of the teacher's outputs under each model (how well the student models the teacher).
-- Agreement of the student's greedy answer with the teacher's: exact match, token F1, ROUGE-L.
+- Agreement of the student's greedy answer with the teacher's: exact match, token F1, ROUGE-L, and, when the
+  references form a label set (<= 50 distinct values), agreement_label: both name the same first label
+  (toolkit.metrics.label_agreement) -- the decision, not the phrasing, which is what a classifier is for.
 - Gold accuracy of both, where the data has references: the label set is the distinct references, and an
   answer counts when the first label it names is the gold one (toolkit.metrics.gold_match).
 """
@@ -58,14 +60,17 @@ def nll_of_teacher_outputs(model, tok, records: list[dict], max_length: int, cha
     return completion_nll(model, batches(examples, tok.pad_token_id, batch_size))
 
 
-def agreement(student: dict[str, str], teacher: dict[str, str]) -> dict:
+def agreement(student: dict[str, str], teacher: dict[str, str], labels: list[str] | None = None) -> dict:
     ids = [i for i in teacher if i in student]
     if not ids:
         return {}
-    return {"agreement_exact": mean(metrics.exact_match(student[i], teacher[i]) for i in ids),
-            "agreement_f1": mean(metrics.token_f1(student[i], teacher[i]) for i in ids),
-            "agreement_rouge_l": mean(metrics.rouge_l(student[i], teacher[i]) for i in ids),
-            "n": len(ids)}
+    out = {"agreement_exact": mean(metrics.exact_match(student[i], teacher[i]) for i in ids),
+           "agreement_f1": mean(metrics.token_f1(student[i], teacher[i]) for i in ids),
+           "agreement_rouge_l": mean(metrics.rouge_l(student[i], teacher[i]) for i in ids),
+           "n": len(ids)}
+    if labels:
+        out["agreement_label"] = mean(metrics.label_agreement(student[i], teacher[i], labels) for i in ids)
+    return out
 
 
 def gold_accuracy(answers: dict[str, str], references: dict[str, str], labels: list[str]) -> float | None:
@@ -81,7 +86,7 @@ def compare(student_rows: list[dict], teacher_records: list[dict], label_refs: l
     teacher = {r["id"]: r["output"] for r in teacher_records}
     refs = {r["id"]: r.get("reference") for r in teacher_records if r.get("reference")}
     labels = sorted({str(x) for x in label_refs if x})
-    out = agreement(student, teacher)
+    out = agreement(student, teacher, metrics.label_set(label_refs))
     st_gold = gold_accuracy({i: student[i] for i in teacher if i in student}, refs, labels)
     te_gold = gold_accuracy(teacher, refs, labels)
     if st_gold is not None and te_gold is not None:

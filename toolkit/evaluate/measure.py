@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from toolkit.metrics import METRICS, first_label, gold_match, normalize, token_f1
+from toolkit.metrics import METRICS, exact_match, gold_match, label_agreement, token_f1
 
 
 # ------------------------------------------------------------------------------------------ quality
@@ -39,11 +39,10 @@ def task_score(pred: str, ref: Optional[str], metric: str, labels: Optional[list
 
 
 def agrees(pred: str, teacher: str, labels: Optional[list[str]]) -> float:
+    # the same rule as distill's agreement_label (toolkit.metrics.label_agreement), so both stages agree
     if labels:
-        a, b = first_label(pred, labels), first_label(teacher, labels)
-        if a is not None or b is not None:
-            return float(a == b)
-    return float(normalize(pred) == normalize(teacher))
+        return label_agreement(pred, teacher, labels)
+    return exact_match(pred, teacher)
 
 
 def score_rows(rows: list[dict], records: list[dict], metric: str, labels: Optional[list[str]]) -> list[dict]:
