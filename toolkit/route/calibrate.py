@@ -1,8 +1,18 @@
 """Choosing the threshold for the recipe's goal on calibration data (prompts the router was not fit on).
 
-Goal "min_quality = X": the cheapest threshold whose one-sided lower confidence bound on
-quality(routed) / quality(strong) is >= X. Per prompt, d_i = q_routed_i - X * q_strong_i; the goal holds
-when mean(d) >= 0, and we test it with a one-sided t bound. Thresholds are tested in a fixed sequence from
+Goal "min_quality = X", promised for what a batch of m prompts (target.eval_size, default the calibration
+size n) will REALIZE, not only for the long-run mean. Per prompt, d_i = q_routed_i - X * q_strong_i; a batch
+realizes quality(routed) / quality(strong) >= X exactly when its mean(d) >= 0. That batch mean is
+~ N(mu, sigma^2 / m), so it is >= 0 with probability >= c (c = confidence) when mu >= z_c * sigma / sqrt(m).
+We test that hypothesis with a one-sided t bound on the calibration data:
+    mean(d) - t_c * sd / sqrt(n) - z_c * sd / sqrt(m) >= 0.
+Reading: with confidence c over the calibration sample, a fresh batch of m prompts at the shipped threshold
+meets the goal with probability >= c (a tolerance-style (c, c) guarantee). It is what a held-out check with
+the threshold kept fixed measures: the bootstrap of m held-out prompts estimates P(batch mean(d) >= 0), and
+that estimate is >= c in about c of the runs. The bound on mu alone (without the sqrt(m) term) covered
+only the calibration noise: realized batch quality then sat below X up to half of the time at the boundary.
+The prediction-interval form mean - z * sd * sqrt(1/n + 1/m) is tighter but promises only "P(batch >= X)
+>= c" averaged over calibration samples, which a single held-out bootstrap cannot confirm. Thresholds are tested in a fixed sequence from
 "always strong" (d_i >= 0 by construction) towards cheaper ones, stopping at the first that fails: fixed-
 sequence testing keeps the error rate at 1 - confidence without a multiple-testing correction (the
 "Learn then Test" argument, Angelopoulos et al. 2021), so the chosen threshold is not the luckiest of many.
@@ -31,10 +41,11 @@ class Calibration:
     confidence: float
     n: int
     quality_ratio: float  # routed / always-strong quality on calibration data, at the threshold
-    lower_bound: float  # one-sided bound on that ratio (min_quality goal), else nan
+    lower_bound: float  # one-sided bound on the ratio a batch of eval_size prompts realizes (min_quality), else nan
     strong_fraction: float
     cost: float  # mean normalized cost (0 = always cheapest, 1 = always strong)
     notes: list[str] = field(default_factory=list)
+    eval_size: int | None = None  # min_quality: the batch size the bound is for (realized quality)
 
     def as_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in self.__dict__.items()}
@@ -76,6 +87,12 @@ def _t_quantile(confidence: float, dof: int) -> float:
     from scipy.stats import t
 
     return float(t.ppf(confidence, max(dof, 1)))
+
+
+def _z_quantile(confidence: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.ppf(confidence))
 
 
 def calibrate(P: np.ndarray, S: np.ndarray, cost_norm: np.ndarray, strong: int, target) -> Calibration:
@@ -124,7 +141,8 @@ def _for_quality(lams, P, S, cost_norm, strong, target) -> Calibration:
     total, total2 = _d_moments(lams, P, S, cost_norm, strong, X)
     mean = total / n
     sd = np.sqrt(np.clip((total2 - n * mean ** 2) / max(n - 1, 1), 0, None))
-    lcb = mean - _t_quantile(conf, n - 1) * sd / math.sqrt(n)
+    m = target.eval_size or n
+    lcb = mean - _t_quantile(conf, n - 1) * sd / math.sqrt(n) - _z_quantile(conf) * sd / math.sqrt(m)
     lcb_ratio = X + lcb / q_strong.mean()
     # Fixed sequence from always-strong (index 0: its ratio is exactly 1, nothing to test) towards cheaper.
     failed = np.flatnonzero(lcb[1:] < 0)
@@ -139,7 +157,7 @@ def _for_quality(lams, P, S, cost_norm, strong, target) -> Calibration:
                           f"calibration prompts to a cheaper model keeps the {conf:.0%} lower bound on quality "
                           f">= {X:g}{best} (always-strong is the only way). Lower the target or add labeled data")
     bound = 1.0 if last == 0 else float(lcb_ratio[last])
-    return Calibration(float(lam), "min_quality", X, conf, n, ratio, bound, frac, cost)
+    return Calibration(float(lam), "min_quality", X, conf, n, ratio, bound, frac, cost, eval_size=m)
 
 
 def _for_fraction(lams, choices, S, q_strong, cost_norm, strong, rows, target) -> Calibration:
