@@ -334,6 +334,10 @@ class RouteTargetConfig(Section):
     max_strong_fraction: Optional[float] = Field(None, ge=0, le=1, description="Send at most this fraction "
                                                  "of queries to the strong model (best quality within it).")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="One-sided confidence of the quality bound.")
+    eval_size: Optional[int] = Field(None, ge=1, description="min_quality: the guarantee is for the quality "
+                                     "REALIZED on a batch of this many prompts (a deployment window or an "
+                                     "evaluation set), not only the long-run mean; smaller = stricter threshold. "
+                                     "Default: the calibration size.")
 
     @model_validator(mode="after")
     def _one_goal(self) -> "RouteTargetConfig":
