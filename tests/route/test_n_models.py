@@ -25,6 +25,25 @@ SCORES = {"tiny": "tiny_correct", "mixtral_8x7b": "mixtral_8x7b_correct", "gpt4_
 COSTS = {"tiny": 0.01, "mixtral_8x7b": 0.3, "gpt4_1106": 1.0}
 # route.model -> the goal it is calibrated for (both goal kinds get an N-model check)
 GOALS = {"mf": {"min_quality": 0.9}, "logreg": {"max_strong_fraction": 0.3}}
+MAX_SEQ = 128  # shorter than the default truncation: half the embedding time, same code path
+
+
+class MemoEmbedder:
+    """The real MiniLM, encoding each distinct prompt once: both routers and their reloads route the same
+    450 prompts, and re-embedding them four times would dominate the test's time."""
+
+    def __init__(self):
+        from toolkit.models import load_embedder
+
+        self.model = load_embedder("minilm-l6")
+        self.model.max_seq_length = MAX_SEQ
+        self.memo = {}
+
+    def encode(self, texts, **kw):
+        new = [t for t in dict.fromkeys(texts) if t not in self.memo]
+        if new:
+            self.memo.update(zip(new, self.model.encode(new, **kw)))
+        return np.stack([self.memo[t] for t in texts])
 
 
 def three_model_labels(path):
@@ -39,7 +58,7 @@ def three_model_labels(path):
 def _run(tmp, model):
     recipe = file_recipe(tmp, name="route_n3", model=model, target=GOALS[model],
                          labels={"source": "file", "path": str(tmp / "labels3.jsonl"), "score_columns": SCORES},
-                         costs=COSTS, bootstrap=50)
+                         costs=COSTS, bootstrap=50, max_seq_length=MAX_SEQ)
     outcomes = run_pipeline(load_recipe(recipe))
     assert outcomes[-1].status == "ran"
     # the same run dir for both models (the second reuses the cached embeddings); keep each router apart
@@ -63,14 +82,20 @@ def n3_runs(tmp_path_factory):
             os.environ["MLFLOW_TRACKING_URI"] = saved
 
 
+@pytest.fixture(scope="module")
+def embedder():
+    return MemoEmbedder()
+
+
 @pytest.mark.parametrize("model", list(GOALS))
-def test_three_model_router(n3_runs, model):
+def test_three_model_router(n3_runs, embedder, model):
     route_dir = n3_runs[model]
     spec = json.loads((route_dir / "router.json").read_text())
     assert spec["models"] == list(SCORES) and spec["strong"] == "gpt4_1106" and spec["model"] == model
     assert set(spec["costs"]) == set(SCORES)
 
-    router = Router.load(route_dir)
+    assert spec["features"]["max_seq_length"] == MAX_SEQ  # what MemoEmbedder reproduces
+    router = Router.load(route_dir, embedder=embedder)
     assert router.models == list(SCORES)
     rows = read_jsonl(route_dir / "labels.jsonl")
     prompts = [r["prompt"] for r in rows]
@@ -100,8 +125,8 @@ def test_three_model_router(n3_runs, model):
     # routing saves cost against always-strong
     assert spec["calibration"]["cost"] < 1.0
 
-    # a fresh load (new process state: new Router object, same files) routes identically
-    again = Router.load(route_dir / "router.json", embedder=None)
+    # a fresh load from the files (new Router, weights and threshold re-read) routes identically
+    again = Router.load(route_dir / "router.json", embedder=embedder)
     assert again.route_batch(prompts) == names
     report = json.loads((route_dir / "report.json").read_text())
     assert set(report["at_threshold"]["model_share"]) == set(SCORES)
