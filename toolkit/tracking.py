@@ -41,7 +41,7 @@ class Tracker:
     """Thin wrapper over the MLflow client; the pipeline owns the run ids, stages just log."""
 
     def __init__(self, uri: str, experiment: str, artifacts_dir: Path):
-        import mlflow
+        import mlflow  # noqa: F401  (configures its loggers on import; quieted below)
         from mlflow.tracking import MlflowClient
 
         # mlflow installs its own handlers on import and logs every sqlite migration at INFO: noise in a CLI
@@ -49,7 +49,8 @@ class Tracker:
         for name in ("mlflow", "alembic"):
             logging.getLogger(name).setLevel(logging.WARNING)
         self.uri = uri
-        mlflow.set_tracking_uri(uri)
+        # Only an explicit client, never mlflow.set_tracking_uri(): that also exports MLFLOW_TRACKING_URI into
+        # os.environ, which (winning over tracking.uri by design) would capture every later run in the process.
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(experiment)
         if exp is None:

@@ -70,6 +70,19 @@ def test_failed_stage_marks_runs_failed(workdir, stages):
     assert sorted(x.info.status for x in runs) == ["FAILED", "FAILED"]
 
 
+def test_two_runs_in_one_process_keep_their_own_stores(workdir, stages):
+    """Regression: mlflow.set_tracking_uri() exports MLFLOW_TRACKING_URI, which then captured later runs."""
+    first, second = workdir / "one.db", workdir / "two.db"
+    for db in (first, second):
+        r = make_recipe(workdir)
+        r.tracking.uri = f"sqlite:///{db}"
+        pipeline.run_pipeline(r, force=True)
+    for db in (first, second):
+        _, runs = _runs(f"sqlite:///{db}")
+        assert len(runs) == 3, db
+    assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
 def test_flatten_truncates_and_nests():
     flat = flatten({"a": {"b": {"c": 1}}, "long": "x" * 7000})
     assert flat["a.b.c"] == "1" and len(flat["long"]) == 6000
