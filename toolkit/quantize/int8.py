@@ -1,7 +1,9 @@
 """int8: W8A8 (int8 weights per channel, dynamic per-token int8 activations) via SmoothQuant + GPTQ.
 
 SmoothQuant first moves activation outliers into the weights (so per-token int8 activations lose little),
-then GPTQ rounds the weights with second-order error correction.
+then GPTQ rounds the weights with second-order error correction. Strength 0.5 (the default) measured best on
+SmolLM2-135M: perplexity -1.8% vs fp32, against +1.1% at 0.8 and +1.8% without SmoothQuant
+(eval/results/bench_quantize.md).
 """
 
 from __future__ import annotations
