@@ -13,12 +13,12 @@ the export stage's manifest / MLflow) when that matters.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from toolkit.errors import OptkitError
+from toolkit.io import sha256_file  # stdlib-only module: the bundle loader stays runtime-light
 
 MANIFEST = "manifest.json"
 FORMAT = "optkit-bundle/1"
@@ -28,14 +28,6 @@ UNLISTED = (MANIFEST,)
 
 class BundleIntegrityError(OptkitError):
     """A bundle file is missing, changed, or not listed in the manifest."""
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 def list_files(root: Path) -> list[str]:

@@ -85,13 +85,10 @@ def prune(src: Path, dst: Path, keep: list[int]) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
+    from toolkit.distill.student import set_layers
+
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in keep])
-    for i, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = i
-    model.config.num_hidden_layers = len(keep)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    set_layers(model, keep)  # the distill stage's own pruning, so tests prune exactly as users' runs do
     model.save_pretrained(dst, safe_serialization=True)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
     GenerationConfig.from_pretrained(src).save_pretrained(dst)

@@ -19,13 +19,10 @@ def prune(src: Path, dst: Path, keep: list[int]) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from toolkit.distill.student import set_layers
+
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-    model.model.layers = torch.nn.ModuleList([model.model.layers[i] for i in keep])
-    for new_idx, layer in enumerate(model.model.layers):
-        layer.self_attn.layer_idx = new_idx
-    model.config.num_hidden_layers = len(keep)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    set_layers(model, keep)  # the distill stage's own pruning, so tests prune exactly as users' runs do
     model.save_pretrained(dst, safe_serialization=True)
     AutoTokenizer.from_pretrained(src).save_pretrained(dst)
     return dst
