@@ -24,3 +24,20 @@ def smollm2_dir():
     from toolkit.models import resolve
 
     return resolve("smollm2-135m-instruct")
+
+
+# A small real run (pruned SmolLM2 student, LoRA, W8A8, GGUF, router, cache) shared by the evaluate and export
+# tests; built once per session, only when a test asks for it.
+@pytest.fixture(scope="session")
+def built_root(tmp_path_factory, smollm2_dir):
+    from tests.evaluate import fakerun
+
+    return fakerun.built(tmp_path_factory, smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def evaluated(tmp_path_factory, smollm2_dir):
+    """(root, recipe): the evaluate stage ran once on a copy of the built run."""
+    from tests.evaluate import fakerun
+
+    return fakerun.evaluated(tmp_path_factory, smollm2_dir)
