@@ -32,9 +32,25 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-# scan / fixed_sequence: global threshold, bound on the false-hit rate (cache.selection); realized: scan with the
-# bound on the rate realized over a held-out-sized batch (cache.bound=realized); cluster: per-cluster thresholds.
-POLICIES = ("scan", "fixed_sequence", "realized", "cluster")
+# name -> (cache.selection, cache.bound, per-cluster thresholds?). scan / fixed_sequence bound the false-hit rate;
+# realized bounds the rate realized on a held-out-sized batch; audit bounds what an audit of that batch would
+# itself state (the bootstrap target below); cluster* are per-cluster thresholds with the same bounds.
+POLICIES = {"scan": ("scan", "rate", False), "fixed_sequence": ("fixed_sequence", "rate", False),
+            "realized": ("scan", "realized", False), "audit": ("scan", "audit", False),
+            "cluster": ("scan", "rate", True), "cluster_audit": ("scan", "audit", True)}
+
+
+def run_policy(name, sims, labels, cached_vecs, cal, eps, conf, batch_ratio, seed=0):
+    """Calibrate policy `name` on the pairs `cal`; return (selection, served mask over all pairs)."""
+    from toolkit.cache import adaptive, tune
+
+    method, bound, per_cluster = POLICIES[name]
+    if per_cluster:
+        res = adaptive.calibrate(sims[cal], labels[cal], cached_vecs[cal], eps, conf, seed=seed, method=method,
+                                 bound=bound, batch_ratio=batch_ratio)
+        return res.selection, res.served(sims, cached_vecs)
+    sel = tune.select(sims[cal], labels[cal], eps, conf, method, bound, batch_ratio)
+    return sel, (sims >= sel.threshold if sel.feasible else np.zeros(len(sims), bool))
 
 
 def parse_args():
@@ -71,8 +87,17 @@ def nn_pairs(vecs: np.ndarray, intents: list[str]) -> tuple[np.ndarray, np.ndarr
     return q, c, y
 
 
+def boot_fraction(served: np.ndarray, labels: np.ndarray, eps: float, rounds: int, rng) -> float:
+    """Fraction of bootstrap resamples of these held-out pairs whose realized false-hit rate is <= eps."""
+    idx = rng.integers(0, len(labels), (rounds, len(labels)))
+    n_served = served[idx].sum(1)
+    false = (served[idx] & (labels[idx] == 0)).sum(1)
+    fhr = np.where(n_served > 0, false / np.maximum(n_served, 1), 0.0)
+    return float((fhr <= eps).mean())
+
+
 def study(name: str, sims, labels, cached_vecs, args, rng, conf: float) -> dict:
-    from toolkit.cache import adaptive, tune
+    from toolkit.cache import tune
 
     eps = args.epsilon
     n = len(sims)
@@ -81,27 +106,14 @@ def study(name: str, sims, labels, cached_vecs, args, rng, conf: float) -> dict:
     out = {"pairs": int(n), "positives": int(labels.sum()), "calibration": int(len(cal)), "heldout": int(len(held))}
 
     def boot_ok(served_mask):
-        """Fraction of bootstrap resamples of the held-out pairs whose realized false-hit rate is <= epsilon."""
-        s, y = served_mask[held], labels[held]
-        idx = rng.integers(0, len(held), (args.boot, len(held)))
-        served = s[idx].sum(1)
-        false = (s[idx] & (y[idx] == 0)).sum(1)
-        fhr = np.where(served > 0, false / np.maximum(served, 1), 0.0)
-        return float((fhr <= eps).mean())
+        return boot_fraction(served_mask[held], labels[held], eps, args.boot, rng)
 
     ratio = len(held) / len(cal)
-    policies = {}
-    for method in ("scan", "fixed_sequence", "realized"):
-        sel = (tune.select(sims[cal], labels[cal], eps, conf, "scan", ratio) if method == "realized" else
-               tune.select(sims[cal], labels[cal], eps, conf, method))
-        mask = sims >= sel.threshold if sel.feasible else np.zeros(n, bool)
-        policies[method] = (sel, mask)
-    ad = adaptive.calibrate(sims[cal], labels[cal], cached_vecs[cal], eps, conf)
-    policies["cluster"] = (ad.selection, ad.served(sims, cached_vecs))
+    policies = {m: run_policy(m, sims, labels, cached_vecs, cal, eps, conf, ratio) for m in POLICIES}
     for method, (sel, mask) in policies.items():
         h = tune.rates(mask[held], labels[held], conf)
         best = tune.hindsight_best(sims[held], labels[held], h["fhr"])
-        out[method] = {"threshold": sel.threshold if method != "cluster" else None,
+        out[method] = {"threshold": None if POLICIES[method][2] else sel.threshold,
                        "calibration_bound": sel.bound, "calibration_hit_rate": float(mask[cal].mean()),
                        "heldout_fhr": h["fhr"], "heldout_hit_rate": h["hit_rate"], "heldout_recall": h["recall"],
                        "heldout_served": h["served"], "bootstrap_fraction_fhr_le_eps": boot_ok(mask),
@@ -112,25 +124,20 @@ def study(name: str, sims, labels, cached_vecs, args, rng, conf: float) -> dict:
     out["f1_reference"] = {"threshold": t_f1, "heldout_fhr": f1["fhr"], "heldout_hit_rate": f1["hit_rate"]}
 
     # The whole procedure, repeated on fresh random splits: does the promise hold on held-out data?
-    rep = {m: {"ok": 0, "hit": [], "fhr": []} for m in POLICIES}
+    rep = {m: {"ok": 0, "certified": 0, "hit": [], "fhr": []} for m in POLICIES}
     for r in range(args.splits):
         hm = rng.random(n) < 0.3
         c_idx, h_idx = np.nonzero(~hm)[0], np.nonzero(hm)[0]
         for m in POLICIES:
-            if m == "cluster":
-                res = adaptive.calibrate(sims[c_idx], labels[c_idx], cached_vecs[c_idx], eps, conf, seed=r)
-                mask = res.served(sims[h_idx], cached_vecs[h_idx])
-            elif m == "realized":
-                sel = tune.select(sims[c_idx], labels[c_idx], eps, conf, "scan", len(h_idx) / len(c_idx))
-                mask = sims[h_idx] >= sel.threshold if sel.feasible else np.zeros(len(h_idx), bool)
-            else:
-                sel = tune.select(sims[c_idx], labels[c_idx], eps, conf, m)
-                mask = sims[h_idx] >= sel.threshold if sel.feasible else np.zeros(len(h_idx), bool)
+            mask = run_policy(m, sims, labels, cached_vecs, c_idx, eps, conf, len(h_idx) / len(c_idx), seed=r)[1]
+            mask = mask[h_idx]
             h = tune.rates(mask, labels[h_idx], conf)
             rep[m]["ok"] += h["fhr"] <= eps
+            rep[m]["certified"] += boot_fraction(mask, labels[h_idx], eps, 200, rng) >= 0.95  # the target, per split
             rep[m]["hit"].append(h["hit_rate"])
             rep[m]["fhr"].append(h["fhr"])
     out["repeated_splits"] = {m: {"splits": args.splits, "fraction_heldout_fhr_le_eps": v["ok"] / args.splits,
+                                  "fraction_bootstrap_target_met": v["certified"] / args.splits,
                                   "mean_heldout_hit_rate": float(np.mean(v["hit"])),
                                   "mean_heldout_fhr": float(np.mean(v["fhr"])),
                                   "p95_heldout_fhr": float(np.percentile(v["fhr"], 95))} for m, v in rep.items()}
@@ -203,16 +210,18 @@ def markdown(res: dict) -> str:
             lines += [f"## {name}, confidence {conf}: {s['pairs']} pairs ({s['positives']} positive), calibration "
                       f"{s['calibration']}, held-out {s['heldout']}", "",
                       "| policy | threshold | held-out FHR | held-out hit rate | bootstrap P(FHR<=eps) | "
-                      "hindsight static hit rate @ same FHR | ratio | repeated splits P(FHR<=eps) | mean hit rate |",
-                      "|---|---|---|---|---|---|---|---|---|"]
+                      "hindsight static hit rate @ same FHR | ratio | repeated splits P(FHR<=eps) | repeated splits P(target met) "
+                      "| mean hit rate |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for m in POLICIES:
                 p, r = s[m], s["repeated_splits"][m]
-                thr = "per-cluster" if m == "cluster" else (f"{p['threshold']:.3f}" if p["threshold"] else "none")
+                thr = "per-cluster" if POLICIES[m][2] else (f"{p['threshold']:.3f}" if p["threshold"] else "none")
                 ratio = f"{p['hit_rate_ratio_vs_hindsight']:.3f}" if p["hit_rate_ratio_vs_hindsight"] else "-"
                 lines.append(f"| {m} | {thr} | {p['heldout_fhr']:.3f} | {p['heldout_hit_rate']:.3f} | "
                              f"{p['bootstrap_fraction_fhr_le_eps']:.3f} | "
                              f"{p['hindsight_static_hit_rate_at_same_fhr']:.3f} | {ratio} | "
-                             f"{r['fraction_heldout_fhr_le_eps']:.2f} | {r['mean_heldout_hit_rate']:.3f} |")
+                             f"{r['fraction_heldout_fhr_le_eps']:.2f} | {r['fraction_bootstrap_target_met']:.2f} | "
+                             f"{r['mean_heldout_hit_rate']:.3f} |")
             f1 = s["f1_reference"]
             lines += ["", f"F1-optimal threshold {f1['threshold']:.3f}: held-out FHR {f1['heldout_fhr']:.3f}, hit "
                       f"rate {f1['heldout_hit_rate']:.3f}.", ""]

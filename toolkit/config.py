@@ -407,10 +407,11 @@ class CacheConfig(Section):
         "scan", description="scan = lowest threshold whose upper bound <= epsilon (most hits; search not "
         "multiplicity-corrected, coverage measured in eval/bench_cache.py); fixed_sequence = test thresholds high "
         "to low and stop at the first failure (strict guarantee, fewer hits).")
-    bound: Literal["rate", "realized"] = Field(
+    bound: Literal["rate", "realized", "audit"] = Field(
         "rate", description="rate = bound the long-run false-hit rate (Clopper-Pearson); realized = bound the rate "
         "realized on a batch of traffic as large as the held-out set (beta-binomial predictive: adds that batch's "
-        "own noise, so the held-out check passes at the stated confidence; fewer hits).")
+        "own noise; fewer hits); audit = bound the upper bound an audit of such a batch would itself state (the "
+        "held-out check certifies epsilon at the stated confidence; fewest hits).")
     holdout: float = Field(0.3, gt=0, lt=1, description="Fraction of pairs held out to check the bound.")
     adaptive: Literal["none", "cluster"] = Field("none", description="cluster = also fit per-cluster thresholds and "
                                                  "export them only if they raise the held-out hit rate at the "

@@ -94,8 +94,10 @@ class AdaptiveResult:
 
 
 def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilon: float, confidence: float,
-              k: Optional[int] = None, seed: int = 0, method: str = "scan") -> AdaptiveResult:
-    """Fit clusters and curves on one half of the calibration pairs, choose tau on the other half."""
+              k: Optional[int] = None, seed: int = 0, method: str = "scan", bound: str = "rate",
+              batch_ratio: Optional[float] = None) -> AdaptiveResult:
+    """Fit clusters and curves on one half of the calibration pairs, choose tau on the other half with the same
+    kind of bound as the global threshold. batch_ratio is relative to the whole calibration set."""
     sims, labels = np.asarray(sims), np.asarray(labels)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(sims))
@@ -104,7 +106,8 @@ def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, eps
     model = fit(sims[fit_idx], labels[fit_idx], cached_vecs[fit_idx], k, seed)
     scores = model.score(sims[cert_idx], model.assign(cached_vecs[cert_idx]))
     scores = np.where(np.isfinite(scores), scores, -1.0)  # never-served clusters sort below every tau in (0, 1)
-    sel = tune.select(scores, labels[cert_idx], epsilon, confidence, method)
+    ratio = batch_ratio * len(sims) / len(cert_idx) if batch_ratio else None  # tau is certified on half the pairs
+    sel = tune.select(scores, labels[cert_idx], epsilon, confidence, method, bound, ratio)
     if sel.feasible and sel.threshold <= 0:  # the sequence reached never-served pairs: cap tau inside (0, 1)
         sel.threshold = 1e-9
     thresholds = model.thresholds(sel.threshold) if sel.feasible else [None] * k

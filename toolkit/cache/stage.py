@@ -233,15 +233,15 @@ def run(ctx) -> dict:
     y = pairs.labels
 
     # The global threshold: the promise.
-    batch_ratio = len(held) / len(cal) if cfg.bound == "realized" else None
-    sel = tune.select(sims[cal], y[cal], cfg.epsilon, cfg.confidence, cfg.selection, batch_ratio)
+    batch_ratio = len(held) / len(cal)  # the future batch of realized / audit bounds: a held-out-sized one
+    sel = tune.select(sims[cal], y[cal], cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
     if not sel.feasible:
         log.warning("cache: no threshold has a false-hit upper bound <= %.3g on %d calibration pairs (best "
                     "achievable: %.3f at t=%.3f); exporting an exact-match-only cache", cfg.epsilon, sel.n,
                     sel.best_bound, sel.best_bound_threshold)
     held_eval = tune.evaluate(sims[held], y[held], sel.threshold, cfg.confidence)
     threshold_ci = tune.bootstrap_threshold(sims[cal], y[cal], cfg.epsilon, cfg.confidence, cfg.selection,
-                                           batch_ratio=batch_ratio, seed=ctx.recipe.seed)
+                                           cfg.bound, batch_ratio, seed=ctx.recipe.seed)
     served_ci = tune.interval(sel.false_hits, sel.served)
 
     # The F1-optimal threshold, only as a reference for how wrong the usual choice is.
@@ -318,7 +318,7 @@ def _adaptive(ctx, sims, y, cached_vecs, cal, held, global_held: dict) -> dict:
 
     cfg = ctx.config
     res = adaptive.calibrate(sims[cal], y[cal], cached_vecs[cal], cfg.epsilon, cfg.confidence, cfg.clusters,
-                             ctx.recipe.seed, cfg.selection)
+                             ctx.recipe.seed, cfg.selection, cfg.bound, len(held) / len(cal))
     held_eval = tune.rates(res.served(sims[held], cached_vecs[held]), y[held], cfg.confidence)
     better = held_eval["hit_rate"] > global_held["hit_rate"]
     within = held_eval["fhr"] <= cfg.epsilon
