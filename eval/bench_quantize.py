@@ -5,10 +5,15 @@ model, and INT8 (W8A8) increase <= 1 %. All variants are calibrated and scored o
 run, with the same token ids. Timings are wall-clock on whatever machine runs this (noisy when shared).
 
     python eval/bench_quantize.py                                  # SmolLM2-135M, Bitext customer support
-    python eval/bench_quantize.py --model artifacts/quickstart/distill/model --variants gptq_g32_asym_ao q4_k_m
+    python eval/bench_quantize.py --model artifacts/quickstart/distill/model \
+        --records artifacts/quickstart/collect --out eval/results/bench_quantize_student   # a distilled student
     python eval/bench_quantize.py --list
 
 Writes eval/results/bench_quantize.json and .md (rows of an earlier run with the same setup are kept).
+Two perplexities per variant, on the same token ids: of the whole held-out texts (prompt + answer) and of the
+answers alone given their prompts ("answer ppl"). For a distilled student the answer perplexity is the one that
+means something: it was trained on the teacher's answers only, so it never learned to model prompts (the
+quickstart student's whole-text perplexity is in the thousands, and quantization noise hides in it).
 """
 
 from __future__ import annotations
@@ -66,6 +71,19 @@ def load_examples(path: Path, n_cal: int, n_eval: int, seed: int):
     return [ex(r, "train") for r in rows[:n_cal]] + [ex(r, "test") for r in rows[-n_eval:]]
 
 
+def load_records(collect: Path, n_cal: int, n_eval: int):
+    """A run's collect outputs: train-split prompts + teacher answers to calibrate, val + test to score."""
+    from toolkit.quantize.calibration import Example
+    from toolkit.records import load_records as records
+
+    rows = records(collect)
+    if not rows:
+        raise SystemExit(f"{collect}: no collect records (run the recipe's collect stage first)")
+    ex = [Example(r["id"], "train" if r["split"] == "train" else "test", r["messages"], r.get("reference"),
+                  r.get("output")) for r in rows]
+    return [e for e in ex if e.split == "train"][:n_cal] + [e for e in ex if e.split == "test"][:n_eval]
+
+
 def run_variant(name, src, texts, probe, max_length, threads, work):
     import importlib
 
@@ -96,6 +114,8 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct", help="built-in name or HF dir (the student)")
     ap.add_argument("--data", default=str(REPO / "../shared/data/bitext_customer_support/bitext_cs_sample.jsonl"),
                     help="jsonl with instruction, response, category")
+    ap.add_argument("--records", default=None, help="a run's collect dir: its prompts + teacher answers replace "
+                    "--data (train split calibrates, val + test are scored)")
     ap.add_argument("--variants", nargs="*", default=DEFAULT, help="names from --list")
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--cal-samples", type=int, default=64)
@@ -125,24 +145,30 @@ def main() -> None:
 
     src = Path(resolve(args.model))
     tok = AutoTokenizer.from_pretrained(src)
-    examples = load_examples(Path(args.data), args.cal_samples, args.eval_samples, seed=0)
+    examples = (load_records(Path(args.records), args.cal_samples, args.eval_samples) if args.records else
+                load_examples(Path(args.data), args.cal_samples, args.eval_samples, seed=0))
     cal = CalibrationConfig(num_samples=args.cal_samples, max_length=args.max_length)
     texts = calibration_texts(examples, tok, cal)
     probe = build_probe(eval_examples(examples, args.eval_samples), tok, args.eval_samples, args.gen_samples,
                         args.max_length, 32)
-    results = {"setup": {"model": args.model, "data": Path(args.data).name, "calibration_samples": len(texts),
+    data = str(args.records) if args.records else Path(args.data).name
+    results = {"setup": {"model": args.model, "data": data, "calibration_samples": len(texts),
                          "eval_samples": len(probe.eval_ids), "eval_tokens": None, "max_length": args.max_length,
                          "threads": args.threads, "note": "shared 2-core CPU machine: timings are noisy"}}
     results["fp32"] = {"method": "none", **verify_hf(src, probe)}
     results["setup"]["eval_tokens"] = results["fp32"]["eval_tokens"]
-    base = results["fp32"]["perplexity"]
-    print(f"fp32 perplexity {base:.3f}", flush=True)
+    results["setup"]["answer_tokens"] = results["fp32"].get("answer_tokens")
+    base = results["fp32"]
+    print(f"fp32 perplexity {base['perplexity']:.3f}, answer perplexity {base.get('answer_perplexity')}", flush=True)
     with tempfile.TemporaryDirectory(prefix="bench_quantize-") as tmp:
         for name in args.variants:
             r = run_variant(name, src, texts, probe, args.max_length, args.threads, Path(tmp))
-            r["ppl_increase_pct"] = round(100 * (r["perplexity"] - base) / base, 2)
+            for key in ("perplexity", "answer_perplexity"):
+                if r.get(key) and base.get(key):
+                    r[key.replace("perplexity", "ppl_increase_pct")] = round(100 * (r[key] - base[key]) / base[key], 2)
             results[name] = r
             print(f"{name:32s} ppl {r['perplexity']:.3f} ({r['ppl_increase_pct']:+.2f}%)  "
+                  f"answer ppl {r.get('answer_perplexity')} ({r.get('answer_ppl_increase_pct')}%)  "
                   f"{r['quantize_seconds']:.0f}s  {r['size_bytes'] / 1e6:.1f} MB", flush=True)
             write(results, Path(args.out))  # after each variant: a long run that dies keeps what it measured
     print(f"wrote {args.out}.json / .md")
@@ -168,14 +194,17 @@ def write(results: dict, out: Path) -> None:
     s = results["setup"]
     lines = [f"# bench_quantize: {s['model']} on {s['data']}", "",
              f"{s['calibration_samples']} calibration texts, {s['eval_samples']} held-out texts "
-             f"({s['eval_tokens']} tokens, max {s['max_length']}), {s['threads']} threads. {s['note']}.", "",
-             "| variant | method | settings | perplexity | increase % | size MB | quantize s | tokens/s | gold acc |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"({s['eval_tokens']} tokens, {s.get('answer_tokens')} of them answer tokens; max {s['max_length']}), "
+             f"{s['threads']} threads. {s['note']}.", "",
+             "| variant | method | settings | perplexity | increase % | answer ppl | answer increase % | size MB | "
+             "quantize s | tokens/s | gold acc |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in results.items():
         if name == "setup":
             continue
         lines.append(f"| {name} | {r['method']} | {json.dumps(r.get('settings', {}))} | {r['perplexity']:.3f} | "
-                     f"{r.get('ppl_increase_pct', 0):+.2f} | {r['size_bytes'] / 1e6:.1f} | "
+                     f"{r.get('ppl_increase_pct', 0):+.2f} | {r.get('answer_perplexity', '')} | "
+                     f"{r.get('answer_ppl_increase_pct', '')} | {r['size_bytes'] / 1e6:.1f} | "
                      f"{r.get('quantize_seconds', '')} | {r.get('tokens_per_s')} | {r.get('gold_accuracy', '')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 

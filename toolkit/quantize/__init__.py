@@ -3,7 +3,8 @@ each reloaded by the engine that serves it and measured against the unquantized 
 
 Outputs (quantize/): int8/, gptq/, awq/ (HF dirs, compressed-tensors format: vLLM and transformers load
 them), gguf/ (model-<TYPE>.gguf + Ollama Modelfile) and summary.json {artifact: {method, format, path,
-size_bytes, perplexity, ppl_increase_pct, tokens_per_s, teacher_f1, gold_accuracy, ...}}; the
+size_bytes, perplexity, ppl_increase_pct, answer_perplexity (teacher answers given prompts),
+answer_ppl_increase_pct, tokens_per_s, teacher_f1, gold_accuracy, ...}}; the
 unquantized source is the "fp32" entry. Each artifact is written atomically and its verification kept in
 work/, so an interrupted run resumes with the next artifact.
 """
@@ -62,12 +63,12 @@ def run(ctx) -> dict:
     # --- run: baseline, then each method -> artifact -> verification
     summary = {"fp32": _cached(done_dir / "fp32.json", lambda: {
         "method": "none", "format": "hf", "path": None, **verify_hf(src, probe)})}
-    base_ppl = summary["fp32"]["perplexity"]
+    base = summary["fp32"]
     for name in methods:
         mcfg = getattr(cfg, name)
         module = importlib.import_module(METHODS[name])
         if name == "gguf":
-            summary.update(_gguf(ctx, module, src, mcfg, probe, threads, done_dir, base_ppl))
+            summary.update(_gguf(ctx, module, src, mcfg, probe, threads, done_dir, base))
             continue
         out = ctx.dir / name
 
@@ -80,7 +81,7 @@ def run(ctx) -> dict:
                     "calibration_samples": len(texts)}
 
         summary[name] = _cached(done_dir / f"{name}.json", build_and_verify, must_exist=out)
-        summary[name]["ppl_increase_pct"] = _increase(summary[name]["perplexity"], base_ppl)
+        _increases(summary[name], base)
 
     # --- save
     atomic_write_json(ctx.dir / SUMMARY, summary)
@@ -122,7 +123,7 @@ def _source_key(src: Path, cfg) -> str:
     return config_hash({"weights": weights, "quantize": cfg.model_dump()})
 
 
-def _gguf(ctx, module, src, mcfg, probe, threads, done_dir, base_ppl) -> dict:
+def _gguf(ctx, module, src, mcfg, probe, threads, done_dir, base: dict) -> dict:
     from toolkit.io import atomic_dir, atomic_write_json
     from toolkit.quantize.verify import verify_gguf
 
@@ -143,7 +144,7 @@ def _gguf(ctx, module, src, mcfg, probe, threads, done_dir, base_ppl) -> dict:
             "method": "gguf", "format": "gguf", "type": qtype, "path": f"gguf/{fname}",
             "converter": facts["converter"], **verify_gguf(out / fname, probe, threads)}, must_exist=out / fname)
         entry["quantize_seconds_all_types"] = facts["quantize_seconds_all_types"]
-        entry["ppl_increase_pct"] = _increase(entry["perplexity"], base_ppl)
+        _increases(entry, base)
         entries[key] = entry
     return entries
 
@@ -159,8 +160,11 @@ def _cached(path: Path, compute, must_exist: Path | None = None) -> dict:
     return result
 
 
-def _increase(ppl: float, base: float) -> float:
-    return round(100.0 * (ppl - base) / base, 2)
+def _increases(entry: dict, base: dict) -> None:
+    """Perplexity increase vs the unquantized model, on whole texts and on the teacher's answers alone."""
+    for key in ("perplexity", "answer_perplexity"):
+        if entry.get(key) and base.get(key):
+            entry[key.replace("perplexity", "ppl_increase_pct")] = round(100.0 * (entry[key] - base[key]) / base[key], 2)
 
 
 def _headline(summary: dict) -> dict:
@@ -170,6 +174,8 @@ def _headline(summary: dict) -> dict:
             continue
         key = name.replace("-", "_")
         out[f"{key}_ppl_increase_pct"] = entry["ppl_increase_pct"]
+        if "answer_ppl_increase_pct" in entry:
+            out[f"{key}_answer_ppl_increase_pct"] = entry["answer_ppl_increase_pct"]
         out[f"{key}_size_mb"] = round(entry["size_bytes"] / 1e6, 2)
         if entry.get("tokens_per_s"):
             out[f"{key}_tokens_per_s"] = entry["tokens_per_s"]

@@ -19,6 +19,7 @@ class Probe:
     """What every artifact is measured on."""
 
     eval_ids: list[list[int]]  # held-out token sequences for perplexity
+    answer_starts: list[int]  # per sequence: index of the teacher answer's first token (len(ids) = no answer)
     prompts: list[list[int]]  # templated test prompts (token ids) for generation
     teacher: list[Optional[str]]  # teacher output per prompt
     gold: list[Optional[str]]  # gold answer per prompt
@@ -29,15 +30,21 @@ class Probe:
 def build_probe(examples, tokenizer, eval_n: int, gen_n: int, max_length: int, max_new_tokens: int) -> Probe:
     from toolkit.quantize.calibration import format_prompt, render
 
-    eval_ids = [tokenizer(render(e, tokenizer, with_answer=True), add_special_tokens=False,
-                          truncation=True, max_length=max_length)["input_ids"] for e in examples[:eval_n]]
+    eval_ids, answer_starts = [], []
+    for e in examples[:eval_n]:
+        ids = tokenizer(render(e, tokenizer, with_answer=True), add_special_tokens=False, truncation=True,
+                        max_length=max_length)["input_ids"]
+        prompt = tokenizer(render(e, tokenizer, with_answer=False), add_special_tokens=False)["input_ids"]
+        eval_ids.append(ids)
+        # Chat templates end the prompt on a newline, so the prompt's ids are a prefix of the full text's.
+        answer_starts.append(min(len(prompt), len(ids)) if e.teacher else len(ids))
     gen = examples[:gen_n]
     prompts = [tokenizer(format_prompt(e.messages, tokenizer), add_special_tokens=False)["input_ids"] for e in gen]
     golds = [e.reference for e in gen]
     labels = sorted({e.reference for e in examples if e.reference})
     # A small closed label set means a classification task: score by the label the answer names.
     labels = labels if 0 < len(labels) <= 50 else []
-    return Probe(eval_ids, prompts, [e.teacher for e in gen], golds, labels, max_new_tokens)
+    return Probe(eval_ids, answer_starts, prompts, [e.teacher for e in gen], golds, labels, max_new_tokens)
 
 
 def dir_size(path: Path) -> int:
@@ -45,15 +52,35 @@ def dir_size(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
 
-def _nll_from_logits(logits, ids) -> tuple[float, int]:
-    """Sum of next-token negative log-likelihoods (numpy logits [T, V]) and how many tokens were scored."""
-    import numpy as np
+class NLL:
+    """Running next-token NLL over whole sequences and over their answer tokens only."""
 
-    logits = np.asarray(logits[: len(ids) - 1], dtype=np.float64)
-    logits -= logits.max(axis=-1, keepdims=True)
-    logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-    target = np.asarray(ids[1:])
-    return float(-logp[np.arange(len(target)), target].sum()), len(target)
+    def __init__(self):
+        self.total, self.tokens, self.answer_total, self.answer_tokens = 0.0, 0, 0.0, 0
+
+    def add(self, logits, ids, answer_start: int) -> None:
+        """logits: numpy [T, V] for the token ids `ids`; tokens from answer_start on are the answer."""
+        import numpy as np
+
+        logits = np.asarray(logits[: len(ids) - 1], dtype=np.float64)
+        logits -= logits.max(axis=-1, keepdims=True)
+        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
+        target = np.asarray(ids[1:])
+        nll = -logp[np.arange(len(target)), target]  # nll[i] scores token i + 1
+        answer = nll[max(answer_start - 1, 0):]
+        self.total, self.tokens = self.total + float(nll.sum()), self.tokens + len(nll)
+        self.answer_total += float(answer.sum())
+        self.answer_tokens += len(answer)
+
+    def result(self) -> dict:
+        # Answer perplexity = the teacher's answers given their prompts: what a distilled student is trained on
+        # (a student that never learned to model prompts has a huge whole-text perplexity that hides the
+        # quantization error).
+        out = {"perplexity": round(math.exp(self.total / max(self.tokens, 1)), 4), "eval_tokens": self.tokens}
+        if self.answer_tokens:
+            out.update(answer_perplexity=round(math.exp(self.answer_total / self.answer_tokens), 4),
+                       answer_tokens=self.answer_tokens)
+        return out
 
 
 def agreement(outputs: list[str], probe: Probe) -> dict:
@@ -79,12 +106,10 @@ def verify_hf(model_dir: Path, probe: Probe) -> dict:
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    nll, n = 0.0, 0
+    nll = NLL()
     with torch.inference_mode():
-        for ids in probe.eval_ids:
-            logits = model(torch.tensor([ids])).logits[0].numpy()
-            s, k = _nll_from_logits(logits, ids)
-            nll, n = nll + s, n + k
+        for ids, start in zip(probe.eval_ids, probe.answer_starts):
+            nll.add(model(torch.tensor([ids])).logits[0].numpy(), ids, start)
         outputs, new_tokens, seconds = [], 0, 0.0
         for ids in probe.prompts:
             start = time.perf_counter()
@@ -99,7 +124,7 @@ def verify_hf(model_dir: Path, probe: Probe) -> dict:
     # model's speed, not a quantized kernel's (vLLM's is measured by the evaluate stage / vLLM itself).
     quantized = getattr(model.config, "quantization_config", None) is not None
     engine = "transformers (decompressed to fp32)" if quantized else "transformers"
-    return {**_result(nll, n, outputs, new_tokens, seconds, probe, dir_size(model_dir)), "engine": engine}
+    return {**_result(nll, outputs, new_tokens, seconds, probe, dir_size(model_dir)), "engine": engine}
 
 
 # --------------------------------------------------------------------------------------------- llama.cpp
@@ -111,12 +136,11 @@ def verify_gguf(path: Path, probe: Probe, threads: int) -> dict:
 
     n_ctx = max([len(i) for i in probe.eval_ids] + [len(p) + probe.max_new_tokens for p in probe.prompts]) + 8
     llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=threads, verbose=False)
-    nll, n = 0.0, 0
-    for ids in probe.eval_ids:
+    nll = NLL()
+    for ids, start in zip(probe.eval_ids, probe.answer_starts):
         llm.reset()
         llm.eval(ids)
-        s, k = _nll_from_logits(llm.scores[: len(ids)], ids)
-        nll, n = nll + s, n + k
+        nll.add(llm.scores[: len(ids)], ids, start)
     outputs, new_tokens, seconds = [], 0, 0.0
     for ids in probe.prompts:
         llm.reset()
@@ -126,11 +150,11 @@ def verify_gguf(path: Path, probe: Probe, threads: int) -> dict:
         new_tokens += res["usage"]["completion_tokens"]
         outputs.append(res["choices"][0]["text"])
     del llm
-    return {**_result(nll, n, outputs, new_tokens, seconds, probe, dir_size(path)), "engine": "llama.cpp"}
+    return {**_result(nll, outputs, new_tokens, seconds, probe, dir_size(path)), "engine": "llama.cpp"}
 
 
-def _result(nll, n, outputs, new_tokens, seconds, probe, size) -> dict:
-    res = {"perplexity": round(math.exp(nll / max(n, 1)), 4), "eval_tokens": n, "size_bytes": size,
+def _result(nll: "NLL", outputs, new_tokens, seconds, probe, size) -> dict:
+    res = {**nll.result(), "size_bytes": size,
            "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else None,
            **agreement(outputs, probe)}
     res["sample_output"] = outputs[0][:200] if outputs else None
