@@ -44,11 +44,13 @@ def test_every_method_on_a_pruned_smollm2(quantized_run):
     base = math.log(summary["fp32"]["perplexity"])
     for name, entry in summary.items():
         assert math.isfinite(entry["perplexity"]) and entry["eval_tokens"] > 50, name
+        # the teacher's answers alone: a few tokens per text, scored inside the same forward pass
+        assert math.isfinite(entry["answer_perplexity"]) and 0 < entry["answer_tokens"] < entry["eval_tokens"], name
         assert entry["tokens_per_s"] > 0, name
         assert entry["engine"].startswith("llama.cpp" if name.startswith("gguf") else "transformers"), name
         if name != "fp32":
             assert entry["size_bytes"] < summary["fp32"]["size_bytes"], name
-            assert "ppl_increase_pct" in entry
+            assert "ppl_increase_pct" in entry and "answer_ppl_increase_pct" in entry
             # The pruned model is a poor LM (log-perplexity ~58 nats), so quantization noise moves it by up
             # to ~2.6 nats (AWQ's rescaling, measured); broken scales, random weights or a wrong vocab land
             # near log(vocab) ~ 11 nats or beyond 100, tens of nats away. Quality on a real model: the bench.
