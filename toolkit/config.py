@@ -208,6 +208,9 @@ class TrainConfig(Section):
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume point).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
+    max_examples: Optional[int] = Field(None, ge=1, description="Train on at most this many train-split teacher "
+                                        "outputs (the first N in collect's order, a hash sample): for data-size "
+                                        "curves.")
     min_completion_tokens: int = Field(1, ge=1, description="Teacher outputs shorter than this (in tokens) are "
                                        "skipped, with a count in the log.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass "
