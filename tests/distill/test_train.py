@@ -73,6 +73,21 @@ def test_completion_only_loss_equals_plain_cross_entropy_per_example(setup):
 
 
 @pytest.mark.slow
+def test_max_examples_trains_on_the_first_n_train_answers(setup):
+    """training.max_examples (data-size curves) reaches the trainer as the spec's limit: the first N records."""
+    from toolkit.config import DistillConfig
+    from toolkit.distill.train import load_examples
+
+    base, collect = setup
+    tok = AutoTokenizer.from_pretrained(base)
+    spec = make_spec(base, collect, collect)
+    every, _ = load_examples(spec, tok)
+    few, _ = load_examples({**spec, "limit": 5}, tok)
+    assert len(every) > 5 and [e["input_ids"] for e in few] == [e["input_ids"] for e in every[:5]]
+    cfg = DistillConfig(student={"model": "x"}, training={"max_examples": 5})
+    assert cfg.training.max_examples == 5
+
+
 def test_lora_training_lowers_the_loss_and_saves_adapter_and_merged_model(setup, tmp_path):
     base, collect = setup
     facts = train(make_spec(base, collect, tmp_path, method="lora", max_steps=12, learning_rate=5e-3))
