@@ -4,12 +4,12 @@ embedding space instead of per entry, and calibrated offline with the same bound
 
 1. Cluster the cached queries' embeddings (k-means on unit vectors; a runtime entry's cluster is its nearest
    centroid by cosine).
-2. On a "fit" half of the calibration pairs, model P(reusable | similarity, cluster) with one logistic
-   regression whose per-cluster intercept/slope offsets are L2-shrunk toward a shared curve (small clusters
-   borrow strength from the rest).
+2. Model P(reusable | similarity, cluster) with one logistic regression whose per-cluster intercept/slope offsets
+   are L2-shrunk toward a shared curve (small clusters borrow strength from the rest).
 3. Serving "when the modelled P(reusable) >= tau" is a one-parameter policy: for each cluster it is a
-   similarity threshold t_c(tau). tau is chosen on the other "certify" half with exactly the same fixed-sequence
-   Clopper-Pearson selection as the global threshold, so the promised bound on the overall false-hit rate is the same.
+   similarity threshold t_c(tau). tau is chosen with the same selection and bound (rate / realized / audit) as
+   the global threshold, on scores the curves were not fit on: by default cross-fitted (fit on each half of the
+   calibration pairs, score the other half), optionally fit on one half and certified on the other.
 """
 
 from __future__ import annotations
@@ -95,20 +95,38 @@ class AdaptiveResult:
 
 def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilon: float, confidence: float,
               k: Optional[int] = None, seed: int = 0, method: str = "scan", bound: str = "rate",
-              batch_ratio: Optional[float] = None) -> AdaptiveResult:
-    """Fit clusters and curves on one half of the calibration pairs, choose tau on the other half with the same
-    kind of bound as the global threshold. batch_ratio is relative to the whole calibration set."""
+              batch_ratio: Optional[float] = None, crossfit: bool = True) -> AdaptiveResult:
+    """Per-cluster curves and one tau, chosen with the same kind of bound as the global threshold. batch_ratio is
+    relative to the whole calibration set.
+
+    crossfit (default): fit on each half and score the other, choose tau on all the out-of-fold scores (twice the
+    pairs behind the bound), then serve with curves fit on all pairs. The served curves are not exactly the ones
+    that were certified, so the bound is approximate (cross-conformal style); measured in eval/bench_cache.py
+    against crossfit=False (fit on one half, certify on the other: exact, but half the pairs behind the bound,
+    which costs hits)."""
     sims, labels = np.asarray(sims), np.asarray(labels)
     rng = np.random.default_rng(seed)
     perm = rng.permutation(len(sims))
-    fit_idx, cert_idx = perm[: len(perm) // 2], perm[len(perm) // 2:]
-    k = k or default_clusters(len(fit_idx))
-    model = fit(sims[fit_idx], labels[fit_idx], cached_vecs[fit_idx], k, seed)
-    scores = model.score(sims[cert_idx], model.assign(cached_vecs[cert_idx]))
+    halves = [perm[: len(perm) // 2], perm[len(perm) // 2:]]
+    k = k or default_clusters(len(halves[0]))
+    if crossfit:
+        scores = np.empty(len(sims))
+        for fit_idx, out_idx in (halves, halves[::-1]):
+            m = fit(sims[fit_idx], labels[fit_idx], cached_vecs[fit_idx], k, seed)
+            scores[out_idx] = m.score(sims[out_idx], m.assign(cached_vecs[out_idx]))
+        cert_idx = perm
+        model = fit(sims, labels, cached_vecs, k, seed)
+    else:
+        fit_idx, cert_idx = halves
+        model = fit(sims[fit_idx], labels[fit_idx], cached_vecs[fit_idx], k, seed)
+        scores = model.score(sims[cert_idx], model.assign(cached_vecs[cert_idx]))
     scores = np.where(np.isfinite(scores), scores, -1.0)  # never-served clusters sort below every tau in (0, 1)
-    ratio = batch_ratio * len(sims) / len(cert_idx) if batch_ratio else None  # tau is certified on half the pairs
+    if crossfit:
+        scores = scores[cert_idx]
+    ratio = batch_ratio * len(sims) / len(cert_idx) if batch_ratio else None  # relative to the certified pairs
     sel = tune.select(scores, labels[cert_idx], epsilon, confidence, method, bound, ratio)
     if sel.feasible and sel.threshold <= 0:  # the sequence reached never-served pairs: cap tau inside (0, 1)
         sel.threshold = 1e-9
     thresholds = model.thresholds(sel.threshold) if sel.feasible else [None] * k
-    return AdaptiveResult(model, sel, thresholds, len(fit_idx), len(cert_idx))
+    return AdaptiveResult(model, sel, thresholds, len(sims) - len(halves[1]) if not crossfit else len(sims),
+                          len(cert_idx))

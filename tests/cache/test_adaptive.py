@@ -1,0 +1,45 @@
+"""Per-cluster thresholds in a world where one global threshold must be wrong for someone: two regions of
+embedding space, one where reusable and non-reusable pairs separate at low similarity, one where they only
+separate high up. One threshold has to sit high for the hard region and loses the easy region's hits."""
+
+import numpy as np
+
+from toolkit.cache import adaptive, tune
+
+
+def world(n, rng):
+    region = rng.random(n) < 0.5  # True = easy region
+    y = (rng.random(n) < 0.5).astype(int)
+    pos = np.where(region, rng.normal(0.70, 0.05, n), rng.normal(0.88, 0.03, n))
+    neg = np.where(region, rng.normal(0.45, 0.05, n), rng.normal(0.75, 0.04, n))
+    sims = np.where(y == 1, pos, neg)
+    centers = np.eye(8)[np.where(region, 0, 1)]
+    vecs = centers + 0.05 * rng.standard_normal((n, 8))
+    return sims, y, vecs
+
+
+def test_per_cluster_thresholds_serve_more_at_the_same_bound():
+    rng = np.random.default_rng(3)
+    sims, y, vecs = world(6000, rng)
+    cal = rng.random(6000) < 0.7
+    held = ~cal
+    glob = tune.select(sims[cal], y[cal], 0.05, 0.95)
+    res = adaptive.calibrate(sims[cal], y[cal], vecs[cal], 0.05, 0.95, k=2)
+    assert res.selection.feasible and res.certify_pairs == cal.sum()  # crossfit: tau certified on every pair
+    g = tune.evaluate(sims[held], y[held], glob.threshold)
+    a = tune.rates(res.served(sims[held], vecs[held]), y[held])
+    assert a["fhr"] <= 0.05 and g["fhr"] <= 0.05
+    assert a["hit_rate"] > g["hit_rate"] + 0.05  # the easy region is served down to its own threshold
+    t_easy, t_hard = sorted(t for t in res.thresholds if t is not None)
+    assert t_easy < glob.threshold <= t_hard + 0.02
+
+
+def test_split_mode_certifies_on_half_and_audit_is_stricter():
+    rng = np.random.default_rng(4)
+    sims, y, vecs = world(4000, rng)
+    split = adaptive.calibrate(sims, y, vecs, 0.05, 0.95, k=2, crossfit=False)
+    assert split.certify_pairs == 2000 and split.fit_pairs == 2000
+    rate = adaptive.calibrate(sims, y, vecs, 0.05, 0.95, k=2)
+    audit = adaptive.calibrate(sims, y, vecs, 0.05, 0.95, k=2, bound="audit", batch_ratio=0.43)
+    assert audit.selection.threshold > rate.selection.threshold  # a higher tau: fewer, safer hits
+    assert audit.served(sims, vecs).sum() < rate.served(sims, vecs).sum()
