@@ -49,6 +49,28 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
 }
 
 
+def breakdown(run_dir: Path, split: str = "test") -> dict:
+    """Label agreement split by what the teacher's answer is: right label / wrong label / no label at all (an
+    unlabeled teacher answer only counts as agreed on an exact text match)."""
+    from toolkit.metrics import first_label, label_agreement, label_set
+    from toolkit.records import load_records
+
+    teacher = {r["id"]: r for r in load_records(run_dir / "collect") if r["split"] == split}
+    student = {r["id"]: r["output"] for r in map(json.loads, (run_dir / "distill" / "student_outputs.jsonl")
+                                                  .read_text().splitlines()) if r["id"] in teacher}
+    labels = label_set(r["reference"] for r in teacher.values())
+    groups: dict[str, list[float]] = {"teacher_right": [], "teacher_wrong": [], "teacher_no_label": []}
+    for i, t in teacher.items():
+        if i not in student:
+            continue
+        named = first_label(t["output"], labels)
+        key = "teacher_no_label" if named is None else "teacher_right" if named == t["reference"] else "teacher_wrong"
+        groups[key].append(label_agreement(student[i], t["output"], labels))
+    n = sum(len(v) for v in groups.values())
+    return {k: {"share": round(len(v) / n, 3), "agreement": round(sum(v) / len(v), 3) if v else None}
+            for k, v in groups.items()}
+
+
 def run_variant(name: str, collect: Path, work: Path) -> dict:
     """The distill stage for one variant, on a copy of the collect stage; returns its eval metrics."""
     root = work / name
@@ -72,6 +94,7 @@ def run_variant(name: str, collect: Path, work: Path) -> dict:
     for split in ("val", "test"):
         e = ev.get(split, {})
         out[split] = {k: (round(v, 4) if isinstance(v, float) else v) for k, v in e.items()}
+    out["test_agreement_by_teacher_answer"] = breakdown(run_dir)
     return out
 
 
@@ -97,7 +120,10 @@ def main() -> int:
     if results.get("collect_outputs_sha256") != collect_hash:
         results = {"collect_outputs_sha256": collect_hash, "variants": {}}
     for name in args.variants:
-        if name in results["variants"]:
+        done = results["variants"].get(name)
+        if done and "test_agreement_by_teacher_answer" not in done:  # measured before the breakdown existed
+            done["test_agreement_by_teacher_answer"] = breakdown(args.work / name / "quickstart")
+        if done:
             print(f"{name}: already measured, skipped")
             continue
         print(f"{name}: {VARIANTS[name][0]} ...", flush=True)
@@ -109,19 +135,40 @@ def main() -> int:
     return 0
 
 
+def held_out(v: dict) -> dict:
+    """val + test together (neither is trained on or used for selection): twice the prompts, half the noise."""
+    t, va = v["test"], v["val"]
+    n = t["n"] + va["n"]
+    student = t["student_gold_accuracy"] * t["n"] + va["student_gold_accuracy"] * va["n"]
+    teacher = t["teacher_gold_accuracy"] * t["n"] + va["teacher_gold_accuracy"] * va["n"]
+    agree = t["agreement_label"] * t["n"] + va["agreement_label"] * va["n"]
+    return {"n": n, "gold_ratio": round(student / teacher, 3), "agreement_label": round(agree / n, 3)}
+
+
+def by_teacher(v: dict) -> str:
+    b = v.get("test_agreement_by_teacher_answer")
+    if not b:
+        return ""
+    return " / ".join(f"{b[k]['agreement']} ({b[k]['share']:.0%})" for k in ("teacher_right", "teacher_wrong",
+                                                                           "teacher_no_label"))
+
+
 def write(results: dict, out: Path) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"# bench_distill_curve ({results['date']}, 2-core CPU, shared)", "",
              "Same teacher answers (quickstart collect), same val (110) / test (97) prompts. Targets: gold ratio "
              ">= 0.90, label agreement >= 0.8 (test). One run each: +-1 test answer = +-0.01.", "",
-             "| variant | what | test gold ratio | test label agreement | val gold ratio | val label agreement | "
-             "test token-F1 agreement | test student NLL | minutes |", "|---|---|---|---|---|---|---|---|---|"]
+             "| variant | what | val+test gold ratio | val+test label agreement | test gold ratio | test label agreement "
+             "| val gold ratio | val label agreement | test token-F1 agreement | test agreement where the teacher is "
+             "right / wrong / names no label | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, v in results["variants"].items():
         t, va = v["test"], v["val"]
-        lines.append(f"| {name} | {v['what']} | {t.get('gold_ratio', '')} | {t.get('agreement_label', '')} | "
+        h = held_out(v)
+        lines.append(f"| {name} | {v['what']} | {h['gold_ratio']} | {h['agreement_label']} | "
+                     f"{t.get('gold_ratio', '')} | {t.get('agreement_label', '')} | "
                      f"{va.get('gold_ratio', '')} | {va.get('agreement_label', '')} | {t.get('agreement_f1', '')} | "
-                     f"{t.get('student_nll', '')} | {v['seconds'] / 60:.1f} |")
+                     f"{by_teacher(v)} | {v['seconds'] / 60:.1f} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
 
 
