@@ -3,8 +3,9 @@
 Issue #3's targets for the quickstart: student gold accuracy >= 90% of the teacher's and label agreement with
 the teacher >= 0.8 on the held-out split. This runs the distill stage once per variant below (data size,
 epochs, KD loss, layer count, LoRA vs full fine-tune), each on a copy of one finished collect stage, so every
-variant trains on the same teacher answers and is scored on the same val / test prompts. `layers_30` keeps all
-of the teacher's layers: the teacher fine-tuned on its own answers, i.e. the agreement ceiling of this data.
+variant trains on the same teacher answers and is scored on the same val / test prompts. `teacher_as_student`
+keeps all of the teacher's layers: the teacher fine-tuned on its own answers, i.e. the agreement ceiling of this
+data.
 
     python eval/bench_distill_curve.py [--collect artifacts/quickstart/collect] [--variants base data_25 ...]
 
@@ -44,8 +45,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "layers_10": ("layer count: 10 (searched)", ["distill.student.from_teacher.num_layers=10"]),
     "layers_20": ("layer count: 20 (searched; 67% of parameters, over the 60% limit)",
                   ["distill.student.from_teacher.num_layers=20"]),
-    "layers_30": ("layer count: 30 = the teacher itself trained on its own answers (the ceiling)",
-                  ["distill.student.from_teacher.num_layers=30"]),
+    "teacher_as_student": ("all 30 layers: the teacher itself trained on its own answers (the ceiling)",
+                           ["distill.student.from_teacher=null", "distill.student.model=smollm2-135m-instruct"]),
 }
 
 
