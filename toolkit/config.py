@@ -208,6 +208,9 @@ class TrainConfig(Section):
     save_steps: int = Field(50, ge=1, description="Checkpoint every N steps (resume point).")
     save_total_limit: int = Field(2, ge=1, description="Checkpoints kept on disk (older ones are deleted).")
     logging_steps: int = Field(10, ge=1, description="Log the loss every N steps.")
+    seed: Optional[int] = Field(None, description="Training seed (LoRA initialisation, data order); default: the "
+                                "recipe's seed. Change only this to measure run-to-run spread without moving the "
+                                "splits.")
     max_examples: Optional[int] = Field(None, ge=1, description="Train on at most this many train-split teacher "
                                         "outputs (the first N in collect's order, a hash sample): for data-size "
                                         "curves.")

@@ -273,7 +273,7 @@ def training_args(spec: dict, out_dir: Path):
 def train(spec: dict, on_log: Optional[Callable[[dict, int], None]] = None) -> dict:
     """Train per the spec; rank 0 saves `<work>/final/{model,adapter}`. Returns facts for student.json."""
     import torch
-    from transformers import AutoTokenizer
+    from transformers import AutoTokenizer, set_seed
 
     from toolkit.config import config_hash
     from toolkit.io import atomic_dir, atomic_write_json
@@ -291,6 +291,8 @@ def train(spec: dict, on_log: Optional[Callable[[dict, int], None]] = None) -> d
         dist.barrier()  # rank 0 has cleaned the checkpoint dir before anyone reads it
         last = complete_checkpoints(work / CHECKPOINTS)
         resume = last[-1] if last else None
+    # Seed before peft draws the LoRA matrices: the Trainer only seeds once it is built, after that draw.
+    set_seed(spec["seed"])
     model = load_student_for_training(spec)
     teacher = load_teacher_for_kd(spec)
     callbacks = [_curve_callback(on_log)] if on_log else []
