@@ -5,7 +5,8 @@ the teacher >= 0.8 on the held-out split. This runs the distill stage once per v
 epochs, KD loss, layer count, LoRA vs full fine-tune), each on a copy of one finished collect stage, so every
 variant trains on the same teacher answers and is scored on the same val / test prompts. `teacher_as_student`
 keeps all of the teacher's layers: the teacher fine-tuned on its own answers, i.e. the agreement ceiling of this
-data.
+data. `seed_1` / `seed_2` repeat `base` under other training seeds: differences smaller than their spread are
+noise.
 
     python eval/bench_distill_curve.py [--collect artifacts/quickstart/collect] [--variants base data_25 ...]
 
@@ -34,6 +35,9 @@ FIXED = [f"distill.student.from_teacher.layers={LAYERS_14}"]
 # name -> (what it measures, recipe overrides). A plain dict: add a line to try another setting.
 VARIANTS: dict[str, tuple[str, list[str]]] = {
     "base": ("the quickstart setting: 14 layers, LoRA r16, lr 1e-3, 2 epochs, all train answers", FIXED),
+    # The quickstart setting under other training seeds (LoRA init, data order; same splits): the noise band.
+    "seed_1": ("the quickstart setting, training seed 1", FIXED + ["distill.training.seed=1"]),
+    "seed_2": ("the quickstart setting, training seed 2", FIXED + ["distill.training.seed=2"]),
     "data_25": ("data size: 25% of the train answers", FIXED + ["distill.training.max_examples=73"]),
     "data_50": ("data size: 50% of the train answers", FIXED + ["distill.training.max_examples=146"]),
     "epochs_1": ("epochs: 1", FIXED + ["distill.training.epochs=1"]),
@@ -42,6 +46,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "kd_reverse_kl": ("KD loss: reverse KL (online teacher), ratio 0.5", FIXED + ["distill.kd.loss=reverse_kl"]),
     "kd_jsd": ("KD loss: generalized JSD beta 0.5 (online teacher), ratio 0.5", FIXED + ["distill.kd.loss=jsd"]),
     "full_ft": ("full fine-tune, lr 1e-4", FIXED + ["distill.method=full", "distill.training.learning_rate=1e-4"]),
+    "full_ft_seed_1": ("full fine-tune, lr 1e-4, training seed 1",
+                       FIXED + ["distill.method=full", "distill.training.learning_rate=1e-4", "distill.training.seed=1"]),
     "layers_10": ("layer count: 10 (searched)", ["distill.student.from_teacher.num_layers=10"]),
     "layers_20": ("layer count: 20 (searched; 67% of parameters, over the 60% limit)",
                   ["distill.student.from_teacher.num_layers=20"]),
@@ -89,7 +95,7 @@ def run_variant(name: str, collect: Path, work: Path) -> dict:
         raise SystemExit(f"{name}: distill failed (exit {proc.returncode}); see {root / 'log.txt'}")
     ev = json.loads((run_dir / "distill" / "eval.json").read_text())
     student = json.loads((run_dir / "distill" / "student.json").read_text())
-    out = {"what": VARIANTS[name][0], "overrides": VARIANTS[name][1], "seconds": round(seconds, 1),
+    out = {"what": VARIANTS[name][0], "overrides": VARIANTS[name][1], "seconds": round(seconds, 1), "seeded": True,
            "kept_layers": student.get("kept_layers"),
            "param_fraction": round(student["student_params"] / student["teacher_params"], 3)}
     for split in ("val", "test"):
@@ -122,8 +128,8 @@ def main() -> int:
         results = {"collect_outputs_sha256": collect_hash, "variants": {}}
     for name in args.variants:
         done = results["variants"].get(name)
-        if done and "test_agreement_by_teacher_answer" not in done:  # measured before the breakdown existed
-            done["test_agreement_by_teacher_answer"] = breakdown(args.work / name / "quickstart")
+        if done and not done.get("seeded"):  # measured before training was seeded: one random draw, re-measure
+            done = None
         if done:
             print(f"{name}: already measured, skipped")
             continue
@@ -161,11 +167,14 @@ def write(results: dict, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
     lines = [f"# bench_distill_curve ({results['date']}, 2-core CPU, shared)", "",
              "Same teacher answers (quickstart collect), same val (110) / test (97) prompts. Targets: gold ratio "
-             ">= 0.90, label agreement >= 0.8 (test). One run each: +-1 test answer = +-0.01.", "",
+             ">= 0.90, label agreement >= 0.8 (test). One run each: +-1 test answer = +-0.01. base / seed_1 / seed_2 "
+             "differ only in the training seed: their spread is the noise floor.", "",
              "| variant | what | val+test gold ratio | val+test label agreement | test gold ratio | test label agreement "
              "| val gold ratio | val label agreement | test token-F1 agreement | test agreement where the teacher is "
              "right / wrong / names no label | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
-    for name, v in results["variants"].items():
+    ordered = sorted(results["variants"].items(), key=lambda kv: list(VARIANTS).index(kv[0]) if kv[0] in VARIANTS
+                     else len(VARIANTS))
+    for name, v in ordered:
         t, va = v["test"], v["val"]
         h = held_out(v)
         lines.append(f"| {name} | {v['what']} | {h['gold_ratio']} | {h['agreement_label']} | "
