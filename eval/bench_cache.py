@@ -217,7 +217,8 @@ def markdown(res: dict) -> str:
             lines += [f"## {name}, confidence {conf}: {s['pairs']} pairs ({s['positives']} positive), calibration "
                       f"{s['calibration']}, held-out {s['heldout']}", "",
                       "| policy | threshold | held-out FHR | held-out hit rate | bootstrap P(FHR<=eps) | "
-                      "hindsight static hit rate @ same FHR | ratio | repeated splits P(FHR<=eps) | repeated splits P(target met) "
+                      "hindsight static hit rate @ same FHR | ratio | repeated splits P(FHR<=eps) "
+                      "| repeated splits P(target met) "
                       "| mean hit rate | median ratio vs hindsight (splits serving) |",
                       "|---|---|---|---|---|---|---|---|---|---|---|"]
             for m in POLICIES:

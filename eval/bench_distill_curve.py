@@ -47,7 +47,8 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "kd_jsd": ("KD loss: generalized JSD beta 0.5 (online teacher), ratio 0.5", FIXED + ["distill.kd.loss=jsd"]),
     "full_ft": ("full fine-tune, lr 1e-4", FIXED + ["distill.method=full", "distill.training.learning_rate=1e-4"]),
     "full_ft_seed_1": ("full fine-tune, lr 1e-4, training seed 1",
-                       FIXED + ["distill.method=full", "distill.training.learning_rate=1e-4", "distill.training.seed=1"]),
+                       FIXED + ["distill.method=full", "distill.training.learning_rate=1e-4",
+                                "distill.training.seed=1"]),
     "layers_10": ("layer count: 10 (searched)", ["distill.student.from_teacher.num_layers=10"]),
     "layers_20": ("layer count: 20 (searched; 67% of parameters, over the 60% limit)",
                   ["distill.student.from_teacher.num_layers=20"]),
@@ -169,7 +170,8 @@ def write(results: dict, out: Path) -> None:
              "Same teacher answers (quickstart collect), same val (110) / test (97) prompts. Targets: gold ratio "
              ">= 0.90, label agreement >= 0.8 (test). One run each: +-1 test answer = +-0.01. base / seed_1 / seed_2 "
              "differ only in the training seed: their spread is the noise floor.", "",
-             "| variant | what | val+test gold ratio | val+test label agreement | test gold ratio | test label agreement "
+             "| variant | what | val+test gold ratio | val+test label agreement | test gold ratio "
+             "| test label agreement "
              "| val gold ratio | val label agreement | test token-F1 agreement | test agreement where the teacher is "
              "right / wrong / names no label | minutes |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     ordered = sorted(results["variants"].items(), key=lambda kv: list(VARIANTS).index(kv[0]) if kv[0] in VARIANTS

@@ -141,7 +141,7 @@ def main() -> None:
     from toolkit.config import CalibrationConfig
     from toolkit.models import resolve
     from toolkit.quantize.calibration import calibration_texts, eval_examples
-    from toolkit.quantize.verify import build_probe, verify_hf
+    from toolkit.quantize.verify import add_increases, build_probe, verify_hf
 
     src = Path(resolve(args.model))
     tok = AutoTokenizer.from_pretrained(src)
@@ -163,9 +163,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench_quantize-") as tmp:
         for name in args.variants:
             r = run_variant(name, src, texts, probe, args.max_length, args.threads, Path(tmp))
-            for key in ("perplexity", "answer_perplexity"):
-                if r.get(key) and base.get(key):
-                    r[key.replace("perplexity", "ppl_increase_pct")] = round(100 * (r[key] - base[key]) / base[key], 2)
+            add_increases(r, base)
             results[name] = r
             print(f"{name:32s} ppl {r['perplexity']:.3f} ({r['ppl_increase_pct']:+.2f}%)  "
                   f"answer ppl {r.get('answer_perplexity')} ({r.get('answer_ppl_increase_pct')}%)  "

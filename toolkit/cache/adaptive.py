@@ -114,19 +114,17 @@ def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, eps
         for fit_idx, out_idx in (halves, halves[::-1]):
             m = fit(sims[fit_idx], labels[fit_idx], cached_vecs[fit_idx], k, seed)
             scores[out_idx] = m.score(sims[out_idx], m.assign(cached_vecs[out_idx]))
-        cert_idx = perm
+        cert_idx, n_fit = perm, len(sims)
+        scores = scores[cert_idx]
         model = fit(sims, labels, cached_vecs, k, seed)
     else:
-        fit_idx, cert_idx = halves
+        (fit_idx, cert_idx), n_fit = halves, len(halves[0])
         model = fit(sims[fit_idx], labels[fit_idx], cached_vecs[fit_idx], k, seed)
         scores = model.score(sims[cert_idx], model.assign(cached_vecs[cert_idx]))
     scores = np.where(np.isfinite(scores), scores, -1.0)  # never-served clusters sort below every tau in (0, 1)
-    if crossfit:
-        scores = scores[cert_idx]
     ratio = batch_ratio * len(sims) / len(cert_idx) if batch_ratio else None  # relative to the certified pairs
     sel = tune.select(scores, labels[cert_idx], epsilon, confidence, method, bound, ratio)
     if sel.feasible and sel.threshold <= 0:  # the sequence reached never-served pairs: cap tau inside (0, 1)
         sel.threshold = 1e-9
     thresholds = model.thresholds(sel.threshold) if sel.feasible else [None] * k
-    return AdaptiveResult(model, sel, thresholds, len(sims) - len(halves[1]) if not crossfit else len(sims),
-                          len(cert_idx))
+    return AdaptiveResult(model, sel, thresholds, n_fit, len(cert_idx))

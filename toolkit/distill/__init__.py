@@ -136,7 +136,8 @@ def _train_spec(ctx) -> dict:
     return {
         "student_dir": str((ctx.dir / "base").resolve()), "collect_dir": str(ctx.upstream("collect").resolve()),
         "work_dir": str(ctx.work_dir.resolve()), "method": cfg.method, "lora": cfg.lora.model_dump(),
-        "kd": cfg.kd.model_dump(), "training": t.model_dump(), "seed": recipe.seed if t.seed is None else t.seed, "bf16": bf16,
+        "kd": cfg.kd.model_dump(), "training": t.model_dump(), "bf16": bf16,
+        "seed": recipe.seed if t.seed is None else t.seed,
         "max_length": t.max_length, "min_completion_tokens": t.min_completion_tokens, "limit": t.max_examples,
         "chat_template": _chat_template(recipe), "teacher": recipe.teacher.model_dump(),
         # base/ is rebuilt on every run: its hash ties checkpoints to this exact student

@@ -37,7 +37,7 @@ def run(ctx) -> dict:
 
     from toolkit.io import atomic_dir, atomic_write_json
     from toolkit.quantize.calibration import calibration_texts, eval_examples, load_examples
-    from toolkit.quantize.verify import build_probe, verify_hf
+    from toolkit.quantize.verify import add_increases, build_probe, verify_hf
 
     cfg = ctx.config
     # --- setup: source model, calibration texts, the probe every artifact is measured on
@@ -81,7 +81,7 @@ def run(ctx) -> dict:
                     "calibration_samples": len(texts)}
 
         summary[name] = _cached(done_dir / f"{name}.json", build_and_verify, must_exist=out)
-        _increases(summary[name], base)
+        add_increases(summary[name], base)
 
     # --- save
     atomic_write_json(ctx.dir / SUMMARY, summary)
@@ -125,7 +125,7 @@ def _source_key(src: Path, cfg) -> str:
 
 def _gguf(ctx, module, src, mcfg, probe, threads, done_dir, base: dict) -> dict:
     from toolkit.io import atomic_dir, atomic_write_json
-    from toolkit.quantize.verify import verify_gguf
+    from toolkit.quantize.verify import add_increases, verify_gguf
 
     out = ctx.dir / "gguf"
     files = {q: f"model-{q}.gguf" for q in mcfg.types}
@@ -144,7 +144,7 @@ def _gguf(ctx, module, src, mcfg, probe, threads, done_dir, base: dict) -> dict:
             "method": "gguf", "format": "gguf", "type": qtype, "path": f"gguf/{fname}",
             "converter": facts["converter"], **verify_gguf(out / fname, probe, threads)}, must_exist=out / fname)
         entry["quantize_seconds_all_types"] = facts["quantize_seconds_all_types"]
-        _increases(entry, base)
+        add_increases(entry, base)
         entries[key] = entry
     return entries
 
@@ -158,13 +158,6 @@ def _cached(path: Path, compute, must_exist: Path | None = None) -> dict:
     result = compute()
     atomic_write_json(path, result)
     return result
-
-
-def _increases(entry: dict, base: dict) -> None:
-    """Perplexity increase vs the unquantized model, on whole texts and on the teacher's answers alone."""
-    for key in ("perplexity", "answer_perplexity"):
-        if entry.get(key) and base.get(key):
-            entry[key.replace("perplexity", "ppl_increase_pct")] = round(100.0 * (entry[key] - base[key]) / base[key], 2)
 
 
 def _headline(summary: dict) -> dict:

@@ -83,6 +83,14 @@ class NLL:
         return out
 
 
+def add_increases(entry: dict, base: dict) -> None:
+    """Perplexity increase (%) vs the unquantized model, on whole texts and on the teacher's answers alone."""
+    for key in ("perplexity", "answer_perplexity"):
+        if entry.get(key) and base.get(key):
+            increase = 100.0 * (entry[key] - base[key]) / base[key]
+            entry[key.replace("perplexity", "ppl_increase_pct")] = round(increase, 2)
+
+
 def agreement(outputs: list[str], probe: Probe) -> dict:
     from toolkit.metrics import gold_match, token_f1
 
