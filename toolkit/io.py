@@ -67,6 +67,23 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
 
 
+def link_tree(src: Path, dst: Path) -> None:
+    """Copy a directory tree as hard links where the filesystem allows (else real copies).
+
+    For publishing a stage's own work files (hundreds of MB of weights) into its outputs without holding them
+    twice on disk. Safe because nothing here rewrites a file in place: every writer replaces whole files
+    (atomic_dir, save_pretrained), which leaves the other link's content untouched.
+    """
+
+    def link_or_copy(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:  # another filesystem, or links not supported
+            shutil.copy2(a, b)
+
+    shutil.copytree(src, dst, dirs_exist_ok=True, copy_function=link_or_copy)
+
+
 def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     n = 0
     lines = []

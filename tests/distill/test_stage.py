@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 
 import pytest
 import torch
@@ -38,6 +39,8 @@ def test_lora_stage_writes_the_contract_outputs_and_logs_curves(workdir, tiny_te
               "model/tokenizer.json", "model/generation_config.json"):
         assert (d / f).is_file(), f
     assert json.loads((d / "model" / "config.json").read_text())["num_hidden_layers"] == 2
+    # published as hard links to work/final, not a second copy of the weights
+    assert os.path.samefile(d / "model" / "model.safetensors", d / "work" / "final" / "model" / "model.safetensors")
     adapter_cfg = json.loads((d / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["peft_type"] == "LORA" and adapter_cfg["r"] == 16
     # the merged model is base + adapter: same logits either way

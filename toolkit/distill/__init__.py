@@ -183,15 +183,17 @@ def _train(ctx) -> dict:
 
 
 def _publish(ctx, method: str) -> None:
-    """Copy the trained model (and adapter) from work/final into the stage outputs, atomically."""
+    """Publish the trained model (and adapter) from work/final into the stage outputs, atomically."""
     from toolkit.distill.train import FINAL
-    from toolkit.io import atomic_dir
+    from toolkit.io import atomic_dir, link_tree
 
     final = ctx.work_dir / FINAL
     parts = ["model"] + (["adapter"] if method in ("lora", "qlora") else [])
     for part in parts:
+        # work/final stays (an interruption before the eval below must not retrain); hard links keep the
+        # published weights from costing their size twice (~300 MB for the quickstart student).
         with atomic_dir(ctx.dir / part) as tmp:
-            shutil.copytree(final / part, tmp, dirs_exist_ok=True)
+            link_tree(final / part, tmp)
     if method == "full":
         shutil.rmtree(ctx.dir / "adapter", ignore_errors=True)  # a stale adapter from an earlier LoRA run
 
