@@ -41,6 +41,7 @@ def main() -> int:
     records = load_records(args.collect)
     labels = label_set(r["reference"] for r in records)
     unlabeled = [r for r in records if first_label(r["output"], labels) is None]
+    short_budget = load_recipe(args.recipe).collect.generation.max_new_tokens  # what the collect was run with
     recipe = load_recipe(args.recipe, [f"collect.generation.max_new_tokens={args.max_new_tokens}"])
     backend = HFBackend(recipe)
     backend.load()
@@ -57,7 +58,6 @@ def main() -> int:
     def count(pred) -> int:
         return sum(1 for a in answers if pred(a))
 
-    short_budget = max(r["output_tokens"] for r in records)
     result = {
         "collect": str(args.collect), "answers": len(records), "unlabeled": len(unlabeled),
         "unlabeled_share": round(len(unlabeled) / len(records), 3),
