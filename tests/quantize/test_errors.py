@@ -77,7 +77,6 @@ def test_no_method_enabled(pruned_dir, workdir):
 
 
 def test_schema_refuses_unknown_gguf_type():
-    from toolkit.config import OptkitError as _  # noqa: F401  (config import stays cheap)
     from pydantic import ValidationError
 
     from toolkit.config import QuantizeConfig

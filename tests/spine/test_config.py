@@ -3,8 +3,8 @@
 import pytest
 from pydantic import BaseModel
 
-from toolkit.config import (Recipe, _first_model, apply_overrides, load_recipe, recipe_from_dict,
-                            schema_reference)
+from toolkit.config import Recipe, apply_overrides, load_recipe, recipe_from_dict, schema_reference
+from toolkit.config.loading import _first_model
 from toolkit.errors import OptkitError
 
 MINIMAL = {"name": "t", "teacher": {"model": "smollm2-135m-instruct"}, "data": {"path": "d.jsonl"},

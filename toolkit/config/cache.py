@@ -1,0 +1,53 @@
+"""cache: pairs, bound and runtime settings of the semantic cache."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+from pydantic import Field, SecretStr, model_validator
+
+from toolkit.config.base import Section
+
+
+class CacheConfig(Section):
+    pairs_path: Optional[str] = Field(None, description="Labeled pairs file (jsonl/csv/parquet: query, cached query, "
+                                      "label). Default: nearest-neighbour pairs built from the recipe's data via "
+                                      "group_column.")
+    query_column: str = Field("query", description="Pairs file: column of the incoming query.")
+    cached_column: str = Field("cached_query", description="Pairs file: column of the cached query.")
+    label_column: str = Field("label", description="Pairs file: 1 = the cached answer may be reused, 0 = not.")
+    group_column: Optional[str] = Field(None, description="When pairs_path is unset: column of the recipe's data "
+                                        "whose equal values mean 'the same answer may be reused' (e.g. intent). "
+                                        "Each prompt is paired with its nearest other prompt; label = same group.")
+    text_column: Optional[str] = Field(None, description="With group_column: column holding the query text "
+                                       "(default data.prompt_column).")
+    max_pairs: Optional[int] = Field(None, ge=10, description="Use at most this many pairs (a deterministic "
+                                     "sample), to bound embedding time.")
+    embedder: str = Field("minilm-l6", description="sentence-transformers model id, local dir or built-in name.")
+    epsilon: float = Field(0.05, gt=0, lt=1, description="Promised bound on the false-hit rate: among queries "
+                           "served from the cache, the fraction whose cached answer is not reusable.")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="One-sided confidence of the bound.")
+    selection: Literal["scan", "fixed_sequence"] = Field(
+        "scan", description="scan = lowest threshold whose upper bound <= epsilon (most hits; search not "
+        "multiplicity-corrected, coverage measured in eval/bench_cache.py); fixed_sequence = test thresholds high "
+        "to low and stop at the first failure (strict guarantee, fewer hits).")
+    bound: Literal["rate", "realized", "audit"] = Field(
+        "rate", description="rate = bound the long-run false-hit rate (Clopper-Pearson); realized = bound the rate "
+        "realized on a batch of traffic as large as the held-out set (beta-binomial predictive: adds that batch's "
+        "own noise; fewer hits); audit = bound the upper bound an audit of such a batch would itself state (the "
+        "held-out check certifies epsilon at the stated confidence; fewest hits).")
+    holdout: float = Field(0.3, gt=0, lt=1, description="Fraction of pairs held out to check the bound.")
+    adaptive: Literal["none", "cluster"] = Field("none", description="cluster = also fit per-cluster thresholds and "
+                                                 "export them only if they raise the held-out hit rate at the "
+                                                 "same bound.")
+    clusters: Optional[int] = Field(None, ge=2, le=256, description="Clusters for adaptive=cluster (default: one "
+                                    "per ~150 calibration pairs, 2..32).")
+    stress: bool = Field(True, description="Also report the built-in negation / small-edit stress set.")
+    ttl_s: Optional[float] = Field(None, gt=0, description="Runtime: entry time-to-live in seconds.")
+    max_entries: int = Field(100_000, ge=1, description="Runtime: maximum entries (oldest evicted).")
+    ann: Literal["auto", "numpy", "faiss"] = Field(
+        "auto", description="Runtime nearest-neighbour search: numpy = exact brute force; faiss = HNSW "
+        "(optional extra optkit[faiss]); auto = numpy below ann_min_entries per namespace, faiss above if installed.")
+    ann_min_entries: int = Field(20_000, ge=1, description="Runtime: namespace size from which ann=auto uses "
+                                 "faiss HNSW.")
+    batch_size: int = Field(64, ge=1, description="Texts per embedding batch.")

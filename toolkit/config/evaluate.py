@@ -1,0 +1,68 @@
+"""evaluate: variants, metric, engine, system replay and judge."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Union
+
+from pydantic import Field, SecretStr, model_validator
+
+from toolkit.config.base import Section
+
+
+class JudgeConfig(Section):
+    base_url: str = Field(description="OpenAI-compatible endpoint root of the judge model (e.g. "
+                          "https://api.openai.com/v1, or a local vllm/llama.cpp server).")
+    model: str = Field(description="Judge model name sent to the endpoint.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the judge's API key "
+                             "(may be unset for a local server). Never logged.")
+    against: Literal["gold", "teacher"] = Field("gold", description="What the judge compares each answer with: "
+                                                "the gold reference (falls back to the teacher's answer when a "
+                                                "prompt has none) or the teacher's answer.")
+    max_samples: Optional[int] = Field(None, ge=1, description="Judge at most this many prompts per variant "
+                                       "(default: all evaluated prompts).")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(3, ge=0, description="Retries on 429 / 5xx / timeouts / unparsable replies.")
+
+
+class SystemEvalConfig(Section):
+    enabled: bool = Field(True, description="Replay the held-out traffic through the composed system (exact cache "
+                          "-> semantic cache -> router -> student or teacher) as one more variant.")
+    student: str = Field("student", description="Variant that answers when the router picks its non-teacher "
+                         "model (e.g. student, student_lora, int8, gguf-Q4_K_M).")
+    warm_split: Optional[Literal["train", "val"]] = Field(
+        "val", description="Fill the cache with this split's teacher answers before the replay (traffic seen "
+        "earlier); null = start from an empty cache.")
+    exact_cache: bool = Field(True, description="Serve exact repeats (after whitespace/case normalization) first.")
+    semantic_cache: bool = Field(True, description="Use the tuned semantic cache (needs the cache stage).")
+
+
+class EvaluateConfig(Section):
+    variants: Union[Literal["all"], list[str]] = Field(
+        "all", description="Variants to evaluate: teacher, student (merged), student_lora (adapter on its base), "
+        "each quantized artifact by its name in quantize/summary.json (int8, gptq, awq, gguf-Q4_K_M, ...), "
+        "system. all = every one whose upstream outputs exist.")
+    split: Literal["val", "test"] = Field("test", description="Held-out split the variants are evaluated on.")
+    max_samples: Optional[int] = Field(None, ge=1, description="Evaluate quality on at most this many held-out "
+                                       "prompts (a deterministic subset: the first by id).")
+    metric: Literal["gold", "exact", "f1", "rouge_l"] = Field(
+        "gold", description="Task metric against the reference: gold = the answer names the reference label "
+        "(label set = the distinct references, first label mentioned wins); exact / f1 / rouge_l = "
+        "normalized exact match, token F1, ROUGE-L.")
+    max_new_tokens: Optional[int] = Field(None, ge=1, description="Generation length cap; default = "
+                                          "collect.generation.max_new_tokens (the same settings as the teacher).")
+    engine: Literal["auto", "transformers", "vllm"] = Field(
+        "auto", description="Engine for HF-format variants (teacher, student, LoRA, compressed-tensors): auto = "
+        "vLLM when it is importable in this environment, else transformers. GGUF variants always run on "
+        "llama.cpp; API teachers are measured from collect's records.")
+    latency_samples: int = Field(8, ge=1, description="Prompts timed one request at a time (batch 1) for TTFT, "
+                                 "TPOT and end-to-end latency percentiles.")
+    warmup: int = Field(1, ge=0, description="Untimed requests before timing each variant.")
+    batch_sizes: list[int] = Field([1, 8], min_length=1, description="Batch sizes at which throughput (output "
+                                   "tokens/s, requests/s) is measured; the largest sets the self-hosted cost.")
+    perplexity: bool = Field(True, description="Perplexity of each local variant on the teacher's answers "
+                             "(teacher-forced, answer tokens only).")
+    prompt_cache_fraction: float = Field(0.0, ge=0, le=1, description="API variants: fraction of input tokens "
+                                         "billed at pricing.<name>.cached_input_per_1m (provider prompt caching).")
+    system: SystemEvalConfig = Field(default_factory=SystemEvalConfig, description="The composed-system replay.")
+    judge: Optional[JudgeConfig] = Field(None, description="Optional LLM-as-judge through any OpenAI-compatible "
+                                         "endpoint (score 1-10 per answer, reported as mean / 10).")

@@ -1,0 +1,116 @@
+"""Reading a recipe: YAML, `key.path=value` overrides, validation errors as one line per problem."""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Optional, get_args
+
+from pydantic import BaseModel, ValidationError
+
+from toolkit.config.recipe import Recipe
+from toolkit.errors import OptkitError
+
+
+def _model_at(cls: type[BaseModel], loc: tuple) -> Optional[type[BaseModel]]:
+    """The pydantic model class found by walking `loc` (field names) down from `cls`."""
+    for part in loc:
+        if isinstance(part, int) or cls is None:
+            continue
+        field = cls.model_fields.get(part)
+        if field is None:
+            # dict keys and union tags: keep the current model only if the key names a field-less container
+            continue
+        cls = _first_model(field.annotation)
+    return cls
+
+
+def _first_model(tp: Any) -> Optional[type[BaseModel]]:
+    if isinstance(tp, type) and issubclass(tp, BaseModel):
+        return tp
+    for arg in get_args(tp) or ():
+        found = _first_model(arg)
+        if found is not None:
+            return found
+    return None
+
+
+def format_validation_error(err: ValidationError, source: str, root: type[BaseModel] = None) -> str:
+    """One readable line per problem: `file: key.path: message (did you mean 'x'?)`."""
+    root = root or Recipe
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        path = ".".join(str(p) for p in loc) or "(top level)"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            parent = _model_at(root, loc[:-1])
+            options = list(parent.model_fields) if parent else []
+            close = difflib.get_close_matches(str(loc[-1]), options, n=1, cutoff=0.6)
+            msg = "unknown key" + (f" (did you mean '{close[0]}'?)" if close else
+                                   (f"; allowed: {', '.join(options)}" if options else ""))
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        lines.append(f"{source}: {path}: {msg}")
+    return "\n".join(lines)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (['a','b','c'], yaml-parsed value)."""
+    import yaml
+
+    if "=" not in text:
+        raise OptkitError(f"override '{text}' must look like key.path=value")
+    key, raw = text.split("=", 1)
+    if not key or any(not part for part in key.split(".")):
+        raise OptkitError(f"override '{text}': empty key path")
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError as exc:
+        raise OptkitError(f"override '{text}': value is not valid YAML ({exc})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if node.get(k) is None:
+                node[k] = {}
+            if not isinstance(node[k], dict):
+                raise OptkitError(f"override '{text}': '{k}' is not a section")
+            node = node[k]
+        node[keys[-1]] = value
+    return data
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file. Every problem is an OptkitError naming file, line or key."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise OptkitError(f"recipe file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise OptkitError(f"{where}: invalid YAML: {problem}") from None
+    if data is None:
+        raise OptkitError(f"{path}: the recipe is empty")
+    if not isinstance(data, dict):
+        raise OptkitError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    data = apply_overrides(data, list(overrides))
+    recipe = recipe_from_dict(data, source=str(path))
+    recipe._base_dir = path.resolve().parent
+    return recipe
+
+
+def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as err:
+        raise OptkitError(format_validation_error(err, source)) from None

@@ -1,0 +1,78 @@
+"""The whole recipe: every stage section, optional; secrets stripped for anything written out."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+from pydantic import BaseModel, Field, SecretStr
+
+from toolkit.config.base import STAGE_ORDER, Section
+from toolkit.config.cache import CacheConfig
+from toolkit.config.collect import CollectConfig
+from toolkit.config.common import DataConfig, ModelSpec, Price, RuntimeConfig, TrackingConfig
+from toolkit.config.distill import DistillConfig
+from toolkit.config.evaluate import EvaluateConfig
+from toolkit.config.export import ExportConfig
+from toolkit.config.quantize import QuantizeConfig
+from toolkit.config.route import RouteConfig
+
+
+class Recipe(Section):
+    name: str = Field(description="Run name; artifacts go to <artifacts_dir>/<name>/.", pattern=r"^[A-Za-z0-9_.-]+$")
+    description: Optional[str] = Field(None, description="Free text for the run's README and MLflow.")
+    seed: int = Field(0, description="Seed for splits, sampling and training.")
+    artifacts_dir: str = Field("artifacts", description="Where run directories go (relative to the working dir).")
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Process-level settings.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow settings.")
+    teacher: ModelSpec = Field(description="The big model whose outputs we learn from.")
+    data: DataConfig = Field(description="The prompts.")
+    pricing: dict[str, Price] = Field(default_factory=dict, description="Model/variant name -> prices "
+                                      "(keys: teacher, student, or any variant name).")
+    collect: Optional[CollectConfig] = Field(None, description="Collect teacher outputs.")
+    distill: Optional[DistillConfig] = Field(None, description="Train a student on them.")
+    quantize: Optional[QuantizeConfig] = Field(None, description="Quantize the student.")
+    route: Optional[RouteConfig] = Field(None, description="Train and calibrate a router.")
+    cache: Optional[CacheConfig] = Field(None, description="Tune a semantic-cache threshold.")
+    evaluate: Optional[EvaluateConfig] = Field(None, description="Evaluate every variant and the system.")
+    export: Optional[ExportConfig] = Field(None, description="Write the deployable bundle.")
+
+    # Where the recipe file lives; relative data paths resolve against it. Not part of the schema.
+    _base_dir: Path = Path(".")
+
+    def stages(self) -> list[str]:
+        return [s for s in STAGE_ORDER if getattr(self, s) is not None]
+
+    def resolve_path(self, p: str) -> Path:
+        path = Path(p).expanduser()
+        return path if path.is_absolute() else (self._base_dir / path)
+
+    def public_dict(self) -> dict[str, Any]:
+        """The recipe as plain data with every secret field removed (for files, params and logs)."""
+        return _strip_secrets(self)
+
+
+def _strip_secrets(model: BaseModel) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("secret"):
+            continue
+        value = getattr(model, name)
+        if isinstance(value, BaseModel):
+            out[name] = _strip_secrets(value)
+        elif isinstance(value, dict):
+            out[name] = {k: _strip_secrets(v) if isinstance(v, BaseModel) else v for k, v in value.items()}
+        elif isinstance(value, SecretStr):
+            continue
+        else:
+            out[name] = value
+    return out
+
+
+def config_hash(obj: Any) -> str:
+    """Stable hash of plain data (dict/list/scalars), used to decide whether a stage can be skipped."""
+    blob = json.dumps(obj, sort_keys=True, default=str, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
