@@ -62,9 +62,9 @@ def run_variant(name: str, base: Path, examples: list[dict], tok, args) -> dict:
     from toolkit.distill.data import LeftPadCollator
     from toolkit.distill.train import ListDataset, load_student_for_training, make_trainer_class
 
-    spec = {"student_dir": str(base), "method": args.method, "bf16": False,
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "target_modules": "all-linear"}}
-    model = load_student_for_training(spec)
+    from toolkit.config import LoraSettings
+
+    model = load_student_for_training(str(base), args.method, LoraSettings(dropout=0.0), bf16=False)
     with tempfile.TemporaryDirectory() as out:
         targs = TrainingArguments(output_dir=out, max_steps=args.steps, per_device_train_batch_size=args.batch_size,
                                   learning_rate=2e-4, save_strategy="no", report_to="none", use_cpu=True,

@@ -3,7 +3,10 @@ teacher records over the real Bitext quickstart extract, and a run directory who
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
+import subprocess
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -78,3 +81,24 @@ def recipe_dict(tmp: Path, teacher: str, distill: dict, name: str = "t", max_new
             "data": {"path": str(BITEXT), "prompt_column": "instruction", "reference_column": "category"},
             "collect": {"generation": {"max_new_tokens": max_new_tokens}},
             "distill": distill}
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_mb: int):
+    """A real filesystem of `size_mb` MiB at `path` (tmpfs), so a write past it fails with ENOSPC the way a full
+    disk does. Needs root (CI containers and this machine run as root); elsewhere the test is skipped."""
+    import pytest
+
+    path.mkdir(parents=True, exist_ok=True)
+    mount = ["mount", "-t", "tmpfs", "-o", f"size={size_mb}m", "tmpfs", str(path)]
+    if os.geteuid() != 0 or subprocess.run(mount, capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def grow_disk(path: Path, size_mb: int) -> None:
+    """Free space on the small disk the way a user would (here: make it bigger), keeping its files."""
+    subprocess.run(["mount", "-o", f"remount,size={size_mb}m", str(path)], check=True)

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.distill.helpers import bitext_rows, build_tiny_llama, make_records, recipe_dict, write_collect
+from tests.distill.helpers import (bitext_rows, build_tiny_llama, grow_disk, make_records, recipe_dict, small_disk,
+                                   write_collect)
 from toolkit.config import recipe_from_dict
 from toolkit.errors import OptkitError
 from toolkit.pipeline import run_dir_for, run_pipeline
@@ -90,6 +91,51 @@ def test_lora_stage_writes_the_contract_outputs_and_logs_curves(workdir, tiny_te
     assert outcome2.status == "skipped"
 
 
+def test_max_examples_goes_from_the_recipe_through_the_stage_to_the_workers(workdir, tiny_teacher):
+    """distill.training.max_examples in the recipe → the stage's typed spec (work/train_spec.json) → two DDP
+    workers started by the launcher → the number of examples they actually trained on."""
+    records = make_records(bitext_rows(40))
+    n_train = sum(r["split"] == "train" for r in records)
+    _, outcome, d = run_distill(workdir, tiny_teacher, {
+        "student": {"from_teacher": {"num_layers": 2, "selection": "first"}}, "method": "lora",
+        "launcher": {"num_processes": 2},
+        "training": {"max_examples": 6, "batch_size": 1, "epochs": 1, "save_steps": 50, "logging_steps": 1}},
+        records)
+    assert outcome.status == "ran"
+    written = json.loads((d / "work" / "train_spec.json").read_text())
+    # each value once, under training: no top-level copy a worker could read instead
+    assert written["training"]["max_examples"] == 6 and not {"limit", "max_length", "seed"} & set(written)
+    result = json.loads((d / "work" / "train_result.json").read_text())
+    assert result["spec"] == written  # the workers read exactly what the stage wrote
+    assert result["world_size"] == 2 and result["data"]["examples"] == 6 < n_train
+    # 6 examples / (2 workers x batch 1) = 3 optimizer steps in the one epoch; all 24 answers would take 12
+    assert result["global_step"] == 3
+    training = json.loads((d / "student.json").read_text())["training"]
+    assert training["global_step"] == 3 and "spec" not in training
+
+
+def test_disk_full_fails_the_stage_in_one_line_keeps_the_checkpoints_and_a_rerun_resumes(workdir, tiny_teacher):
+    """ENOSPC while saving the trained student: `disk full: <path>`, the stage is not done, the checkpoints stay;
+    with space again the same command resumes from them instead of retraining."""
+    spec = {"student": {"from_teacher": {"num_layers": 2, "selection": "first"}}, "method": "lora",
+            "lora": {"dropout": 0.0}, "training": TRAIN}
+    # 24 MiB: records, base/ (~17 MiB) and the small LoRA checkpoints fit; work/final (as big as base/) does not
+    with small_disk(workdir / "artifacts", 24) as disk:
+        with pytest.raises(OptkitError, match=r"^disk full: \S+/distill/work/final \(.*resumes from checkpoint-6\)$"):
+            run_distill(workdir, tiny_teacher, spec)
+        d = disk / "t" / "distill"
+        assert json.loads((d / "manifest.json").read_text())["status"] == "failed"
+        assert sorted(p.name for p in (d / "work" / "checkpoints").glob("checkpoint-*")) == ["checkpoint-3",
+                                                                                           "checkpoint-6"]
+        assert not (d / "model").exists() and not (d / "work" / "train_result.json").exists()
+        grow_disk(disk, 256)
+        recipe = recipe_from_dict({**recipe_dict(workdir, str(tiny_teacher), spec), "tracking": {"enabled": False}})
+        outcome, = run_pipeline(recipe, only="distill")
+        assert outcome.status == "ran"
+        training = json.loads((d / "student.json").read_text())["training"]
+        assert training["resumed_from"] == "checkpoint-6" and training["global_step"] == 6
+
+
 def test_full_finetune_with_precomputed_topk_kd(workdir, tiny_teacher):
     from transformers import AutoTokenizer
 
@@ -154,6 +200,7 @@ def test_all_teacher_outputs_empty_is_an_error(workdir, tiny_teacher):
                     records)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for CPU-only machines; this one has a GPU")
 def test_qlora_on_cpu_fails_the_stage_with_the_reason(workdir, tiny_teacher):
     with pytest.raises(OptkitError, match="qlora needs a CUDA GPU"):
         run_distill(workdir, tiny_teacher, {"student": {"from_teacher": {"num_layers": 2}}, "method": "qlora",

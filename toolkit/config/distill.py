@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import ConfigDict, Field, model_validator
 
 from toolkit.config.base import Section
+from toolkit.config.common import ModelSpec
 
 
 class PruneConfig(Section):
@@ -93,3 +94,48 @@ class DistillConfig(Section):
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="Multi-process settings.")
     eval_batch_size: int = Field(8, ge=1, description="Prompts per batch for the student's generations and "
                                  "the NLL evaluation.")
+
+
+class TrainSpec(Section):
+    """What the distill stage hands the training code: in its own process, or as `work/train_spec.json` to the
+    DDP / accelerate workers, which read it back with `TrainSpec.model_validate_json` (typed JSON, the
+    llm-compressor way). Every fact sits here once, already resolved (no 'auto', no seed left to default), so
+    the parent and the workers cannot read different values of it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    student_dir: str = Field(description="The untrained student (distill/base), an HF directory.")
+    collect_dir: str = Field(description="collect's outputs: the teacher records (and top-k log-probs).")
+    work_dir: str = Field(description="distill/work: checkpoints, final/, train_result.json.")
+    method: Literal["lora", "qlora", "full"]
+    lora: LoraSettings
+    kd: KDConfig
+    training: TrainConfig = Field(description="max_length, min_completion_tokens, max_examples, seed and bf16 "
+                                  "live here and nowhere else.")
+    chat_template: bool = Field(description="Render prompts with the tokenizer's chat template.")
+    teacher: ModelSpec = Field(description="For online logit KD.")
+    base_hash: str = Field("", description="Content hash of student_dir: ties checkpoints to this exact student.")
+
+    @model_validator(mode="after")
+    def _resolved(self) -> "TrainSpec":
+        # The recipe may leave these to defaults; the spec may not, or each worker could resolve them its own way.
+        if self.training.seed is None:
+            raise ValueError("training.seed must be resolved (the recipe's seed) before training")
+        if self.training.bf16 == "auto":
+            raise ValueError("training.bf16 must be resolved to true/false before training")
+        return self
+
+    @property
+    def seed(self) -> int:
+        return int(self.training.seed)
+
+    @property
+    def bf16(self) -> bool:
+        return bool(self.training.bf16)
+
+    def result_hash(self) -> str:
+        """What decides the trained weights (not where the run directory is): checkpoints and a finished
+        training are reused only under the same hash."""
+        from toolkit.config.recipe import config_hash
+
+        return config_hash(self.model_dump(mode="json", exclude={"work_dir"}))

@@ -11,12 +11,16 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Optional
+from typing import TYPE_CHECKING, Callable, Optional
 
 from toolkit.errors import OptkitError
+
+if TYPE_CHECKING:
+    from toolkit.config.distill import TrainSpec
 
 log = logging.getLogger("optkit.distill")
 
@@ -24,6 +28,7 @@ log = logging.getLogger("optkit.distill")
 ACCELERATE_TYPES = {"NO", "MULTI_CPU", "MULTI_GPU", "MULTI_NPU", "MULTI_XPU", "MULTI_MLU", "MULTI_HPU",
                     "FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"}
 GPU_ONLY = {"MULTI_GPU", "FSDP", "DEEPSPEED", "MEGATRON_LM"}
+SPEC_FILE = "train_spec.json"  # in distill/work: the TrainSpec every worker reads
 
 
 def validate_accelerate_config(path: Path, num_processes: int, need_gpu_check: bool = True) -> dict:
@@ -75,31 +80,52 @@ def worker_env(num_processes: int) -> dict:
     return env
 
 
-def run_training(spec: dict, num_processes: int, accelerate_config: Optional[Path],
+def run_training(spec: "TrainSpec", num_processes: int, accelerate_config: Optional[Path],
                  on_log: Optional[Callable[[dict, int], None]] = None) -> dict:
     """Train per the spec (see train.py) with the requested launcher; returns train facts."""
     from toolkit.distill.train import train
-    from toolkit.io import atomic_write_json
 
     if num_processes == 1 and accelerate_config is None:
         return train(spec, on_log=on_log)
     if accelerate_config is not None:
         validate_accelerate_config(accelerate_config, num_processes)
-    work = Path(spec["work_dir"])
-    spec_path = work / "train_spec.json"
-    atomic_write_json(spec_path, spec)
-    for stale in ("train_result.json", "worker_error.txt"):
-        (work / stale).unlink(missing_ok=True)
+    work = Path(spec.work_dir)
+    spec_path = write_spec(spec, work)
     cmd = launch_command(spec_path, num_processes, accelerate_config)
     log.info("distill: launching %d training processes: %s", num_processes, " ".join(cmd))
     proc = subprocess.run(cmd, env=worker_env(num_processes))
-    err = work / "worker_error.txt"
     if proc.returncode != 0:
-        reason = err.read_text().strip() if err.is_file() else f"exit code {proc.returncode} (see the log above)"
-        raise OptkitError(f"distill: training workers failed: {reason}")
+        reason = _failure_reason(work, proc.returncode)
+        # "disk full: <path>" stays the first words of the line, as in one process
+        raise OptkitError(reason if reason.startswith("disk full:") else f"distill: training workers failed: {reason}")
     facts = json.loads((work / "train_result.json").read_text())
     if on_log:  # the workers could not reach MLflow's run: replay the curves here
         for entry in facts.get("log_history", []):
             step = entry.get("step", 0)
             on_log({f"train.{k}": v for k, v in entry.items() if isinstance(v, (int, float)) and k != "step"}, step)
     return facts
+
+
+def write_spec(spec: "TrainSpec", work: Path) -> Path:
+    """The spec as typed JSON, the one thing the workers read (train.read_spec validates it back)."""
+    from toolkit.distill.checkpoints import disk_full_is_user_error
+    from toolkit.io import atomic_write_text
+
+    spec_path = work / SPEC_FILE
+    with disk_full_is_user_error(spec_path):
+        atomic_write_text(spec_path, spec.model_dump_json(indent=2) + "\n")
+    for stale in ("train_result.json", "worker_error.txt"):
+        (work / stale).unlink(missing_ok=True)
+    return spec_path
+
+
+def _failure_reason(work: Path, returncode: int) -> str:
+    err = work / "worker_error.txt"
+    if err.is_file() and err.read_text().strip():
+        return err.read_text().strip().splitlines()[-1]
+    # rank 0 could not even write its reason: a full disk is the likely cause, say so when it is
+    from toolkit.distill.checkpoints import NEARLY_FULL
+
+    if work.is_dir() and shutil.disk_usage(work).free < NEARLY_FULL:
+        return f"disk full: {work}"
+    return f"exit code {returncode} (see the log above)"

@@ -2,29 +2,29 @@
 optionally mixed with a logit-KD divergence, with LoRA / QLoRA / full fine-tuning.
 
 The same `train(spec)` runs in the stage's own process (one process) or in every worker started by the
-launcher (`python -m toolkit.distill.train SPEC.json`). The spec is plain JSON so workers need nothing else.
+launcher (`python -m toolkit.distill.train SPEC.json`). The spec is a `TrainSpec` (toolkit.config.distill): the
+parent writes it as JSON, each worker validates it back, so both read the same typed values, each once.
 
 Two choices that matter for speed on CPU: batches are LEFT-padded (with explicit position ids), so every
 row's completion ends at the right edge and the LM head runs only on the last K positions
 (`logits_to_keep`); the prompt part, usually most of the tokens, never goes through the 49k-wide vocabulary
 projection.
 
-Resume: checkpoints go to `work/checkpoints/checkpoint-N`; a checkpoint counts only once its
-trainer_state.json (written last by the Trainer) exists. A rerun with the same spec resumes from the newest
-complete one; a changed spec discards them.
+Resume: checkpoints go to `work/checkpoints/checkpoint-N` (see checkpoints.py: which ones count, the loss total
+they carry, a full disk).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
-import shutil
 import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from toolkit.config.distill import LoraSettings, TrainSpec
+from toolkit.distill.checkpoints import (TrainingAlreadyDone, complete_checkpoints, disk_full_is_user_error,
+                                         make_loss_total, make_stop_when_done, prepare_checkpoint_dir)
 from toolkit.distill.data import LeftPadCollator  # noqa: F401  (re-exported: workers and tests use it here)
 from toolkit.errors import MissingExtraError, OptkitError
 
@@ -58,37 +58,6 @@ def check_method(method: str) -> None:
         raise MissingExtraError("distill.method: qlora", "bitsandbytes", "gpu") from None
 
 
-# ----------------------------------------------------------------------------------------- checkpoints
-
-
-def complete_checkpoints(ckpt_dir: Path) -> list[Path]:
-    """checkpoint-N dirs whose trainer state was written (the Trainer writes it last), oldest first."""
-    found = []
-    for p in Path(ckpt_dir).glob("checkpoint-*"):
-        m = re.fullmatch(r"checkpoint-(\d+)", p.name)
-        if m and p.is_dir() and (p / "trainer_state.json").is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def prepare_checkpoint_dir(ckpt_dir: Path, spec_hash: str) -> Optional[Path]:
-    """The checkpoint to resume from (None = start fresh). Drops checkpoints of a different spec and
-    half-written ones left by a kill."""
-    ckpt_dir = Path(ckpt_dir)
-    marker = ckpt_dir / "spec_hash"
-    if ckpt_dir.exists() and (not marker.is_file() or marker.read_text().strip() != spec_hash):
-        shutil.rmtree(ckpt_dir)
-    ckpt_dir.mkdir(parents=True, exist_ok=True)
-    marker.write_text(spec_hash)
-    complete = set(complete_checkpoints(ckpt_dir))
-    for p in ckpt_dir.glob("checkpoint-*"):
-        if p not in complete:
-            log.warning("distill: removing incomplete checkpoint %s (interrupted while saving)", p.name)
-            shutil.rmtree(p, ignore_errors=True)
-    last = complete_checkpoints(ckpt_dir)
-    return last[-1] if last else None
-
-
 # ----------------------------------------------------------------------------------------- data
 
 
@@ -120,11 +89,18 @@ def make_trainer_class():
         """Trainer whose loss is completion-only cross-entropy, optionally mixed with logit KD against
         an online teacher or the teacher's precomputed top-k log-probs."""
 
-        def __init__(self, *args, kd: Optional[dict] = None, teacher=None, **kwargs):
+        def __init__(self, *args, kd: Optional[dict] = None, teacher=None, loss_total=None, **kwargs):
             super().__init__(*args, **kwargs)
             self.kd = kd or {"loss": "none"}
             self.teacher = teacher
+            self.loss_total = loss_total  # run-wide loss sum that survives a resume (checkpoints.py)
             self.model_accepts_loss_kwargs = True  # we normalize by num_items_in_batch ourselves
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.loss_total is not None:
+                self.loss_total.add(loss)
+            return loss
 
         def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
             inputs = dict(inputs)
@@ -188,11 +164,10 @@ def _curve_callback(on_log: Callable[[dict, int], None]):
 # ----------------------------------------------------------------------------------------- model setup
 
 
-def load_student_for_training(spec: dict):
+def load_student_for_training(student_dir: str, method: str, lora: LoraSettings, bf16: bool):
     import torch
     from transformers import AutoModelForCausalLM
 
-    method = spec["method"]
     check_method(method)
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if method == "qlora":
@@ -200,8 +175,8 @@ def load_student_for_training(spec: dict):
 
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=torch.bfloat16 if spec["bf16"] else torch.float16)
-    model = AutoModelForCausalLM.from_pretrained(spec["student_dir"], **kwargs)
+            bnb_4bit_compute_dtype=torch.bfloat16 if bf16 else torch.float16)
+    model = AutoModelForCausalLM.from_pretrained(student_dir, **kwargs)
     model.config.use_cache = False
     if method == "full":
         return model
@@ -211,111 +186,135 @@ def load_student_for_training(spec: dict):
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model)
-    lora = spec["lora"]
-    config = LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
-                        target_modules=lora["target_modules"], task_type="CAUSAL_LM")
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=lora.target_modules, task_type="CAUSAL_LM")
     return get_peft_model(model, config)
 
 
-def load_teacher_for_kd(spec: dict):
-    if spec["kd"]["loss"] == "none" or spec["kd"]["source"] != "online":
+def load_teacher_for_kd(spec: TrainSpec):
+    if spec.kd.loss == "none" or spec.kd.source != "online":
         return None
     from toolkit.models import load_causal_lm
 
-    t = spec["teacher"]
-    teacher, _ = load_causal_lm(t["model"], t.get("revision"), t.get("trust_remote_code", False), dtype="float32")
+    t = spec.teacher
+    teacher, _ = load_causal_lm(t.model, t.revision, t.trust_remote_code, dtype="float32")
     teacher.requires_grad_(False)
     return teacher
 
 
-def load_examples(spec: dict, tok) -> tuple[list[dict], dict]:
+def load_examples(spec: TrainSpec, tok) -> tuple[list[dict], dict]:
     from toolkit.distill.data import build_examples
     from toolkit.records import load_records, load_topk
 
-    records = load_records(Path(spec["collect_dir"]), ["train"])
-    if spec.get("limit"):
-        records = records[: spec["limit"]]
+    t = spec.training
+    records = load_records(Path(spec.collect_dir), ["train"])
+    if t.max_examples:
+        records = records[: t.max_examples]
     topk = None
-    if spec["kd"]["loss"] != "none" and spec["kd"]["source"] == "precomputed":
-        topk = load_topk(Path(spec["collect_dir"]))
+    if spec.kd.loss != "none" and spec.kd.source == "precomputed":
+        topk = load_topk(Path(spec.collect_dir))
         if not topk:
             raise OptkitError("distill.kd.source: precomputed needs collect/topk.safetensors; set "
                               "collect.top_logprobs > 0 or use kd.source: online")
-    examples, stats = build_examples(records, tok, spec["max_length"], spec["min_completion_tokens"],
-                                     spec["chat_template"], topk=topk)
+    examples, stats = build_examples(records, tok, t.max_length, t.min_completion_tokens, spec.chat_template,
+                                     topk=topk)
     return examples, stats.as_dict()
 
 
-def training_args(spec: dict, out_dir: Path):
+def training_args(spec: TrainSpec, out_dir: Path):
     import torch
     from transformers import TrainingArguments
 
-    t = spec["training"]
+    t = spec.training
     cpu = not torch.cuda.is_available()
     distributed = int(os.environ.get("WORLD_SIZE", "1")) > 1
     return TrainingArguments(
-        output_dir=str(out_dir), num_train_epochs=t["epochs"], max_steps=t["max_steps"],
-        learning_rate=t["learning_rate"], per_device_train_batch_size=t["batch_size"],
-        gradient_accumulation_steps=t["grad_accum"], warmup_steps=t["warmup_ratio"],
-        weight_decay=t["weight_decay"], lr_scheduler_type=t["lr_scheduler"], max_grad_norm=t["max_grad_norm"],
-        save_strategy="steps", save_steps=t["save_steps"], save_total_limit=t["save_total_limit"],
-        logging_steps=t["logging_steps"], logging_first_step=True, seed=spec["seed"], data_seed=spec["seed"],
+        output_dir=str(out_dir), num_train_epochs=t.epochs, max_steps=t.max_steps,
+        learning_rate=t.learning_rate, per_device_train_batch_size=t.batch_size,
+        gradient_accumulation_steps=t.grad_accum, warmup_steps=t.warmup_ratio,
+        weight_decay=t.weight_decay, lr_scheduler_type=t.lr_scheduler, max_grad_norm=t.max_grad_norm,
+        save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
+        logging_steps=t.logging_steps, logging_first_step=True, seed=spec.seed, data_seed=spec.seed,
         # gloo only when launched as several workers: a single process with a backend set asks for a process group
-        bf16=spec["bf16"], use_cpu=cpu, ddp_backend="gloo" if cpu and distributed else None,
+        bf16=spec.bf16, use_cpu=cpu, ddp_backend="gloo" if cpu and distributed else None,
         dataloader_num_workers=0, remove_unused_columns=False, report_to="none", disable_tqdm=True,
-        gradient_checkpointing=t["gradient_checkpointing"],
+        gradient_checkpointing=t.gradient_checkpointing,
     )
 
 
 # ----------------------------------------------------------------------------------------- entry point
 
 
-def train(spec: dict, on_log: Optional[Callable[[dict, int], None]] = None) -> dict:
-    """Train per the spec; rank 0 saves `<work>/final/{model,adapter}`. Returns facts for student.json."""
-    import torch
-    from transformers import AutoTokenizer, set_seed
-
-    from toolkit.config import config_hash
-    from toolkit.io import atomic_dir, atomic_write_json
-
-    work = Path(spec["work_dir"])
-    tok = AutoTokenizer.from_pretrained(spec["student_dir"])
-    examples, data_stats = load_examples(spec, tok)
-    args = training_args(spec, work / CHECKPOINTS)
-    resume = None
-    if args.process_index == 0:
-        resume = prepare_checkpoint_dir(work / CHECKPOINTS, config_hash(spec_for_hash(spec)))
+def _resume_point(spec: TrainSpec, args) -> Optional[Path]:
+    """Rank 0 cleans the checkpoint dir (other spec, half-written), then every rank picks the newest one."""
+    ckpt_dir = Path(spec.work_dir) / CHECKPOINTS
+    resume = prepare_checkpoint_dir(ckpt_dir, spec.result_hash()) if args.process_index == 0 else None
     if args.world_size > 1:
         import torch.distributed as dist
 
         dist.barrier()  # rank 0 has cleaned the checkpoint dir before anyone reads it
-        last = complete_checkpoints(work / CHECKPOINTS)
+        last = complete_checkpoints(ckpt_dir)
         resume = last[-1] if last else None
+    return resume
+
+
+def train(spec: TrainSpec, on_log: Optional[Callable[[dict, int], None]] = None) -> dict:
+    """Train per the spec; rank 0 saves `<work>/final/{model,adapter}`. Returns facts for student.json."""
+    import torch
+    from transformers import AutoTokenizer, set_seed
+
+    from toolkit.io import atomic_dir, atomic_write_json
+
+    work = Path(spec.work_dir)
+    tok = AutoTokenizer.from_pretrained(spec.student_dir)
+    examples, data_stats = load_examples(spec, tok)
+    args = training_args(spec, work / CHECKPOINTS)
+    resume = _resume_point(spec, args)
     # Seed before peft draws the LoRA matrices: the Trainer only seeds once it is built, after that draw.
-    set_seed(spec["seed"])
-    model = load_student_for_training(spec)
-    teacher = load_teacher_for_kd(spec)
-    callbacks = [_curve_callback(on_log)] if on_log else []
+    set_seed(spec.seed)
+    model = load_student_for_training(spec.student_dir, spec.method, spec.lora, spec.bf16)
+    loss_total = make_loss_total()()
+    if resume:
+        log.info("distill: resuming from %s", resume)
+        loss_total.restore(resume)
     trainer = make_trainer_class()(
         model=model, args=args, train_dataset=ListDataset(examples),
         data_collator=LeftPadCollator(tok.pad_token_id, with_topk="topk_ids" in examples[0]),
-        kd=spec["kd"], teacher=teacher, callbacks=callbacks)
-    if resume:
-        log.info("distill: resuming from %s", resume)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    dist_ws, backend = _process_group()
-    facts = {"world_size": args.world_size, "dist_world_size": dist_ws, "dist_backend": backend,
-             "resumed_from": resume.name if resume else None,
-             "global_step": trainer.state.global_step, "train_loss": result.training_loss,
-             "train_runtime_s": result.metrics.get("train_runtime"),
-             "train_samples_per_s": result.metrics.get("train_samples_per_second"),
-             "data": data_stats, "log_history": trainer.state.log_history}
+        kd=spec.kd.model_dump(), teacher=load_teacher_for_kd(spec), loss_total=loss_total,
+        callbacks=[loss_total, make_stop_when_done()] + ([_curve_callback(on_log)] if on_log else []))
+    metrics = _run_trainer(trainer, resume, work / CHECKPOINTS)
+    loss_total.fold(args.device)  # no-op unless steps ran after the last fold
+    facts = _facts(spec, args, trainer, metrics, resume, data_stats, loss_total.total)
     if trainer.is_world_process_zero():
-        save_final(trainer.model, tok, spec, work / FINAL, atomic_dir)
-        atomic_write_json(work / "train_result.json", facts)
+        with disk_full_is_user_error(work / FINAL, work / CHECKPOINTS):
+            save_final(trainer.model, tok, spec, work / FINAL, atomic_dir)
+            atomic_write_json(work / "train_result.json", facts)
     if args.world_size > 1:
         torch.distributed.barrier()
     return facts
+
+
+def _run_trainer(trainer, resume: Optional[Path], ckpt_dir: Path) -> dict:
+    """Train (or resume); the Trainer's metrics ({} when the checkpoint was already at the last step)."""
+    with disk_full_is_user_error(ckpt_dir, ckpt_dir):
+        try:
+            return trainer.train(resume_from_checkpoint=str(resume) if resume else None).metrics
+        except TrainingAlreadyDone:
+            log.info("distill: %s is at the last step; nothing left to train", resume.name)
+            return {}
+
+
+def _facts(spec: TrainSpec, args, trainer, metrics: dict, resume, data_stats: dict, loss_total: float) -> dict:
+    dist_ws, backend = _process_group()
+    steps = trainer.state.global_step
+    return {"world_size": args.world_size, "dist_world_size": dist_ws, "dist_backend": backend,
+            "resumed_from": resume.name if resume else None, "global_step": steps,
+            # the mean over every step of the run, also those run before a resume (checkpoints.LossTotal)
+            "train_loss": loss_total / steps if steps else None,
+            "train_runtime_s": metrics.get("train_runtime"),
+            "train_samples_per_s": metrics.get("train_samples_per_second"),
+            "data": data_stats, "log_history": trainer.state.log_history,
+            "spec": spec.model_dump(mode="json")}  # what this process read: tests compare it to what was written
 
 
 def _process_group() -> tuple[int, Optional[str]]:
@@ -327,19 +326,14 @@ def _process_group() -> tuple[int, Optional[str]]:
     return 1, None
 
 
-def spec_for_hash(spec: dict) -> dict:
-    """What decides the training result (not where things are or how they are launched)."""
-    return {k: v for k, v in spec.items() if k not in ("work_dir", "num_processes")}
-
-
-def save_final(model, tok, spec: dict, final: Path, atomic_dir) -> None:
+def save_final(model, tok, spec: TrainSpec, final: Path, atomic_dir) -> None:
     """Adapter (peft format, vLLM --enable-lora) and the merged full model, both safetensors."""
     from transformers import GenerationConfig
 
-    gen = GenerationConfig.from_pretrained(spec["student_dir"]) if (
-        Path(spec["student_dir"]) / "generation_config.json").is_file() else None
+    gen_file = Path(spec.student_dir) / "generation_config.json"
+    gen = GenerationConfig.from_pretrained(spec.student_dir) if gen_file.is_file() else None
     with atomic_dir(final) as tmp:
-        if spec["method"] in ("lora", "qlora"):
+        if spec.method in ("lora", "qlora"):
             model.save_pretrained(tmp / "adapter", safe_serialization=True)
             merged = model.merge_and_unload()
         else:
@@ -351,20 +345,43 @@ def save_final(model, tok, spec: dict, final: Path, atomic_dir) -> None:
             gen.save_pretrained(tmp / "model")
 
 
+def read_spec(path: Path) -> TrainSpec:
+    """The spec the parent wrote, validated: a stale or hand-edited file is one line, not a KeyError later."""
+    from pydantic import ValidationError
+
+    from toolkit.config.loading import format_validation_error
+
+    try:
+        return TrainSpec.model_validate_json(Path(path).read_text(encoding="utf-8"))
+    except ValidationError as exc:
+        first = format_validation_error(exc, str(path), TrainSpec).splitlines()[0]
+        raise OptkitError(f"{first} (a training spec written by another optkit version?)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OptkitError(f"{path}: cannot read the training spec ({exc})") from None
+
+
+def _report_worker_error(path: Path, exc: OptkitError) -> None:
+    """Rank 0 leaves the reason for the launcher (which shows it as the stage's error). On a full disk this
+    small write can fail too: the message still reaches stderr."""
+    if int(os.environ.get("RANK", "0")) == 0:
+        try:
+            (path.parent / "worker_error.txt").write_text(str(exc))
+        except OSError:
+            pass
+    print(f"error: {exc}", file=sys.stderr)
+
+
 def main(argv: list[str]) -> int:
     """Worker entry: python -m toolkit.distill.train SPEC.json"""
     from toolkit import runtime
 
     runtime.setup_logging()
-    spec = json.loads(Path(argv[0]).read_text())
+    spec_path = Path(argv[0])
     try:
+        spec = read_spec(spec_path)
         train(spec)
     except OptkitError as exc:
-        # The launcher shows this file's last line as the reason: one line, like the CLI.
-        rank = int(os.environ.get("RANK", "0"))
-        if rank == 0:
-            (Path(spec["work_dir"]) / "worker_error.txt").write_text(str(exc))
-        print(f"error: {exc}", file=sys.stderr)
+        _report_worker_error(spec_path, exc)
         return 2
     return 0
 
