@@ -287,7 +287,7 @@ def main():
         res["latency"] = latency(vecs, texts, rng)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(res, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, allow_nan=False) + "\n")
     md = markdown(res)
     out.with_suffix(".md").write_text(md)
     print(md)

@@ -9,8 +9,11 @@ import numpy as np
 import pytest
 
 from toolkit.cache import SemanticCache
-from toolkit.cache.runtime import FORMAT, PROBES, SIMILARITY, embed_texts
+from toolkit.cache.runtime import FORMAT, PROBES, SIMILARITY, embed_texts, namespace_key
 from toolkit.errors import OptkitError
+
+
+DEFAULT = namespace_key("default")
 
 
 class Clock:
@@ -108,7 +111,7 @@ def test_many_evictions_compact_and_stay_correct():
     for i in (2000, 2500, 2999):
         hit = cache.lookup_vector(vecs[i])
         assert hit.answer == i and hit.similarity == pytest.approx(1.0, abs=1e-5)
-    assert cache._spaces["default"].size < 3000  # dead rows were reclaimed
+    assert cache._spaces[namespace_key("default")].size < 3000  # dead rows were reclaimed
 
 
 def test_faiss_hnsw_agrees_with_numpy():
@@ -120,7 +123,7 @@ def test_faiss_hnsw_agrees_with_numpy():
     ann = SemanticCache(threshold=0.5, ann="auto", ann_min_entries=1000)
     for c in (exact, ann):
         c.insert_many([f"q{i}" for i in range(5000)], list(range(5000)), vectors=base)
-    assert ann._spaces["default"].index is not None and exact._spaces["default"].index is None
+    assert ann._spaces[DEFAULT].index is not None and exact._spaces[DEFAULT].index is None
     agree = sum(exact.lookup_vector(q).answer == ann.lookup_vector(q).answer for q in queries)
     assert agree >= 195  # HNSW is approximate; with efSearch=64 it should almost never miss here
 

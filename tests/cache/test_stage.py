@@ -16,11 +16,28 @@ CLINC = REPO / "recipes" / "data" / "clinc150" / "clinc150_cache_pairs.csv"
 BITEXT = REPO / "recipes" / "data" / "bitext" / "bitext_cs_quickstart.jsonl"
 
 
-def recipe(cache: dict, data: Path = BITEXT, tracking: bool = False, name: str = "cachetest"):
+def recipe(cache: dict, data: Path = BITEXT, tracking: bool = False, name: str = "cachetest", **data_fields):
     return recipe_from_dict({
         "name": name, "teacher": {"model": "smollm2-135m-instruct"},
-        "data": {"path": str(data), "prompt_column": "instruction"},
+        "data": {"path": str(data), "prompt_column": "instruction", **data_fields},
         "tracking": {"enabled": tracking}, "cache": cache})
+
+
+def strict_json(path: Path):
+    """Parse as strict JSON: NaN / Infinity are not JSON, and other parsers (and `jq`) reject them."""
+    def reject(name):
+        raise AssertionError(f"{path.name} holds {name}")
+
+    return json.loads(path.read_text(), parse_constant=reject)
+
+
+def held_prompts(r) -> set[str]:
+    """The normalized prompts of the recipe's test split: what evaluate replays the system on."""
+    from toolkit.cache.runtime import normalize_text
+    from toolkit.collect.prompts import load_prompts
+
+    return {normalize_text(p.prompt) for p in load_prompts(r.data, r.resolve_path(r.data.path), r.seed)
+            if p.split == "test"}
 
 
 def test_clinc_pairs_threshold_report_mlflow_and_runtime(workdir):
@@ -29,8 +46,8 @@ def test_clinc_pairs_threshold_report_mlflow_and_runtime(workdir):
     [outcome] = run_pipeline(r)
     assert outcome.status == "ran"
     out = workdir / "artifacts" / "cachetest" / "cache"
-    cfg = json.loads((out / "cache.json").read_text())
-    report = json.loads((out / "report.json").read_text())
+    cfg = strict_json(out / "cache.json")
+    report = strict_json(out / "report.json")
     assert (out / "curves.png").stat().st_size > 10_000
 
     # One similarity convention, recorded; a feasible threshold whose calibration bound keeps the promise.
@@ -52,7 +69,12 @@ def test_clinc_pairs_threshold_report_mlflow_and_runtime(workdir):
     stress = report["stress"]
     assert set(stress) == {"negation", "number", "name", "small_edit"}
     assert stress["negation"]["mean_similarity"] > cfg["threshold"]
-    assert report["adaptive"]["clusters"] >= 2 and "exported" in report["adaptive"]
+    # The per-cluster decision follows its stated rule, and the runtime uses clusters exactly when exported.
+    ad = report["adaptive"]
+    assert ad["clusters"] >= 2 and ad["exported"] == cfg["adaptive"]["exported"]
+    rule = (ad["certify"]["feasible"] and ad["heldout"]["hit_rate"] > ad["global_heldout_hit_rate"]
+            and ad["heldout"]["fhr"] <= cfg["epsilon"])
+    assert ad["exported"] is rule and ad["reason"].startswith("exported" if rule else "not exported")
     # Curves logged to MLflow (stepped) with the plot; headline metrics in the manifest.
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["metrics"]["threshold"] == pytest.approx(cfg["threshold"])
@@ -68,6 +90,7 @@ def test_clinc_pairs_threshold_report_mlflow_and_runtime(workdir):
     # The runtime loads the exported config and serves a same-intent paraphrase above the threshold.
     cache = SemanticCache.load(out / "cache.json")
     assert cache.threshold == cfg["threshold"] and cache.ttl_s == 3600
+    assert (cache.cluster_thresholds is not None) == ad["exported"]
     cache.insert("what is my bank balance", "$1,234")
     hit = cache.lookup("how much money do i have in my bank account")
     assert hit is not None and hit.answer == "$1,234" and hit.similarity >= cfg["threshold"]
@@ -90,18 +113,23 @@ def test_clinc_pairs_threshold_report_mlflow_and_runtime(workdir):
 
 
 def test_pairs_from_bitext_intents(workdir):
+    # bound: realized used to write NaN (a one-query future batch) into report.json: strict JSON now.
     r = recipe({"group_column": "intent", "stress": False, "epsilon": 0.1, "bound": "realized"})
     [outcome] = run_pipeline(r)
     out = workdir / "artifacts" / "cachetest" / "cache"
-    report = json.loads((out / "report.json").read_text())
+    report = strict_json(out / "report.json")
+    strict_json(out / "cache.json")
     rows = [json.loads(line) for line in BITEXT.read_text().splitlines()]
-    assert report["pairs"]["total"] == len({" ".join(x["instruction"].split()) for x in rows})
+    test = held_prompts(r)
+    # Every prompt outside the test split is paired; none of the test split (evaluate scores the system on it).
+    assert report["pairs"]["total"] == len({" ".join(x["instruction"].split()) for x in rows} - test)
+    assert report["pairs"]["excluded"]["test_split_rows"] == len(test) > 50
     # Nearest-neighbour pairs: most neighbours share the intent, not all (that is what the threshold is for).
     assert 0.6 < report["pairs"]["positives"] / report["pairs"]["total"] < 0.99
     assert "intent" in report["pairs"]["source"] and report["stress"] is None
     sel = report["selection"]
     assert sel["feasible"] is False or sel["bound"] <= 0.1
-    assert json.loads((out / "cache.json").read_text())["bound_on"] == "realized"
+    assert strict_json(out / "cache.json")["bound_on"] == "realized"
     assert outcome.metrics["heldout_hit_rate"] == report["heldout"]["hit_rate"]
 
 
@@ -122,6 +150,13 @@ def test_bad_inputs_name_the_field_or_row(workdir):
     badlabel = _write_pairs(workdir / "bad.jsonl", good[:2] + [{**good[2], "label": "yes"}])
     with pytest.raises(OptkitError, match="row 3: column 'label'.*0 or 1"):
         run_pipeline(recipe({"pairs_path": str(badlabel)}))
+    missing = _write_pairs(workdir / "missing.jsonl", good[:3] + [{"query": "a", "cached_query": "b"}])
+    with pytest.raises(OptkitError, match=r"row 4: column 'label' \(cache.label_column\): label must be 0 or 1"):
+        run_pipeline(recipe({"pairs_path": str(missing)}))
+    latin1 = workdir / "latin1.csv"
+    latin1.write_bytes("query,cached_query,label\ncaf\u00e9,cafe,1\n".encode("latin-1"))
+    with pytest.raises(OptkitError, match="not UTF-8"):
+        run_pipeline(recipe({"pairs_path": str(latin1)}))
     with pytest.raises(OptkitError, match="column 'question' does not exist"):
         run_pipeline(recipe({"pairs_path": str(empty), "query_column": "question"}))
     with pytest.raises(OptkitError, match="pairs_path.*group_column"):
@@ -151,3 +186,36 @@ def test_infeasible_bound_exports_an_exact_only_cache(workdir):
     cache.insert("how do I do thing 1", "answer")
     assert cache.lookup("how do I do thing 1").exact
     assert cache.lookup("how can I do thing 1") is None
+
+
+def test_pairs_respect_data_limit_and_never_use_test_prompts(workdir):
+    """data.limit is the same hash sample collect takes, and no pair text is a prompt evaluate scores on (before:
+    every row of the file was read, test split included, and data.limit was ignored)."""
+    r = recipe({"group_column": "intent", "stress": False, "epsilon": 0.2, "holdout": 0.3}, limit=300)
+    run_pipeline(r)
+    report = strict_json(workdir / "artifacts" / "cachetest" / "cache" / "report.json")
+    from toolkit.collect.prompts import load_prompts
+
+    kept = load_prompts(r.data, r.resolve_path(r.data.path), r.seed)
+    assert len(kept) == 300
+    assert report["pairs"]["total"] == len({p.prompt for p in kept if p.split != "test"})
+    assert report["pairs"]["excluded"] == {"test_split_rows": sum(p.split == "test" for p in kept), "data_limit": 300}
+
+    # data_rows: all = every row of the file (data.limit bounds only the teacher's work), still no test prompt.
+    r_all = recipe({"group_column": "intent", "stress": False, "epsilon": 0.2, "data_rows": "all"}, limit=300,
+                   name="allrows")
+    run_pipeline(r_all)
+    report = strict_json(workdir / "artifacts" / "allrows" / "cache" / "report.json")
+    everything = load_prompts(r_all.data.model_copy(update={"limit": None}), r_all.resolve_path(r_all.data.path),
+                              r_all.seed)
+    assert report["pairs"]["total"] == len({p.prompt for p in everything if p.split != "test"}) > 600
+
+    # A pairs file that shares prompts with the test split: those pairs are dropped and counted.
+    test = sorted(held_prompts(recipe({})))
+    rows = [{"query": t, "cached_query": t + " please", "label": 1} for t in test[:20]]
+    rows += [{"query": f"how do I do thing {i}", "cached_query": f"how can I do thing {i}", "label": i % 2}
+             for i in range(60)]
+    path = _write_pairs(workdir / "pairs.jsonl", rows)
+    run_pipeline(recipe({"pairs_path": str(path), "stress": False}, name="overlap"))
+    report = strict_json(workdir / "artifacts" / "overlap" / "cache" / "report.json")
+    assert report["pairs"]["total"] == 60 and report["pairs"]["excluded"] == {"pairs_sharing_a_test_prompt": 20}

@@ -187,3 +187,36 @@ def test_unknown_bound_and_missing_batch_are_named():
         tune.select(s, y, 0.05, bound="oracle")
     with pytest.raises(OptkitError, match="future batch"):
         tune.select(s, y, 0.05, bound="audit")
+
+
+def test_realized_and_audit_bounds_are_finite_for_tiny_served_counts():
+    """A threshold serving one or two calibration pairs makes a one-query future batch (m = 1), where the
+    moment-matched beta does not exist: the bound was NaN and reached cache.json / report.json ("best achievable:
+    nan"). Now the exact beta-binomial answers there, and every Selection field is strict JSON."""
+    import json
+
+    from toolkit.cache import tune
+
+    k = np.array([0, 0, 1, 0, 1, 2, 0])
+    n = np.array([0, 1, 1, 2, 2, 3, 50])
+    for kind in ("realized", "audit"):
+        ub = tune.bounds(k, n, 0.95, kind, batch_ratio=0.43)
+        assert np.all(np.isfinite(ub)) and np.all((ub >= 0) & (ub <= 1))
+        assert ub[1] > 0.99  # one served pair, no false hit: a one-query batch can still be 100% wrong
+    rng = np.random.default_rng(3)
+    sims = rng.uniform(0, 1, 400)
+    labels = (rng.uniform(0, 1, 400) < sims).astype(int)
+    for kind in ("realized", "audit"):
+        sel = tune.select(sims, labels, 0.05, 0.95, "scan", kind, batch_ratio=0.43)
+        assert np.isfinite(sel.best_bound)
+        json.dumps(sel.to_dict(), allow_nan=False)
+
+
+def test_interval_is_clopper_pearson():
+    from scipy.stats import beta
+
+    from toolkit.cache import tune
+
+    lo, hi = tune.interval(3, 40)
+    assert lo == pytest.approx(beta.ppf(0.025, 3, 38)) and hi == pytest.approx(beta.ppf(0.975, 4, 37))
+    assert tune.interval(0, 10)[0] == 0.0 and tune.interval(10, 10)[1] == 1.0 and tune.interval(0, 0) == (0.0, 1.0)

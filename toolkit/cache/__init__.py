@@ -9,6 +9,12 @@ from toolkit.cache.runtime import Hit, SemanticCache
 __all__ = ["Hit", "SemanticCache", "run"]
 
 
+# Recipe keys besides `cache` its outputs depend on; a change re-runs it (toolkit/pipeline.py). A stage
+# name = that stage's outputs are consumed.
+# Here: the prompts (read from `data` directly), seed (sampling, calibration/held-out split).
+READS = ("data", "seed")
+
+
 def run(ctx):
     from toolkit.cache.stage import run as run_stage
 

@@ -7,24 +7,25 @@ Conventions: similarity = cosine of L2-normalized embeddings, higher = closer, t
 used. A query is served when its nearest live entry in the same namespace has similarity >= that entry's
 threshold (the global threshold, or its cluster's threshold when the config has adaptive clusters).
 Namespaces (model + prompt version, tenant, ...) are hard filters: entries of one namespace are never
-compared with queries of another.
+compared with queries of another, and their keys are canonical and structured (space.namespace_key), so no
+namespace value can name another namespace.
 """
 
 from __future__ import annotations
 
-import json
+import threading
 import time
 import unicodedata
-from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
+from toolkit.cache.space import Namespace, Space, namespace_key
 from toolkit.errors import MissingExtraError, OptkitError
 
-FORMAT = "optkit-cache/1"
+FORMAT = "optkit-cache/1"  # also in cachefile (which imports pydantic, so only load() imports it)
 SIMILARITY = {"kind": "cosine", "higher_is_closer": True, "range": [-1.0, 1.0],
               "definition": "dot product of L2-normalized embeddings"}
 # Texts embedded at tuning time and stored in cache.json: a different embedder cannot reproduce them, which is
@@ -33,7 +34,7 @@ PROBES = ("how do I reset my password", "what is the weather in Paris tomorrow",
           "cancel my order please", "transfer 50 dollars to Anna")
 PROBE_MIN_COSINE = 0.99
 
-Namespace = Union[str, Mapping[str, Any]]
+__all__ = ["Hit", "Namespace", "SemanticCache", "namespace_key"]
 
 
 @dataclass
@@ -42,17 +43,8 @@ class Hit:
     similarity: float
     exact: bool
     query: str  # the cached query that matched
-    namespace: str
+    namespace: str  # the namespace's canonical key (namespace_key)
     age_s: float
-
-
-def namespace_key(ns: Namespace) -> str:
-    """'default', or a mapping like {'model': 'student-v2', 'prompt': 'v3', 'tenant': 'acme'} -> stable key."""
-    if isinstance(ns, str):
-        return ns
-    if isinstance(ns, Mapping):
-        return "|".join(f"{k}={ns[k]}" for k in sorted(ns))
-    raise TypeError(f"namespace must be a str or a mapping, got {type(ns).__name__}")
 
 
 def normalize_text(text: str) -> str:
@@ -78,108 +70,43 @@ def embed_texts(embedder: Any, texts: Sequence[str], batch_size: int = 64) -> np
     return l2_normalize(np.asarray(vecs))
 
 
-class _Space:
-    """The entries of one namespace: vectors in a growable matrix, plus an optional faiss HNSW index."""
-
-    def __init__(self, dim: int):
-        self.vectors = np.zeros((64, dim), dtype=np.float32)
-        self.alive = np.zeros(64, dtype=bool)
-        self.created = np.zeros(64, dtype=np.float64)
-        self.cluster = np.zeros(64, dtype=np.int32)
-        self.queries: list[str] = []
-        self.answers: list[Any] = []
-        self.exact: dict[str, int] = {}
-        self.size = 0  # rows used (live and dead)
-        self.live = 0
-        self.index = None  # faiss index over rows [0, indexed)
-        self.indexed = 0
-
-    def add(self, vec: np.ndarray, query: str, answer: Any, created: float, cluster: int) -> int:
-        if self.size == len(self.alive):  # grow by doubling: amortized O(1) inserts
-            grow = len(self.alive)
-            self.vectors = np.concatenate([self.vectors, np.zeros_like(self.vectors[:grow])])
-            self.alive = np.concatenate([self.alive, np.zeros(grow, bool)])
-            self.created = np.concatenate([self.created, np.zeros(grow)])
-            self.cluster = np.concatenate([self.cluster, np.zeros(grow, np.int32)])
-        row = self.size
-        self.vectors[row], self.alive[row], self.created[row], self.cluster[row] = vec, True, created, cluster
-        self.queries.append(query)
-        self.answers.append(answer)
-        self.size += 1
-        self.live += 1
-        return row
-
-    def kill(self, row: int) -> None:
-        if self.alive[row]:
-            self.alive[row] = False
-            self.live -= 1
-            key = self.queries[row]
-            if self.exact.get(key) == row:
-                del self.exact[key]
-            self.answers[row] = None  # free the payload now; the row is reclaimed at the next compaction
-
-    def nearest(self, vec: np.ndarray) -> tuple[int, float]:
-        """(row, similarity) of the closest live entry; (-1, -inf) when there is none."""
-        if self.live == 0:
-            return -1, float("-inf")
-        if self.index is not None:
-            found = self._nearest_ann(vec)
-            if found is not None:
-                return found
-        sims = self.vectors[: self.size] @ vec
-        sims[~self.alive[: self.size]] = -np.inf
-        row = int(np.argmax(sims))
-        return row, float(sims[row])
-
-    def _nearest_ann(self, vec: np.ndarray) -> Optional[tuple[int, float]]:
-        self._sync_index()
-        k = 16
-        while True:
-            sims, rows = self.index.search(vec[None, :], min(k, self.indexed))
-            for s, r in zip(sims[0], rows[0]):
-                if r >= 0 and self.alive[r]:
-                    return int(r), float(s)
-            if k >= self.indexed:
-                return None
-            k *= 4  # many dead rows near the query: widen the search
-
-    def _sync_index(self) -> None:
-        if self.indexed < self.size:
-            self.index.add(self.vectors[self.indexed: self.size])
-            self.indexed = self.size
-
-    def build_index(self, faiss_module) -> None:
-        index = faiss_module.IndexHNSWFlat(self.vectors.shape[1], 32, faiss_module.METRIC_INNER_PRODUCT)
-        index.hnsw.efSearch = 64
-        self.index, self.indexed = index, 0
-        self._sync_index()
-
-    def compacted(self) -> tuple["_Space", dict[int, int]]:
-        """A copy with dead rows dropped, and the old-row -> new-row map."""
-        new = _Space(self.vectors.shape[1])
-        mapping = {}
-        for row in np.nonzero(self.alive[: self.size])[0]:
-            mapping[int(row)] = new.add(self.vectors[row], self.queries[row], self.answers[row],
-                                        float(self.created[row]), int(self.cluster[row]))
-        new.exact = {q: mapping[r] for q, r in self.exact.items() if r in mapping}
-        return new, mapping
+def _check_settings(threshold, ttl_s, max_entries, max_entries_per_namespace, ann, ann_min_entries) -> None:
+    """The constructor's own guard (cache.json is validated in full by cachefile before it gets here)."""
+    if threshold is not None and not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
+        raise OptkitError(f"cache threshold must be a cosine similarity in [-1, 1] or None, got {threshold!r}")
+    if ttl_s is not None and not (isinstance(ttl_s, (int, float)) and 0 < ttl_s < float("inf")):
+        raise OptkitError(f"cache ttl_s must be a finite number of seconds > 0 or None, got {ttl_s!r}")
+    for name, value in (("max_entries", max_entries), ("ann_min_entries", ann_min_entries),
+                        ("max_entries_per_namespace", max_entries_per_namespace)):
+        if value is None and name == "max_entries_per_namespace":
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise OptkitError(f"cache {name} must be an integer >= 1, got {value!r}")
+    if ann not in ("auto", "numpy", "faiss"):
+        raise OptkitError(f"cache ann must be auto, numpy or faiss, got '{ann}'")
 
 
 class SemanticCache:
-    """Exact-match layer in front of a nearest-neighbour cache with a tuned similarity threshold."""
+    """Exact-match layer in front of a nearest-neighbour cache with a tuned similarity threshold.
+
+    Thread-safe: every read and write of the entries happens under one lock, so any number of threads may call
+    lookup / insert / len at once (a gateway's worker threads, or asyncio tasks via `asyncio.to_thread`). The
+    embedder runs outside the lock, so threads embed in parallel and only the index work is serialized. Nothing
+    is shared across processes: each process holds its own entries (a multi-process gateway has one cache per
+    worker; a hit in one worker does not make a hit in another).
+    """
 
     def __init__(self, threshold: Optional[float], embedder: Any = None, *, ttl_s: Optional[float] = None,
-                 max_entries: int = 100_000, ann: str = "auto", ann_min_entries: int = 20_000,
-                 centroids: Optional[np.ndarray] = None, cluster_thresholds: Optional[Sequence] = None,
-                 config: Optional[dict] = None, clock: Callable[[], float] = time.time):
-        if ann not in ("auto", "numpy", "faiss"):
-            raise OptkitError(f"cache ann must be auto, numpy or faiss, got '{ann}'")
-        if max_entries < 1:
-            raise OptkitError("cache max_entries must be >= 1")
-        self.threshold = threshold  # None = no threshold met the bound: exact matches only
+                 max_entries: int = 100_000, max_entries_per_namespace: Optional[int] = None, ann: str = "auto",
+                 ann_min_entries: int = 20_000, centroids: Optional[np.ndarray] = None,
+                 cluster_thresholds: Optional[Sequence] = None, config: Optional[dict] = None,
+                 clock: Callable[[], float] = time.time):
+        _check_settings(threshold, ttl_s, max_entries, max_entries_per_namespace, ann, ann_min_entries)
+        self.threshold = None if threshold is None else float(threshold)  # None = exact matches only
         self.embedder = embedder
         self.ttl_s = ttl_s
         self.max_entries = max_entries
+        self.max_entries_per_namespace = max_entries_per_namespace  # a tenant's inserts evict only its own
         self.ann = ann
         self.ann_min_entries = ann_min_entries
         self.centroids = None if centroids is None else l2_normalize(np.asarray(centroids))
@@ -190,9 +117,10 @@ class SemanticCache:
             raise OptkitError("cache config: centroids and cluster thresholds differ in length")
         self.config = config or {}
         self.clock = clock
-        self._spaces: dict[str, _Space] = {}
-        self._order: deque = deque()  # (namespace, row) in insertion order: oldest first (TTL and eviction)
+        self._lock = threading.RLock()
+        self._spaces: dict[str, Space] = {}  # only namespaces with live entries
         self._live = 0
+        self._seq = 0
         self._faiss = None
 
     # ------------------------------------------------------------------ loading
@@ -201,111 +129,157 @@ class SemanticCache:
     def load(cls, path: Union[str, Path], embedder: Any = None, **overrides) -> "SemanticCache":
         """A cache configured by a `cache.json` written by the cache stage.
 
-        `embedder`: None (load the model the config names), a model reference, or a loaded model / callable.
-        Whatever it is must reproduce the probe embeddings stored in the config; a different embedding space
-        is refused, because its similarities would be judged against a threshold tuned for another space.
-        `overrides`: runtime settings (ttl_s, max_entries, ann, ann_min_entries, clock).
+        The file is validated in full first (toolkit/cache/cachefile.py: ranges, finiteness, lengths; one
+        OptkitError line naming the field). `embedder`: None (load the model the config names), a model
+        reference, or a loaded model / callable. Whatever it is must reproduce the probe embeddings stored in the
+        config; a different embedding space is refused, because its similarities would be judged against a
+        threshold tuned for another space. `overrides`: runtime settings (ttl_s, max_entries,
+        max_entries_per_namespace, ann, ann_min_entries) and clock.
         """
+        from toolkit.cache import cachefile
+
         path = Path(path)
-        try:
-            cfg = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise OptkitError(f"cache config not found: {path}") from None
-        except ValueError as exc:
-            raise OptkitError(f"{path}: not valid JSON ({exc})") from None
-        if cfg.get("format") != FORMAT:
-            raise OptkitError(f"{path}: not an optkit cache config (format {cfg.get('format')!r}, want {FORMAT})")
-        if cfg.get("similarity", {}).get("kind") != "cosine":
-            raise OptkitError(f"{path}: unsupported similarity {cfg.get('similarity')}")
-        emb = cfg["embedder"]
+        spec = cachefile.read(path)
+        clock = overrides.pop("clock", time.time)
+        runtime = cachefile.runtime_settings(spec, overrides, str(path))
+        cfg = spec.model_dump()
         if embedder is None or isinstance(embedder, (str, Path)):
             from toolkit.models import load_embedder
 
-            embedder = load_embedder(str(embedder or emb["model"]))
-        check_embedder(embedder, emb, source=str(path))
-        runtime = {**cfg.get("runtime", {}), **overrides}
-        adaptive = cfg.get("adaptive") or {}
-        use_clusters = bool(adaptive.get("exported"))
-        return cls(cfg.get("threshold"), embedder, ttl_s=runtime.get("ttl_s"),
-                   max_entries=runtime.get("max_entries", 100_000), ann=runtime.get("ann", "auto"),
-                   ann_min_entries=runtime.get("ann_min_entries", 20_000),
-                   centroids=np.array(adaptive["centroids"], np.float32) if use_clusters else None,
-                   cluster_thresholds=adaptive["thresholds"] if use_clusters else None,
-                   config=cfg, **({"clock": runtime["clock"]} if "clock" in runtime else {}))
+            embedder = load_embedder(str(embedder or spec.embedder.model))
+        check_embedder(embedder, cfg["embedder"], source=str(path))
+        clusters = spec.adaptive if spec.adaptive is not None and spec.adaptive.exported else None
+        return cls(spec.threshold, embedder, **runtime.model_dump(),
+                   centroids=np.array(clusters.centroids, np.float32) if clusters else None,
+                   cluster_thresholds=clusters.thresholds if clusters else None, config=cfg, clock=clock)
 
     # ------------------------------------------------------------------ public API
 
     def lookup(self, query: str, namespace: Namespace = "default") -> Optional[Hit]:
         """The cached answer for `query` in `namespace`, or None (a miss)."""
         ns = namespace_key(namespace)
-        self._expire()
-        space = self._spaces.get(ns)
-        if space is None or space.live == 0:
-            return None
-        row = space.exact.get(normalize_text(query))
-        if row is not None:
-            return self._hit(space, ns, row, 1.0, exact=True)
+        with self._lock:
+            space = self._fresh_space(ns)
+            if space is None:
+                return None
+            row = space.exact.get(normalize_text(query))
+            if row is not None:
+                return self._hit(space, ns, row, 1.0, exact=True)
         if self.threshold is None and self.cluster_thresholds is None:
             return None  # no semantic threshold met the bound: exact matches only
-        return self.lookup_vector(self._embed([query])[0], ns)
+        return self._lookup_key(self._embed([query])[0], ns)
 
     def lookup_vector(self, vec: np.ndarray, namespace: Namespace = "default") -> Optional[Hit]:
         """The semantic layer alone, for an already-embedded query (normalized here: cosine, as tuned)."""
-        ns = namespace_key(namespace)
-        self._expire()
-        space = self._spaces.get(ns)
-        if space is None:
-            return None
-        row, sim = space.nearest(l2_normalize(vec))
-        if row < 0 or sim < self._threshold_of(space, row):
-            return None
-        return self._hit(space, ns, row, sim, exact=False)
+        return self._lookup_key(vec, namespace_key(namespace))
 
     def insert(self, query: str, answer: Any, namespace: Namespace = "default") -> None:
         self.insert_many([query], [answer], namespace)
 
     def insert_many(self, queries: Sequence[str], answers: Sequence[Any], namespace: Namespace = "default",
                     vectors: Optional[np.ndarray] = None) -> None:
-        """Insert several entries (embedded in one batch unless `vectors` are given)."""
+        """Insert several entries (embedded in one batch, outside the lock, unless `vectors` are given)."""
         if len(queries) != len(answers):
-            raise ValueError("queries and answers differ in length")
+            raise OptkitError("cache insert: queries and answers differ in length")
         if not len(queries):
             return
         for q in queries:
             if not isinstance(q, str) or not q.strip():
                 raise OptkitError("cache insert: a query must be a non-empty string")
-        vecs = self._embed(queries) if vectors is None else l2_normalize(vectors)
         ns = namespace_key(namespace)
-        self._expire()
-        space = self._spaces.get(ns)
-        if space is None:
-            space = self._spaces[ns] = _Space(vecs.shape[1])
-        elif vecs.shape[1] != space.vectors.shape[1]:
-            raise OptkitError(f"cache insert: embedding dim {vecs.shape[1]} != {space.vectors.shape[1]}")
+        vecs = self._embed(queries) if vectors is None else l2_normalize(vectors)
+        if vecs.ndim != 2 or len(vecs) != len(queries):
+            raise OptkitError(f"cache insert: {len(queries)} queries but vectors of shape {vecs.shape}")
         clusters = self._clusters_of(vecs)
-        now = self.clock()
-        for q, a, v, c in zip(queries, answers, vecs, clusters):
-            key = normalize_text(q)
-            old = space.exact.get(key)
-            if old is not None:  # a newer answer for the same query replaces the old one
-                space.kill(old)
-                self._live -= 1
-            while self._live >= self.max_entries:
-                self._evict_oldest()
-            row = space.add(v, key, a, now, int(c))
-            space.exact[key] = row
-            self._order.append((ns, row))
-            self._live += 1
-        self._maybe_index(space)
+        with self._lock:
+            self._expire_all()
+            space = self._spaces.get(ns)
+            if space is not None and vecs.shape[1] != space.dim:
+                raise OptkitError(f"cache insert: embedding dim {vecs.shape[1]} != {space.dim}")
+            for q, a, v, c in zip(queries, answers, vecs, clusters):
+                space = self._insert_one(ns, normalize_text(q), a, v, int(c))
+            self._maybe_index(space)
 
     def __len__(self) -> int:
-        self._expire()
-        return self._live
+        with self._lock:
+            self._expire_all()
+            return self._live
 
     def namespaces(self) -> list[str]:
-        return [ns for ns, s in self._spaces.items() if s.live]
+        """Canonical keys (namespace_key) of the namespaces that hold live entries."""
+        with self._lock:
+            self._expire_all()
+            return list(self._spaces)
 
-    # ------------------------------------------------------------------ internals
+    # ------------------------------------------------------------------ internals (caller holds the lock)
+
+    def _lookup_key(self, vec: np.ndarray, ns: str) -> Optional[Hit]:
+        vec = l2_normalize(vec)
+        with self._lock:
+            space = self._fresh_space(ns)
+            if space is None:
+                return None
+            row, sim = space.nearest(vec)
+            if row < 0 or sim < self._threshold_of(space, row):
+                return None
+            return self._hit(space, ns, row, sim, exact=False)
+
+    def _insert_one(self, ns: str, key: str, answer: Any, vec: np.ndarray, cluster: int) -> Space:
+        space = self._spaces.get(ns)
+        if space is not None and key in space.exact:  # a newer answer for the same query replaces the old one
+            self._kill(ns, space, space.exact[key])
+        quota = self.max_entries_per_namespace
+        while quota is not None and ns in self._spaces and self._spaces[ns].live >= quota:
+            self._kill(ns, self._spaces[ns], self._spaces[ns].oldest())  # only this namespace's own entries
+        while self._live >= self.max_entries:
+            self._evict_oldest()
+        space = self._spaces.get(ns)
+        if space is None:
+            space = self._spaces[ns] = Space(len(vec))
+        self._seq += 1
+        space.add(vec, key, answer, self.clock(), cluster, self._seq)
+        self._live += 1
+        return space
+
+    def _kill(self, ns: str, space: Space, row: int) -> None:
+        if space.kill(row):
+            self._live -= 1
+        self._tidy(ns, space)
+
+    def _tidy(self, ns: str, space: Space) -> None:
+        """Drop an empty namespace; compact one whose rows are mostly dead (bounded memory and scan time)."""
+        if self._spaces.get(ns) is not space:
+            return
+        if space.live == 0:
+            del self._spaces[ns]
+        elif space.sparse():
+            self._spaces[ns] = space.compacted()
+            self._maybe_index(self._spaces[ns])
+
+    def _fresh_space(self, ns: str) -> Optional[Space]:
+        """The namespace's space with its expired entries dropped; None when it holds nothing."""
+        space = self._spaces.get(ns)
+        if space is not None and self.ttl_s is not None:
+            self._live -= space.expire(self.clock() - self.ttl_s)
+            self._tidy(ns, space)
+            space = self._spaces.get(ns)
+        return space
+
+    def _expire_all(self) -> None:
+        if self.ttl_s is not None:
+            for ns in list(self._spaces):
+                self._fresh_space(ns)
+
+    def _evict_oldest(self) -> None:
+        """Evict the oldest live entry of any namespace (O(namespaces): each space knows its own oldest)."""
+        best = None
+        for ns, space in self._spaces.items():
+            row = space.oldest()
+            if row >= 0 and (best is None or space.seq[row] < best[2]):
+                best = (ns, row, space.seq[row])
+        if best is None:
+            raise RuntimeError("cache bookkeeping: live count above zero but no live entry")  # a bug, not input
+        self._kill(best[0], self._spaces[best[0]], best[1])
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.embedder is None:
@@ -318,50 +292,17 @@ class SemanticCache:
             return np.zeros(len(vecs), np.int32)
         return np.argmax(vecs @ self.centroids.T, axis=1).astype(np.int32)
 
-    def _threshold_of(self, space: _Space, row: int) -> float:
+    def _threshold_of(self, space: Space, row: int) -> float:
         if self.cluster_thresholds is not None:
             return float(self.cluster_thresholds[space.cluster[row]])
-        return float("inf") if self.threshold is None else float(self.threshold)
+        return float("inf") if self.threshold is None else self.threshold
 
-    def _hit(self, space: _Space, ns: str, row: int, sim: float, exact: bool) -> Hit:
+    def _hit(self, space: Space, ns: str, row: int, sim: float, exact: bool) -> Hit:
         return Hit(space.answers[row], float(sim), exact, space.queries[row], ns,
                    self.clock() - float(space.created[row]))
 
-    def _expire(self) -> None:
-        """Drop entries older than the TTL. Entries are created in order, so the expired ones are a prefix."""
-        limit = float("-inf") if self.ttl_s is None else self.clock() - self.ttl_s
-        while self._order:
-            ns, row = self._order[0]
-            space = self._spaces[ns]
-            if space.alive[row] and space.created[row] > limit:
-                break
-            self._order.popleft()
-            if space.alive[row]:
-                space.kill(row)
-                self._live -= 1
-        self._compact_if_sparse()
-
-    def _evict_oldest(self) -> None:
-        while self._order:
-            ns, row = self._order.popleft()
-            space = self._spaces[ns]
-            if space.alive[row]:
-                space.kill(row)
-                self._live -= 1
-                return
-
-    def _compact_if_sparse(self) -> None:
-        """Reclaim dead rows once they are most of a namespace (keeps memory and scan time bounded)."""
-        for ns, space in list(self._spaces.items()):
-            if space.size > 1024 and space.live < space.size // 2:
-                new, mapping = space.compacted()
-                self._spaces[ns] = new
-                self._order = deque((n, mapping[r]) if n == ns else (n, r) for n, r in self._order
-                                    if n != ns or r in mapping)
-                self._maybe_index(new)
-
-    def _maybe_index(self, space: _Space) -> None:
-        if space.index is not None or self.ann == "numpy":
+    def _maybe_index(self, space: Optional[Space]) -> None:
+        if space is None or space.index is not None or self.ann == "numpy":
             return
         if self.ann == "auto" and space.live < self.ann_min_entries:
             return

@@ -10,17 +10,19 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
 from toolkit.cache import stress, tune
-from toolkit.cache.runtime import FORMAT, PROBES, SIMILARITY, embed_texts, normalize_text, probe_vectors
+from toolkit.cache.pairs import (Pairs, groups_from_data, hash_sample, nearest_pairs,  # noqa: F401 (bench)
+                                 pairs_from_file, test_prompt_texts)
+from toolkit.cache.runtime import FORMAT, PROBES, SIMILARITY, embed_texts, probe_vectors
 from toolkit.errors import OptkitError
-from toolkit.io import atomic_write_bytes, atomic_write_json, read_table, require_columns
+from toolkit.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger("optkit.cache")
 
@@ -30,93 +32,6 @@ CURVES_PNG = "curves.png"
 FHR_DEFINITION = ("false-hit rate = P(label = 0 | similarity >= threshold): among queries served from the cache, "
                   "the fraction whose cached answer may not be reused")
 HIT_RATE_DEFINITION = "hit rate = P(similarity >= threshold): fraction of all queries served from the cache"
-
-
-@dataclass
-class Pairs:
-    texts: list[str]  # unique texts
-    query: np.ndarray  # index into texts
-    cached: np.ndarray
-    labels: np.ndarray  # 1 = reusable
-    source: str
-
-
-# --------------------------------------------------------------------------------------------- setup
-
-
-def _label(value, where: str) -> int:
-    text = str(value).strip().lower()
-    if text in ("1", "true", "1.0"):
-        return 1
-    if text in ("0", "false", "0.0"):
-        return 0
-    raise OptkitError(f"{where}: label must be 0 or 1, got {value!r}")
-
-
-def _text(value, where: str) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise OptkitError(f"{where}: empty text")
-    return value
-
-
-def _keep(keys: list[str], limit: Optional[int], seed: int) -> list[int]:
-    """A deterministic sample of at most `limit` items, chosen by hash (stable when rows are appended; salted
-    differently from `split`, or the sample would be exactly the pairs with the lowest split hashes)."""
-    if limit is None or len(keys) <= limit:
-        return list(range(len(keys)))
-    ranked = sorted(range(len(keys)), key=lambda i: hashlib.sha256(f"sample:{seed}:{keys[i]}".encode()).hexdigest())
-    return sorted(ranked[:limit])
-
-
-def pairs_from_file(path: Path, cfg, seed: int) -> Pairs:
-    rows = read_table(path)
-    cols = (cfg.query_column, cfg.cached_column, cfg.label_column)
-    require_columns(rows, cols, str(path), "cache.query_column / cached_column / label_column")
-    index: dict[str, int] = {}
-    q, c, y = [], [], []
-    for i, row in enumerate(rows, 1):
-        where = f"{path}: row {i}"
-        a = _text(row[cfg.query_column], f"{where}: column '{cfg.query_column}' (cache.query_column)")
-        b = _text(row[cfg.cached_column], f"{where}: column '{cfg.cached_column}' (cache.cached_column)")
-        q.append(index.setdefault(a, len(index)))
-        c.append(index.setdefault(b, len(index)))
-        y.append(_label(row[cfg.label_column], f"{where}: column '{cfg.label_column}' (cache.label_column)"))
-    texts = list(index)
-    keep = _keep([f"{texts[q[i]]}\x00{texts[c[i]]}" for i in range(len(q))], cfg.max_pairs, seed)
-    return Pairs(texts, np.array(q)[keep], np.array(c)[keep], np.array(y)[keep], str(path))
-
-
-def groups_from_data(recipe, cfg) -> tuple[list[str], list[str], Path]:
-    data = recipe.data
-    path = recipe.resolve_path(data.path)
-    rows = read_table(path, data.format, data.split_name)
-    text_col = cfg.text_column or data.prompt_column
-    require_columns(rows, (text_col, cfg.group_column), str(path), "cache.text_column / cache.group_column")
-    seen: dict[str, str] = {}
-    for i, row in enumerate(rows, 1):
-        text = normalize_text(_text(row[text_col], f"{path}: row {i}: column '{text_col}'"))
-        group = row[cfg.group_column]
-        if group is None or str(group).strip() == "":
-            raise OptkitError(f"{path}: row {i}: empty '{cfg.group_column}' (cache.group_column)")
-        seen.setdefault(text, str(group))  # a repeated text keeps its first group
-    if len(set(seen.values())) < 2:
-        raise OptkitError(f"{path}: cache.group_column '{cfg.group_column}' has a single value; pairs need at "
-                          "least two groups")
-    return list(seen), list(seen.values()), path
-
-
-def nearest_pairs(vecs: np.ndarray, groups: list[str], queries: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """For each query text, its nearest *other* text (what a cache holding everything else would return);
-    label = same group. Chunked so memory stays O(chunk x n)."""
-    g = np.array(groups)
-    cached = np.empty(len(queries), dtype=np.int64)
-    for start in range(0, len(queries), 1024):
-        idx = np.array(queries[start:start + 1024])
-        sims = vecs[idx] @ vecs.T
-        sims[np.arange(len(idx)), idx] = -np.inf
-        cached[start:start + len(idx)] = np.argmax(sims, axis=1)
-    q = np.array(queries)
-    return cached, (g[q] == g[cached]).astype(np.int64)
 
 
 def embed_cached(ctx, embedder, ref: str, texts: list[str], batch_size: int) -> np.ndarray:
@@ -150,6 +65,17 @@ def split(pairs: Pairs, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 # --------------------------------------------------------------------------------------------- save
+
+
+def write_json(path: Path, obj) -> None:
+    """Strict JSON (a NaN or infinity is a bug to fix at its source, never a token other parsers reject)."""
+    atomic_write_text(path, json.dumps(obj, indent=2, allow_nan=False, default=_plain) + "\n")
+
+
+def _plain(value):
+    if isinstance(value, (np.generic, np.ndarray)):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON data")
 
 
 def plot_curves(path: Path, cal: dict, held: dict, sel: tune.Selection, f1_t: float, epsilon: float) -> None:
@@ -196,19 +122,20 @@ def load_pairs(ctx, embedder) -> tuple[Pairs, np.ndarray]:
     cfg, recipe = ctx.config, ctx.recipe
     if cfg.pairs_path:
         path = ctx.add_input(recipe.resolve_path(cfg.pairs_path))
-        pairs = pairs_from_file(path, cfg, recipe.seed)
+        pairs = pairs_from_file(path, cfg, recipe.seed, test_prompt_texts(recipe))
         tune.check_inputs(np.zeros(len(pairs.labels)), pairs.labels, cfg.epsilon, cfg.confidence, pairs.source)
         return pairs, embed_cached(ctx, embedder(), cfg.embedder, pairs.texts, cfg.batch_size)
     if not cfg.group_column:
         raise OptkitError("cache: set cache.pairs_path (labeled pairs) or cache.group_column (build pairs from "
                           "groups of the recipe's data)")
-    texts, groups, path = groups_from_data(recipe, cfg)
+    texts, groups, path, excluded = groups_from_data(recipe, cfg)
     ctx.add_input(path)
     vecs = embed_cached(ctx, embedder(), cfg.embedder, texts, cfg.batch_size)
-    queries = _keep(texts, cfg.max_pairs, recipe.seed)
+    queries = hash_sample(texts, cfg.max_pairs, recipe.seed)
     cached, labels = nearest_pairs(vecs, groups, queries)
     return Pairs(texts, np.array(queries), cached, labels, f"{path} (nearest-neighbour pairs by "
-                                                               f"'{cfg.group_column}')"), vecs
+                                                               f"'{cfg.group_column}', test split excluded)",
+                 excluded), vecs
 
 
 def run(ctx) -> dict:
@@ -259,7 +186,7 @@ def run(ctx) -> dict:
                         "bound": f"one-sided {cfg.confidence:.0%} Clopper-Pearson upper bound on the calibration "
                                  f"pairs ({cfg.bound} false-hit rate); threshold search: {cfg.selection}"},
         "pairs": {"source": pairs.source, "total": int(len(y)), "positives": int(y.sum()),
-                  "calibration": int(len(cal)), "heldout": int(len(held))},
+                  "calibration": int(len(cal)), "heldout": int(len(held)), "excluded": pairs.excluded},
         "selection": sel.to_dict(), "threshold_ci95_bootstrap": threshold_ci,
         "calibration_fhr_ci95": list(served_ci), "heldout": held_eval,
         "heldout_hindsight_best_static": hindsight, "f1_reference": f1_ref,
@@ -279,16 +206,17 @@ def run(ctx) -> dict:
         "threshold_ci95": threshold_ci,
         "calibration": {"pairs": sel.n, "served": sel.served, "false_hits": sel.false_hits},
         "adaptive": (adaptive or {}).get("config"),
-        "runtime": {"ttl_s": cfg.ttl_s, "max_entries": cfg.max_entries, "ann": cfg.ann,
+        "runtime": {"ttl_s": cfg.ttl_s, "max_entries": cfg.max_entries,
+                    "max_entries_per_namespace": cfg.max_entries_per_namespace, "ann": cfg.ann,
                     "ann_min_entries": cfg.ann_min_entries},
         "metrics": metrics,
     }
     if adaptive:
         adaptive.pop("config", None)
-    atomic_write_json(ctx.dir / REPORT_JSON, report)
+    write_json(ctx.dir / REPORT_JSON, report)
     plot_curves(ctx.dir / CURVES_PNG, report["curves"]["calibration"], report["curves"]["heldout"], sel, f1_t,
                 cfg.epsilon)
-    atomic_write_json(ctx.dir / CACHE_JSON, cache_cfg)  # last: its presence means the others are complete
+    write_json(ctx.dir / CACHE_JSON, cache_cfg)  # last: its presence means the others are complete
 
     ctx.log_metrics(metrics)
     log_curve(ctx, report["curves"]["calibration"])

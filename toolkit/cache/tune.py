@@ -89,7 +89,18 @@ def realized_bound(k, n, batch_ratio: float, confidence: float):
     mean = a / (a + b)
     var = a * b * (a + b + m) / (m * (a + b) ** 2 * (a + b + 1))
     common = mean * (1 - mean) / var - 1  # moment-matched beta(alpha, beta) of the realized rate X / m
-    q = beta.ppf(confidence, mean * common, (1 - mean) * common)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        q = beta.ppf(confidence, mean * common, (1 - mean) * common)
+    # A one-query batch (m = 1: a 0/1 outcome) has no beta of that mean and variance (common = 0, the ppf is
+    # NaN, which used to reach cache.json); there, and wherever the match fails, use the exact predictive.
+    bad = ~np.isfinite(q)
+    if np.any(bad):
+        from scipy.stats import betabinom
+
+        q = np.array(q, dtype=float, copy=True).reshape(np.shape(bad))
+        mb = np.broadcast_to(m, bad.shape)[bad]
+        q[bad] = betabinom.ppf(confidence, mb, np.broadcast_to(a, bad.shape)[bad],
+                               np.broadcast_to(b, bad.shape)[bad]) / mb
     return np.where(n <= 0, 1.0, q)
 
 
@@ -112,14 +123,12 @@ def audit_bound(k, n, batch_ratio: float, confidence: float):
 
 def interval(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
     """Two-sided Clopper-Pearson interval of a binomial rate."""
-    from scipy.stats import beta
+    from scipy.stats import binomtest
 
     if n == 0:
         return 0.0, 1.0
-    a = (1 - level) / 2
-    lo = 0.0 if k == 0 else float(beta.ppf(a, k, n - k + 1))
-    hi = 1.0 if k == n else float(beta.ppf(1 - a, k + 1, n - k))
-    return lo, hi
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="exact")  # exact = Clopper-Pearson
+    return float(ci.low), float(ci.high)
 
 
 @dataclass
@@ -207,7 +216,8 @@ def bounds(false_hits, served, confidence: float, bound: str = "rate", batch_rat
         raise OptkitError(f"cache.bound={bound} needs the size of the future batch (a held-out fraction > 0)")
     # Never looser than the rate bound (the Jeffreys predictive can be, at k = 0).
     fn = realized_bound if bound == "realized" else audit_bound
-    return np.maximum(ub, fn(false_hits, served, batch_ratio, confidence))
+    out = np.maximum(ub, fn(false_hits, served, batch_ratio, confidence))
+    return np.where(np.isfinite(out), out, 1.0)  # no number is no bound: 1 is the one always true
 
 
 def select(sims: np.ndarray, labels: np.ndarray, epsilon: float, confidence: float = 0.95,

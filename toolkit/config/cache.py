@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field
 
 from toolkit.config.base import Section
 
@@ -19,6 +19,10 @@ class CacheConfig(Section):
     group_column: Optional[str] = Field(None, description="When pairs_path is unset: column of the recipe's data "
                                         "whose equal values mean 'the same answer may be reused' (e.g. intent). "
                                         "Each prompt is paired with its nearest other prompt; label = same group.")
+    data_rows: Literal["limit", "all"] = Field(
+        "limit", description="With group_column: limit = the rows collect uses (data.limit's sample); all = every "
+        "row of the data file (more pairs for the threshold; data.limit then bounds only the teacher's work). "
+        "Either way the test split is left out: evaluate scores the system on it.")
     text_column: Optional[str] = Field(None, description="With group_column: column holding the query text "
                                        "(default data.prompt_column).")
     max_pairs: Optional[int] = Field(None, ge=10, description="Use at most this many pairs (a deterministic "
@@ -44,7 +48,12 @@ class CacheConfig(Section):
                                     "per ~150 calibration pairs, 2..32).")
     stress: bool = Field(True, description="Also report the built-in negation / small-edit stress set.")
     ttl_s: Optional[float] = Field(None, gt=0, description="Runtime: entry time-to-live in seconds.")
-    max_entries: int = Field(100_000, ge=1, description="Runtime: maximum entries (oldest evicted).")
+    max_entries: int = Field(100_000, ge=1, description="Runtime: maximum entries over all namespaces (the "
+                             "oldest is evicted).")
+    max_entries_per_namespace: Optional[int] = Field(
+        None, ge=1, description="Runtime: maximum entries of one namespace (tenant, model version, ...); a full "
+        "namespace evicts its own oldest entry, never another's. For full isolation keep max_entries >= this x "
+        "the number of namespaces.")
     ann: Literal["auto", "numpy", "faiss"] = Field(
         "auto", description="Runtime nearest-neighbour search: numpy = exact brute force; faiss = HNSW "
         "(optional extra optkit[faiss]); auto = numpy below ann_min_entries per namespace, faiss above if installed.")

@@ -1,0 +1,168 @@
+"""SemanticCache under concurrent readers and writers (what a gateway's worker threads do), and namespaces that no
+value can forge: canonical structured keys, property-tested, and per-namespace quotas."""
+
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from toolkit.cache import SemanticCache
+from toolkit.cache.runtime import namespace_key
+from toolkit.errors import OptkitError
+
+DIM = 32
+
+
+def unit_vectors(n: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def check_consistent(cache: SemanticCache, vecs: np.ndarray) -> None:
+    """Bookkeeping agrees with the entries, and every live entry is found by its own vector with its own answer."""
+    tenant_of = {namespace_key({"tenant": t}): t for t in range(3)}
+    live = 0
+    for ns, space in cache._spaces.items():
+        alive = np.nonzero(space.alive[: space.size])[0]
+        assert space.live == len(alive)
+        live += len(alive)
+        for q, row in space.exact.items():
+            assert space.alive[row] and space.queries[row] == q
+        for row in alive:
+            q = space.queries[row]
+            assert space.answers[row] == "a" + q[1:]
+            hit = cache.lookup_vector(vecs[int(q[1:])], {"tenant": tenant_of[ns]})
+            assert hit is not None and hit.answer == "a" + q[1:]
+    assert cache._live == live == len(cache) and 0 <= live <= cache.max_entries
+
+
+def test_eight_threads_insert_lookup_and_evict_without_corruption():
+    """8 threads insert, look up, count and (through TTL and max_entries) expire, evict and compact at once.
+    Before the lock: IndexError storms, hits with answer None, a negative or wrong len(), more live entries than
+    max_entries."""
+    vecs = unit_vectors(3000)
+    cache = SemanticCache(threshold=0.99, ann="numpy", max_entries=1500, ttl_s=0.5)
+    errors, wrong = [], []
+    stop = time.monotonic() + 4.0
+
+    def worker(seed: int):
+        rng = np.random.default_rng(seed)
+        try:
+            while time.monotonic() < stop:
+                ns = {"tenant": int(rng.integers(3))}
+                idx = rng.integers(0, len(vecs), int(rng.integers(1, 40)))
+                cache.insert_many([f"q{i}" for i in idx], [f"a{i}" for i in idx], ns, vectors=vecs[idx])
+                for i in rng.integers(0, len(vecs), 20):
+                    hit = cache.lookup_vector(vecs[i], ns)
+                    if hit is not None and (hit.answer != f"a{i}" or hit.query != f"q{i}"):
+                        wrong.append((i, hit.query, hit.answer))
+                n = len(cache)
+                if not 0 <= n <= cache.max_entries:
+                    wrong.append(("len", n))
+        except Exception as exc:  # noqa: BLE001 - any exception in a thread is the failure we look for
+            errors.append(repr(exc))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up in seconds, not hours
+    try:
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == [] and wrong == []
+    check_consistent(cache, vecs)
+
+
+# ------------------------------------------------------------------------------------------- namespaces
+
+
+ALPHABET = list('ab1=|,:;"[]{}\\ \t\x00é') + ["None", "true", "1.0", "tenant=acme", "default"]
+
+
+def random_namespace(rng):
+    """Arbitrary namespaces built from the characters and tokens that forge keys in a naive encoding."""
+    def text():
+        return "".join(rng.choice(ALPHABET) for _ in range(int(rng.integers(0, 4))))
+
+    def scalar():
+        kind = int(rng.integers(6))
+        return [text, lambda: int(rng.integers(-2, 3)), lambda: bool(rng.integers(2)), lambda: None,
+                lambda: float(rng.choice([0.0, -0.0, 1.0, 0.5, 1e-300])), lambda: str(int(rng.integers(-2, 3)))][kind]()
+
+    if rng.random() < 0.3:
+        return text()
+    return {text(): scalar() for _ in range(int(rng.integers(0, 4)))}
+
+
+def same(a, b) -> bool:
+    """Equal value for value and type for type (1 == 1.0 == True in Python, but not as namespaces)."""
+    if isinstance(a, str) or isinstance(b, str):
+        return type(a) is type(b) and a == b
+    return sorted(a) == sorted(b) and all(type(a[k]) is type(b[k]) and repr(a[k]) == repr(b[k]) for k in a)
+
+
+def near_copy(ns):
+    """A namespace that a naive key would confuse with `ns`: a value as its string, or one more separator."""
+    if isinstance(ns, str):
+        return ns + "|"
+    if not ns:
+        return {"": None}
+    k = next(iter(ns))
+    return {**ns, k: str(ns[k]) if not isinstance(ns[k], str) else ns[k] + "|"}
+
+
+def test_no_hit_across_namespaces():
+    """Property over 3,000 random pairs of namespaces (plus each namespace against a near copy of itself): a hit
+    from another namespace is impossible by construction, equal keys only for identical namespaces."""
+    rng = np.random.default_rng(0)
+    v = unit_vectors(2)
+    pairs = [(random_namespace(rng), random_namespace(rng)) for _ in range(1500)]
+    pairs += [(a, near_copy(a)) for a, _ in pairs]
+    pairs += [(a, a) for a, _ in pairs[:200]]
+    for a, b in pairs:
+        assert (namespace_key(a) == namespace_key(b)) == same(a, b), (a, b)
+        cache = SemanticCache(threshold=-1.0, ann="numpy")  # serves anything within a namespace
+        cache.insert_many(["what is my balance"], ["A's answer"], a, vectors=v[:1])
+        hit = cache.lookup_vector(v[1], b)
+        assert (hit is not None) == same(a, b), (a, b)
+        assert hit is None or hit.answer == "A's answer"
+
+
+@pytest.mark.parametrize("a, b", [("tenant=acme", {"tenant": "acme"}), ({"a": "1|b=2"}, {"a": "1", "b": "2"}),
+                                  ({"t": 1}, {"t": "1"}), ({"t": True}, {"t": 1}), ({"t": None}, {"t": "None"}),
+                                  ('{"a": 1}', {"a": 1}), ("default", {"default": None})])
+def test_reported_collisions_are_separate_namespaces(a, b):
+    cache = SemanticCache(threshold=0.5, ann="numpy")
+    cache.insert_many(["refund policy"], ["30 days"], a, vectors=unit_vectors(1))
+    assert cache.lookup_vector(unit_vectors(1)[0], b) is None
+    assert cache.lookup_vector(unit_vectors(1)[0], a).answer == "30 days"
+
+
+def test_namespace_values_must_be_plain_data():
+    cache = SemanticCache(threshold=0.5, ann="numpy")
+    for bad in ({"t": object()}, {"t": float("nan")}, {1: "a"}, ["tenant"], {"t": [1, 2]}):
+        with pytest.raises(OptkitError, match="namespace"):
+            cache.insert_many(["q"], ["a"], bad, vectors=unit_vectors(1))
+
+
+def test_per_namespace_quota_keeps_other_tenants_entries():
+    """One tenant's inserts evict only its own entries (before: max_entries was global, one tenant flushed all)."""
+    vecs = unit_vectors(600)
+    cache = SemanticCache(threshold=0.99, ann="numpy", max_entries=1000, max_entries_per_namespace=100)
+    cache.insert_many([f"q{i}" for i in range(100)], [f"a{i}" for i in range(100)], {"tenant": "quiet"},
+                      vectors=vecs[:100])
+    for start in range(100, 600, 50):  # a noisy tenant inserts 500 entries
+        idx = range(start, start + 50)
+        cache.insert_many([f"q{i}" for i in idx], [f"a{i}" for i in idx], {"tenant": "noisy"},
+                          vectors=vecs[start:start + 50])
+    assert all(cache.lookup_vector(vecs[i], {"tenant": "quiet"}).answer == f"a{i}" for i in range(100))
+    noisy = [i for i in range(100, 600) if cache.lookup_vector(vecs[i], {"tenant": "noisy"}) is not None]
+    assert noisy == list(range(500, 600))  # its own 100 newest
+    assert len(cache) == 200
+    with pytest.raises(OptkitError, match="max_entries_per_namespace"):
+        SemanticCache(threshold=0.5, max_entries_per_namespace=0)
