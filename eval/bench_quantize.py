@@ -85,27 +85,20 @@ def load_records(collect: Path, n_cal: int, n_eval: int):
 
 
 def run_variant(name, src, texts, probe, max_length, threads, work):
-    import importlib
-
-    from toolkit.config import AWQConfig, GGUFConfig, GPTQConfig, Int8Config
-    from toolkit.quantize import METHODS
+    from toolkit.quantize.method import Job
+    from toolkit.quantize.registry import METHODS
     from toolkit.quantize.verify import verify_gguf, verify_hf
 
     method, overrides = VARIANTS[name]
-    cfg = {"int8": Int8Config, "gptq": GPTQConfig, "awq": AWQConfig, "gguf": GGUFConfig}[method](**overrides)
-    module = importlib.import_module(METHODS[method])
+    config_cls, run_method = METHODS[method]  # the stage's own registry: same settings class, same run
     out = work / name
+    job = Job(src=src, out=out, work=work / f"{method}-work", children=work / "children", texts=texts,
+              max_length=max_length, threads=threads)
     start = time.perf_counter()
-    if method == "gguf":
-        gwork = work / "gguf-work"
-        gwork.mkdir(exist_ok=True)
-        facts = module.quantize(src, out, cfg, gwork, threads)
-        seconds = time.perf_counter() - start
-        res = verify_gguf(out / facts["files"][cfg.types[0]], probe, threads)
-    else:
-        module.quantize(src, out, cfg, texts, max_length)
-        seconds = time.perf_counter() - start
-        res = verify_hf(out, probe)
+    first = run_method(config_cls(**overrides), job)[0]  # gguf: the first of its types
+    seconds = time.perf_counter() - start
+    path = out / first.file if first.file else out
+    res = verify_gguf(path, probe, threads) if first.format == "gguf" else verify_hf(path, probe)
     return {"method": method, "settings": overrides, "quantize_seconds": round(seconds, 1), **res}
 
 

@@ -92,3 +92,64 @@ def test_import_is_cheap():
             "'llama_cpp') if m in sys.modules]; print(heavy)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_the_recipe_section_is_built_from_the_method_registry():
+    """Every method (GGUF included) is one registry entry: its settings class and its run, and the recipe's
+    quantize section has exactly one field per entry, described by the class."""
+    import inspect
+    from typing import Optional
+
+    from toolkit.config import QuantizeConfig, QuantMethodConfig
+    from toolkit.quantize.registry import METHODS
+
+    assert set(METHODS) == {"int8", "gptq", "awq", "gguf"}
+    for name, (cls, run) in METHODS.items():
+        assert issubclass(cls, QuantMethodConfig) and callable(run), name
+        assert inspect.signature(run).parameters.keys() == {"cfg", "job"}, name  # one interface for all
+        field = QuantizeConfig.model_fields[name]
+        assert field.annotation == Optional[cls] and field.default is None
+        assert field.description == inspect.cleandoc(cls.__doc__)
+
+
+def test_a_new_method_is_one_class_and_one_registry_line():
+    from pydantic import Field, ValidationError
+
+    from toolkit.config import schema_reference
+    from toolkit.config.quantize import quantize_config
+    from toolkit.quantize.method import QuantMethodConfig
+    from toolkit.quantize.registry import METHODS
+
+    class HQQConfig(QuantMethodConfig):
+        """Half-quadratic quantization."""
+
+        nbits: int = Field(4, ge=1, le=8, description="Bits per weight.")
+
+    cfg_cls = quantize_config({**METHODS, "hqq": (HQQConfig, lambda cfg, job: [])})
+    assert cfg_cls(hqq={"nbits": 3}).hqq.nbits == 3
+    assert cfg_cls(gguf={"types": ["Q8_0"]}).gguf.types == ["Q8_0"]
+    with pytest.raises(ValidationError):
+        cfg_cls(hqq={"nbits": 3, "typo": 1})  # unknown keys stay refused
+    rows = schema_reference(cfg_cls, prefix="quantize.")
+    assert "| `quantize.hqq` | HQQConfig | None | Half-quadratic quantization. |" in rows
+    assert "| `quantize.hqq.nbits` | int | 4 | Bits per weight. |" in rows
+
+
+def test_modelfile_type_is_checked_by_validate():
+    """Caught with the recipe (optkit validate), not after the conversion has run."""
+    from pydantic import ValidationError
+
+    from toolkit.config import QuantizeConfig
+
+    with pytest.raises(ValidationError, match="modelfile_type Q4_K_M is not one of types"):
+        QuantizeConfig(gguf={"types": ["Q8_0"], "modelfile_type": "Q4_K_M"})
+
+
+@pytest.mark.parametrize("first", ["toolkit.config", "toolkit.quantize", "toolkit.quantize.gguf",
+                                   "toolkit.quantize.registry", "toolkit.config.quantize", "toolkit.pipeline"])
+def test_any_import_order_works(first):
+    """The schema imports the registry, whose methods import the schema's base: whichever comes first."""
+    import subprocess
+
+    code = f"import {first}; from toolkit.config import QuantizeConfig; assert 'gguf' in QuantizeConfig.model_fields"
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)

@@ -41,6 +41,11 @@ def test_every_method_on_a_pruned_smollm2(quantized_run):
     assert (q / "gguf/Modelfile").read_text().splitlines()[1] == "FROM ./model-Q8_0.gguf"
     assert summary["gguf-Q4_K_M"]["size_bytes"] < summary["gguf-Q8_0"]["size_bytes"]
 
+    # one interface for every method (GGUF included): each artifact carries its method and its build time
+    for name, entry in summary.items():
+        if name != "fp32":
+            assert entry["method"] == name.split("-")[0] and entry["quantize_seconds"] > 0, name
+
     base = math.log(summary["fp32"]["perplexity"])
     for name, entry in summary.items():
         assert math.isfinite(entry["perplexity"]) and entry["eval_tokens"] > 50, name
@@ -63,8 +68,11 @@ def test_every_method_on_a_pruned_smollm2(quantized_run):
     # unchanged re-run: skipped; a re-run after an interruption reuses finished artifacts
     assert run_pipeline(rec, only="quantize")[0].status == "skipped"
     before = (q / "gptq/model.safetensors").stat().st_mtime_ns
-    (q / "manifest.json").unlink()  # as if the run died after the artifacts were verified
+    (q / "manifest.json").unlink()  # as if the run died after the artifacts were verified ...
+    (q / ".gguf.tmp-killed").mkdir()  # ... while a method's half-built directory was being written
+    (q / ".gguf.tmp-killed/model-Q8_0.gguf").write_bytes(b"GGUF half")
     assert run_pipeline(rec, only="quantize")[0].status == "ran"
+    assert not (q / ".gguf.tmp-killed").exists()
     assert (q / "gptq/model.safetensors").stat().st_mtime_ns == before
     assert json.loads((q / "summary.json").read_text())["gptq"] == summary["gptq"]
 
@@ -90,14 +98,14 @@ def test_calibration_falls_back_to_prompts(pruned_dir, workdir):
 
     from toolkit.config import CalibrationConfig
     from toolkit.pipeline import StageContext
-    from toolkit.quantize.calibration import calibration_texts, load_examples
+    from toolkit.quantize.calibration import calibration_texts, load_examples, renderer_for
     from toolkit.tracking import NullTracker
 
     run = fake_run(workdir, pruned_dir, outputs=False)
     ctx = StageContext("quantize", recipe({"gptq": {}}), run, run / "quantize", NullTracker())
     examples = load_examples(ctx)
     assert len(examples) == 52 and all(e.teacher is None for e in examples)
-    tok = AutoTokenizer.from_pretrained(pruned_dir)
+    tok = renderer_for(ctx, AutoTokenizer.from_pretrained(pruned_dir))  # as the stage renders
     texts = calibration_texts(examples, tok, CalibrationConfig(num_samples=64))
     assert len(texts) == 40  # the whole train split; no test prompt leaks into calibration
     assert texts[0].endswith("<|im_start|>assistant\n")

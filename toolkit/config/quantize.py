@@ -1,12 +1,27 @@
-"""quantize: calibration and one settings class per method."""
+"""quantize: calibration and the stage's settings; one optional field per quantization method.
+
+Each method's settings class lives next to its code (toolkit/quantize/<method>.py, pydantic only at import)
+and is registered with it in toolkit.quantize.registry.METHODS; `QuantizeConfig` gets one field per entry,
+described by the settings class's docstring. A new method never touches this file.
+"""
 
 from __future__ import annotations
 
+import inspect
 from typing import Literal, Optional
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, create_model
 
 from toolkit.config.base import Section
+from toolkit.quantize.awq import AWQConfig
+from toolkit.quantize.gguf import GGUF_TYPES, GGUFConfig
+from toolkit.quantize.gptq import GPTQConfig
+from toolkit.quantize.int8 import Int8Config
+from toolkit.quantize.method import QuantMethodConfig
+from toolkit.quantize.registry import METHODS
+
+__all__ = ["CalibrationConfig", "QuantizeConfig", "QuantMethodConfig", "GGUF_TYPES", "Int8Config", "GPTQConfig",
+           "AWQConfig", "GGUFConfig"]
 
 
 class CalibrationConfig(Section):
@@ -20,54 +35,9 @@ class CalibrationConfig(Section):
         "(falls back to the prompts alone when there are no teacher outputs).")
 
 
-class QuantMethodConfig(Section):
-    enabled: bool = Field(True, description="Produce this artifact.")
+class QuantizeSettings(Section):
+    """The stage's own settings; QuantizeConfig adds one field per registered method."""
 
-
-class Int8Config(QuantMethodConfig):
-    smoothing_strength: float = Field(0.5, ge=0, le=1, description="SmoothQuant migration strength (0 = skip "
-                                      "SmoothQuant). Measured on SmolLM2-135M (eval/bench_quantize.py): 0.5 "
-                                      "-1.8% perplexity vs fp32, 0.8 +1.1%, 0 +1.8%.")
-    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of its mean "
-                                  "diagonal).")
-    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized (names, or 're:<regex>').")
-
-
-class GPTQConfig(QuantMethodConfig):
-    group_size: int = Field(32, ge=1, description="Weights per quantization group (must divide every quantized "
-                            "layer's input width; SmolLM2's 576 needs 32, 64 or 192, not 128). Measured on "
-                            "SmolLM2-135M: group 32 asymmetric +0.5% perplexity vs group 64 symmetric +6.7%.")
-    act_order: bool = Field(True, description="GPTQ rounds columns in order of activation magnitude ('weight' "
-                            "act order: better accuracy, same saved format and speed).")
-    symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric weights (default: "
-                            "asymmetric, measured better).")
-    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of its mean "
-                                  "diagonal).")
-    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized (names, or 're:<regex>', e.g. "
-                              "'re:.*layers\\.0\\..*' to keep the first block in full precision).")
-
-
-class AWQConfig(QuantMethodConfig):
-    group_size: int = Field(64, ge=1, description="Weights per quantization group (must divide layer input widths).")
-    symmetric: bool = Field(False, description="Symmetric or asymmetric (AWQ default) weights.")
-    duo_scaling: bool = Field(True, description="Search scales from activations and weights (AWQ's duo scaling).")
-    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized (names, or 're:<regex>').")
-
-
-GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
-
-
-class GGUFConfig(QuantMethodConfig):
-    types: list[Literal[GGUF_TYPES]] = Field(["Q8_0", "Q4_K_M"], min_length=1,
-                                             description="llama.cpp quantization types to produce.")
-    modelfile_type: Optional[Literal[GGUF_TYPES]] = Field(
-        None, description="Which GGUF the Ollama Modelfile points at (default: the first of types).")
-    converter_dir: Optional[str] = Field(
-        None, description="A llama.cpp checkout holding convert_hf_to_gguf.py; default: fetched once from the "
-        "llama-cpp-python sdist of the installed version into the optkit cache.")
-
-
-class QuantizeConfig(Section):
     model: Optional[str] = Field(None, description="Model to quantize (local HF dir or built-in name); default: "
                                  "the distill stage's merged student (distill/model).")
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig, description="Calibration data.")
@@ -75,7 +45,20 @@ class QuantizeConfig(Section):
     agreement_samples: int = Field(16, ge=0, description="Test prompts generated by every artifact to measure "
                                    "teacher agreement and gold accuracy (0 = skip).")
     max_new_tokens: int = Field(32, ge=1, description="Generation length for agreement and tokens/s.")
-    int8: Optional[Int8Config] = Field(None, description="W8A8 (SmoothQuant + GPTQ) via llm-compressor.")
-    gptq: Optional[GPTQConfig] = Field(None, description="W4A16 GPTQ via llm-compressor.")
-    awq: Optional[AWQConfig] = Field(None, description="W4A16 AWQ via llm-compressor.")
-    gguf: Optional[GGUFConfig] = Field(None, description="GGUF via llama.cpp (converter + llama-cpp-python).")
+
+
+def _method_field(cls: type[QuantMethodConfig]):
+    if not cls.__doc__:  # the recipe reference needs it
+        raise TypeError(f"{cls.__name__} needs a docstring: it describes the method in the recipe reference")
+    return (Optional[cls], Field(None, description=inspect.cleandoc(cls.__doc__)))
+
+
+def quantize_config(methods: dict) -> type[QuantizeSettings]:
+    """The `quantize` section: the stage's settings plus one optional field per registered method."""
+    return create_model(
+        "QuantizeConfig", __base__=QuantizeSettings, __module__=__name__,
+        __doc__="Quantize the student: the stage's settings plus one optional section per method (absent = off).",
+        **{name: _method_field(cls) for name, (cls, _run) in methods.items()})
+
+
+QuantizeConfig = quantize_config(METHODS)

@@ -7,6 +7,9 @@ size_bytes, perplexity, ppl_increase_pct, answer_perplexity (teacher answers giv
 answer_ppl_increase_pct, tokens_per_s, teacher_f1, gold_accuracy, ...}}; the
 unquantized source is the "fp32" entry. Each artifact is written atomically and its verification kept in
 work/, so an interrupted run resumes with the next artifact.
+
+Flow: prepare (reap what a killed run left, source, calibration texts, probe) -> for each enabled method of
+the registry (toolkit.quantize.registry.METHODS, GGUF included): quantize once -> verify each artifact -> save.
 """
 
 from __future__ import annotations
@@ -15,80 +18,151 @@ import json
 import logging
 import os
 import time
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
+# The recipe schema first: it imports this package's registry, whose methods import toolkit.config.base; loaded
+# in this order, no module sees a half-initialised other one, whichever of the two is imported first.
+import toolkit.config  # noqa: F401  (import order, see above)
 from toolkit.errors import OptkitError
+from toolkit.quantize.method import Job
+from toolkit.quantize.registry import METHODS
 
 log = logging.getLogger("optkit.quantize")
 
-# method name -> module with quantize(...). Heavy libraries load only when a method runs.
-METHODS: dict[str, str] = {
-    "int8": "toolkit.quantize.int8",
-    "gptq": "toolkit.quantize.gptq",
-    "awq": "toolkit.quantize.awq",
-    "gguf": "toolkit.quantize.gguf",
-}
-
 SUMMARY = "summary.json"
+CHILDREN = "children"  # under work/: records of running child processes (toolkit.procs)
+
+# Recipe keys besides `quantize` its outputs depend on; a change re-runs it (toolkit/pipeline.py). A stage
+# name = that stage's outputs are consumed.
+# Here: the distilled student; calibration prompts from collect, or from `data` without a collect stage.
+READS = ("collect", "distill", "data", "seed")
+
+
+@dataclass
+class Setup:
+    """What every method run and every verification share."""
+
+    src: Path
+    texts: list[str]
+    probe: object
+    threads: int
+    done: Path  # work/verified/<source and settings key>/: per-method run records and per-artifact results
 
 
 def run(ctx) -> dict:
-    import importlib
+    setup = prepare(ctx)
+    summary = {"fp32": _cached(setup.done / "fp32.json", lambda: {
+        "method": "none", "format": "hf", "path": None, **_verify(setup.src, "hf", setup)})}
+    for name, mcfg in enabled_methods(ctx.config):
+        record = quantize_once(ctx, setup, name, mcfg)
+        summary.update(verify_artifacts(ctx, setup, name, record, base=summary["fp32"]))
+    return save(ctx, setup, summary)
 
-    from toolkit.io import atomic_dir, atomic_write_json
-    from toolkit.quantize.calibration import calibration_texts, eval_examples, load_examples
-    from toolkit.quantize.verify import add_increases, build_probe, verify_hf
 
-    cfg = ctx.config
-    # --- setup: source model, calibration texts, the probe every artifact is measured on
-    src = source_model(ctx)
-    methods = [m for m in METHODS if getattr(cfg, m) is not None and getattr(cfg, m).enabled]
+def enabled_methods(cfg) -> list[tuple[str, object]]:
+    methods = [(name, getattr(cfg, name)) for name in METHODS if getattr(cfg, name) is not None]
+    methods = [(name, m) for name, m in methods if m.enabled]
     if not methods:
-        raise OptkitError("quantize: no method enabled; add one of int8, gptq, awq, gguf to the quantize section")
+        raise OptkitError(f"quantize: no method enabled; add one of {', '.join(METHODS)} to the quantize section")
+    return methods
+
+
+def prepare(ctx) -> Setup:
+    """Reap what an interrupted run left, then: source model, calibration texts, the probe every artifact is
+    measured on."""
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(src)
+    from toolkit.quantize.calibration import calibration_texts, eval_examples, load_examples, renderer_for
+    from toolkit.quantize.verify import build_probe
+
+    cfg = ctx.config
+    clean_stale(ctx)
+    enabled_methods(cfg)  # fail before loading anything
+    src = source_model(ctx)
+    tok = renderer_for(ctx, AutoTokenizer.from_pretrained(src))  # the one rendering (toolkit.engines)
     examples = load_examples(ctx)
     texts = calibration_texts(examples, tok, cfg.calibration)
     held = eval_examples(examples, max(cfg.eval_samples, cfg.agreement_samples))
     probe = build_probe(held, tok, cfg.eval_samples, cfg.agreement_samples, cfg.calibration.max_length,
                         cfg.max_new_tokens)
     threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-    # Per-artifact results, so a resumed run skips finished artifacts; keyed by the source weights and the
-    # settings, so a changed student or recipe never reuses a stale artifact.
-    key = _source_key(src, cfg)
-    done_dir = ctx.work_dir / "verified" / key
-    done_dir.mkdir(parents=True, exist_ok=True)
+    # Keyed by the source weights and the settings, so a changed student or recipe never reuses a stale artifact.
+    done = ctx.work_dir / "verified" / _source_key(src, cfg)
+    done.mkdir(parents=True, exist_ok=True)
+    return Setup(src, texts, probe, threads, done)
 
-    # --- run: baseline, then each method -> artifact -> verification
-    summary = {"fp32": _cached(done_dir / "fp32.json", lambda: {
-        "method": "none", "format": "hf", "path": None, **verify_hf(src, probe)})}
-    base = summary["fp32"]
-    for name in methods:
-        mcfg = getattr(cfg, name)
-        module = importlib.import_module(METHODS[name])
-        if name == "gguf":
-            summary.update(_gguf(ctx, module, src, mcfg, probe, threads, done_dir, base))
-            continue
-        out = ctx.dir / name
 
-        def build_and_verify(name=name, mcfg=mcfg, module=module, out=out):
-            started = time.perf_counter()
-            with atomic_dir(out) as tmp:
-                facts = module.quantize(src, tmp, mcfg, texts, cfg.calibration.max_length)
-            seconds = round(time.perf_counter() - started, 1)
-            return {**facts, "path": name, "quantize_seconds": seconds, **verify_hf(out, probe),
-                    "calibration_samples": len(texts)}
+def clean_stale(ctx) -> None:
+    """After a kill -9: kill child processes still running for the dead run and delete their temporaries, and
+    the half-built method directories atomic_dir leaves (quantize/.<method>.tmp-*). The pipeline's run lock
+    means nothing else writes here now."""
+    import shutil
 
-        summary[name] = _cached(done_dir / f"{name}.json", build_and_verify, must_exist=out)
-        add_increases(summary[name], base)
+    from toolkit import procs
 
-    # --- save
+    procs.reap_stale(ctx.work_dir / CHILDREN)
+    for name in METHODS:
+        for stale in [*ctx.dir.glob(f".{name}.tmp-*"), *ctx.dir.glob(f".{name}.old-*")]:
+            log.warning("removing %s left by an interrupted run", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+
+
+def quantize_once(ctx, setup: Setup, name: str, mcfg) -> dict:
+    """Run the method into quantize/<name>/ unless a finished run of it (same source and settings) is there.
+    Returns its record: {quantize_seconds, artifacts: [Artifact as dict]}."""
+    from toolkit.io import atomic_dir, atomic_write_json
+
+    record_file, out = setup.done / f"{name}.run.json", ctx.dir / name
+    if record_file.is_file() and out.exists():
+        return json.loads(record_file.read_text())
+    _config_cls, run_method = METHODS[name]
+    started = time.perf_counter()
+    with atomic_dir(out) as tmp:
+        job = Job(src=setup.src, out=tmp, work=setup.done / name, children=ctx.work_dir / CHILDREN,
+                  texts=setup.texts, max_length=ctx.config.calibration.max_length, threads=setup.threads)
+        artifacts = run_method(mcfg, job)
+    record = {"quantize_seconds": round(time.perf_counter() - started, 1),
+              "artifacts": [asdict(a) for a in artifacts]}
+    for a in artifacts:  # new files: an earlier verification of the same name no longer applies
+        (setup.done / f"{a.name}.json").unlink(missing_ok=True)
+    atomic_write_json(record_file, record)
+    return record
+
+
+def verify_artifacts(ctx, setup: Setup, name: str, record: dict, base: dict) -> dict[str, dict]:
+    """Reload each artifact with the engine that serves it; summary entries by artifact name."""
+    from toolkit.quantize.verify import add_increases
+
+    entries = {}
+    for art in record["artifacts"]:
+        path = f"{name}/{art['file']}" if art["file"] else name
+        entry = _cached(setup.done / f"{art['name']}.json", lambda art=art, path=path: {
+            "method": name, "format": art["format"], **art["facts"], "path": path,
+            "quantize_seconds": record["quantize_seconds"],
+            **_verify(ctx.dir / path, art["format"], setup)}, must_exist=ctx.dir / path)
+        add_increases(entry, base)
+        entries[art["name"]] = entry
+    return entries
+
+
+def save(ctx, setup: Setup, summary: dict) -> dict:
+    from toolkit.io import atomic_write_json
+
     atomic_write_json(ctx.dir / SUMMARY, summary)
-    ctx.extra["quantize_source"] = str(src)
+    ctx.extra["quantize_source"] = str(setup.src)
     metrics = _headline(summary)
     ctx.log_metrics(metrics)
     return metrics
+
+
+def _verify(path: Path, fmt: str, setup: Setup) -> dict:
+    """The one place that maps an artifact format to the engine that verifies it."""
+    from toolkit.quantize.verify import verify_gguf, verify_hf
+
+    if fmt == "gguf":
+        return verify_gguf(path, setup.probe, setup.threads)
+    return verify_hf(path, setup.probe)  # the unquantized source ("hf") and compressed-tensors dirs
 
 
 def source_model(ctx) -> Path:
@@ -121,32 +195,6 @@ def _source_key(src: Path, cfg) -> str:
 
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in src.iterdir() if p.is_file())
     return config_hash({"weights": weights, "quantize": cfg.model_dump()})
-
-
-def _gguf(ctx, module, src, mcfg, probe, threads, done_dir, base: dict) -> dict:
-    from toolkit.io import atomic_dir, atomic_write_json
-    from toolkit.quantize.verify import add_increases, verify_gguf
-
-    out = ctx.dir / "gguf"
-    files = {q: f"model-{q}.gguf" for q in mcfg.types}
-    fresh = all((done_dir / f"gguf-{q}.json").is_file() and (out / f).is_file() for q, f in files.items())
-    if not fresh:
-        started = time.perf_counter()
-        with atomic_dir(out) as tmp:
-            facts = module.quantize(src, tmp, mcfg, done_dir, threads)
-        seconds = round(time.perf_counter() - started, 1)
-        atomic_write_json(done_dir / "gguf-facts.json", {**facts, "quantize_seconds_all_types": seconds})
-    facts = json.loads((done_dir / "gguf-facts.json").read_text())
-    entries = {}
-    for qtype, fname in facts["files"].items():
-        key = f"gguf-{qtype}"
-        entry = _cached(done_dir / f"{key}.json", lambda fname=fname: {
-            "method": "gguf", "format": "gguf", "type": qtype, "path": f"gguf/{fname}",
-            "converter": facts["converter"], **verify_gguf(out / fname, probe, threads)}, must_exist=out / fname)
-        entry["quantize_seconds_all_types"] = facts["quantize_seconds_all_types"]
-        add_increases(entry, base)
-        entries[key] = entry
-    return entries
 
 
 def _cached(path: Path, compute, must_exist: Path | None = None) -> dict:

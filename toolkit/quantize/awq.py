@@ -3,7 +3,19 @@
 from __future__ import annotations
 
 import contextlib
-from pathlib import Path
+
+from pydantic import Field
+
+from toolkit.quantize.method import QuantMethodConfig
+
+
+class AWQConfig(QuantMethodConfig):
+    """W4A16 AWQ via llm-compressor."""
+
+    group_size: int = Field(64, ge=1, description="Weights per quantization group (must divide layer input widths).")
+    symmetric: bool = Field(False, description="Symmetric or asymmetric (AWQ default) weights.")
+    duo_scaling: bool = Field(True, description="Search scales from activations and weights (AWQ's duo scaling).")
+    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized (names, or 're:<regex>').")
 
 
 @contextlib.contextmanager
@@ -25,8 +37,9 @@ def _no_pin_memory_without_accelerator():
         IntermediatesCache.pin_memory = original
 
 
-def quantize(src: Path, out: Path, cfg, texts: list[str], max_length: int) -> dict:
-    from toolkit.quantize.llmc import check_group_size, int_weight_scheme, require_llmcompressor, run_oneshot
+def run(cfg: AWQConfig, job) -> list:
+    from toolkit.quantize.llmc import (artifact, check_group_size, int_weight_scheme, require_llmcompressor,
+                                       run_oneshot)
 
     require_llmcompressor()
     from llmcompressor.modifiers.quantization import QuantizationModifier
@@ -36,7 +49,6 @@ def quantize(src: Path, out: Path, cfg, texts: list[str], max_length: int) -> di
               QuantizationModifier(config_groups=int_weight_scheme(4, cfg.group_size, cfg.symmetric),
                                    ignore=list(cfg.ignore))]
     with _no_pin_memory_without_accelerator():
-        run_oneshot(src, out, recipe, texts, max_length,
+        run_oneshot(job.src, job.out, recipe, job.texts, job.max_length,
                     check=lambda m: check_group_size(m, cfg.group_size, cfg.ignore, "quantize.awq.group_size"))
-    return {"method": "awq", "format": "compressed-tensors",
-            "scheme": f"W4A16 group {cfg.group_size} {'sym' if cfg.symmetric else 'asym'} (AWQ scales)"}
+    return [artifact("awq", f"W4A16 group {cfg.group_size} {'sym' if cfg.symmetric else 'asym'} (AWQ scales)", job)]

@@ -14,15 +14,39 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import Literal, Optional
 
+from pydantic import Field, model_validator
+
+from toolkit import procs
 from toolkit.errors import MissingExtraError, OptkitError
+from toolkit.quantize.method import Artifact, QuantMethodConfig
 
 log = logging.getLogger("optkit.quantize")
+
+GGUF_TYPES = ("Q8_0", "Q6_K", "Q5_K_M", "Q5_K_S", "Q5_0", "Q4_K_M", "Q4_K_S", "Q4_0", "Q3_K_M", "Q2_K")
+
+
+class GGUFConfig(QuantMethodConfig):
+    """GGUF via llama.cpp (converter + llama-cpp-python)."""
+
+    types: list[Literal[GGUF_TYPES]] = Field(["Q8_0", "Q4_K_M"], min_length=1,
+                                             description="llama.cpp quantization types to produce.")
+    modelfile_type: Optional[Literal[GGUF_TYPES]] = Field(
+        None, description="Which GGUF the Ollama Modelfile points at (default: the first of types).")
+    converter_dir: Optional[str] = Field(
+        None, description="A llama.cpp checkout holding convert_hf_to_gguf.py; default: fetched once from the "
+        "llama-cpp-python sdist of the installed version into the optkit cache.")
+
+    @model_validator(mode="after")
+    def _modelfile_type_is_produced(self):
+        if self.modelfile_type is not None and self.modelfile_type not in self.types:
+            raise ValueError(f"modelfile_type {self.modelfile_type} is not one of types {self.types}")
+        return self
 
 CONVERTER = "convert_hf_to_gguf.py"
 # What we keep from the sdist's vendor/llama.cpp: the script, the modules it imports, the licence.
@@ -58,7 +82,7 @@ def download_sdist(version: str, dest: Path) -> Path:
     log.info("fetching llama.cpp's converter from the llama-cpp-python %s sdist (once)", version)
     cmd = [sys.executable, "-m", "pip", "download", "--no-binary", ":all:", "--no-deps", "-q",
            f"llama-cpp-python=={version}", "-d", str(dest)]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    proc = procs.run(cmd)
     found = sorted(dest.glob("llama_cpp_python-*.tar.gz"))
     if proc.returncode != 0 or not found:
         raise OptkitError(f"could not download the llama-cpp-python {version} sdist to get llama.cpp's GGUF "
@@ -108,13 +132,22 @@ def converter_view(src: Path, work: Path) -> Path:
     return view
 
 
-def convert(src: Path, out_file: Path, converter: Path) -> None:
-    """HF dir -> F16 GGUF with the current interpreter (it needs torch, numpy, transformers, sentencepiece)."""
+def convert(src: Path, out_file: Path, converter: Path, children: Optional[Path] = None) -> None:
+    """HF dir -> F16 GGUF with the current interpreter (it needs torch, numpy, transformers, sentencepiece).
+    The converter runs as a child that dies with us; `children`: where it is recorded meanwhile (toolkit.procs),
+    so a run after a kill -9 reaps it and deletes its half-written output before converting again."""
     view = converter_view(src, out_file.parent)
     cmd = [sys.executable, str(converter / CONVERTER), str(view), "--outfile", str(out_file), "--outtype", "f16"]
     env = {k: v for k, v in os.environ.items() if k != "NO_LOCAL_GGUF"}  # use the gguf-py that matches it
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    temporaries = [out_file] + ([view] if view != src else [])
+    record = Path(children) / "convert_hf_to_gguf.json" if children is not None else None
+    try:
+        proc = procs.run(cmd, env=env, record=record, temporaries=temporaries)
+    finally:
+        if view != src:
+            shutil.rmtree(view, ignore_errors=True)
     if proc.returncode != 0 or not out_file.is_file():
+        out_file.unlink(missing_ok=True)
         tail = "\n".join(proc.stderr.strip().splitlines()[-3:])
         raise OptkitError(f"llama.cpp's converter failed on {src} (unsupported architecture?): {tail}")
 
@@ -144,28 +177,28 @@ def modelfile(gguf_name: str, stop: str | None) -> str:
     return "\n".join(lines) + "\n"
 
 
-def quantize(src: Path, out: Path, cfg, work: Path, threads: int) -> dict:
-    """Writes out/model-<TYPE>.gguf for each type and out/Modelfile; returns {type: file name}."""
+def run(cfg: GGUFConfig, job) -> list[Artifact]:
+    """Writes job.out/model-<TYPE>.gguf for each type and job.out/Modelfile: one artifact per type."""
     from toolkit.io import atomic_write_text
 
     version = llama_cpp_version()
     conv = converter_dir(cfg.converter_dir)
-    f16 = work / "model-F16.gguf"  # intermediate (work/ is keyed by the source): a resumed run reuses it
+    f16 = job.work / "model-F16.gguf"  # intermediate (work/ is keyed by the source): a resumed run reuses it
     if not f16.is_file():
-        tmp = work / ".model-F16.gguf.tmp"
-        convert(src, tmp, conv)
+        job.work.mkdir(parents=True, exist_ok=True)
+        tmp = job.work / ".model-F16.gguf.tmp"
+        convert(job.src, tmp, conv, job.children)
         os.replace(tmp, f16)
-    out.mkdir(parents=True, exist_ok=True)
+    job.out.mkdir(parents=True, exist_ok=True)
     files = {}
     for qtype in cfg.types:
-        target = out / f"model-{qtype}.gguf"
-        quantize_file(f16, target, qtype, threads)
+        target = job.out / f"model-{qtype}.gguf"
+        quantize_file(f16, target, qtype, job.threads)
         files[qtype] = target.name
-    chosen = cfg.modelfile_type or cfg.types[0]
-    if chosen not in files:
-        raise OptkitError(f"quantize.gguf.modelfile_type = {chosen} is not one of quantize.gguf.types")
-    atomic_write_text(out / "Modelfile", modelfile(files[chosen], _eos_token(src)))
-    return {"files": files, "converter": f"llama.cpp via llama-cpp-python {version} sdist (MIT)"}
+    chosen = cfg.modelfile_type or cfg.types[0]  # the config checked it is one of types
+    atomic_write_text(job.out / "Modelfile", modelfile(files[chosen], _eos_token(job.src)))
+    converter = f"llama.cpp via llama-cpp-python {version} sdist (MIT)"
+    return [Artifact(f"gguf-{q}", "gguf", f, {"type": q, "converter": converter}) for q, f in files.items()]
 
 
 def _eos_token(src: Path) -> str | None:

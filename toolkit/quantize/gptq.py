@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+from pydantic import Field
+
+from toolkit.quantize.method import QuantMethodConfig
 
 
-def quantize(src: Path, out: Path, cfg, texts: list[str], max_length: int) -> dict:
-    from toolkit.quantize.llmc import check_group_size, int_weight_scheme, require_llmcompressor, run_oneshot
+class GPTQConfig(QuantMethodConfig):
+    """W4A16 GPTQ via llm-compressor."""
+
+    group_size: int = Field(32, ge=1, description="Weights per quantization group (must divide every quantized "
+                            "layer's input width; SmolLM2's 576 needs 32, 64 or 192, not 128). Measured on "
+                            "SmolLM2-135M: group 32 asymmetric +0.5% perplexity vs group 64 symmetric +6.7%.")
+    act_order: bool = Field(True, description="GPTQ rounds columns in order of activation magnitude ('weight' "
+                            "act order: better accuracy, same saved format and speed).")
+    symmetric: bool = Field(False, description="Symmetric (no zero point) or asymmetric weights (default: "
+                            "asymmetric, measured better).")
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening (fraction of its mean "
+                                  "diagonal).")
+    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized (names, or 're:<regex>', e.g. "
+                              "'re:.*layers\\.0\\..*' to keep the first block in full precision).")
+
+
+def run(cfg: GPTQConfig, job) -> list:
+    from toolkit.quantize.llmc import (artifact, check_group_size, int_weight_scheme, require_llmcompressor,
+                                       run_oneshot)
 
     require_llmcompressor()
     from llmcompressor.modifiers.gptq import GPTQModifier
@@ -16,8 +35,8 @@ def quantize(src: Path, out: Path, cfg, texts: list[str], max_length: int) -> di
     recipe = [GPTQModifier(config_groups=int_weight_scheme(4, cfg.group_size, cfg.symmetric),
                            actorder="weight" if cfg.act_order else None,
                            ignore=list(cfg.ignore), dampening_frac=cfg.dampening_frac)]
-    run_oneshot(src, out, recipe, texts, max_length,
+    run_oneshot(job.src, job.out, recipe, job.texts, job.max_length,
                 check=lambda m: check_group_size(m, cfg.group_size, cfg.ignore, "quantize.gptq.group_size"))
-    return {"method": "gptq", "format": "compressed-tensors",
-            "scheme": f"W4A16 group {cfg.group_size} {'sym' if cfg.symmetric else 'asym'}"
-                      f"{' act-order' if cfg.act_order else ''}"}
+    scheme = (f"W4A16 group {cfg.group_size} {'sym' if cfg.symmetric else 'asym'}"
+              f"{' act-order' if cfg.act_order else ''}")
+    return [artifact("gptq", scheme, job)]

@@ -75,6 +75,13 @@ def calibration_dataset(texts: list[str], tokenizer, max_length: int):
     return Dataset.from_dict({"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]})
 
 
+def artifact(name: str, scheme: str, job):
+    """The summary entry of a compressed-tensors method (one artifact: the whole directory)."""
+    from toolkit.quantize.method import Artifact
+
+    return Artifact(name, "compressed-tensors", facts={"scheme": scheme, "calibration_samples": len(job.texts)})
+
+
 def run_oneshot(src: Path, out: Path, recipe, texts: list[str], max_length: int, check=None) -> None:
     """Quantize src with the given modifiers and write a compressed-tensors dir to out."""
     require_llmcompressor()
