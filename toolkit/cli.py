@@ -22,6 +22,8 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--only", metavar="STAGE", help="run only this stage")
     g.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and all after it")
     run.add_argument("--force", action="store_true", help="re-run stages even when they are up to date")
+    run.add_argument("--verify", action="store_true", help="hash every finished output before trusting it (default:"
+                     " hash only files whose size or mtime differ from the manifest)")
 
     val = sub.add_parser("validate", help="check a recipe without running it")
     val.add_argument("recipe")
@@ -38,7 +40,22 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("bundle", help="bundle directory (artifacts/<name>/export/bundle)")
     ver.add_argument("--manifest-sha256", metavar="HEX", help="also require manifest.json to have this sha256 "
                      "(printed at export)")
+    srv = sub.add_parser("serve", help="serve a bundle as one OpenAI-compatible endpoint (cache -> router -> "
+                         "student/teacher)")
+    srv.add_argument("bundle", help="bundle directory (artifacts/<name>/export/bundle)")
+    srv.add_argument("--config", metavar="serve.yaml", help="backends and policy (default: the bundle's serve.yaml)")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8080)
     return p
+
+
+def _cmd_serve(args) -> int:
+    from toolkit import runtime
+
+    runtime.configure()  # before an embedder can import torch
+    from toolkit.serve.server import serve
+
+    return serve(args.bundle, args.config, args.host, args.port)
 
 
 def _cmd_validate(args) -> int:
@@ -60,7 +77,8 @@ def _cmd_run(args) -> int:
     from toolkit.pipeline import run_dir_for, run_pipeline
     from toolkit.ui import print_summary
 
-    outcomes = run_pipeline(recipe, only=args.only, from_stage=args.from_stage, force=args.force)
+    outcomes = run_pipeline(recipe, only=args.only, from_stage=args.from_stage, force=args.force,
+                            verify=args.verify)
     print_summary(run_dir_for(recipe), outcomes)
     return 0
 
@@ -101,7 +119,7 @@ def _cmd_verify(args) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "schema": _cmd_schema, "report": _cmd_report,
-            "compare": _cmd_compare, "verify": _cmd_verify}
+            "compare": _cmd_compare, "verify": _cmd_verify, "serve": _cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -115,15 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         _parser().print_help()
         return EXIT_USER_ERROR
     from toolkit.errors import OptkitError
+    from toolkit.runtime import redact
 
     try:
         return COMMANDS[args.command](args)
     except OptkitError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
         return EXIT_USER_ERROR
     except KeyboardInterrupt:
         print("interrupted: finished stages are kept; run the same command again to resume", file=sys.stderr)
         return 130
+    except Exception:  # a bug: keep the traceback for the report, but never with a credential in it
+        import traceback
+
+        print(redact(traceback.format_exc()), file=sys.stderr, end="")
+        return 1
 
 
 if __name__ == "__main__":

@@ -27,16 +27,25 @@ def _tmp_name(path: Path) -> Path:
     return path.with_name(f".{path.name}.tmp-{os.getpid()}")
 
 
+def is_temporary(name: str) -> bool:
+    """A name made by the writers below for a not-yet-published file or directory (`.x.tmp-*`, `.x.old-*`)."""
+    return name.startswith(".") and (".tmp-" in name or ".old-" in name)
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write to a temporary name in the same directory, fsync, then rename: readers never see half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(path)
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # disk full or interrupted: leave the old file, not a half-written twin
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -65,6 +74,25 @@ def atomic_dir(path: Path) -> Iterator[Path]:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(tmp, path)
+
+
+def publish_modes(root: Path, executables: Iterable[str] = ()) -> None:
+    """Make a tree readable by anyone who can reach it: dirs 0755, files 0644, `executables` (relative) 0755.
+
+    A shipped bundle is read by another user (the serving process); the modes of the sources (0600 weights
+    from a training job, 0700 from mkdtemp) and the umask must not leak into it.
+    """
+    root = Path(root)
+    run = {Path(root, rel) for rel in executables}
+    os.chmod(root, 0o755)
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            if not os.path.islink(os.path.join(dirpath, d)):  # never chmod what a link points to
+                os.chmod(os.path.join(dirpath, d), 0o755)
+        for f in filenames:
+            path = Path(dirpath, f)
+            if not path.is_symlink():
+                os.chmod(path, 0o755 if path in run else 0o644)
 
 
 def link_tree(src: Path, dst: Path) -> None:
@@ -105,7 +133,9 @@ def read_jsonl(path: Path) -> list[dict]:
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise OptkitError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from None
+                # json's own messages may end in "at" ("Unterminated string starting at"): no "at at column"
+                msg = exc.msg.removesuffix(" at")
+                raise OptkitError(f"{path}:{lineno}: invalid JSON ({msg} at column {exc.colno})") from None
             if not isinstance(obj, dict):
                 raise OptkitError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             rows.append(obj)

@@ -50,7 +50,13 @@ def redact_text(text: str) -> str:
     """Every URL inside a free-text line redacted (for error messages and log records)."""
     if not isinstance(text, str) or "://" not in text:
         return text
-    return _URL_IN_TEXT.sub(lambda m: redact_url(m.group(0)), text)
+    return _URL_IN_TEXT.sub(lambda m: _redact_match(m.group(0)), text)
+
+
+def _redact_match(url: str) -> str:
+    """Sentence punctuation after a URL ("...?x=1: error") is not part of it; keep it out of the query."""
+    core = url.rstrip(".,;:!?)]}")
+    return redact_url(core) + url[len(core):]
 
 
 def redact_data(obj: Any) -> Any:

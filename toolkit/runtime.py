@@ -20,17 +20,23 @@ def register_secret(value: str | None) -> None:
 
 
 def redact(text: str) -> str:
+    """Registered secrets masked, and credentials inside URLs (user:password@, ?api_key=) too."""
+    from toolkit.redact import redact_text
+
     for s in _SECRETS:
         if s in text:
             text = text.replace(s, "***")
-    return text
+    return redact_text(text)
 
 
 class RedactSecrets(logging.Filter):
+    """On a handler: every record it prints, from any logger, has secrets and URL credentials masked."""
+
     def filter(self, record: logging.LogRecord) -> bool:
-        if _SECRETS:
-            record.msg = redact(record.getMessage())
-            record.args = ()
+        message = record.getMessage()
+        clean = redact(message)
+        if clean != message:
+            record.msg, record.args = clean, ()
         return True
 
 
@@ -79,6 +85,9 @@ def setup_logging(level: int = logging.INFO) -> None:
         return
     root.setLevel(level)
     root.addFilter(RedactSecrets())
+    # Libraries' records (httpx logs every request URL) reach the root logger's handlers: mask them there too.
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactSecrets())
     if not root.handlers:
         try:
             from rich.logging import RichHandler

@@ -13,6 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from toolkit.errors import OptkitError
+from toolkit.redact import redact_url
 from toolkit.runtime import redact
 
 log = logging.getLogger("optkit.tracking")
@@ -144,8 +146,34 @@ class NullTracker(Tracker):
 
 
 def make_tracker(enabled: bool, uri: str | None, experiment: str, artifacts_dir: Path) -> Tracker:
+    """The MLflow tracker; a store that cannot be used is an OptkitError within seconds, not a traceback."""
     if not enabled:
         return NullTracker()
+    source = "MLFLOW_TRACKING_URI" if os.environ.get("MLFLOW_TRACKING_URI") else "tracking.uri"
     uri = os.environ.get("MLFLOW_TRACKING_URI") or uri or default_uri(artifacts_dir)
     Path(artifacts_dir).mkdir(parents=True, exist_ok=True)
-    return Tracker(uri, experiment, artifacts_dir)
+    _probe_server(uri, source)
+    try:
+        return Tracker(uri, experiment, artifacts_dir)
+    except Exception as exc:  # mlflow raises many types for a bad scheme, path or server
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise OptkitError(f"{source}: cannot use the MLflow tracking store {redact_url(uri)} ({redact(first)}); "
+                          "fix it, or set tracking.enabled: false") from None
+
+
+def _probe_server(uri: str, source: str, timeout_s: float = 5.0) -> None:
+    """An http(s) store that does not answer fails here in seconds (MLflow itself retries for minutes)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        return
+    try:
+        port = parts.port or (443 if parts.scheme == "https" else 80)
+        with socket.create_connection((parts.hostname or "", port), timeout=timeout_s):
+            pass
+    except (OSError, ValueError) as exc:
+        raise OptkitError(f"{source}: MLflow tracking server {redact_url(uri)} is not reachable "
+                          f"({exc.strerror or exc if isinstance(exc, OSError) else exc}); start it, fix the URI, "
+                          "or set tracking.enabled: false") from None

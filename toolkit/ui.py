@@ -26,9 +26,15 @@ def progress_bar(description: str, total: Optional[int]) -> Iterator[Callable[[i
         yield lambda n=1: prog.advance(task, n)
 
 
-def _fmt(v) -> str:
+def fmt(v, digits: int = 3, missing: str = "n/a") -> str:
+    """The one number formatter for tables, reports and the model card: floats to `digits` significant
+    digits, None as `missing`, booleans as yes/blank, anything else as str()."""
+    if v is None:
+        return missing
+    if isinstance(v, bool):
+        return "yes" if v else ""
     if isinstance(v, float):
-        return f"{v:.4g}"
+        return f"{v:.{digits}g}"
     return str(v)
 
 
@@ -41,7 +47,7 @@ def print_summary(run_dir, outcomes, max_metrics: int = 6) -> None:
     table.add_column("seconds", justify="right")
     table.add_column("headline metrics")
     for o in outcomes:
-        shown = [f"{k}={_fmt(v)}" for k, v in list(o.metrics.items())[:max_metrics]
+        shown = [f"{k}={fmt(v, 4)}" for k, v in list(o.metrics.items())[:max_metrics]
                  if isinstance(v, (int, float, str))]
         status = {"ran": "[green]ran[/]", "skipped": f"[cyan]skipped[/] ({o.reason})"}.get(o.status, o.status)
         table.add_row(o.stage, status, f"{o.seconds:.1f}", ", ".join(shown))

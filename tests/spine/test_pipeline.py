@@ -50,9 +50,9 @@ FAIL_AT = {}
 @pytest.fixture
 def stages(monkeypatch):
     mod1 = types.ModuleType("optkit_test_stage1")
-    mod1.run = _first_stage
+    mod1.run, mod1.READS = _first_stage, ("data",)
     mod2 = types.ModuleType("optkit_test_stage2")
-    mod2.run = _second_stage
+    mod2.run, mod2.READS = _second_stage, ("collect",)
     monkeypatch.setitem(sys.modules, mod1.__name__, mod1)
     monkeypatch.setitem(sys.modules, mod2.__name__, mod2)
     monkeypatch.setitem(pipeline.STAGES, "collect", mod1.__name__)
@@ -157,15 +157,23 @@ def test_torn_manifest_counts_as_not_done(workdir, stages):
 
 
 def test_concurrent_run_on_same_dir_is_refused(workdir, stages):
-    import fcntl
+    """Another process holds the run lock (filelock, as optkit takes it): this run is refused, not queued."""
+    import subprocess
 
     r = make_recipe(workdir)
     run_dir = workdir / "artifacts" / "run1"
     run_dir.mkdir(parents=True)
-    with open(run_dir / ".lock", "w") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, filelock; lock = filelock.FileLock(sys.argv[1]); "
+                               "lock.acquire(); print('held', flush=True); sys.stdin.read()", str(run_dir / ".lock")],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OptkitError, match="another optkit run"):
             pipeline.run_pipeline(r, tracker=NullTracker())
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=30)
+    assert [o.status for o in pipeline.run_pipeline(r, tracker=NullTracker())] == ["ran", "ran"]  # lock released
 
 
 def test_atomic_dir_leaves_nothing_on_error(tmp_path):
@@ -179,3 +187,11 @@ def test_atomic_dir_leaves_nothing_on_error(tmp_path):
     with atomic_dir(tmp_path / "m") as d:
         (d / "full.bin").write_bytes(b"x")
     assert [p.name for p in (tmp_path / "m").iterdir()] == ["full.bin"]
+
+
+def test_reading_an_undeclared_upstream_is_a_bug_not_a_silent_dependency(workdir, stages, monkeypatch):
+    r = make_recipe(workdir)
+    pipeline.run_pipeline(r, only="collect", tracker=NullTracker())
+    monkeypatch.setattr(sys.modules["optkit_test_stage2"], "READS", ())
+    with pytest.raises(TypeError, match="reads the outputs of 'collect' without declaring it in READS"):
+        pipeline.run_pipeline(r, only="distill", tracker=NullTracker())

@@ -51,6 +51,8 @@ def format_validation_error(err: ValidationError, source: str, root: type[BaseMo
                                    (f"; allowed: {', '.join(options)}" if options else ""))
         elif e["type"] == "missing":
             msg = "required key is missing"
+        elif e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
         lines.append(f"{source}: {path}: {msg}")
     return "\n".join(lines)
 
@@ -85,6 +87,16 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
+def read_utf8(path: Path) -> str:
+    """A text file's content; bytes that are not UTF-8 are an error naming the line."""
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw[:exc.start].count(b"\n") + 1
+        raise OptkitError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
+
+
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe file. Every problem is an OptkitError naming file, line or key."""
     import yaml
@@ -93,7 +105,7 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not path.is_file():
         raise OptkitError(f"recipe file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text())
+        data = yaml.safe_load(read_utf8(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)

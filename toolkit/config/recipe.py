@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 
 from toolkit.config.base import STAGE_ORDER, Section
 from toolkit.config.cache import CacheConfig
@@ -18,6 +18,7 @@ from toolkit.config.evaluate import EvaluateConfig
 from toolkit.config.export import ExportConfig
 from toolkit.config.quantize import QuantizeConfig
 from toolkit.config.route import RouteConfig
+from toolkit.redact import redact_data
 
 
 class Recipe(Section):
@@ -50,8 +51,26 @@ class Recipe(Section):
         return path if path.is_absolute() else (self._base_dir / path)
 
     def public_dict(self) -> dict[str, Any]:
-        """The recipe as plain data with every secret field removed (for files, params and logs)."""
-        return _strip_secrets(self)
+        """The recipe as plain data for files, params and logs: secret fields removed, credentials in URLs
+        (`http://user:pw@host`, `?api_key=`) masked."""
+        return redact_data(_strip_secrets(self))
+
+    @model_validator(mode="after")
+    def _stages_fit_together(self) -> "Recipe":
+        """What `run` would refuse from the recipe alone, refused by `validate` already."""
+        problems = [msg for cond, msg in (
+            (self.distill is not None and self.collect is None,
+             "distill: trains on the teacher's outputs, so the recipe needs a collect section"),
+            (self.route is not None and self.route.labels.source == "pipeline"
+             and (self.collect is None or self.distill is None),
+             "route.labels.source: pipeline labels prompts with the collect and distill outputs, so the recipe "
+             "needs both sections (or use route.labels.source: file)"),
+            (self.evaluate is not None and self.collect is None,
+             "evaluate: scores variants on the collected held-out prompts, so the recipe needs a collect section"),
+        ) if cond]
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
 
 
 def _strip_secrets(model: BaseModel) -> dict[str, Any]:

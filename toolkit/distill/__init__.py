@@ -18,7 +18,22 @@ from pathlib import Path
 log = logging.getLogger("optkit.distill")
 
 
+# Recipe keys besides `distill` its outputs depend on; a change re-runs it (toolkit/pipeline.py). A stage
+# name = that stage's outputs are consumed.
+# Here: teacher records, the teacher (tokenizer, KD logits), data (chat template, system prompt), seed.
+READS = ("collect", "teacher", "data", "seed")
+
+
 def run(ctx) -> dict:
+    from toolkit.distill.checkpoints import disk_full_is_user_error
+    from toolkit.distill.train import CHECKPOINTS
+
+    # ENOSPC anywhere in the stage: one line naming the place; complete checkpoints stay for the re-run
+    with disk_full_is_user_error(ctx.dir, ctx.work_dir / CHECKPOINTS):
+        return _run(ctx)
+
+
+def _run(ctx) -> dict:
     from toolkit.distill.train import check_method
 
     cfg, recipe = ctx.config, ctx.recipe
@@ -35,7 +50,8 @@ def run(ctx) -> dict:
 
     from toolkit.io import atomic_write_json
 
-    student_facts["training"] = {k: v for k, v in facts.items() if k != "log_history"}
+    # the spec stays in work/train_result.json: it holds this machine's absolute paths
+    student_facts["training"] = {k: v for k, v in facts.items() if k not in ("log_history", "spec")}
     atomic_write_json(ctx.dir / "student.json", student_facts)
     atomic_write_json(ctx.dir / "eval.json", report)
     ctx.extra["world_size"] = facts.get("world_size")
@@ -127,22 +143,21 @@ def _build_student(ctx, teacher, teacher_tok, records: list[dict]) -> dict:
 # ----------------------------------------------------------------------------------------- training
 
 
-def _train_spec(ctx) -> dict:
+def _train_spec(ctx):
+    """The one typed spec training reads (here or in every worker): resolved now, each value once."""
+    from toolkit.config.distill import TrainSpec
     from toolkit.models import bf16_supported
 
     cfg, recipe = ctx.config, ctx.recipe
     t = cfg.training
-    bf16 = bf16_supported() if t.bf16 == "auto" else bool(t.bf16)
-    return {
-        "student_dir": str((ctx.dir / "base").resolve()), "collect_dir": str(ctx.upstream("collect").resolve()),
-        "work_dir": str(ctx.work_dir.resolve()), "method": cfg.method, "lora": cfg.lora.model_dump(),
-        "kd": cfg.kd.model_dump(), "training": t.model_dump(), "bf16": bf16,
-        "seed": recipe.seed if t.seed is None else t.seed,
-        "max_length": t.max_length, "min_completion_tokens": t.min_completion_tokens, "limit": t.max_examples,
-        "chat_template": _chat_template(recipe), "teacher": recipe.teacher.model_dump(),
+    resolved = type(t).model_validate({**t.model_dump(), "seed": recipe.seed if t.seed is None else t.seed,
+                                       "bf16": bf16_supported() if t.bf16 == "auto" else bool(t.bf16)})
+    return TrainSpec(
+        student_dir=str((ctx.dir / "base").resolve()), collect_dir=str(ctx.upstream("collect").resolve()),
+        work_dir=str(ctx.work_dir.resolve()), method=cfg.method, lora=cfg.lora, kd=cfg.kd, training=resolved,
+        chat_template=_chat_template(recipe), teacher=recipe.teacher,
         # base/ is rebuilt on every run: its hash ties checkpoints to this exact student
-        "base_hash": _dir_hash(ctx.dir / "base"),
-    }
+        base_hash=_dir_hash(ctx.dir / "base"))
 
 
 def _dir_hash(path: Path) -> str:
@@ -158,13 +173,12 @@ def _dir_hash(path: Path) -> str:
 
 
 def _train(ctx) -> dict:
-    from toolkit.config import config_hash
     from toolkit.distill.launch import run_training
-    from toolkit.distill.train import FINAL, spec_for_hash
+    from toolkit.distill.train import FINAL
 
     cfg = ctx.config
     spec = _train_spec(ctx)
-    spec_hash = config_hash(spec_for_hash(spec))
+    spec_hash = spec.result_hash()
     done = ctx.work_dir / "train_result.json"
     if done.is_file() and (ctx.work_dir / FINAL / "model").is_dir():
         facts = json.loads(done.read_text())

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Optional
 
 from toolkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
+from toolkit.ui import fmt
 
 # Columns of the table, in order (rows may carry more: the JSON keeps everything).
 COLUMNS = ("variant", "source", "engine", "n", "quality", "agreement", "agreement_f1", "perplexity", "judge_score",
@@ -29,16 +30,6 @@ DEFINITIONS = """\
   requests/s at the largest batch size. The system adds cache and router time at the serving rate and pays
   the chosen model only on a cache miss.
 - **Pareto**: no other variant has quality >= and cost <= with one strictly better."""
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, bool):
-        return "yes" if v else ""
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
 
 
 def write_tables(out_dir: Path, rows: list[dict]) -> None:
@@ -122,7 +113,7 @@ def plot_latency(rows: list[dict], path: Path) -> bool:
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
     lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(k)) for _, k in cols) + " |")
+        lines.append("| " + " | ".join(fmt(r.get(k)) for _, k in cols) + " |")
     return lines
 
 
@@ -159,13 +150,13 @@ def write_report(out_dir: Path, rows: list[dict], setup: dict, plots: dict[str, 
     sysrow = next((r for r in rows if r["variant"] == "system"), None)
     if sysrow:
         lines += ["## The composed system", "",
-                  f"Exact-cache hits {_fmt(sysrow.get('exact_hit_rate'))}, semantic-cache hits "
-                  f"{_fmt(sysrow.get('semantic_hit_rate'))}, sent to the teacher {_fmt(sysrow.get('teacher_fraction'))}, "
-                  f"to the student {_fmt(sysrow.get('student_fraction'))}; cache + router overhead p50 "
-                  f"{_fmt(sysrow.get('overhead_p50_s'))} s, p99 {_fmt(sysrow.get('overhead_p99_s'))} s.", ""]
+                  f"Exact-cache hits {fmt(sysrow.get('exact_hit_rate'))}, semantic-cache hits "
+                  f"{fmt(sysrow.get('semantic_hit_rate'))}, sent to the teacher {fmt(sysrow.get('teacher_fraction'))}, "
+                  f"to the student {fmt(sysrow.get('student_fraction'))}; cache + router overhead p50 "
+                  f"{fmt(sysrow.get('overhead_p50_s'))} s, p99 {fmt(sysrow.get('overhead_p99_s'))} s.", ""]
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["cost_per_1m_requests"])
     lines += ["## Pareto set (quality vs cost)", ""]
-    lines += [f"- **{r['variant']}**: {metric} {_fmt(r['quality'])} at ${_fmt(r['cost_per_1m_requests'])} per 1M requests"
+    lines += [f"- **{r['variant']}**: {metric} {fmt(r['quality'])} at ${fmt(r['cost_per_1m_requests'])} per 1M requests"
               for r in front] or ["- (no variant has both a quality and a cost: add pricing to the recipe)"]
     lines += ["", "Cost basis per variant:", ""]
     lines += [f"- {r['variant']}: {r.get('cost_basis', 'n/a')}" for r in rows]

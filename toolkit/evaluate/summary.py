@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from toolkit.config import STAGE_ORDER
 from toolkit.errors import OptkitError
+from toolkit.ui import fmt
 
 COMPARED = (("quality", "quality"), ("agreement", "agreement"), ("e2e_p50_s", "e2e p50 s"),
             ("ttft_p50_s", "TTFT p50 s"), ("tokens_per_s_b1", "tok/s b1"), ("cost_per_1m_requests", "$/1M req"))
@@ -43,13 +44,7 @@ def _variants(run: Path) -> list[dict]:
 
 
 def _fmt(v: Any) -> str:
-    if v is None:
-        return "-"
-    if isinstance(v, bool):
-        return "yes" if v else ""
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return str(v)
+    return fmt(v, digits=4, missing="-")
 
 
 def _table(header: list[str], rows: list[list[str]]) -> str:

@@ -21,6 +21,13 @@ from __future__ import annotations
 BUNDLE = "bundle"
 
 
+# Recipe keys besides `export` its outputs depend on; a change re-runs it (toolkit/pipeline.py). A stage
+# name = that stage's outputs are consumed.
+# Here: the finished parts, and the recipe it embeds in the bundle manifest.
+READS = ("collect", "distill", "quantize", "route", "cache", "evaluate", "teacher", "data", "seed", "pricing",
+         "description")
+
+
 def run(ctx) -> dict:
     from toolkit.export.build import build_bundle
 

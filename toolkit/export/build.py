@@ -167,6 +167,12 @@ def file_table(root: Path) -> dict[str, dict]:
             for rel in list_files(root)}
 
 
+def bundled_recipe(recipe) -> dict:
+    """The recipe for the bundle's provenance, without process settings (threads, tracking, where artifacts go):
+    those change no output, so changing them must not make the bundle differ (export.READS leaves them out)."""
+    return {k: v for k, v in recipe.public_dict().items() if k not in ("runtime", "tracking", "artifacts_dir")}
+
+
 def evaluate_rows(ctx) -> list[dict]:
     if ctx.recipe.evaluate is None or not ctx.has_upstream("evaluate"):
         return []
@@ -183,7 +189,7 @@ def build_bundle(ctx) -> dict:
     from toolkit.export import BUNDLE
     from toolkit.export.card import model_card
     from toolkit.export.serve import serve_script
-    from toolkit.io import atomic_dir, atomic_write_json, atomic_write_text
+    from toolkit.io import atomic_dir, atomic_write_json, atomic_write_text, publish_modes
 
     cfg = ctx.config
     prefix = cfg.served_name or ctx.recipe.name
@@ -202,17 +208,18 @@ def build_bundle(ctx) -> dict:
             for what in m.get("missing", []):
                 notes.append(f"{m['name']}: not vLLM-ready, missing {what}")
         atomic_write_text(tmp / "serve.sh", serve_script(models, prefix, cfg.port, cfg.vllm_args))
-        (tmp / "serve.sh").chmod(0o755)
         has = {p.kind for p in parts}
         manifest = {
             "format": FORMAT, "run": ctx.recipe.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "optkit": __version__, "models": models,
             "router": "route" if "router" in has else None, "cache": "cache.json" if "cache" in has else None,
-            "metrics": rows, "notes": notes, "versions": library_versions(), "recipe": ctx.recipe.public_dict(),
+            "metrics": rows, "notes": notes, "versions": library_versions(), "recipe": bundled_recipe(ctx.recipe),
         }
         atomic_write_text(tmp / "README.md", model_card(manifest, tmp))
         manifest["files"] = file_table(tmp)  # last: covers every file written above
         atomic_write_json(tmp / MANIFEST, manifest)
+        # Shipped to another user's serving process: 0755/0644 whatever the sources' modes and the umask were.
+        publish_modes(tmp, executables=["serve.sh"])
     bundle = ctx.dir / BUNDLE
     from toolkit.bundle import Bundle
 

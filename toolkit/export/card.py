@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from toolkit.ui import fmt
+
 
 def _size(root: Path, rel: str) -> int:
     p = root / rel
     return p.stat().st_size if p.is_file() else sum(f.stat().st_size for f in p.rglob("*") if f.is_file())
-
-
-def _fmt(v, digits: int = 3) -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        return f"{v:.{digits}g}"
-    return str(v)
 
 
 def _contents(manifest: dict, root: Path) -> list[str]:
@@ -39,9 +33,9 @@ def _measured(rows: list[dict]) -> list[str]:
              "tokens/s (batch 1) | $ / 1M requests | Pareto |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r.get('engine', '-')} | {_fmt(r.get('quality'))} | {_fmt(r.get('agreement'))} "
-                     f"| {_fmt(r.get('e2e_p50_s'))} | {_fmt(r.get('e2e_p95_s'))} | {_fmt(r.get('tokens_per_s_b1'))} "
-                     f"| {_fmt(r.get('cost_per_1m_requests'))} | {'yes' if r.get('pareto') else ''} |")
+        lines.append(f"| {r['variant']} | {r.get('engine', '-')} | {fmt(r.get('quality'))} | {fmt(r.get('agreement'))} "
+                     f"| {fmt(r.get('e2e_p50_s'))} | {fmt(r.get('e2e_p95_s'))} | {fmt(r.get('tokens_per_s_b1'))} "
+                     f"| {fmt(r.get('cost_per_1m_requests'))} | {'yes' if r.get('pareto') else ''} |")
     return lines
 
 
