@@ -11,7 +11,6 @@ student's) plus, on a miss, the chosen model's cost for that prompt (its own tok
 from __future__ import annotations
 
 import logging
-import time
 from typing import Callable, Optional
 
 import numpy as np
@@ -19,12 +18,6 @@ import numpy as np
 from toolkit.evaluate.measure import agrees, pct, task_score
 
 log = logging.getLogger("optkit.evaluate")
-
-
-def _exact_key(text: str) -> str:
-    from toolkit.cache.runtime import normalize_text  # same normalization as the runtime cache's exact layer
-
-    return normalize_text(text)
 
 
 def load_parts(ctx) -> tuple[Optional[object], Optional[object]]:
@@ -44,9 +37,9 @@ def load_parts(ctx) -> tuple[Optional[object], Optional[object]]:
 
 def model_for(router, choice: str, student: str) -> str:
     """Router model name -> variant: the teacher by name (or the router's strong model), else the student."""
-    if choice == "teacher" or ("teacher" not in router.models and choice == router.strong):
-        return "teacher"
-    return student
+    from toolkit.serve.decide import target_for  # the gateway's own mapping
+
+    return target_for(router, choice, student)
 
 
 def replay(ctx, records: list[dict], warm: list[dict], answers: dict[str, dict[str, dict]],
@@ -55,34 +48,26 @@ def replay(ctx, records: list[dict], warm: list[dict], answers: dict[str, dict[s
     """(summary row, per-request log). answers[variant][id] = scored answer row of that variant."""
     cfg = ctx.config.system
     router, cache = load_parts(ctx)
-    exact: dict[str, str] = {}
+    from toolkit.serve.decide import EXACT, SEMANTIC, Decider, ExactStore
+
+    # The gateway's decision path itself (toolkit/serve/decide.py): what is priced here is what serve does.
+    decider = Decider(cache, router, ExactStore() if cfg.exact_cache else None,
+                      target=lambda choice: model_for(router, choice, cfg.student), default=cfg.student)
     if warm:
-        if cache is not None:
-            cache.insert_many([r["prompt"] for r in warm], [r["output"] for r in warm])
-        if cfg.exact_cache:
-            exact.update({_exact_key(r["prompt"]): r["output"] for r in warm})
+        decider.remember_many([r["prompt"] for r in warm], [r["output"] for r in warm])
+    label = {EXACT: "exact", SEMANTIC: "semantic"}
     log_rows = []
     for rec in records:
-        started = time.perf_counter()
-        served, answer = None, None
-        if cfg.exact_cache and _exact_key(rec["prompt"]) in exact:
-            served, answer = "exact", exact[_exact_key(rec["prompt"])]
-        elif cache is not None:
-            hit = cache.lookup(rec["prompt"])
-            if hit is not None:
-                served, answer = ("exact" if hit.exact else "semantic"), hit.answer
-        if served is None:
-            served = model_for(router, router.route(rec["prompt"]), cfg.student) if router else cfg.student
-        overhead = time.perf_counter() - started
+        decision = decider.decide(rec["prompt"])
+        served = label.get(decision.route, decision.route)
+        answer = decision.answer
+        overhead = decision.seconds
         model_row = None
         if served in answers:
             model_row = answers[served][rec["id"]]
             answer = model_row["output"]
             # Filling the cache happens after the answer is sent: not on the request's critical path.
-            if cache is not None:
-                cache.insert(rec["prompt"], answer)
-            if cfg.exact_cache:
-                exact[_exact_key(rec["prompt"])] = answer
+            decider.remember(rec["prompt"], answer, decision=decision)
         model_cost, model_e2e, model_ttft = 0.0, 0.0, 0.0
         if model_row is not None:
             model_cost = cost_of(served, model_row)

@@ -126,8 +126,9 @@ def copy_part(part: Part, root: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if part.kind == "router":  # only the runtime files, not the report or plots
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("router.json", "router.safetensors"):
-            shutil.copy2(part.src / name, dest / name)
+        for name in ("router.json", "router.safetensors", "static_embedder.safetensors", "tokenizer.json"):
+            if name.startswith("router") or (part.src / name).is_file():  # a static router carries its embedder
+                shutil.copy2(part.src / name, dest / name)
     elif part.src.is_dir():
         # Stage-internal litter (hidden temp files, work/) never goes to a deployment.
         shutil.copytree(part.src, dest, ignore=shutil.ignore_patterns(".*", "work"))
@@ -189,6 +190,7 @@ def build_bundle(ctx) -> dict:
     from toolkit.export import BUNDLE
     from toolkit.export.card import model_card
     from toolkit.export.serve import serve_script
+    from toolkit.serve.bundle_config import serve_yaml
     from toolkit.io import atomic_dir, atomic_write_json, atomic_write_text, publish_modes
 
     cfg = ctx.config
@@ -208,6 +210,7 @@ def build_bundle(ctx) -> dict:
             for what in m.get("missing", []):
                 notes.append(f"{m['name']}: not vLLM-ready, missing {what}")
         atomic_write_text(tmp / "serve.sh", serve_script(models, prefix, cfg.port, cfg.vllm_args))
+        atomic_write_text(tmp / "serve.yaml", serve_yaml(models, prefix, cfg.port, ctx.recipe))  # optkit serve
         has = {p.kind for p in parts}
         manifest = {
             "format": FORMAT, "run": ctx.recipe.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

@@ -1,0 +1,158 @@
+"""The gateway's parts without servers: serve.yaml validation, the cache key space, the breaker, the exact
+layer, and export's serve.yaml / serve.sh gateway mode (all fast)."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from toolkit.config.serve import ServeConfig, load_serve_config
+from toolkit.errors import OptkitError
+from toolkit.serve.backends import Breaker
+from toolkit.serve.decide import ExactStore
+from toolkit.serve.protocol import ChatRequest, keyed, tenant_of
+
+BACKENDS = {"student": {"base_url": "http://127.0.0.1:8000/v1", "model": "s", "fallback": "teacher"},
+            "teacher": {"base_url": "https://api.example.com/v1", "model": "t", "api_key_env": "K"}}
+
+
+def write(tmp_path, data) -> str:
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return str(path)
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"backends": BACKENDS, "fallbak": "x"}, "fallbak: unknown key"),
+    ({"backends": {**BACKENDS, "student": {**BACKENDS["student"], "fallback": "nobody"}}}, "no backend 'nobody'"),
+    ({"backends": {**BACKENDS, "student": {**BACKENDS["student"], "fallback": "student"}}}, "itself"),
+    ({"backends": BACKENDS, "routes": {"m": "ghost"}}, "routes.m: no backend 'ghost'"),
+    ({"backends": {"exact-cache": BACKENDS["student"]}}, "reserved"),
+    ({"backends": {**BACKENDS, "teacher": {**BACKENDS["teacher"], "timeout_s": -1}}}, "timeout_s"),
+    ({"backends": {**BACKENDS, "teacher": {**BACKENDS["teacher"], "base_url": "ftp://x"}}}, "http"),
+    ({"backends": {}}, "at least one"),
+])
+def test_serve_yaml_refuses_mistakes(tmp_path, data, message):
+    with pytest.raises(OptkitError, match=message):
+        load_serve_config(write(tmp_path, data))
+
+
+def test_serve_yaml_ok(tmp_path):
+    cfg = load_serve_config(write(tmp_path, {"backends": BACKENDS}))
+    assert cfg.backends["student"].fallback == "teacher" and cfg.cache.cache_sampled is False
+
+
+def req(prompt="hi", system=None, **params):
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+    body = {"model": "m", "messages": messages, "temperature": 0, **params}
+    return ChatRequest.model_validate(body), body
+
+
+def key(prompt="hi", tenant="a", system=None, no_cache=False, **params):
+    r, body = req(prompt, system, **params)
+    return keyed("chat", r, body, tenant, "m", ServeConfig(backends=BACKENDS).cache, no_cache, False)
+
+
+def test_key_space_splits_on_everything_that_changes_the_answer():
+    base = key()
+    assert base.query == "hi" and base.lookup and base.store
+    for other in (key(tenant="b"), key(system="be terse"), key(max_tokens=5), key(stop=["\n"]),
+                  key(response_format={"type": "json_object"})):
+        assert other.namespace != base.namespace and other.query == "hi"
+    assert key(stream=True, user="x").namespace == base.namespace  # transport details do not split it
+    assert key(prompt="other").namespace == base.namespace  # the query itself is what the cache compares
+    sampled = key(temperature=0.7)
+    assert not sampled.lookup and not sampled.store
+    absent = ChatRequest.model_validate({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    policy = ServeConfig(backends=BACKENDS).cache
+    assert not keyed("chat", absent, {"model": "m"}, "a", "m", policy, False, False).lookup  # default T = 1
+    bypass = key(no_cache=True)
+    assert not bypass.lookup and bypass.store
+
+
+def test_tenant_from_key_hash_or_trusted_header():
+    a = tenant_of({"authorization": "Bearer sk-secret-1"}, None)
+    assert a != tenant_of({"authorization": "Bearer sk-secret-2"}, None) and "sk-secret" not in a
+    assert tenant_of({"x-tenant": "acme", "authorization": "Bearer k"}, "x-tenant") == "h:acme"
+    assert tenant_of({"x-tenant": "acme"}, None) == "anonymous"  # an untrusted header is ignored
+
+
+def test_breaker_opens_then_lets_one_trial_through():
+    now = [0.0]
+    b = Breaker(failures=2, cooldown_s=5, clock=lambda: now[0])
+    b.failure()
+    assert b.allow()
+    b.failure()
+    assert b.state == "open" and not b.allow()
+    now[0] = 6.0
+    assert b.allow() and not b.allow()  # half-open: exactly one trial
+    b.failure()
+    assert b.state == "open"
+    now[0] = 12.0
+    assert b.allow() and not b.allow()
+    now[0] = 17.5  # that trial never reported back: another one may go
+    assert b.allow()
+    b.success()
+    assert b.state == "closed" and b.allow() and b.allow()
+
+
+def test_exact_store_namespaces_ttl_and_bound():
+    now = [0.0]
+    s = ExactStore(max_entries=2, ttl_s=10, clock=lambda: now[0])
+    s.put("Hello  world", "A", {"tenant": "a"})
+    assert s.get("Hello world", {"tenant": "a"}) == "A" and s.get("Hello world", {"tenant": "b"}) is None
+    assert s.get("hello world", {"tenant": "a"}) is None  # case is kept: it can change meaning
+    s.put("x", "X", "n")
+    s.put("y", "Y", "n")
+    assert len(s) == 2 and s.get("Hello world", {"tenant": "a"}) is None  # oldest evicted
+    now[0] = 11.0
+    assert s.get("x", "n") is None  # expired
+
+
+def test_export_writes_a_serve_yaml_that_serve_accepts(tmp_path):
+    import subprocess
+
+    from toolkit.config import recipe_from_dict
+    from toolkit.export.serve import serve_script
+    from toolkit.serve.bundle_config import serve_yaml
+
+    models = [{"name": "student", "kind": "hf", "path": "models/student", "served_name": "run-student"},
+              {"name": "int8", "kind": "hf", "path": "models/int8", "served_name": "run-int8"},
+              {"name": "gguf-Q4_K_M", "kind": "gguf", "path": "gguf/m.gguf"}]
+    recipe = recipe_from_dict({
+        "name": "run", "teacher": {"model": "big-model"}, "data": {"path": "prompts.jsonl"},
+        "collect": {"backend": "openai", "openai": {"base_url": "https://api.example.com/v1",
+                                                    "api_key_env": "TEACHER_KEY"}},
+        "evaluate": {"system": {"student": "int8"}}})
+    path = tmp_path / "serve.yaml"
+    path.write_text(serve_yaml(models, "run", 9000, recipe))
+    cfg = load_serve_config(path)
+    student, teacher = cfg.backends["student"], cfg.backends["teacher"]
+    script = serve_script(models, "run", 9000)
+    assert "--served-model-name run-int8 --port 9001" in script  # the port serve.sh starts it on
+    assert (student.base_url, student.model, student.fallback) == ("http://127.0.0.1:9001/v1", "run-int8", "teacher")
+    assert (teacher.base_url, teacher.model, teacher.api_key_env) == ("https://api.example.com/v1", "big-model",
+                                                                      "TEACHER_KEY")
+    assert cfg.model_name == "run" and "./serve.sh int8" in path.read_text()
+    (tmp_path / "serve.sh").write_text(script)
+    assert subprocess.run(["bash", "-n", str(tmp_path / "serve.sh")]).returncode == 0
+    assert 'gateway)\n    exec optkit serve . --config serve.yaml "${@:2}"' in script
+
+
+def test_only_complete_streams_are_answers():
+    from toolkit.serve.protocol import StreamAnswer, sse
+
+    def feed(events, done=True):
+        s = StreamAnswer("chat")
+        for e in events:
+            s.feed(sse(e).decode().strip())
+        if done:
+            s.feed("data: [DONE]")
+        return s.answer()
+
+    part = {"choices": [{"index": 0, "delta": {"content": "Par"}, "finish_reason": None}]}
+    end = {"choices": [{"index": 0, "delta": {"content": "is"}, "finish_reason": "stop"}]}
+    assert feed([part, end]) == {"text": "Paris", "finish_reason": "stop"}
+    assert feed([part, end], done=False) is None  # cut before [DONE]
+    assert feed([part], done=True) is None  # no finish_reason: cut mid-answer
+    assert feed([part, {"choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]}]) is None

@@ -1,0 +1,272 @@
+"""The OpenAI-compatible gateway (FastAPI on uvicorn): every request goes exact cache -> semantic cache ->
+router -> a backend, through the Decider that evaluate's replay uses too.
+
+Every reply says how it was served (x-optkit-route: exact-cache | semantic-cache | <backend>), with the router's
+score and threshold, the cache similarity and the backend latency. Errors are OpenAI-style JSON with a 4xx for
+anything the client sent wrong; a backend failure is a 502/504, never a crash.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import codecs
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Optional
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from toolkit.config.serve import ServeConfig
+from toolkit.serve import protocol as P
+from toolkit.serve.backends import BackendError, Pool
+from toolkit.serve.decide import Decider, Decision
+from toolkit.serve.metrics import Metrics
+
+log = logging.getLogger("optkit.serve")
+PATHS = {"chat": "/chat/completions", "completions": "/completions"}
+MODELS = {"chat": P.ChatRequest, "completions": P.CompletionRequest}
+
+
+async def read_json(request: Request, limit: int) -> dict:
+    """The body as a JSON object, refusing more than `limit` bytes before reading them all."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise P.ApiError(413, f"request body is {declared} bytes; the limit is {limit}", code="request_too_large")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise P.ApiError(413, f"request body exceeds the limit of {limit} bytes", code="request_too_large")
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks).decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise P.ApiError(400, "request body is not valid JSON", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise P.ApiError(400, "request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def validate(kind: str, body: dict):
+    try:
+        return MODELS[kind].model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        where = ".".join(str(p) for p in err["loc"])
+        raise P.ApiError(400, f"{where}: {err['msg']}", param=where or None, code="invalid_value") from None
+
+
+def upstream_error(exc: BackendError) -> P.ApiError:
+    """A backend failure the fallback chain could not absorb, as the client's error."""
+    if exc.status in (400, 413, 422):  # the backend refused the request itself: the client can fix it
+        return P.ApiError(exc.status, f"the model backend refused the request: {exc}", code="backend_refused")
+    status = 504 if exc.reason in ("timeout", "deadline", "busy") else 502
+    return P.ApiError(status, f"backend '{exc.backend}' failed ({exc.reason})", "upstream_error", code=exc.reason)
+
+
+def route_headers(decision: Decision, served: str, falls: list[str], backend_s: Optional[float]) -> dict:
+    h = {"x-optkit-route": served, "x-optkit-decision": decision.route,
+         "x-optkit-decision-ms": f"{decision.seconds * 1000:.3f}"}
+    if decision.choice is not None:
+        h["x-optkit-router-choice"] = decision.choice
+    if decision.score is not None:
+        h["x-optkit-router-score"] = f"{decision.score:.6g}"
+        h["x-optkit-router-threshold"] = f"{decision.threshold:.6g}"
+    if decision.similarity is not None:
+        h["x-optkit-cache-similarity"] = f"{decision.similarity:.6g}"
+    if backend_s is not None:
+        h["x-optkit-backend-latency-ms"] = f"{backend_s * 1000:.1f}"
+    if falls:
+        h["x-optkit-fallback"] = ",".join(falls)
+    return h
+
+
+class Gateway:
+    def __init__(self, cfg: ServeConfig, decider: Decider):
+        self.cfg, self.decider, self.metrics = cfg, decider, Metrics()
+        self.pool: Optional[Pool] = None
+
+    def start(self) -> None:
+        self.pool = Pool(self.cfg.backends, lambda s, d, r: self.metrics.fallbacks.labels(s, d, r).inc())
+
+    # ------------------------------------------------------------------ one request
+
+    async def handle(self, kind: str, request: Request) -> Response:
+        started, route = time.perf_counter(), "none"
+        try:
+            body = await read_json(request, self.cfg.max_body_bytes)
+            resp = await self.serve(kind, validate(kind, body), body, request.headers)
+            route = resp.headers.get("x-optkit-route", "none")
+        except P.ApiError as exc:
+            resp = self.error(exc)
+        self.metrics.requests.labels(kind, route, f"{resp.status_code // 100}xx").inc()
+        self.metrics.latency.labels(kind, route).observe(time.perf_counter() - started)
+        for name, b in self.pool.backends.items():
+            self.metrics.breaker_open.labels(name).set(float(b.breaker.state == "open"))
+        return resp
+
+    def error(self, exc: P.ApiError) -> JSONResponse:
+        self.metrics.errors.labels(exc.code or exc.type).inc()
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    async def serve(self, kind: str, req, body: dict, headers) -> Response:
+        passthrough = self.pool.by_model(req.model)
+        if passthrough is not None:  # a concrete backend model: not cached, not routed, not re-routed on failure
+            return await self.forward(kind, req, body, Decision(passthrough.name), None, fallback=False)
+        if req.model != self.cfg.model_name:
+            known = [self.cfg.model_name] + [b.cfg.model for b in self.pool.backends.values()]
+            raise P.ApiError(404, f"model '{req.model[:100]}' does not exist (served: {', '.join(known)})",
+                             param="model", code="model_not_found")
+        no_cache, no_store = P.cache_control(headers)
+        key = P.keyed(kind, req, body, P.tenant_of(headers, self.cfg.tenant_header), self.cfg.model_name,
+                      self.cfg.cache, no_cache, no_store)
+        decision = await asyncio.to_thread(self.decider.decide, key.query, key.namespace, key.lookup)
+        self.metrics.decision.observe(decision.seconds)
+        if decision.hit:
+            self.metrics.cache_hits.labels(decision.route).inc()
+            return self.from_cache(kind, req, decision)
+        if key.lookup:
+            self.metrics.cache_misses.inc()
+        return await self.forward(kind, req, body, decision, key if key.store else None)
+
+    def from_cache(self, kind: str, req, decision: Decision) -> Response:
+        headers = route_headers(decision, decision.route, [], None)
+        if req.stream:
+            chunks = P.cached_chunks(kind, decision.answer, self.cfg.model_name)
+            return StreamingResponse(iter(chunks), media_type="text/event-stream", headers=headers)
+        return JSONResponse(P.cached_reply(kind, decision.answer, self.cfg.model_name), headers=headers)
+
+    async def remember(self, key: Optional[P.Keyed], answer: Optional[dict], decision: Decision) -> None:
+        # Stored before the reply goes out: the next request of the same client sees it (no race), and it costs
+        # no embedding when the request's vector is shared.
+        if key is not None and answer is not None:
+            await asyncio.to_thread(self.decider.remember, key.query, answer, key.namespace, decision)
+            self.metrics.cache_entries.set(len(self.decider.exact) if self.decider.exact is not None else 0)
+
+    async def forward(self, kind: str, req, body: dict, decision: Decision, key: Optional[P.Keyed],
+                      fallback: bool = True) -> Response:
+        deadline = time.monotonic() + self.cfg.request_timeout_s
+        if req.stream:
+            return await self.forward_stream(kind, body, decision, key, deadline, fallback)
+
+        async def call(backend):
+            return await backend.post(PATHS[kind], {**body, "model": backend.cfg.model}, deadline)
+
+        try:
+            (reply, seconds), served, falls = await self.pool.run(decision.route, call, deadline, fallback)
+        except BackendError as exc:
+            raise upstream_error(exc) from None
+        self.metrics.backend.labels(served).observe(seconds)
+        await self.remember(key, P.answer_of(kind, reply), decision)
+        return JSONResponse(reply, headers=route_headers(decision, served, falls, seconds))
+
+    async def forward_stream(self, kind: str, body: dict, decision: Decision, key: Optional[P.Keyed],
+                             deadline: float, fallback: bool) -> Response:
+        from contextlib import AsyncExitStack
+
+        stack = AsyncExitStack()
+        started = time.monotonic()
+
+        async def call(backend):
+            return await stack.enter_async_context(
+                backend.stream(PATHS[kind], {**body, "model": backend.cfg.model}, deadline))
+
+        try:
+            resp, served, falls = await self.pool.run(decision.route, call, deadline, fallback)
+        except BackendError as exc:
+            await stack.aclose()
+            raise upstream_error(exc) from None
+        first_byte = time.monotonic() - started
+        self.metrics.backend.labels(served).observe(first_byte)
+        return StreamingResponse(self.relay(kind, resp, stack, key, decision), media_type="text/event-stream",
+                                 headers=route_headers(decision, served, falls, first_byte))
+
+    async def relay(self, kind: str, resp, stack, key: Optional[P.Keyed], decision: Decision):
+        """The backend's SSE bytes unchanged; the answer is cached only if the stream completed."""
+        collected, pending, stored = P.StreamAnswer(kind), "", False
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split across chunks
+        try:
+            async for chunk in resp.aiter_bytes():
+                pending += decoder.decode(chunk)
+                *lines, pending = pending.split("\n")
+                for line in lines:
+                    collected.feed(line.rstrip("\r"))
+                if collected.done and not stored:  # stored before [DONE] reaches the client: no race
+                    stored = True
+                    await self.remember(key, collected.answer(), decision)
+                yield chunk
+        except Exception as exc:  # the backend died mid-stream: tell the client in-band, cache nothing
+            self.metrics.errors.labels("stream_cut").inc()
+            log.warning("serve: stream from %s cut: %s", decision.route, type(exc).__name__)
+            yield P.sse(P.ApiError(502, "the backend stream was cut", "upstream_error", code="stream_cut").body())
+            return
+        finally:
+            await stack.aclose()
+
+    # ------------------------------------------------------------------ other endpoints
+
+    def models(self) -> dict:
+        ids = [(self.cfg.model_name, "optkit")] + [(b.cfg.model, name) for name, b in self.pool.backends.items()]
+        return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": o}
+                                           for i, o in ids]}
+
+    async def ready(self) -> JSONResponse:
+        names = list(self.pool.backends)
+        ok = await asyncio.gather(*(self.pool.backends[n].reachable() for n in names))
+        status = dict(zip(names, ok))
+        return JSONResponse({"ready": all(ok), "backends": status}, status_code=200 if all(ok) else 503)
+
+
+def create_app(cfg: ServeConfig, decider: Decider) -> FastAPI:
+    gw = Gateway(cfg, decider)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        gw.start()
+        yield
+        await gw.pool.aclose()
+
+    app = FastAPI(title="optkit gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gw
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        return await gw.handle("chat", request)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        return await gw.handle("completions", request)
+
+    @app.get("/v1/models")
+    async def models():
+        return gw.models()
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready():
+        return await gw.ready()
+
+    @app.get("/metrics")
+    async def metrics():
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(gw.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request, exc):  # unknown path, wrong method: the same error shape
+        return gw.error(P.ApiError(exc.status_code, str(exc.detail), code=f"http_{exc.status_code}"))
+
+    @app.exception_handler(Exception)
+    async def crash(request, exc):  # a bug: logged (redacted by the handlers' filter), answered as JSON
+        log.error("serve: internal error: %s: %s", type(exc).__name__, exc)
+        return gw.error(P.ApiError(500, "internal error in the gateway", "server_error", code="internal_error"))
+
+    return app

@@ -1,0 +1,155 @@
+"""The one decision path of the composed system: exact cache -> semantic cache -> router -> a model.
+
+Both the live gateway (toolkit/serve/app.py) and evaluate's offline replay (toolkit/evaluate/system.py) call
+`Decider.decide` and `Decider.remember`, so the decision the report priced is the decision the gateway makes:
+they cannot drift, because there is only one implementation. Imports numpy and the cache/route runtimes only.
+
+Latency: when the semantic cache and the router use the same embedder object, a request is embedded once and
+the vector is shared by the cache lookup, the router and the later cache insert.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import numpy as np
+
+EXACT, SEMANTIC = "exact-cache", "semantic-cache"
+
+
+@dataclass
+class Decision:
+    route: str  # EXACT | SEMANTIC | the target the router's choice maps to (a backend or variant name)
+    answer: Any = None  # the cached answer on a hit
+    similarity: Optional[float] = None  # cosine of the cache entry that was served
+    choice: Optional[str] = None  # the router's model name
+    score: Optional[float] = None  # two models: predicted quality gain of the strong one
+    threshold: Optional[float] = None
+    vector: Optional[np.ndarray] = None  # the shared embedding, reused by remember()
+    seconds: float = 0.0  # time spent deciding (the system's overhead)
+
+    @property
+    def hit(self) -> bool:
+        return self.route in (EXACT, SEMANTIC)
+
+
+class ExactStore:
+    """Exact-match answers keyed by (namespace, normalized text): the first, embedding-free layer.
+
+    Thread-safe and bounded (oldest evicted first); entries older than ttl_s are never served."""
+
+    def __init__(self, max_entries: int = 100_000, ttl_s: Optional[float] = None,
+                 clock: Callable[[], float] = time.time):
+        self.max_entries, self.ttl_s, self.clock = max_entries, ttl_s, clock
+        self._lock = threading.Lock()
+        self._items: OrderedDict[tuple[str, str], tuple[Any, float]] = OrderedDict()
+
+    @staticmethod
+    def _key(text: str, namespace) -> tuple[str, str]:
+        from toolkit.cache.runtime import namespace_key, normalize_text  # the semantic cache's own rules
+
+        return namespace_key(namespace), normalize_text(text)
+
+    def get(self, text: str, namespace="default") -> Optional[Any]:
+        key = self._key(text, namespace)
+        with self._lock:
+            item = self._items.get(key)
+            if item is None:
+                return None
+            if self.ttl_s is not None and self.clock() - item[1] > self.ttl_s:
+                del self._items[key]
+                return None
+            return item[0]
+
+    def put(self, text: str, answer: Any, namespace="default") -> None:
+        key = self._key(text, namespace)
+        with self._lock:
+            self._items.pop(key, None)  # a newer answer replaces the old one and becomes the youngest
+            self._items[key] = (answer, self.clock())
+            while len(self._items) > self.max_entries:
+                self._items.popitem(last=False)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._items)
+
+
+def target_for(router, choice: str, student: str, routes: Optional[dict] = None, teacher: str = "teacher") -> str:
+    """Router model name -> target: an explicit mapping wins; else the teacher by name (or the router's strong
+    model when none is called teacher), every other model -> the student."""
+    if routes and choice in routes:
+        return routes[choice]
+    if choice == teacher or (teacher not in router.models and choice == router.strong):
+        return teacher
+    return student
+
+
+class Decider:
+    """cache (SemanticCache or None), router (Router or None), exact (ExactStore or None); `target(choice)` maps
+    the router's model name to a backend / variant; `default` serves misses when there is no router."""
+
+    def __init__(self, cache=None, router=None, exact: Optional[ExactStore] = None,
+                 target: Optional[Callable[[str], str]] = None, default: str = "student"):
+        self.cache, self.router, self.exact, self.default = cache, router, exact, default
+        self.target = target or (lambda choice: target_for(router, choice, default))
+        # One embedding for both only when they hold the very same embedder (the gateway arranges that when the
+        # cache's probe check accepts the router's embedder); otherwise each embeds with its own.
+        self.shared = (cache is not None and router is not None and getattr(cache, "embedder", None) is not None
+                       and cache.embedder is router.embedder)
+        self._cost_norm = None if router is None else np.asarray(router.spec["cost_norm"], dtype=np.float64)
+
+    def decide(self, prompt: str, namespace="default", use_cache: bool = True) -> Decision:
+        started = time.perf_counter()
+        decision = self._decide(prompt, namespace, use_cache)
+        decision.seconds = time.perf_counter() - started
+        return decision
+
+    def _decide(self, prompt: str, namespace, use_cache: bool) -> Decision:
+        if use_cache and self.exact is not None:
+            answer = self.exact.get(prompt, namespace)
+            if answer is not None:
+                return Decision(EXACT, answer, similarity=1.0)
+        vec = self.router.embed([prompt]) if self.shared else None
+        if use_cache and self.cache is not None:
+            # Without an exact store in front, the cache's own exact layer must run: lookup() does both layers.
+            hit = (self.cache.lookup_vector(vec[0], namespace) if vec is not None and self.exact is not None
+                   else self.cache.lookup(prompt, namespace))
+            if hit is not None:
+                return Decision(EXACT if hit.exact else SEMANTIC, hit.answer, similarity=hit.similarity)
+        if self.router is None:
+            return Decision(self.default, vector=vec)
+        return self._route(prompt, vec)
+
+    def _route(self, prompt: str, vec: Optional[np.ndarray]) -> Decision:
+        """Router.route's own rule (route.runtime.decide over predicted qualities), keeping the score."""
+        from toolkit.route.runtime import decide
+
+        router = self.router
+        P = router.predict_quality([prompt], vec)
+        choice = router.models[int(decide(P, self._cost_norm, router.threshold)[0])]
+        score = None
+        if len(router.models) == 2:
+            s = router.models.index(router.strong)
+            score = float(P[0, s] - P[0, 1 - s])
+        return Decision(self.target(choice), choice=choice, score=score, threshold=float(router.threshold),
+                        vector=vec)
+
+    def remember_many(self, prompts: list[str], answers: list[Any], namespace="default") -> None:
+        """Pre-fill every layer (a warm cache), embedding the prompts in one batch."""
+        if self.exact is not None:
+            for prompt, answer in zip(prompts, answers):
+                self.exact.put(prompt, answer, namespace)
+        if self.cache is not None:
+            self.cache.insert_many(prompts, answers, namespace)
+
+    def remember(self, prompt: str, answer: Any, namespace="default", decision: Optional[Decision] = None) -> None:
+        """Store a complete, successful answer in every layer (re-using the request's vector when it has one)."""
+        if self.exact is not None:
+            self.exact.put(prompt, answer, namespace)
+        if self.cache is not None:
+            vec = None if decision is None else decision.vector
+            self.cache.insert_many([prompt], [answer], namespace, vectors=vec)

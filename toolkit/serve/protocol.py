@@ -1,0 +1,205 @@
+"""The OpenAI wire format at the gateway: request validation, the cache key space of a request, error bodies,
+and the replies / SSE chunks built for cache hits.
+
+Validation is pydantic (extra fields allowed: OpenAI-compatible servers accept many more parameters than the
+gateway looks at, and they are passed through unchanged).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal, Optional, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+# Fields that do not change the answer; every other field of the body is part of the cache key space, so an
+# unknown parameter can only split the cache, never make two different requests share an answer.
+NOT_IN_KEY = {"model", "messages", "prompt", "stream", "stream_options", "user"}
+
+
+class ApiError(Exception):
+    """An error reply in OpenAI's shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
+                 param: Optional[str] = None, code: Optional[str] = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class _Open(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class TextPart(_Open):
+    type: str
+    text: Optional[str] = None
+
+
+class Message(_Open):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: Optional[Union[str, list[TextPart]]] = None
+
+
+class ChatRequest(_Open):
+    model: str = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    stream: bool = False
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+
+
+class CompletionRequest(_Open):
+    model: str = Field(min_length=1)
+    prompt: str = Field(min_length=1)  # batched prompts (a list) are not routed one by one: refused
+    stream: bool = False
+    temperature: Optional[float] = Field(None, ge=0, le=2)
+    max_tokens: Optional[int] = Field(None, ge=1)
+    n: int = Field(1, ge=1, le=16)
+
+
+def message_text(m: Message) -> str:
+    if isinstance(m.content, str):
+        return m.content
+    return "\n".join(p.text or "" for p in (m.content or []) if p.type == "text")
+
+
+@dataclass
+class Keyed:
+    """What the decision path sees of a request: the text the cache and router judge, the namespace it may hit
+    in, and whether the cache may serve it / store its answer."""
+    query: str
+    namespace: dict
+    lookup: bool
+    store: bool
+
+
+def _digest(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:24]
+
+
+def keyed(kind: str, req: Union[ChatRequest, CompletionRequest], body: dict, tenant: str, model_name: str,
+          policy, no_cache: bool, no_store: bool) -> Keyed:
+    """The cache key space (tenant, served model, conversation context incl. system prompt, answer-changing
+    parameters) and the query: the last user message (what routers and caches were tuned on) or the prompt."""
+    if kind == "chat":
+        users = [i for i, m in enumerate(req.messages) if m.role == "user"]
+        last = users[-1] if users else len(req.messages) - 1
+        query = message_text(req.messages[last])
+        context = [m.model_dump(exclude_none=True) for i, m in enumerate(req.messages) if i != last]
+        context.append({"query_at": last})
+    else:
+        query, context = req.prompt, []
+    params = {k: v for k, v in body.items() if k not in NOT_IN_KEY}
+    temperature = req.temperature if req.temperature is not None else policy.default_temperature
+    params["temperature"] = temperature  # absent and the default are the same request
+    namespace = {"tenant": tenant, "model": model_name, "kind": kind, "context": _digest(context),
+                 "params": _digest(params)}
+    cacheable = (policy.enabled and req.n == 1 and bool(query.strip())
+                 and (temperature == 0 or policy.cache_sampled))
+    return Keyed(query, namespace, cacheable and not no_cache, cacheable and not no_store)
+
+
+def tenant_of(headers, tenant_header: Optional[str]) -> str:
+    """A trusted tenant header when configured, else a hash of the client's API key (never the key itself)."""
+    if tenant_header and headers.get(tenant_header):
+        return "h:" + headers[tenant_header][:200]
+    auth = headers.get("authorization", "")
+    if auth:
+        return "k:" + hashlib.sha256(auth.encode()).hexdigest()[:16]
+    return "anonymous"
+
+
+def cache_control(headers) -> tuple[bool, bool]:
+    """(no_cache, no_store) from the request's Cache-Control."""
+    tokens = {t.strip().lower() for t in headers.get("cache-control", "").split(",")}
+    return "no-cache" in tokens or "no-store" in tokens, "no-store" in tokens
+
+
+# ------------------------------------------------------------------------------------------ answers
+
+
+def answer_of(kind: str, reply: dict) -> Optional[dict]:
+    """The cacheable answer of a backend reply: one complete choice with text, else None."""
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or len(choices) != 1 or not isinstance(choices[0], dict):
+        return None
+    c = choices[0]
+    text = (c.get("message") or {}).get("content") if kind == "chat" else c.get("text")
+    if not isinstance(text, str) or c.get("finish_reason") not in ("stop", "length"):
+        return None
+    return {"text": text, "finish_reason": c["finish_reason"]}
+
+
+def cached_reply(kind: str, answer: dict, model: str) -> dict:
+    rid, now = uuid.uuid4().hex, int(time.time())
+    usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}  # no model ran
+    if kind == "chat":
+        choice = {"index": 0, "message": {"role": "assistant", "content": answer["text"]},
+                  "finish_reason": answer["finish_reason"]}
+        return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": now, "model": model,
+                "choices": [choice], "usage": usage}
+    choice = {"index": 0, "text": answer["text"], "finish_reason": answer["finish_reason"], "logprobs": None}
+    return {"id": f"cmpl-{rid}", "object": "text_completion", "created": now, "model": model,
+            "choices": [choice], "usage": usage}
+
+
+def sse(obj: Any) -> bytes:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n".encode()
+
+
+DONE = b"data: [DONE]\n\n"
+
+
+def cached_chunks(kind: str, answer: dict, model: str) -> list[bytes]:
+    """A cached answer as an OpenAI stream: role, content, finish, [DONE]."""
+    rid, now = uuid.uuid4().hex, int(time.time())
+    if kind == "chat":
+        head = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": now, "model": model}
+        deltas = [({"role": "assistant", "content": ""}, None), ({"content": answer["text"]}, None),
+                  ({}, answer["finish_reason"])]
+        events = [{**head, "choices": [{"index": 0, "delta": d, "finish_reason": f}]} for d, f in deltas]
+    else:
+        head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": now, "model": model}
+        events = [{**head, "choices": [{"index": 0, "text": t, "finish_reason": f, "logprobs": None}]}
+                  for t, f in ((answer["text"], None), ("", answer["finish_reason"]))]
+    return [sse(e) for e in events] + [DONE]
+
+
+class StreamAnswer:
+    """Collects a backend's SSE stream into the answer it streamed; complete only after a finish_reason and
+    [DONE] (a cut-off stream is never cached)."""
+
+    def __init__(self, kind: str):
+        self.kind, self.parts, self.finish, self.done, self.choices = kind, [], None, False, set()
+
+    def feed(self, line: str) -> None:
+        if not line.startswith("data:"):
+            return
+        data = line[5:].strip()
+        if data == "[DONE]":
+            self.done = True
+            return
+        try:
+            event = json.loads(data)
+        except ValueError:
+            return
+        for c in event.get("choices") or []:
+            self.choices.add(c.get("index", 0))
+            text = (c.get("delta") or {}).get("content") if self.kind == "chat" else c.get("text")
+            if isinstance(text, str):
+                self.parts.append(text)
+            if c.get("finish_reason"):
+                self.finish = c["finish_reason"]
+
+    def answer(self) -> Optional[dict]:
+        if not self.done or self.finish not in ("stop", "length") or len(self.choices) != 1:
+            return None
+        return {"text": "".join(self.parts), "finish_reason": self.finish}

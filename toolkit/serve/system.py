@@ -1,0 +1,78 @@
+"""The bundle's decision parts as the gateway runs them: its Router and SemanticCache, loaded through
+toolkit.bundle (every file checked against the manifest first), wired into the shared Decider."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional
+
+from toolkit.config.serve import ServeConfig, load_serve_config
+from toolkit.errors import OptkitError
+from toolkit.serve.decide import Decider, ExactStore, target_for
+
+log = logging.getLogger("optkit.serve")
+SERVE_YAML = "serve.yaml"
+
+
+def load_config(bundle_dir: Path, config: Optional[Path]) -> ServeConfig:
+    path = Path(config) if config else Path(bundle_dir) / SERVE_YAML
+    if config is None and not path.is_file():
+        raise OptkitError(f"{bundle_dir}: the bundle has no {SERVE_YAML}; pass --config serve.yaml (backends: "
+                          "student/teacher base_url + model)")
+    return load_serve_config(path)
+
+
+def _same_truncation(router, bundle) -> bool:
+    """The probe check compares short texts only: a transformer router that truncates prompts at another length
+    than the cache's embedder would embed long prompts differently from evaluate's replay. Share only when equal."""
+    feats = router.spec["features"]
+    if feats.get("embedding") == "static":
+        return True  # the probe check then decides
+    try:
+        from toolkit.models import resolve
+
+        model = json.loads(bundle.path(bundle.manifest["cache"]).read_text())["embedder"]["model"]
+        st = json.loads((Path(resolve(model)) / "sentence_bert_config.json").read_text())
+    except (OSError, ValueError, KeyError, TypeError, OptkitError):
+        return False
+    return st.get("max_seq_length") == feats.get("max_seq_length")
+
+
+def _cache(bundle, cfg: ServeConfig, router):
+    """The semantic cache, sharing the router's embedder when the cache's own probe check accepts it (then a
+    request is embedded once); else the embedder cache.json names."""
+    policy = cfg.cache
+    overrides = {"max_entries": policy.max_entries, "max_entries_per_namespace": policy.max_entries_per_tenant}
+    if policy.ttl_s is not None:
+        overrides["ttl_s"] = policy.ttl_s
+    if router is not None and _same_truncation(router, bundle):
+        try:
+            return bundle.cache(embedder=router.embedder, **overrides)
+        except OptkitError as exc:
+            log.info("serve: the cache does not share the router's embedder (%s); loading its own", exc)
+    return bundle.cache(**overrides)
+
+
+def load_decider(bundle_dir: Path, cfg: ServeConfig) -> Decider:
+    from toolkit.bundle import Bundle
+
+    bundle = Bundle.open(bundle_dir)
+    router = bundle.router() if bundle.manifest.get("router") else None
+    for name in ([] if router is None else router.models):
+        target = target_for(router, name, cfg.default_backend, cfg.routes)
+        if target not in cfg.backends:
+            raise OptkitError(f"serve config: router model '{name}' goes to backend '{target}', which is not in "
+                              f"backends ({', '.join(cfg.backends)}); map it under routes:")
+    cache = None
+    if cfg.cache.enabled and cfg.cache.semantic and bundle.manifest.get("cache"):
+        cache = _cache(bundle, cfg, router)
+    ttl = cfg.cache.ttl_s if cfg.cache.ttl_s is not None else getattr(cache, "ttl_s", None)
+    exact = ExactStore(cfg.cache.max_entries, ttl) if cfg.cache.enabled else None
+    decider = Decider(cache, router, exact, target=lambda c: target_for(router, c, cfg.default_backend, cfg.routes),
+                      default=cfg.default_backend)
+    decider.decide("warm-up: load the embedder before the first request", "warm-up", use_cache=False)
+    log.info("serve: router %s, semantic cache %s, shared embedding %s", router is not None, cache is not None,
+             decider.shared)
+    return decider
