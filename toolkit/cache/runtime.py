@@ -93,7 +93,8 @@ class SemanticCache:
     lookup / insert / len at once (a gateway's worker threads, or asyncio tasks via `asyncio.to_thread`). The
     embedder runs outside the lock, so threads embed in parallel and only the index work is serialized. Nothing
     is shared across processes: each process holds its own entries (a multi-process gateway has one cache per
-    worker; a hit in one worker does not make a hit in another).
+    worker; a hit in one worker does not make a hit in another) -- unless it is the Redis-backed subclass
+    (`load(..., store="redis")`, toolkit/cache/store_redis.py), which every replica shares.
     """
 
     def __init__(self, threshold: Optional[float], embedder: Any = None, *, ttl_s: Optional[float] = None,
@@ -126,7 +127,8 @@ class SemanticCache:
     # ------------------------------------------------------------------ loading
 
     @classmethod
-    def load(cls, path: Union[str, Path], embedder: Any = None, **overrides) -> "SemanticCache":
+    def load(cls, path: Union[str, Path], embedder: Any = None, *, store: str = "memory",
+             redis_url: Optional[str] = None, redis_prefix: str = "optkit", **overrides) -> "SemanticCache":
         """A cache configured by a `cache.json` written by the cache stage.
 
         The file is validated in full first (toolkit/cache/cachefile.py: ranges, finiteness, lengths; one
@@ -134,10 +136,13 @@ class SemanticCache:
         reference, or a loaded model / callable. Whatever it is must reproduce the probe embeddings stored in the
         config; a different embedding space is refused, because its similarities would be judged against a
         threshold tuned for another space. `overrides`: runtime settings (ttl_s, max_entries,
-        max_entries_per_namespace, ann, ann_min_entries) and clock.
+        max_entries_per_namespace, ann, ann_min_entries) and clock. `store`: memory (this process) or redis
+        (entries shared by every process using `redis_url` + `redis_prefix`: toolkit/cache/store_redis.py).
         """
         from toolkit.cache import cachefile
 
+        if store not in ("memory", "redis"):
+            raise OptkitError(f"cache store must be memory or redis, got '{store}'")
         path = Path(path)
         spec = cachefile.read(path)
         clock = overrides.pop("clock", time.time)
@@ -149,6 +154,13 @@ class SemanticCache:
             embedder = load_embedder(str(embedder or spec.embedder.model))
         check_embedder(embedder, cfg["embedder"], source=str(path))
         clusters = spec.adaptive if spec.adaptive is not None and spec.adaptive.exported else None
+        if store == "redis":  # imported only here: the memory store never loads the redis client
+            from toolkit.cache.store_redis import RedisSemanticCache
+
+            return RedisSemanticCache(spec.threshold, embedder, **runtime.model_dump(), url=redis_url,
+                                      prefix=redis_prefix, config=cfg,
+                                      centroids=np.array(clusters.centroids, np.float32) if clusters else None,
+                                      cluster_thresholds=clusters.thresholds if clusters else None)
         return cls(spec.threshold, embedder, **runtime.model_dump(),
                    centroids=np.array(clusters.centroids, np.float32) if clusters else None,
                    cluster_thresholds=clusters.thresholds if clusters else None, config=cfg, clock=clock)
@@ -190,14 +202,17 @@ class SemanticCache:
         vecs = self._embed(queries) if vectors is None else l2_normalize(vectors)
         if vecs.ndim != 2 or len(vecs) != len(queries):
             raise OptkitError(f"cache insert: {len(queries)} queries but vectors of shape {vecs.shape}")
-        clusters = self._clusters_of(vecs)
+        self._store(ns, [normalize_text(q) for q in queries], list(answers), vecs, self._clusters_of(vecs))
+
+    def _store(self, ns: str, keys: list, answers: list, vecs: np.ndarray, clusters: np.ndarray) -> None:
+        """The store seam: entries live in this process (store_redis.RedisSemanticCache keeps them in Redis)."""
         with self._lock:
             self._expire_all()
             space = self._spaces.get(ns)
             if space is not None and vecs.shape[1] != space.dim:
                 raise OptkitError(f"cache insert: embedding dim {vecs.shape[1]} != {space.dim}")
-            for q, a, v, c in zip(queries, answers, vecs, clusters):
-                space = self._insert_one(ns, normalize_text(q), a, v, int(c))
+            for key, a, v, c in zip(keys, answers, vecs, clusters):
+                space = self._insert_one(ns, key, a, v, int(c))
             self._maybe_index(space)
 
     def __len__(self) -> int:

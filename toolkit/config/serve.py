@@ -8,8 +8,9 @@ only the name of the environment variable that holds one.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
-from typing import Optional
+from typing import Literal, Optional
 
 from pydantic import Field, ValidationError, model_validator
 
@@ -60,6 +61,66 @@ class CachePolicy(Section):
     max_entries_per_tenant: Optional[int] = Field(None, ge=1, description="One tenant's inserts evict only its own "
                                                   "entries beyond this many.")
     ttl_s: Optional[float] = Field(None, gt=0, description="Entry lifetime; default = cache.json's ttl_s.")
+    store: Literal["memory", "redis"] = Field(
+        "memory", description="Where semantic-cache entries live: memory = this gateway process; redis = one Redis "
+        "server shared by every replica (entries, their TTL, the limits; the exact layer stays per replica).")
+    redis_url: Optional[str] = Field(None, description="store: redis: redis://host:port/db (or rediss://, "
+                                     "unix://). No password here: put a URL with one in the redis_url_env variable.")
+    redis_url_env: str = Field("OPTKIT_REDIS_URL", min_length=1, description="Environment variable holding the "
+                               "Redis URL; wins over redis_url and may carry a password (never logged).")
+    redis_prefix: str = Field("optkit", pattern=r"^[A-Za-z0-9_.:-]{1,64}$", description="Key prefix in Redis; "
+                              "replicas share entries when prefix and cache config match.")
+
+    @model_validator(mode="after")
+    def _redis_url(self) -> "CachePolicy":
+        from urllib.parse import urlsplit
+
+        if self.redis_url is not None:
+            parts = urlsplit(self.redis_url)
+            if parts.scheme not in ("redis", "rediss", "unix"):
+                raise ValueError("redis_url must start with redis://, rediss:// or unix://")
+            if parts.password or "@" in parts.netloc:
+                raise ValueError(f"redis_url must not hold credentials: put that URL in ${self.redis_url_env}")
+        return self
+
+    def store_settings(self) -> dict:
+        """SemanticCache.load's store arguments ({} for memory); the URL from the environment wins."""
+        if self.store == "memory":
+            return {}
+        url = os.environ.get(self.redis_url_env) or self.redis_url
+        if not url:
+            raise OptkitError(f"serve config: cache.store is redis but neither ${self.redis_url_env} nor "
+                              "cache.redis_url names the server")
+        return {"store": "redis", "redis_url": url, "redis_prefix": self.redis_prefix}
+
+
+class AuditConfig(Section):
+    enabled: bool = Field(True, description="Audit the bundle's guarantees online (shadow checks + /v1/feedback).")
+    sample_rate: float = Field(0.05, ge=0, le=1, description="Fraction of semantic-cache hits and of student-routed "
+                               "requests re-asked to the teacher in the background (never delays the reply).")
+    teacher: str = Field("teacher", description="Backend whose fresh answer is the reference; skipped while its "
+                         "breaker is open or its slots are all busy.")
+    metric: Literal["agreement", "exact", "f1", "rouge_l"] = Field("agreement", description="How a served answer is judged against the teacher's: agreement "
+                        "(evaluate's teacher agreement: same label when `labels` is set, else normalized exact "
+                        "match) or exact / f1 / rouge_l (acceptable when >= min_score).")
+    labels: Optional[list[str]] = Field(None, description="Label set for metric agreement (evaluate's rule for "
+                                        "class-label tasks).")
+    min_score: float = Field(0.5, ge=0, le=1, description="exact / f1 / rouge_l: the score that counts as an "
+                             "acceptable answer.")
+    confidence: Optional[float] = Field(None, gt=0, lt=1, description="One-sided confidence of the exported "
+                                        "bounds; default: the bundle's (cache.json / router calibration), else "
+                                        "0.95.")
+    epsilon: Optional[float] = Field(None, gt=0, lt=1, description="False-hit target; default: cache.json's "
+                                     "epsilon.")
+    quality_target: Optional[float] = Field(None, gt=0, le=1, description="Routed quality-ratio target; default: "
+                                            "the router's calibrated min_quality.")
+    queue_size: int = Field(256, ge=1, description="Checks waiting for the teacher; more are dropped (counted).")
+    concurrency: int = Field(1, ge=1, description="Teacher calls the audit makes at once.")
+    remember_ids: int = Field(100_000, ge=1, description="Response ids kept for /v1/feedback (oldest dropped).")
+    min_checks: int = Field(10, ge=1, description="Checks of a kind before its bounds are compared with the target "
+                            "(gauges are exported from the first check).")
+    warn_interval_s: float = Field(60.0, ge=0, description="At most one bound-crossing warning per check kind in "
+                                   "this many seconds.")
 
 
 class ServeConfig(Section):
@@ -77,6 +138,7 @@ class ServeConfig(Section):
                                          "proxy that authenticates it); default: tenant = hash of the client's API "
                                          "key.")
     cache: CachePolicy = Field(default_factory=CachePolicy)
+    audit: AuditConfig = Field(default_factory=AuditConfig)
 
     @model_validator(mode="after")
     def _names(self) -> "ServeConfig":
@@ -92,6 +154,8 @@ class ServeConfig(Section):
         for model, backend in self.routes.items():
             if backend not in self.backends:
                 raise ValueError(f"routes.{model}: no backend '{backend}'")
+        if "teacher" in self.audit.model_fields_set and self.audit.teacher not in self.backends:
+            raise ValueError(f"audit.teacher: no backend '{self.audit.teacher}'")  # unset: feedback-only audit
         if self.default_backend not in self.backends:
             raise ValueError(f"default_backend: no backend '{self.default_backend}'")
         return self
