@@ -52,3 +52,21 @@ def print_summary(run_dir, outcomes, max_metrics: int = 6) -> None:
         status = {"ran": "[green]ran[/]", "skipped": f"[cyan]skipped[/] ({o.reason})"}.get(o.status, o.status)
         table.add_row(o.stage, status, f"{o.seconds:.1f}", ", ".join(shown))
     console().print(table)
+    command = serve_command(run_dir, outcomes)
+    if command:
+        console().print(f"Serve it (cache -> router -> models, OpenAI-compatible): {command}", soft_wrap=True,
+                        markup=False, highlight=False)
+
+
+def serve_command(run_dir, outcomes, port: int = 8080) -> Optional[str]:
+    """The command that serves the run's bundle, when its export stage ran (or is up to date) this time."""
+    import shlex
+    from pathlib import Path
+
+    from toolkit.export import BUNDLE
+
+    done = any(o.stage == "export" and o.status in ("ran", "skipped") for o in outcomes)
+    bundle = Path(run_dir) / "export" / BUNDLE
+    if not done or not (bundle / "manifest.json").is_file():
+        return None
+    return f"optkit serve {shlex.quote(str(bundle))} --port {port}"

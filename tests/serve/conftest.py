@@ -167,7 +167,8 @@ def serve_config(student_url: str, teacher_url: str, **over) -> dict:
            "backends": {"student": {"base_url": student_url, "model": "smollm2-student", "timeout_s": 30,
                                     "fallback": "teacher", "max_concurrency": 4, "breaker_cooldown_s": 60},
                         "teacher": {"base_url": teacher_url, "model": "smollm2-teacher", "api_key_env": KEY_ENV,
-                                    "timeout_s": 30, "max_concurrency": 4}}}
+                                    "timeout_s": 30, "max_concurrency": 4}},
+           "audit": {"sample_rate": 0.0}}  # shadow checks only where a test asks for them (test_audit)
     cfg.update(over)
     return cfg
 

@@ -9,6 +9,8 @@ down and can be copied away whole):
     route/                router.json + router.safetensors
     cache.json            tuned semantic-cache config
     serve.sh              the exact vllm serve / ollama command lines
+    serve.yaml            the gateway's backends and policy (`optkit serve .`)
+    docker-compose.yaml   gateway + model servers (serve.compose.yaml: its serve.yaml); k8s/gateway.yaml
     README.md             model card: what is inside, measured numbers and their limits
     manifest.json         every file with sha256, the recipe, metrics, library versions
 

@@ -181,6 +181,20 @@ def evaluate_rows(ctx) -> list[dict]:
     return json.loads(path.read_text()) if path.is_file() else []
 
 
+def write_deploy(root: Path, models: list[dict], prefix: str, cfg) -> None:
+    import yaml
+
+    from toolkit.export import deploy
+    from toolkit.io import atomic_write_text
+
+    serve = yaml.safe_load((root / "serve.yaml").read_text())
+    text, serve_compose = deploy.compose(models, cfg.port, serve, cfg.vllm_args)
+    atomic_write_text(root / "docker-compose.yaml", text)
+    atomic_write_text(root / deploy.COMPOSE_SERVE, serve_compose)
+    (root / deploy.K8S).parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(root / deploy.K8S, deploy.kubernetes(prefix, models, cfg.port, serve))
+
+
 # ------------------------------------------------------------------------------------------ the stage
 
 
@@ -211,6 +225,7 @@ def build_bundle(ctx) -> dict:
                 notes.append(f"{m['name']}: not vLLM-ready, missing {what}")
         atomic_write_text(tmp / "serve.sh", serve_script(models, prefix, cfg.port, cfg.vllm_args))
         atomic_write_text(tmp / "serve.yaml", serve_yaml(models, prefix, cfg.port, ctx.recipe))  # optkit serve
+        write_deploy(tmp, models, prefix, cfg)  # docker-compose.yaml, serve.compose.yaml, k8s/gateway.yaml
         has = {p.kind for p in parts}
         manifest = {
             "format": FORMAT, "run": ctx.recipe.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

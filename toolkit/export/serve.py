@@ -17,24 +17,35 @@ def _q(x: str) -> str:
     return shlex.quote(str(x))
 
 
-def vllm_commands(models: list[dict], port: int, extra: list[str]) -> dict[str, str]:
-    """served name -> one `vllm serve` command line."""
-    tail = " ".join(_q(a) for a in extra)
-    lines: dict[str, str] = {}
+def vllm_args(models: list[dict], port: int, extra: list[str] = ()) -> dict[str, tuple[int, list[str]]]:
+    """model name -> (port, the `vllm serve` arguments after `vllm serve`), one process per HF dir in order; a
+    LoRA adapter rides on its base's process. Shared by serve.sh and docker-compose.yaml."""
+    out: dict[str, tuple[int, list[str]]] = {}
     loras = [m for m in models if m["kind"] == "lora"]
     for m in models:
         if m["kind"] != "hf":
             continue
-        args = ["vllm", "serve", f"./{m['path']}", "--served-model-name", m["served_name"], "--port", str(port)]
+        args = [f"./{m['path']}", "--served-model-name", m["served_name"], "--port", str(port)]
         on_me = [lo for lo in loras if lo.get("base") == m["path"]]
         if on_me:
             args += ["--enable-lora", "--lora-modules", *[f"{lo['served_name']}=./{lo['path']}" for lo in on_me]]
             rank = max(int(lo.get("rank") or 0) for lo in on_me)
             if rank > VLLM_DEFAULT_MAX_LORA_RANK:
                 args += ["--max-lora-rank", str(rank)]
-        lines[m["name"]] = " ".join(_q(a) for a in args) + (f" {tail}" if tail else "")
+        out[m["name"]] = (port, args + list(extra))
         port += 1
-    return lines
+    return out
+
+
+def gguf_port(models: list[dict], port: int) -> int:
+    """The llama.cpp server's port: after the vLLM processes (one GGUF served at a time)."""
+    return port + sum(1 for m in models if m["kind"] == "hf")
+
+
+def vllm_commands(models: list[dict], port: int, extra: list[str]) -> dict[str, str]:
+    """model name -> one `vllm serve` command line."""
+    return {name: " ".join(_q(a) for a in ["vllm", "serve", *args])
+            for name, (_, args) in vllm_args(models, port, extra).items()}
 
 
 def serve_script(models: list[dict], prefix: str, port: int = 8000, extra: list[str] = ()) -> str:
@@ -45,7 +56,7 @@ def serve_script(models: list[dict], prefix: str, port: int = 8000, extra: list[
         cases.append(f"  ollama)\n    cd gguf && exec ollama create {_q(prefix)} "
                      "-f Modelfile\n    ;;")
         for g in ggufs:
-            cases.append(f"  {_q(g['name'])})\n    exec llama-server -m ./{_q(g['path'])} --port {port + len(cmds)}\n    ;;")
+            cases.append(f"  {_q(g['name'])})\n    exec llama-server -m ./{_q(g['path'])} --port {gguf_port(models, port)}\n    ;;")
     cases.append('  gateway)\n    exec optkit serve . --config serve.yaml "${@:2}"\n    ;;')  # cache -> router -> models
     names = list(cmds) + (["ollama"] if ggufs else []) + [g["name"] for g in ggufs] + ["gateway"]
     listing = "\n".join(f"#   ./serve.sh {n}" for n in names)

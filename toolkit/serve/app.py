@@ -23,8 +23,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from toolkit.config.serve import ServeConfig
 from toolkit.serve import protocol as P
+from toolkit.serve.audit import CACHE, ROUTE, Auditor
 from toolkit.serve.backends import BackendError, Pool
-from toolkit.serve.decide import Decider, Decision
+from toolkit.serve.decide import SEMANTIC, Decider, Decision
 from toolkit.serve.metrics import Metrics
 
 log = logging.getLogger("optkit.serve")
@@ -86,13 +87,31 @@ def route_headers(decision: Decision, served: str, falls: list[str], backend_s: 
     return h
 
 
+def text_of(answer) -> Optional[str]:
+    return answer.get("text") if isinstance(answer, dict) else answer if isinstance(answer, str) else None
+
+
 class Gateway:
-    def __init__(self, cfg: ServeConfig, decider: Decider):
+    def __init__(self, cfg: ServeConfig, decider: Decider, targets: Optional[dict] = None):
         self.cfg, self.decider, self.metrics = cfg, decider, Metrics()
         self.pool: Optional[Pool] = None
+        self.auditor = Auditor(cfg.audit, targets or {}, self.metrics)
 
     def start(self) -> None:
         self.pool = Pool(self.cfg.backends, lambda s, d, r: self.metrics.fallbacks.labels(s, d, r).inc())
+        self.auditor.start(self.pool)
+
+    def audit(self, kind: str, body: dict, decision: Decision, served: str, rid: Optional[str],
+              answer: Optional[str]) -> None:
+        """A complete reply: remembered for /v1/feedback, and maybe shadow-checked (in the background)."""
+        check = None
+        if decision.route == SEMANTIC:
+            check = CACHE
+        elif decision.choice is not None and served == decision.route and served != self.cfg.audit.teacher:
+            check = ROUTE  # the router chose a student and the student answered
+        self.auditor.remember(rid, served, check)
+        if check is not None:
+            self.auditor.sample(check, PATHS[kind], body, answer)
 
     # ------------------------------------------------------------------ one request
 
@@ -127,19 +146,25 @@ class Gateway:
                       self.cfg.cache, no_cache, no_store)
         decision = await asyncio.to_thread(self.decider.decide, key.query, key.namespace, key.lookup)
         self.metrics.decision.observe(decision.seconds)
+        if decision.shift is not None:
+            self.metrics.shift_flagged.labels(decision.shift).inc()
         if decision.hit:
             self.metrics.cache_hits.labels(decision.route).inc()
-            return self.from_cache(kind, req, decision)
+            return self.from_cache(kind, req, body, decision)
+        if decision.choice is not None:
+            self.auditor.decided(decision.route == self.cfg.audit.teacher)
         if key.lookup:
             self.metrics.cache_misses.inc()
         return await self.forward(kind, req, body, decision, key if key.store else None)
 
-    def from_cache(self, kind: str, req, decision: Decision) -> Response:
+    def from_cache(self, kind: str, req, body: dict, decision: Decision) -> Response:
         headers = route_headers(decision, decision.route, [], None)
+        rid = P.new_id(kind)
+        self.audit(kind, body, decision, decision.route, rid, text_of(decision.answer))
         if req.stream:
-            chunks = P.cached_chunks(kind, decision.answer, self.cfg.model_name)
+            chunks = P.cached_chunks(kind, decision.answer, self.cfg.model_name, rid)
             return StreamingResponse(iter(chunks), media_type="text/event-stream", headers=headers)
-        return JSONResponse(P.cached_reply(kind, decision.answer, self.cfg.model_name), headers=headers)
+        return JSONResponse(P.cached_reply(kind, decision.answer, self.cfg.model_name, rid), headers=headers)
 
     async def remember(self, key: Optional[P.Keyed], answer: Optional[dict], decision: Decision) -> None:
         # Stored before the reply goes out: the next request of the same client sees it (no race), and it costs
@@ -162,7 +187,10 @@ class Gateway:
         except BackendError as exc:
             raise upstream_error(exc) from None
         self.metrics.backend.labels(served).observe(seconds)
-        await self.remember(key, P.answer_of(kind, reply), decision)
+        answer = P.answer_of(kind, reply)
+        await self.remember(key, answer, decision)
+        self.audit(kind, body, decision, served, reply.get("id") if isinstance(reply, dict) else None,
+                   text_of(answer))
         return JSONResponse(reply, headers=route_headers(decision, served, falls, seconds))
 
     async def forward_stream(self, kind: str, body: dict, decision: Decision, key: Optional[P.Keyed],
@@ -183,10 +211,12 @@ class Gateway:
             raise upstream_error(exc) from None
         first_byte = time.monotonic() - started
         self.metrics.backend.labels(served).observe(first_byte)
-        return StreamingResponse(self.relay(kind, resp, stack, key, decision), media_type="text/event-stream",
+        return StreamingResponse(self.relay(kind, resp, stack, key, decision, body, served),
+                                 media_type="text/event-stream",
                                  headers=route_headers(decision, served, falls, first_byte))
 
-    async def relay(self, kind: str, resp, stack, key: Optional[P.Keyed], decision: Decision):
+    async def relay(self, kind: str, resp, stack, key: Optional[P.Keyed], decision: Decision, body: dict,
+                    served: str):
         """The backend's SSE bytes unchanged; the answer is cached only if the stream completed."""
         collected, pending, stored = P.StreamAnswer(kind), "", False
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split across chunks
@@ -199,6 +229,7 @@ class Gateway:
                 if collected.done and not stored:  # stored before [DONE] reaches the client: no race
                     stored = True
                     await self.remember(key, collected.answer(), decision)
+                    self.audit(kind, body, decision, served, collected.id, text_of(collected.answer()))
                 yield chunk
         except Exception as exc:  # the backend died mid-stream: tell the client in-band, cache nothing
             self.metrics.errors.labels("stream_cut").inc()
@@ -222,13 +253,14 @@ class Gateway:
         return JSONResponse({"ready": all(ok), "backends": status}, status_code=200 if all(ok) else 503)
 
 
-def create_app(cfg: ServeConfig, decider: Decider) -> FastAPI:
-    gw = Gateway(cfg, decider)
+def create_app(cfg: ServeConfig, decider: Decider, targets: Optional[dict] = None) -> FastAPI:
+    gw = Gateway(cfg, decider, targets)
 
     @asynccontextmanager
     async def lifespan(app):
         gw.start()
         yield
+        await gw.auditor.stop()
         await gw.pool.aclose()
 
     app = FastAPI(title="optkit gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
@@ -241,6 +273,20 @@ def create_app(cfg: ServeConfig, decider: Decider) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request):
         return await gw.handle("completions", request)
+
+    @app.post("/v1/feedback")
+    async def feedback(request: Request):
+        try:
+            fb = P.Feedback.model_validate(await read_json(request, 4096))
+            result = gw.auditor.feedback(fb.id, fb.correct)
+            if result is None:
+                raise P.ApiError(404, f"no response with id '{fb.id[:100]}' (unknown, or forgotten: the gateway "
+                                 f"keeps the last {cfg.audit.remember_ids})", param="id", code="unknown_id")
+        except ValidationError as exc:
+            return gw.error(P.ApiError(400, exc.errors(include_url=False)[0]["msg"], code="invalid_value"))
+        except P.ApiError as exc:
+            return gw.error(exc)
+        return result
 
     @app.get("/v1/models")
     async def models():

@@ -31,6 +31,7 @@ class Decision:
     threshold: Optional[float] = None
     vector: Optional[np.ndarray] = None  # the shared embedding, reused by remember()
     seconds: float = 0.0  # time spent deciding (the system's overhead)
+    shift: Optional[str] = None  # the router's shift guard flagged the prompt: the action taken (teacher | warn)
 
     @property
     def hit(self) -> bool:
@@ -131,12 +132,24 @@ class Decider:
         router = self.router
         P = router.predict_quality([prompt], vec)
         choice = router.models[int(decide(P, self._cost_norm, router.threshold)[0])]
+        shift = self._shift(prompt, vec)
+        if shift == "teacher":  # out of the distribution the router was calibrated on: the strong model answers
+            choice = router.strong
         score = None
         if len(router.models) == 2:
             s = router.models.index(router.strong)
             score = float(P[0, s] - P[0, 1 - s])
         return Decision(self.target(choice), choice=choice, score=score, threshold=float(router.threshold),
-                        vector=vec)
+                        vector=vec, shift=shift)
+
+    def _shift(self, prompt: str, vec: Optional[np.ndarray]) -> Optional[str]:
+        """The router's shift guard, when it carries one (`router.shift_guard.check(prompt, vector)` -> None or
+        the action the bundle sets: teacher | warn); routers without one are never flagged."""
+        guard = getattr(self.router, "shift_guard", None)
+        if guard is None:
+            return None
+        action = guard.check(prompt, None if vec is None else vec[0])
+        return None if action is None else "teacher" if action == "teacher" else "warn"
 
     def remember_many(self, prompts: list[str], answers: list[Any], namespace="default") -> None:
         """Pre-fill every layer (a warm cache), embedding the prompts in one batch."""

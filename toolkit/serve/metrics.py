@@ -31,5 +31,36 @@ class Metrics:
                                   ["backend"], registry=r)
         self.cache_entries = Gauge("optkit_cache_entries", "Entries in the exact-match layer", registry=r)
 
+        # The online audit (toolkit/serve/audit.py); kind = cache | route.
+        self.audit_checks = Counter("optkit_audit_checks", "Audit checks by kind (cache | route) and source "
+                                    "(shadow | feedback)", ["kind", "source"], registry=r)
+        self.audit_failures = Counter("optkit_audit_failed_checks", "Checks that failed: cache = a false hit, "
+                                      "route = the student disagreed with the teacher", ["kind"], registry=r)
+        self.audit_skipped = Counter("optkit_audit_skipped", "Sampled checks not made (queue_full, "
+                                     "teacher_unavailable, teacher_busy, teacher_error)", ["reason"], registry=r)
+        self.audit_queue = Gauge("optkit_audit_queue", "Checks waiting for the teacher", registry=r)
+        self.audit_rate = Gauge("optkit_audit_rate", "Realized rate: cache = false-hit rate, route = routed quality "
+                                "ratio (vs always-teacher)", ["kind"], registry=r)
+        self.audit_lower = Gauge("optkit_audit_rate_lower", "One-sided lower confidence bound of optkit_audit_rate",
+                                 ["kind"], registry=r)
+        self.audit_upper = Gauge("optkit_audit_rate_upper", "One-sided upper confidence bound of optkit_audit_rate",
+                                 ["kind"], registry=r)
+        self.audit_target = Gauge("optkit_audit_target", "The bundle's guarantee: cache = epsilon (max false-hit "
+                                  "rate), route = quality target (min ratio); NaN = none", ["kind"], registry=r)
+        self.audit_confidence = Gauge("optkit_audit_confidence", "Confidence of the one-sided bounds", ["kind"],
+                                      registry=r)
+        self.audit_breached = Gauge("optkit_audit_breached", "1 while the bound shows the target is missed",
+                                    ["kind"], registry=r)
+        self.audit_certified = Gauge("optkit_audit_certified", "1 while the bound certifies the target",
+                                     ["kind"], registry=r)
+        self.route_agreement = Gauge("optkit_audit_route_agreement", "Share of checked student answers that agree "
+                                     "with the teacher", registry=r)
+        self.route_student_share = Gauge("optkit_audit_route_student_share", "Share of router decisions sent to a "
+                                         "non-teacher backend", registry=r)
+        self.feedback = Counter("optkit_feedback", "POST /v1/feedback verdicts by route served", ["route", "correct"],
+                                registry=r)
+        self.shift_flagged = Counter("optkit_shift_flagged", "Prompts the router's shift guard flagged", ["action"],
+                                     registry=r)
+
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictBool
 
 # Fields that do not change the answer; every other field of the body is part of the cache key space, so an
 # unknown parameter can only split the cache, never make two different requests share an answer.
@@ -138,16 +138,27 @@ def answer_of(kind: str, reply: dict) -> Optional[dict]:
     return {"text": text, "finish_reason": c["finish_reason"]}
 
 
-def cached_reply(kind: str, answer: dict, model: str) -> dict:
-    rid, now = uuid.uuid4().hex, int(time.time())
+class Feedback(BaseModel):
+    """POST /v1/feedback: the application's verdict on a response the gateway served."""
+    model_config = ConfigDict(extra="forbid")
+    id: str = Field(min_length=1, max_length=200)
+    correct: StrictBool
+
+
+def new_id(kind: str) -> str:
+    return ("chatcmpl-" if kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+
+def cached_reply(kind: str, answer: dict, model: str, rid: Optional[str] = None) -> dict:
+    rid, now = rid or new_id(kind), int(time.time())
     usage = {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0}  # no model ran
     if kind == "chat":
         choice = {"index": 0, "message": {"role": "assistant", "content": answer["text"]},
                   "finish_reason": answer["finish_reason"]}
-        return {"id": f"chatcmpl-{rid}", "object": "chat.completion", "created": now, "model": model,
+        return {"id": rid, "object": "chat.completion", "created": now, "model": model,
                 "choices": [choice], "usage": usage}
     choice = {"index": 0, "text": answer["text"], "finish_reason": answer["finish_reason"], "logprobs": None}
-    return {"id": f"cmpl-{rid}", "object": "text_completion", "created": now, "model": model,
+    return {"id": rid, "object": "text_completion", "created": now, "model": model,
             "choices": [choice], "usage": usage}
 
 
@@ -158,16 +169,16 @@ def sse(obj: Any) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-def cached_chunks(kind: str, answer: dict, model: str) -> list[bytes]:
+def cached_chunks(kind: str, answer: dict, model: str, rid: Optional[str] = None) -> list[bytes]:
     """A cached answer as an OpenAI stream: role, content, finish, [DONE]."""
-    rid, now = uuid.uuid4().hex, int(time.time())
+    rid, now = rid or new_id(kind), int(time.time())
     if kind == "chat":
-        head = {"id": f"chatcmpl-{rid}", "object": "chat.completion.chunk", "created": now, "model": model}
+        head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model}
         deltas = [({"role": "assistant", "content": ""}, None), ({"content": answer["text"]}, None),
                   ({}, answer["finish_reason"])]
         events = [{**head, "choices": [{"index": 0, "delta": d, "finish_reason": f}]} for d, f in deltas]
     else:
-        head = {"id": f"cmpl-{rid}", "object": "text_completion", "created": now, "model": model}
+        head = {"id": rid, "object": "text_completion", "created": now, "model": model}
         events = [{**head, "choices": [{"index": 0, "text": t, "finish_reason": f, "logprobs": None}]}
                   for t, f in ((answer["text"], None), ("", answer["finish_reason"]))]
     return [sse(e) for e in events] + [DONE]
@@ -179,6 +190,7 @@ class StreamAnswer:
 
     def __init__(self, kind: str):
         self.kind, self.parts, self.finish, self.done, self.choices = kind, [], None, False, set()
+        self.id: Optional[str] = None  # the response id the stream carries (for /v1/feedback)
 
     def feed(self, line: str) -> None:
         if not line.startswith("data:"):
@@ -191,6 +203,8 @@ class StreamAnswer:
             event = json.loads(data)
         except ValueError:
             return
+        if self.id is None and isinstance(event, dict) and isinstance(event.get("id"), str):
+            self.id = event["id"]
         for c in event.get("choices") or []:
             self.choices.add(c.get("index", 0))
             text = (c.get("delta") or {}).get("content") if self.kind == "chat" else c.get("text")

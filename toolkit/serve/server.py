@@ -34,10 +34,11 @@ def build(bundle: str | Path, config: Optional[str | Path] = None):
     except ImportError as exc:
         raise MissingExtraError("optkit serve", exc.name or "fastapi", "serve") from None
     from toolkit.serve.app import create_app
+    from toolkit.serve.audit import bundle_targets
     from toolkit.serve.system import load_config, load_decider
 
     cfg = load_config(Path(bundle), Path(config) if config else None)
-    return create_app(cfg, load_decider(Path(bundle), cfg)), cfg
+    return create_app(cfg, load_decider(Path(bundle), cfg), bundle_targets(Path(bundle))), cfg
 
 
 def serve(bundle: str | Path, config: Optional[str | Path] = None, host: str = "127.0.0.1", port: int = 8080) -> int:

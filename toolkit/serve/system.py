@@ -44,7 +44,8 @@ def _cache(bundle, cfg: ServeConfig, router):
     """The semantic cache, sharing the router's embedder when the cache's own probe check accepts it (then a
     request is embedded once); else the embedder cache.json names."""
     policy = cfg.cache
-    overrides = {"max_entries": policy.max_entries, "max_entries_per_namespace": policy.max_entries_per_tenant}
+    overrides = {"max_entries": policy.max_entries, "max_entries_per_namespace": policy.max_entries_per_tenant,
+                 **policy.store_settings()}  # store: memory | redis (shared by replicas: toolkit/cache/store_redis)
     if policy.ttl_s is not None:
         overrides["ttl_s"] = policy.ttl_s
     if router is not None and _same_truncation(router, bundle):
