@@ -1,6 +1,14 @@
 """Benchmark of the cache stage: does the promised false-hit bound hold, how many hits does it cost, how fast is
 a lookup at 100k entries. Rerun: `python eval/bench_cache.py` (about 5 minutes on 2 CPU cores).
 
+The default-bound study: `python eval/bench_cache.py --parts bound --splits 500 --cluster` (~15 minutes on one
+loaded core; embeddings of the three datasets, ~4 minutes, are kept in ~/.cache/optkit/bench_cache) writes
+eval/results/bench_cache_bound.{json,md}: for CLINC150 (test split: the shipped intent pairs and nearest-neighbour
+pairs), Banking77 train and SNIPS train (nearest-neighbour pairs, label = same intent), epsilon 0.05 and 0.1,
+random splits of 2,000 calibration and 857 held-out pairs: the share of splits whose REALIZED held-out false-hit
+share is <= epsilon, per policy, and the hit rate against the best static threshold chosen with hindsight on the
+same held-out pairs, plus the ceiling no single calibrated threshold can pass (see bound_study).
+
 Definitions (as in toolkit/cache/tune.py): similarity = cosine of MiniLM embeddings; a pair is served when
 similarity >= threshold; false-hit rate = P(label 0 | served); hit rate = P(served).
 
@@ -46,13 +54,24 @@ def run_policy(name, sims, labels, cached_vecs, cal, eps, conf, batch_ratio, see
     """Calibrate policy `name` on the pairs `cal`; return (selection, served mask over all pairs)."""
     from toolkit.cache import adaptive, tune
 
-    method, bound, per_cluster = POLICIES[name]
+    method, bound, per_cluster = ALL_POLICIES[name]
     if per_cluster:
         res = adaptive.calibrate(sims[cal], labels[cal], cached_vecs[cal], eps, conf, seed=seed, method=method,
                                  bound=bound, batch_ratio=batch_ratio, crossfit=per_cluster == "crossfit")
         return res.selection, res.served(sims, cached_vecs)
     sel = tune.select(sims[cal], labels[cal], eps, conf, method, bound, batch_ratio)
     return sel, (sims >= sel.threshold if sel.feasible else np.zeros(len(sims), bool))
+
+
+# The default-bound study (--parts bound): which cache.bound keeps the *realized* held-out false-hit share <= eps
+# on >= 95% of random calibration / held-out splits, and at what hit rate against the best static threshold chosen
+# with hindsight on each split's held-out pairs. Global policies only by default; --cluster adds per-cluster ones.
+BOUND_POLICIES = {"rate": ("scan", "rate", False), "fixed_sequence": ("fixed_sequence", "rate", False),
+                  "realized": ("scan", "realized", False), "realized_grid": ("grid", "realized", False),
+                  "realized_fs": ("fixed_sequence", "realized", False), "audit": ("scan", "audit", False)}
+CLUSTER_POLICIES = {"cluster_rate": ("scan", "rate", "crossfit"), "cluster_realized": ("grid", "realized", "crossfit")}
+ALL_POLICIES = {**POLICIES, **BOUND_POLICIES, **CLUSTER_POLICIES}
+DEFAULT_POLICY = "realized_grid"  # what toolkit/config/cache.py defaults to (bound realized, selection grid)
 
 
 def parse_args():
@@ -67,6 +86,18 @@ def parse_args():
     ap.add_argument("--splits", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "bench_cache"))
+    # --parts bound
+    ap.add_argument("--shared", default=str(REPO / ".." / "shared" / "data"),
+                    help="folder holding clinc150/, banking77/ and snips/ (the shared datasets)")
+    ap.add_argument("--epsilons", default="0.05,0.1", help="bound study: epsilons")
+    ap.add_argument("--calibration", type=int, default=2000, help="bound study: calibration pairs per split")
+    ap.add_argument("--heldout", type=int, default=857,
+                    help="bound study: held-out pairs per split (857 = what cache.holdout 0.3 leaves beside 2,000)")
+    ap.add_argument("--cluster", action="store_true", help="bound study: add the per-cluster policies (slow)")
+    ap.add_argument("--cluster-splits", type=int, default=50, help="bound study: per-cluster policies run on the "
+                    "first this many splits only")
+    ap.add_argument("--emb-cache", default=str(Path.home() / ".cache" / "optkit" / "bench_cache"),
+                    help="where embeddings are kept between runs (keyed by texts)")
     return ap.parse_args()
 
 
@@ -250,12 +281,174 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------------------------- bound study
+
+
+def embed_cached(texts: list[str], cache_dir: Path) -> np.ndarray:
+    """MiniLM embeddings of `texts`, kept on disk by a hash of the texts: each dataset is embedded once."""
+    import hashlib
+
+    key = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:16]
+    path = cache_dir / f"minilm-l6-{key}.npy"
+    if path.is_file():
+        return np.load(path, allow_pickle=False)
+    vecs, rate = embed_all(texts)
+    print(f"embedded {len(texts)} texts at {rate:.0f}/s")
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    np.save(path, vecs.astype(np.float32), allow_pickle=False)
+    return vecs
+
+
+def bound_datasets(shared: Path, cache_dir: Path) -> dict:
+    """name -> (similarities, labels, cached-side vectors, source). Nearest-neighbour pairs (each text against its
+    nearest other text, label = same intent) for CLINC150 test (out-of-scope never reusable), Banking77 train and
+    SNIPS train; and the shipped CLINC150 intent pairs file (hard negatives from the same domain)."""
+    def rows(path):
+        return list(csv.DictReader(open(path, newline="", encoding="utf-8")))
+
+    clinc = [r for r in rows(shared / "clinc150" / "clinc150_full.csv") if r["split"] == "test"]
+    out = {}
+    vecs = embed_cached([r["text"] for r in clinc], cache_dir)
+    index = {r["text"]: i for i, r in enumerate(clinc)}
+    pairs = rows(shared / "clinc150" / "clinc150_test_intent_pairs.csv")
+    a = np.array([index[p["text_a"]] for p in pairs])
+    b = np.array([index[p["text_b"]] for p in pairs])
+    labels = np.array([int(p["label"]) for p in pairs])
+    out["clinc150_pairs"] = (np.sum(vecs[a] * vecs[b], 1).astype(np.float64), labels, vecs[b],
+                             "CLINC150 test, shipped intent pairs (CC BY 3.0)")
+    for name, texts, intents, source in (
+            ("clinc150_nn", [r["text"] for r in clinc], [r["intent"] for r in clinc], "CLINC150 test (CC BY 3.0)"),
+            *[(n, [r["text"] for r in rs], [r["intent"] for r in rs], src) for n, rs, src in (
+                ("banking77_nn", rows(shared / "banking77" / "banking77_train.csv"), "Banking77 train (CC BY 4.0)"),
+                ("snips_nn", rows(shared / "snips" / "snips_train_full.csv"), "SNIPS 2017-06 train (CC0)"))]):
+        v = vecs if name == "clinc150_nn" else embed_cached(texts, cache_dir)
+        q, c, y = nn_pairs(v, intents)
+        out[name] = (np.sum(v[q] * v[c], 1).astype(np.float64), y, v[c], f"{source}, nearest-neighbour pairs")
+    return out
+
+
+def bound_study(sims, labels, cached_vecs, eps: float, policies: list[str], args) -> dict:
+    """Repeated random splits: `calibration` pairs to choose, `heldout` other pairs to check. Per policy: share
+    of splits whose realized held-out false-hit share is <= eps, and hit rate against the hindsight-best static
+    threshold of the same held-out pairs (max hits with realized share <= eps). Also the ceiling: the one static
+    threshold, chosen knowing every split's held-out labels, with realized <= eps on >= 95% of splits."""
+    from toolkit.cache import tune
+
+    conf = 0.95
+    rec = {m: {"ok": [], "hit": [], "fhr": [], "split": []} for m in policies}
+    hind, held_sets = [], []
+    for r in range(args.splits):
+        perm = np.random.default_rng(1000 + r).permutation(len(sims))
+        cal, held = perm[:args.calibration], perm[args.calibration:args.calibration + args.heldout]
+        held_sets.append(held)
+        hind.append(tune.hindsight_best(sims[held], labels[held], eps)["hit_rate"])
+        for m in policies:
+            if m in CLUSTER_POLICIES and r >= args.cluster_splits:
+                continue
+            sel, mask = run_policy(m, sims, labels, cached_vecs, cal, eps, conf, len(held) / len(cal), seed=r)
+            h = tune.rates(mask[held], labels[held], conf)
+            rec[m]["ok"].append(h["fhr"] <= eps)
+            rec[m]["hit"].append(h["hit_rate"])
+            rec[m]["fhr"].append(h["fhr"])
+            rec[m]["split"].append(r)
+    hind = np.array(hind)
+    out = {"pairs": int(len(sims)), "positives": int(labels.sum()), "splits": args.splits,
+           "hindsight_mean_hit_rate": float(hind.mean()), "policies": {}}
+    for m, v in rec.items():
+        hit, hs = np.array(v["hit"]), hind[v["split"]]  # hindsight on the same splits
+        out["policies"][m] = {"splits": len(hit), "share_splits_realized_le_eps": float(np.mean(v["ok"])),
+                              "mean_hit_rate": float(hit.mean()),
+                              "hit_ratio_vs_hindsight": float(hit.mean() / hs.mean()) if hs.mean() else None,
+                              "median_split_ratio": float(np.median(hit[hs > 0] / hs[hs > 0]))
+                              if (hs > 0).any() else None,
+                              "mean_realized_fhr": float(np.mean(v["fhr"])),
+                              "p95_realized_fhr": float(np.percentile(v["fhr"], 95))}
+    # Ceiling of any static threshold at 95% split coverage (no calibration noise at all).
+    grid = np.unique(np.quantile(sims, np.linspace(0, 1, 2001)))
+    served = np.stack([sims[h][None, :] >= grid[:, None] for h in held_sets])  # [splits, grid, heldout]
+    false = (served & (np.stack([labels[h] for h in held_sets])[:, None, :] == 0)).sum(2)
+    n_served = served.sum(2)
+    fhr = np.where(n_served > 0, false / np.maximum(n_served, 1), 0.0)
+    cover = (fhr <= eps).mean(0)
+    ok = np.nonzero(cover >= 0.95)[0]
+    best = ok[np.argmax(n_served.mean(0)[ok])] if len(ok) else None
+    hit = float(n_served.mean(0)[best] / args.heldout) if best is not None else 0.0
+    out["ceiling_static"] = {"threshold": float(grid[best]) if best is not None else None,
+                             "share_splits_realized_le_eps": float(cover[best]) if best is not None else None,
+                             "mean_hit_rate": hit, "hit_ratio_vs_hindsight": hit / hind.mean() if hind.mean() else None}
+    return out
+
+
+def markdown_bound(res: dict) -> str:
+    b = res["bound"]
+    lines = [f"# bench_cache default-bound study ({res['date']}, {res['machine']})", "",
+             f"{b['calibration']} calibration pairs and {b['heldout']} other held-out pairs per split, {b['splits']} "
+             "random splits per dataset, confidence 0.95, MiniLM-L6 cosine. coverage = share of splits whose "
+             "REALIZED held-out false-hit share is <= eps; hit ratio = mean held-out hit rate / mean hit rate of "
+             "the hindsight-best static threshold (max hits with realized share <= eps on that split's held-out "
+             "pairs). ceiling = the single static threshold chosen knowing every split's held-out labels that keeps "
+             "coverage >= 0.95: no calibrated policy of one threshold can beat it. Goal: coverage >= 0.95 AND hit "
+             f"ratio >= 0.9. Per-cluster policies (cluster_*) ran on the first {b.get('cluster_splits', '-')} "
+             f"splits only (each fits k-means + logistic curves). Runtime {b['runtime_s']:.0f} s.", ""]
+    for eps, per in b["results"].items():
+        names = list(next(iter(per.values()))["policies"])
+        lines += [f"## epsilon {eps}", "",
+                  "| dataset (pairs) | " + " | ".join(names) + " | ceiling |",
+                  "|---" * (len(names) + 2) + "|"]
+        for ds, r in per.items():
+            cells = [f"{p['share_splits_realized_le_eps']:.2f} / {p['hit_ratio_vs_hindsight']:.2f}"
+                     if p["hit_ratio_vs_hindsight"] is not None else f"{p['share_splits_realized_le_eps']:.2f} / -"
+                     for p in r["policies"].values()]
+            c = r["ceiling_static"]
+            ceil = (f"{c['share_splits_realized_le_eps']:.2f} / {c['hit_ratio_vs_hindsight']:.2f}"
+                    if c["threshold"] is not None else "none")
+            lines.append(f"| {ds} ({r['pairs']}) | " + " | ".join(cells) + f" | {ceil} |")
+        lines += ["", "cells: coverage / hit ratio vs hindsight. Mean hit rates:", "",
+                  "| dataset | hindsight | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+        for ds, r in per.items():
+            lines.append(f"| {ds} | {r['hindsight_mean_hit_rate']:.3f} | " +
+                         " | ".join(f"{p['mean_hit_rate']:.3f}" for p in r["policies"].values()) + " |")
+        if {"rate", DEFAULT_POLICY} <= set(names):
+            price = {ds: r["policies"][DEFAULT_POLICY]["mean_hit_rate"] / r["policies"]["rate"]["mean_hit_rate"]
+                     for ds, r in per.items() if r["policies"]["rate"]["mean_hit_rate"]}
+            lines += ["", f"Price of the default ({DEFAULT_POLICY}: bound realized, selection grid) against rate "
+                      "(the old default), held-out hit rate ratio: " +
+                      ", ".join(f"{ds} {v:.2f}" for ds, v in price.items()) + "."]
+        lines.append("")
+    return "\n".join(lines)
+
+
+def run_bound(args) -> None:
+    t0 = time.perf_counter()
+    data = bound_datasets(Path(args.shared), Path(args.emb_cache))
+    policies = list(BOUND_POLICIES) + (list(CLUSTER_POLICIES) if args.cluster else [])
+    results = {}
+    for eps in (float(e) for e in args.epsilons.split(",")):
+        results[str(eps)] = {}
+        for name, (sims, labels, cached, source) in data.items():
+            results[str(eps)][name] = {"source": source, **bound_study(sims, labels, cached, eps, policies, args)}
+            print(f"[bound eps={eps}] {name} done ({time.perf_counter() - t0:.0f} s)")
+    res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+           "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared",
+           "bound": {"calibration": args.calibration, "heldout": args.heldout, "splits": args.splits,
+                     "confidence": 0.95, "policies": {m: list(ALL_POLICIES[m]) for m in policies},
+                     "cluster_splits": min(args.cluster_splits, args.splits) if args.cluster else None,
+                     "runtime_s": time.perf_counter() - t0, "results": results}}
+    out = Path(args.out + "_bound")
+    out.with_suffix(".json").write_text(json.dumps(res, indent=2, allow_nan=False) + "\n")
+    md = markdown_bound(res)
+    out.with_suffix(".md").write_text(md)
+    print(md)
+
+
 def main():
     args = parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     import torch
 
     torch.set_num_threads(args.threads)
+    if args.parts == "bound":
+        return run_bound(args)
     data = Path(args.data)
     rng = np.random.default_rng(0)
     rows = [r for r in csv.DictReader(open(data / "clinc150_full.csv", newline="", encoding="utf-8"))

@@ -43,3 +43,46 @@ def test_split_mode_certifies_on_half_and_audit_is_stricter():
     audit = adaptive.calibrate(sims, y, vecs, 0.05, 0.95, k=2, bound="audit", batch_ratio=0.43)
     assert audit.selection.threshold > rate.selection.threshold  # a higher tau: fewer, safer hits
     assert audit.served(sims, vecs).sum() < rate.served(sims, vecs).sum()
+
+
+def test_export_decision_never_sees_the_heldout_pairs(monkeypatch):
+    """adaptive: cluster decides on the calibration pairs (cross-fitted) only, so the held-out check it then
+    reports stays independent. Every array reaching the per-cluster code is a subset of the calibration pairs, and
+    making every held-out pair wrong changes the reported check but not the decision (before, the decision was
+    taken on those very held-out pairs and flipped)."""
+    from types import SimpleNamespace
+
+    from toolkit.cache import stage
+    from toolkit.config.cache import CacheConfig
+
+    rng = np.random.default_rng(5)
+    sims, y, vecs = world(3000, rng)
+    held_mask = rng.random(3000) < 0.3
+    cal, held = np.nonzero(~held_mask)[0], np.nonzero(held_mask)[0]
+    seen = []
+
+    def spy(fn):
+        def wrapped(s, *args, **kwargs):
+            seen.append(np.asarray(s).copy())
+            return fn(s, *args, **kwargs)
+        return wrapped
+
+    for name in ("calibrate", "decide", "fit"):
+        monkeypatch.setattr(adaptive, name, spy(getattr(adaptive, name)))
+    ctx = SimpleNamespace(config=CacheConfig(adaptive="cluster", clusters=2), recipe=SimpleNamespace(seed=0))
+
+    def run(labels):
+        glob = tune.select(sims[cal], labels[cal], 0.05, 0.95, bound="rate")
+        return stage._adaptive(ctx, sims, labels, vecs, cal, held, tune.evaluate(sims[held], labels[held],
+                                                                                 glob.threshold))
+
+    ctx.config.bound = "rate"
+    first = run(y)
+    assert first["exported"] and first["decision"]["pairs"] == len(cal)
+    touched = np.unique(np.concatenate(seen))
+    assert set(touched) <= set(sims[cal]) and not set(touched) & set(sims[held])
+    wrong = y.copy()
+    wrong[held] = 0
+    second = run(wrong)
+    assert second["heldout"]["fhr"] == 1.0  # the independent check sees the damage ...
+    assert second["exported"] and second["decision"] == first["decision"]  # ... the decision cannot

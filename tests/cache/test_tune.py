@@ -220,3 +220,53 @@ def test_interval_is_clopper_pearson():
     lo, hi = tune.interval(3, 40)
     assert lo == pytest.approx(beta.ppf(0.025, 3, 38)) and hi == pytest.approx(beta.ppf(0.975, 4, 37))
     assert tune.interval(0, 10)[0] == 0.0 and tune.interval(10, 10)[1] == 1.0 and tune.interval(0, 0) == (0.0, 1.0)
+
+
+def test_realized_bound_is_the_exact_beta_binomial_quantile():
+    """The realized bound is the exact predictive quantile (Jeffreys posterior, then the batch's binomial noise),
+    as a share of the batch: scipy's betabinom.ppf / m, at every count including zero and all-false."""
+    from scipy.stats import betabinom
+
+    k = np.array([0, 0, 1, 3, 5, 40, 200, 7])
+    n = np.array([1, 5, 20, 60, 200, 400, 200, 2000])
+    for ratio in (0.43, 1.0, 3.0):
+        m = np.maximum(1, np.round(n * ratio))
+        want = betabinom.ppf(0.95, m, k + 0.5, n - k + 0.5) / m
+        assert np.allclose(tune.realized_bound(k, n, ratio, 0.95), want)
+        q = tune.realized_bound(k, n, ratio, 0.95) * m
+        assert np.allclose(q, np.round(q))  # whole false hits: "4.5 of 90" is not a share a batch can show
+
+
+def test_grid_selection_tests_label_free_thresholds_and_passes_the_bound():
+    rng = np.random.default_rng(2)
+    s, y = sample(2000, rng)
+    c = tune.curve(s, y)
+    grid = tune.grid_indices(c.served)
+    # Geometric in served counts (~10% apart), fixed by the counts alone: other labels, same candidates.
+    steps = c.served[grid][1:] / c.served[grid][:-1]
+    assert 30 < len(grid) < 120 and np.all(steps[c.served[grid][:-1] > 50] < 1.25)
+    assert np.array_equal(tune.grid_indices(tune.curve(s, 1 - y).served), grid)
+    sel = tune.select(s, y, 0.05, 0.95, "grid", "realized", 0.43)
+    assert sel.feasible and sel.bound <= 0.05 and sel.tested == len(grid)
+    assert sel.threshold in set(c.thresholds[grid])
+    later = [i for i in grid if c.thresholds[i] < sel.threshold]  # every lower grid threshold fails the bound
+    assert np.all(tune.bounds(c.false_hits[later], c.served[later], 0.95, "realized", 0.43) > 0.05)
+    scan = tune.select(s, y, 0.05, 0.95, "scan", "realized", 0.43)
+    assert scan.threshold <= sel.threshold  # scan picks from a superset of candidates
+
+
+def test_default_bound_keeps_the_realized_share_within_epsilon_on_95_percent_of_splits():
+    """The recipe's default (cache.bound / cache.selection) promises the false-hit share a held-out batch
+    actually shows: 2,000 calibration pairs, 857 held-out (what holdout 0.3 leaves), 300 fresh splits of the
+    two-Gaussian world. The old default (rate, scan) keeps that promise far less often."""
+    from toolkit.config.cache import CacheConfig
+
+    default = CacheConfig()
+    ok = {"default": 0, "old": 0}
+    for _ in range(300):
+        s, y = sample(2857, np.random.default_rng(100 + _))
+        cal, held = slice(0, 2000), slice(2000, None)
+        for name, (method, bound) in {"default": (default.selection, default.bound), "old": ("scan", "rate")}.items():
+            sel = tune.select(s[cal], y[cal], 0.05, default.confidence, method, bound, 857 / 2000)
+            ok[name] += tune.evaluate(s[held], y[held], sel.threshold)["fhr"] <= 0.05
+    assert ok["default"] / 300 >= 0.94 and ok["default"] > ok["old"] + 15

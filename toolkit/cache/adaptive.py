@@ -128,3 +128,37 @@ def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, eps
         sel.threshold = 1e-9
     thresholds = model.thresholds(sel.threshold) if sel.feasible else [None] * k
     return AdaptiveResult(model, sel, thresholds, n_fit, len(cert_idx))
+
+
+DECISION_FOLDS = 3
+
+
+def decide(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilon: float, confidence: float,
+           k: Optional[int] = None, seed: int = 0, method: str = "scan", bound: str = "rate",
+           batch_ratio: Optional[float] = None, folds: int = DECISION_FOLDS) -> dict:
+    """Should per-cluster thresholds replace the global one? Judged on these (calibration) pairs only, by
+    cross-fitting: each fold is served by both policies calibrated on the other folds, and per-cluster wins when
+    its out-of-fold hit rate is higher with an out-of-fold false-hit share <= epsilon. Whatever pairs the stage
+    then reports as its independent check never enter the decision. batch_ratio is relative to all these pairs
+    (the future batch keeps its size when a fold is left out)."""
+    sims, labels = np.asarray(sims), np.asarray(labels)
+    fold = np.random.default_rng(seed + 1).permutation(len(sims)) % folds
+    served = {"cluster": np.zeros(len(sims), bool), "global": np.zeros(len(sims), bool)}
+    for f in range(folds):
+        tr, te = fold != f, fold == f
+        if len(np.unique(labels[tr])) < 2:
+            return {"exported": False, "reason": f"not exported: fold {f} leaves one label class", "folds": folds}
+        ratio = batch_ratio * len(sims) / tr.sum() if batch_ratio else None
+        g = tune.select(sims[tr], labels[tr], epsilon, confidence, method, bound, ratio)
+        served["global"][te] = sims[te] >= g.threshold if g.feasible else False
+        res = calibrate(sims[tr], labels[tr], cached_vecs[tr], epsilon, confidence, k, seed, method, bound,
+                        ratio)
+        served["cluster"][te] = res.served(sims[te], cached_vecs[te])
+    rates = {name: tune.rates(mask, labels, confidence) for name, mask in served.items()}
+    better = rates["cluster"]["hit_rate"] > rates["global"]["hit_rate"]
+    within = rates["cluster"]["fhr"] <= epsilon
+    reason = ("exported: higher cross-fitted hit rate within epsilon on the calibration pairs" if better and within
+              else "not exported: " + ("cross-fitted hit rate not above the global threshold's" if not better else
+                                       "cross-fitted false-hit share above epsilon"))
+    return {"exported": bool(better and within), "reason": reason, "folds": folds, "pairs": int(len(sims)),
+            "cluster": rates["cluster"], "global": rates["global"]}
