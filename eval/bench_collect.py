@@ -64,6 +64,9 @@ class Tally:
     def failed(self, request, error, attempts):
         self.n_failed += 1
 
+    def started(self, request):
+        pass
+
 
 def timed(backend, requests) -> dict:
     tally = Tally()
@@ -77,16 +80,17 @@ def timed(backend, requests) -> dict:
 
 
 def bench_hf(args, requests_for) -> dict:
-    from toolkit.collect.backends.hf import HFBackend
+    from toolkit.collect.backends import make_backend
 
-    loaded = HFBackend(make_recipe(args))
+    loaded = make_backend("hf", make_recipe(args))
     loaded.load()
     runs: dict[int, list] = {bs: [] for bs in args.batch_sizes}
     for rep in range(args.repeats):
         sizes = args.batch_sizes[rep % len(args.batch_sizes):] + args.batch_sizes[:rep % len(args.batch_sizes)]
         for bs in sizes:  # rotated per repeat, like the openai configurations
-            backend = HFBackend(make_recipe(args, backend="hf", hf={"batch_size": bs}))
-            backend.model, backend.tok = loaded.model, loaded.tok
+            backend = make_backend("hf", make_recipe(args, backend="hf", hf={"batch_size": bs}))
+            backend.engine = loaded.engine  # the loaded model, this batch size
+            backend.engine.batch_size = bs
             runs[bs].append(timed(backend, requests_for(backend.recipe)))
             print(f"  hf batch {bs:>2} repeat {rep + 1}: {runs[bs][-1]['tokens_per_s']:.1f} tok/s", flush=True)
     return {f"hf_batch_{bs}": summarize(r) for bs, r in runs.items()}
@@ -149,7 +153,7 @@ def smollm2_gguf() -> Path:
 
 
 def bench_openai(args, requests_for) -> dict:
-    from toolkit.collect.backends.openai import OpenAIBackend
+    from toolkit.collect.backends import make_backend
 
     port = 18000 + os.getpid() % 1000
     base_url = f"http://127.0.0.1:{port}/v1"
@@ -163,7 +167,7 @@ def bench_openai(args, requests_for) -> dict:
         asyncio.run(direct(base_url, requests[:2], args.max_new_tokens, 1))  # warm-up
         configs = {f"server_direct_c{c}": (lambda c=c: asyncio.run(direct(base_url, requests, args.max_new_tokens, c)))
                    for c in args.direct_concurrency}
-        configs["openai_backend"] = lambda: timed(OpenAIBackend(recipe), requests)
+        configs["openai_backend"] = lambda: timed(make_backend("openai", recipe), requests)
         runs: dict[str, list] = {name: [] for name in configs}
         for rep in range(args.repeats):
             names = list(configs)

@@ -132,12 +132,13 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from toolkit.config import CalibrationConfig
+    from toolkit.engines.render import Renderer
     from toolkit.models import resolve
     from toolkit.quantize.calibration import calibration_texts, eval_examples
     from toolkit.quantize.verify import add_increases, build_probe, verify_hf
 
     src = Path(resolve(args.model))
-    tok = AutoTokenizer.from_pretrained(src)
+    tok = Renderer(AutoTokenizer.from_pretrained(src), chat_template=True)  # the stages' one rendering
     examples = (load_records(Path(args.records), args.cal_samples, args.eval_samples) if args.records else
                 load_examples(Path(args.data), args.cal_samples, args.eval_samples, seed=0))
     cal = CalibrationConfig(num_samples=args.cal_samples, max_length=args.max_length)

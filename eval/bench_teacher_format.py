@@ -33,7 +33,7 @@ def main() -> int:
     from toolkit import runtime
 
     runtime.configure(threads=args.threads)
-    from toolkit.collect.backends.hf import HFBackend
+    from toolkit.collect.backends import make_backend, settings
     from toolkit.config import load_recipe
     from toolkit.metrics import first_label, label_set
     from toolkit.records import load_records
@@ -43,12 +43,12 @@ def main() -> int:
     unlabeled = [r for r in records if first_label(r["output"], labels) is None]
     short_budget = load_recipe(args.recipe).collect.generation.max_new_tokens  # what the collect was run with
     recipe = load_recipe(args.recipe, [f"collect.generation.max_new_tokens={args.max_new_tokens}"])
-    backend = HFBackend(recipe)
+    backend = make_backend("hf", recipe)
     backend.load()
     answers = []
     for i in range(0, len(unlabeled), recipe.collect.hf.batch_size):
         batch = unlabeled[i:i + recipe.collect.hf.batch_size]
-        for r, new in zip(batch, backend.generate_batch([backend.render(r["messages"]) for r in batch])):
+        for r, new in zip(batch, backend.engine.run_batch([r["messages"] for r in batch], settings(recipe))[0]):
             named = first_label(new["output"], labels)
             answers.append({"id": r["id"], "reference": r["reference"], "short": r["output"],
                             "short_finish": r["finish_reason"], "long": new["output"],

@@ -3,7 +3,8 @@
 It answers /v1/chat/completions and /v1/completions deterministically (the answer is derived from the
 prompt), injects faults (429 with Retry-After, 500, timeouts, malformed JSON) on a chosen share of each
 prompt's first attempts, and COUNTS what it saw: requests and successful answers per prompt, faults by kind,
-attempt times, the most requests in flight at once. `hold_after=N` makes it stop answering after N
+attempt times, the most requests in flight at once (`gather=N` holds each request until N are in flight,
+bounded by a timeout). `hold_after=N` makes it stop answering after N
 successful replies (requests wait until `release()`, then get 503) so a test can kill a client at a known
 point. Stdlib only; runs in a daemon thread of the test process.
 """
@@ -33,7 +34,8 @@ def answer_for(prompt: str) -> str:
 class FakeOpenAI:
     def __init__(self, api_key: Optional[str] = None, faults: Optional[dict] = None, fault_attempts: int = 2,
                  retry_after: Optional[str] = "0.05", delay_s: float = 0.0, timeout_sleep_s: float = 2.0,
-                 always_fail: tuple = (), hold_after: Optional[int] = None, logprob_tokens: Optional[list] = None):
+                 always_fail: tuple = (), hold_after: Optional[int] = None, logprob_tokens: Optional[list] = None,
+                 gather: int = 0, gather_timeout_s: float = 5.0):
         self.api_key = api_key
         self.faults = faults or {}  # kind -> probability per attempt (within the first fault_attempts)
         self.fault_attempts = fault_attempts
@@ -43,6 +45,10 @@ class FakeOpenAI:
         self.always_fail = always_fail  # prompts containing one of these always get HTTP 500
         self.hold_after = hold_after
         self.logprob_tokens = logprob_tokens  # token strings the server "generates" when logprobs are asked
+        # Hold each request until `gather` are in flight at once (or gather_timeout_s passed): concurrency
+        # is then observed without depending on how fast a loaded machine schedules the client.
+        self.gather, self.gather_timeout_s = gather, gather_timeout_s
+        self.arrived = threading.Condition()
         self.lock = threading.Lock()
         self.released = threading.Event()
         self.hits: Counter = Counter()  # every request, per prompt
@@ -116,7 +122,8 @@ class FakeOpenAI:
 
     def handle(self, h) -> None:
         body = json.loads(h.rfile.read(int(h.headers.get("Content-Length", 0))) or b"{}")
-        chat = h.path.endswith("/chat/completions")
+        route = h.path.split("?", 1)[0]  # a query string (api-version=, a key) does not change the route
+        chat = route.endswith("/chat/completions")
         prompt = body["messages"][-1]["content"] if chat else body.get("prompt", "")
         with self.lock:
             self.bodies.append(body)
@@ -126,6 +133,10 @@ class FakeOpenAI:
             self.attempt_times[prompt].append(time.monotonic())
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        if self.gather:
+            with self.arrived:
+                self.arrived.notify_all()
+                self.arrived.wait_for(lambda: self.in_flight >= self.gather, timeout=self.gather_timeout_s)
         try:
             self.respond(h, body, chat, prompt, attempt)
         finally:
@@ -133,7 +144,7 @@ class FakeOpenAI:
                 self.in_flight -= 1
 
     def respond(self, h, body: dict, chat: bool, prompt: str, attempt: int) -> None:
-        if h.path not in ("/v1/chat/completions", "/v1/completions"):
+        if h.path.split("?", 1)[0] not in ("/v1/chat/completions", "/v1/completions"):
             return self.send_json(h, 404, {"error": {"message": f"no route {h.path}"}})
         if self.api_key is not None:
             given = (h.headers.get("Authorization") or "").removeprefix("Bearer ")

@@ -27,25 +27,30 @@ def messages(n: int, short: bool = False) -> list[list[dict]]:
 
 @pytest.fixture(scope="module")
 def fp32_backend(smollm2_dir):
-    """One fp32 model for the module (fp32: greedy answers must not depend on padding rounding)."""
-    from toolkit.collect.backends.hf import HFBackend
+    """One fp32 teacher engine for the module (fp32: greedy answers must not depend on padding rounding)."""
+    from toolkit.engines import HFEngine
 
-    backend = HFBackend(make_recipe())
-    backend.load()
-    return backend
+    return HFEngine.for_teacher(make_recipe())
+
+
+class Backend:
+    """The loaded engine with a recipe's settings (loading the model again would cost seconds)."""
+
+    def __init__(self, engine, recipe):
+        from toolkit.collect.backends import settings
+
+        self.engine, self.tok, self.settings = engine, engine.tok, settings(recipe)
+
+    def eos_ids(self):
+        return self.engine.eos
 
 
 def backend_with(loaded, **collect):
-    """A backend with other settings sharing the loaded model (loading it again would cost seconds)."""
-    from toolkit.collect.backends.hf import HFBackend
-
-    backend = HFBackend(make_recipe(**collect))
-    backend.model, backend.tok = loaded.model, loaded.tok
-    return backend
+    return Backend(loaded, make_recipe(**collect))
 
 
 def run_batch(backend, msgs):
-    return backend.generate_batch([backend.render(m) for m in msgs])
+    return backend.engine.run_batch(msgs, backend.settings)[0]
 
 
 def test_batched_left_padded_equals_one_at_a_time(fp32_backend):
@@ -90,23 +95,15 @@ def test_stop_strings_cut_the_answer(fp32_backend):
 
 
 def test_sampling_is_seeded_and_differs_from_greedy(fp32_backend):
-    class Sink:
-        def __init__(self):
-            self.out = {}
+    msgs = messages(4)
 
-        def done(self, request, result):
-            self.out[request.key] = result["output"]
+    def answers(**gen):
+        b = backend_with(fp32_backend, generation={"max_new_tokens": 12, **gen})
+        return [r["output"] for r in b.engine.generate(msgs, b.settings)]
 
-    from toolkit.collect.backends import Request
-
-    reqs = [Request(str(i), str(i), m) for i, m in enumerate(messages(4))]
-    sampler = backend_with(fp32_backend, generation={"max_new_tokens": 12, "temperature": 1.0})
-    first, second, greedy = Sink(), Sink(), Sink()
-    sampler.generate(reqs, first)
-    sampler.generate(reqs, second)
-    backend_with(fp32_backend, generation={"max_new_tokens": 12}).generate(reqs, greedy)
-    assert first.out == second.out  # same recipe seed, same answers
-    assert first.out != greedy.out
+    first, second, greedy = answers(temperature=1.0), answers(temperature=1.0), answers()
+    assert first == second  # same recipe seed, same answers
+    assert first != greedy
 
 
 def test_stage_end_to_end_with_topk_resume_and_cost(workdir, smollm2_dir):

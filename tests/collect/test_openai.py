@@ -8,7 +8,7 @@ import json
 from tests.collect.conftest import openai_collect, read_jsonl, write_recipe
 from tests.collect.fake_openai_server import answer_for
 from toolkit.cli import main
-from toolkit.collect.backends.openai import parse_retry_after
+from toolkit.engines.openai_client import parse_retry_after
 
 
 def collect_dir(workdir, name="t"):
@@ -56,9 +56,12 @@ def test_retry_after_parsing():
 
 
 def test_concurrency_is_bounded(workdir, fake_openai):
-    server = fake_openai(delay_s=0.15)
-    assert main(["run", str(write_recipe(workdir, openai_collect(server, concurrency=3), data={"limit": 12}))]) == 0
-    assert server.max_in_flight == 3
+    # The server holds each request until 4 are in flight (at most 5 s): a client that kept its bound of 3 is
+    # seen with 2..3 in flight (never 4), one that ignored it with 4+, one that sends serially with 1.
+    server = fake_openai(gather=4, gather_timeout_s=1.0)
+    assert main(["run", str(write_recipe(workdir, openai_collect(server, concurrency=3, timeout_s=5.0),
+                                         data={"limit": 12}))]) == 0
+    assert 1 < server.max_in_flight <= 3 and len(server.successes) == 12
 
 
 def test_failures_after_retries_are_recorded_and_reported(workdir, fake_openai, capsys):
@@ -135,13 +138,10 @@ def test_missing_logprobs_are_counted_not_fatal(workdir, fake_openai):
 def test_backoff_doubles_with_jitter_and_is_capped():
     from types import SimpleNamespace
 
-    from toolkit.collect.backends.openai import OpenAIBackend, Retryable
-    from toolkit.config import recipe_from_dict
+    from toolkit.engines.openai_client import ClientConfig, OpenAIClient, Retryable
 
-    recipe = recipe_from_dict({"name": "t", "teacher": {"model": "m"}, "data": {"path": "x.jsonl"},
-                               "collect": {"backend": "openai",
-                                           "openai": {"backoff_base_s": 0.5, "backoff_max_s": 3.0}}})
-    backend = OpenAIBackend(recipe)
+    backend = OpenAIClient(ClientConfig("http://127.0.0.1:1/v1", "collect.openai", backoff_base_s=0.5,
+                                        backoff_max_s=3.0))
 
     def wait(attempt, retry_after=None):  # tenacity's RetryCallState exposes these two attributes
         exc = Retryable("HTTP 500", "http_5xx", retry_after)

@@ -1,4 +1,5 @@
-"""Resumability: `kill -9` an `optkit run` mid-collect, rerun, and no prompt is lost or sent twice.
+"""Resumability: `kill -9` an `optkit run` mid-collect, rerun, and no answered prompt is lost or sent twice;
+the prompts that were in flight at the kill are sent again, and counted.
 
 The fake server stops answering after N successful replies (the requests then in flight wait), so the kill
 lands at a known point: N answers persisted, more requests in flight. The server counts successful replies
@@ -54,6 +55,7 @@ def test_kill_9_mid_run_then_rerun_loses_and_repeats_nothing(workdir, fake_opena
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
     done_before = sum(server.successes.values())
+    held_at_kill = server.held  # requests the server had received and not answered: in flight when killed
     assert stored(store_path) == done_before < N_PROMPTS
     manifest = json.loads((store_path.parents[1] / "manifest.json").read_text())
     assert manifest["status"] == "running"  # never "done": the kill left it as it was mid-run
@@ -71,6 +73,11 @@ def test_kill_9_mid_run_then_rerun_loses_and_repeats_nothing(workdir, fake_opena
     assert len(server.successes) == N_PROMPTS and set(server.successes.values()) == {1}
     summary = json.loads((store_path.parents[1] / "summary.json").read_text())
     assert summary["from_store"] == done_before and summary["answered_this_run"] == N_PROMPTS - done_before
+    # The prompts in flight at the kill were sent again (the server may have billed them once already): at
+    # least those it was holding, at most `concurrency`, counted in the summary and the manifest.
+    assert 1 <= held_at_kill <= summary["resent_after_interrupt"] <= 4
+    manifest = json.loads((store_path.parents[1] / "manifest.json").read_text())
+    assert manifest["metrics"]["resent_after_interrupt"] == summary["resent_after_interrupt"]
 
 
 def test_store_survives_a_torn_last_line(tmp_path):

@@ -52,3 +52,28 @@ def test_api_keys_stay_secret(workdir, fake_openai):
     for path in files:
         data = path.read_bytes()
         assert GOOD.encode() not in data and BAD.encode() not in data, path
+
+
+def test_url_credentials_stay_out_of_the_manifest_and_error_lines(workdir, fake_openai, capsys):
+    """collect.openai.base_url with user:password (and a key in the query): the collect manifest and summary
+    show it redacted, and an error line about an unreachable endpoint never prints the password."""
+    import json
+
+    from toolkit.cli import main
+
+    server = fake_openai()
+    secret_url = server.base_url.replace("http://", "http://alice:pw-7f3a9c1e@") + "?api_key=qk-55aa77"
+    assert main(["run", str(write_recipe(workdir, openai_collect(server, base_url=secret_url),
+                                         data={"limit": 2}))]) == 0
+    out = workdir / "artifacts" / "t" / "collect"
+    for name in ("manifest.json", "summary.json"):
+        text = (out / name).read_text()
+        assert "pw-7f3a9c1e" not in text and "qk-55aa77" not in text and "***@127.0.0.1" in text, name
+    assert json.loads((out / "summary.json").read_text())["teacher"]["base_url"].startswith("http://***@127.0.0.1")
+
+    capsys.readouterr()
+    dead = "http://bob:pw-0c0ffee1@127.0.0.1:9/v1"  # port 9 (discard): nothing listens
+    code = main(["run", str(write_recipe(workdir, openai_collect(server, base_url=dead), data={"limit": 2},
+                                         name="dead"))])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot reach the endpoint" in err and "pw-0c0ffee1" not in err and "***@127.0.0.1:9" in err

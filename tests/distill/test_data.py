@@ -7,7 +7,7 @@ import torch
 from transformers import AutoTokenizer
 
 from tests.distill.helpers import bitext_rows, make_records
-from toolkit.distill.data import IGNORE, build_examples, render_prompt
+from toolkit.distill.data import IGNORE, build_examples
 from toolkit.distill.train import LeftPadCollator
 from toolkit.errors import OptkitError
 
@@ -20,7 +20,8 @@ def tok(smollm2_dir):
 def test_loss_only_on_the_completion_which_ends_with_end_of_turn(tok):
     rec = make_records(bitext_rows(1))[0]
     (ex,), stats = build_examples([rec], tok, 256)
-    prompt = tok(render_prompt(tok, rec["messages"], True), add_special_tokens=False)["input_ids"]
+    text = tok.apply_chat_template(rec["messages"], tokenize=False, add_generation_prompt=True)
+    prompt = tok(text, add_special_tokens=False)["input_ids"]
     assert ex["input_ids"][:len(prompt)] == prompt
     assert all(label == IGNORE for label in ex["labels"][:len(prompt)])
     completion = ex["labels"][len(prompt):]

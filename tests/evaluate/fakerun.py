@@ -151,13 +151,14 @@ def write_route(run: Path, records: list[dict], embedder) -> None:
     # Per-prompt quality labels [student, teacher]: the student is taken to fail on ORDER/REFUND messages.
     values = np.array([[0.0 if r["reference"] in ("ORDER", "REFUND") else 1.0, 1.0] for r in train], np.float32)
     dim = keys.shape[1]
-    save_file({"feat.mean": np.zeros(dim, np.float32), "feat.scale": np.ones(dim, np.float32),
-               "head.keys": keys.astype(np.float32), "head.values": values, "head.k": np.array([3], np.int64)},
-              str(d / ROUTER_WEIGHTS))
+    tensors = {"feat.mean": np.zeros(dim, np.float32), "feat.scale": np.ones(dim, np.float32),
+               "head.keys": keys.astype(np.float32), "head.values": values, "head.k": np.array([3], np.int64)}
+    save_file(tensors, str(d / ROUTER_WEIGHTS))
     (d / ROUTER_JSON).write_text(json.dumps({
         "format_version": FORMAT_VERSION, "models": ["student", "teacher"], "strong": "teacher",
-        "costs": {"student": 0.0, "teacher": 1.0}, "cost_norm": [0.0, 1.0], "threshold": 0.5, "head": "knn",
-        "features": {"embedder": "minilm-l6", "max_seq_length": 256, "text_features": False}}))
+        "costs": {"student": 0.0, "teacher": 1.0}, "cost_norm": [0.0, 1.0], "threshold": 0.5, "model": "knn",
+        "head": "knn", "features": {"embedder": "minilm-l6", "max_seq_length": 256, "text_features": False, "dim": dim},
+        "tensors": {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in tensors.items()}}))
     (d / "report.json").write_text("{}")
     finish(d)
 

@@ -95,7 +95,7 @@ def test_judge_rejecting_the_key_is_a_one_line_error(built_root, tmp_path, monke
     bad = JudgeServer(status=401)
     try:
         fakerun.copy_run(built_root, tmp_path)
-        with pytest.raises(OptkitError, match="evaluate.judge: .* answered HTTP 401"):
+        with pytest.raises(OptkitError, match=r"evaluate.judge: .* rejected the API key \(HTTP 401"):
             run_pipeline(_recipe(tmp_path, bad.url), only="evaluate")
     finally:
         bad.close()

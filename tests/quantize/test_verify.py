@@ -8,6 +8,7 @@ import math
 import numpy as np
 import pytest
 
+from toolkit.engines.render import Renderer
 from toolkit.quantize.calibration import Example
 from toolkit.quantize.verify import NLL, build_probe
 
@@ -37,7 +38,7 @@ def test_probe_answer_starts_point_at_the_teacher_answer(smollm2_dir):
     tok = AutoTokenizer.from_pretrained(smollm2_dir)
     msgs = [{"role": "user", "content": "Where is my parcel? It was due on Monday."}]
     examples = [Example("a", "test", msgs, "DELIVERY", "DELIVERY"), Example("b", "test", msgs, None, None)]
-    probe = build_probe(examples, tok, eval_n=2, gen_n=1, max_length=256, max_new_tokens=4)
+    probe = build_probe(examples, Renderer(tok, True), eval_n=2, gen_n=1, max_length=256, max_new_tokens=4)
     first, second = probe.eval_ids
     assert tok.decode(first[probe.answer_starts[0]:]) == "DELIVERY" + tok.eos_token
     assert probe.answer_starts[1] == len(second)  # no teacher answer: nothing is an answer token

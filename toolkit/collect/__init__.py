@@ -1,7 +1,14 @@
 """collect: send the recipe's prompts to the teacher and keep its answers (the records of toolkit/records.py).
 
-setup (prompts, backend, result store) -> run (only prompts the store lacks) -> save (outputs.jsonl,
-failures.jsonl, topk.safetensors, prompts.jsonl, summary.json). Heavy imports live in the backends.
+setup (prompts, backend, result store) -> run (only prompts the store lacks, checked against the teacher's
+context: toolkit.collect.context) -> save (outputs.jsonl, failures.jsonl, topk.safetensors, prompts.jsonl,
+summary.json). Heavy imports live in the engines (toolkit.engines).
+
+After a kill -9 nothing answered is lost (the result store is fsync'd per answer), but the requests that were
+in flight are sent again: at most collect.openai.concurrency of them for the openai backend (the server may
+have answered and billed them; their answers never reached the store), a batch or chunk for hf / vllm.
+work/in_flight.log records them, and the next run counts them as `resent_after_interrupt` in summary.json
+and the manifest.
 """
 
 from __future__ import annotations
@@ -11,8 +18,10 @@ import time
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
+from toolkit.collect.backends import Request
 from toolkit.errors import OptkitError
 from toolkit.io import atomic_write_bytes, atomic_write_json, write_jsonl
+from toolkit.redact import redact_text
 from toolkit.records import FAILURES, OUTPUTS, TOPK
 
 log = logging.getLogger("optkit.collect")
@@ -22,31 +31,47 @@ SUMMARY = "summary.json"
 MAX_LABELS = 50  # references with at most this many distinct values are treated as class labels
 
 
+# Recipe keys besides `collect` its outputs depend on; a change re-runs it (toolkit/pipeline.py). A stage
+# name = that stage's outputs are consumed.
+# Here: the teacher and its settings, the prompts, seed (splits, sampling), the teacher's price (cost_usd).
+READS = ("teacher", "data", "seed", "pricing")
+
+
 @dataclass
 class Collector:
-    """The backends' sink: persists each answer at once, remembers failures, moves the progress bar."""
+    """The backends' sink: persists each answer at once, remembers failures, logs what is in flight, moves the
+    progress bar."""
 
     store: object
     advance: Callable[[int], None]
+    in_flight: object = None  # store.InFlightLog
     failures: dict = field(default_factory=dict)  # key -> (error, attempts)
     new: list = field(default_factory=list)  # keys answered in this run
 
+    def started(self, request) -> None:
+        if self.in_flight is not None:
+            self.in_flight.started(request.key)
+
     def done(self, request, result: dict) -> None:
         self.store.put(request.key, result)
+        if self.in_flight is not None:
+            self.in_flight.settled(request.key)
         self.failures.pop(request.key, None)
         self.new.append(request.key)
         self.advance(1)
 
     def failed(self, request, error: str, attempts: int) -> None:
+        if self.in_flight is not None:
+            self.in_flight.settled(request.key)
         self.failures[request.key] = (error, attempts)
-        log.warning("collect: prompt %s failed after %d attempt(s): %s", request.id, attempts, error)
+        log.warning("collect: prompt %s failed after %d attempt(s): %s", request.id, attempts, redact_text(error))
         self.advance(1)
 
 
 def run(ctx) -> dict:
-    from toolkit.collect.backends import Request, generation_params, make_backend
+    from toolkit.collect.backends import generation_params, make_backend
     from toolkit.collect.prompts import load_prompts
-    from toolkit.collect.store import ResultStore, result_key
+    from toolkit.collect.store import InFlightLog, ResultStore, result_key
 
     recipe, cfg = ctx.recipe, ctx.config
     # ---- setup
@@ -61,47 +86,75 @@ def run(ctx) -> dict:
         raise OptkitError(f"collect.splits {cfg.splits}: none of the {len(prompts)} prompts fall in these splits")
     backend = make_backend(cfg.backend, recipe)
     identity, params = backend.identity(), generation_params(recipe)
-    keys = {p.id: result_key(identity, p.messages, params) for p in selected}
+    sent = {p.id: p.messages for p in selected}  # the messages the teacher sees (after the context guard)
+
+    def key(pid: str) -> str:
+        return result_key(identity, sent[pid], params)
 
     # ---- run: only what the store lacks, each distinct request once
     with ResultStore(ctx.work_dir / "results.jsonl") as store:
-        todo = list({keys[p.id]: Request(keys[p.id], p.id, p.messages) for p in selected
-                     if keys[p.id] not in store}.values())
-        log.info("collect: %d prompts, %d already answered, %d to send (%s backend)",
-                 len(selected), len(selected) - len(todo), len(todo), cfg.backend)
+        context = {"policy": cfg.context, "checked": False}
+        todo_ids = [p.id for p in selected if key(p.id) not in store]
+        if todo_ids:
+            context, skipped = apply_context_guard(backend, recipe, todo_ids, sent)
+            todo_ids = [i for i in todo_ids if i not in skipped and key(i) not in store]
+        else:
+            skipped = {}
+        todo = list({key(i): Request(key(i), i, sent[i]) for i in todo_ids}.values())
+        in_flight = InFlightLog(ctx.work_dir / "in_flight.log")
+        resent = sum(1 for r in todo if r.key in in_flight.previous)
+        log.info("collect: %d prompts, %d already answered, %d to send (%s backend)%s",
+                 len(selected), len(selected) - len(todo) - len(skipped), len(todo), cfg.backend,
+                 f"; {resent} were in flight when the last run stopped and are sent again" if resent else "")
         started = time.perf_counter()
         try:
             with ctx.progress("teacher answers", len(todo)) as advance:
-                sink = Collector(store, advance)
+                sink = Collector(store, advance, in_flight)
                 backend.generate(todo, sink)
         finally:
             backend.close()
+            in_flight.close()
         wall = time.perf_counter() - started
-        results = {p.id: store.get(keys[p.id]) for p in selected}
+        results = {p.id: store.get(key(p.id)) for p in selected}
         new_results = [store.get(k) for k in sink.new]
 
     # ---- save
     price = recipe.pricing.get("teacher")
     records, failures = [], []
     for p in selected:
+        p.messages = sent[p.id]
         if results[p.id] is not None:
             records.append(make_record(p, results[p.id], recipe.teacher.model, price))
         else:
-            error, attempts = sink.failures.get(keys[p.id], ("not answered", 0))
+            error, attempts = sink.failures.get(key(p.id), (skipped.get(p.id, "not answered"), 0))
             failures.append({"id": p.id, "split": p.split, "prompt": p.prompt, "error": error, "attempts": attempts})
     write_jsonl(ctx.dir / OUTPUTS, records)
     write_jsonl(ctx.dir / FAILURES, failures)
     if cfg.top_logprobs:
         write_topk(ctx.dir / TOPK, records, results)
-    summary = summarize(records, failures, new_results, wall, len(prompts), getattr(backend, "stats", {}))
-    summary["teacher"] = identity
+    summary = summarize(records, failures, new_results, wall, len(prompts), backend.stats)
+    summary.update(teacher=identity, context=context, resent_after_interrupt=resent)
     atomic_write_json(ctx.dir / SUMMARY, summary)
     ctx.extra["teacher"] = identity
+    ctx.extra["context"] = context
     metrics = headline(summary)
     ctx.log_metrics(metrics)
     ctx.log_artifact(ctx.dir / SUMMARY)
-    check_failures(len(failures), len(selected), cfg.max_failures, failures)
+    check_failures(len(failures) - len(skipped), len(selected), cfg.max_failures,
+                   [f for f in failures if f["id"] not in skipped])
     return metrics
+
+
+def apply_context_guard(backend, recipe, ids: list[str], sent: dict) -> tuple[dict, dict]:
+    """Check the prompts about to be sent against the teacher's context (toolkit.collect.context); truncated
+    prompts replace their messages in `sent`. Returns (summary facts, skipped id -> reason)."""
+    from toolkit.collect.context import guard
+
+    kept, report = guard(backend.load(), [(i, sent[i]) for i in ids], recipe.collect.generation.max_new_tokens,
+                         recipe.collect.context)
+    for pid, messages in kept:
+        sent[pid] = messages
+    return {**report.as_dict(), "checked": report.limit is not None}, report.skipped
 
 
 def make_record(p, result: dict, model: str, price) -> dict:
@@ -178,6 +231,9 @@ def headline(summary: dict) -> dict:
             "answered_this_run")
     metrics = {k: summary[k] for k in keys if summary.get(k) is not None}
     metrics["retries"] = summary["backend_stats"].get("retries", 0)
+    metrics["resent_after_interrupt"] = summary.get("resent_after_interrupt", 0)
+    context = summary.get("context") or {}
+    metrics.update(context_skipped=context.get("skipped", 0), context_truncated=context.get("truncated", 0))
     return metrics
 
 

@@ -70,3 +70,40 @@ class ResultStore:
 
     def keys(self) -> Iterator[str]:
         return iter(self._results)
+
+
+class InFlightLog:
+    """Which requests were sent and not yet settled, so a run after a crash can say what it sends again.
+
+    One line per event ("S <key>" when a request is first sent, "E <key>" when it is answered or given up),
+    appended and flushed (a killed process loses nothing the kernel already has). Keys with an S and no E
+    were in flight when the previous run died: the server may have answered them (and billed them), but
+    their answers never reached the store, so they are sent again. At most `concurrency` of them.
+    """
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self.previous = self._unsettled()
+        self._file = open(self.path, "w", encoding="utf-8")  # a fresh log for this run
+
+    def _unsettled(self) -> set[str]:
+        if not self.path.exists():
+            return set()
+        started, ended = set(), set()
+        for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
+            kind, _, key = line.partition(" ")
+            (started if kind == "S" else ended).add(key)
+        return started - ended
+
+    def _write(self, kind: str, key: str) -> None:
+        self._file.write(f"{kind} {key}\n")
+        self._file.flush()
+
+    def started(self, key: str) -> None:
+        self._write("S", key)
+
+    def settled(self, key: str) -> None:
+        self._write("E", key)
+
+    def close(self) -> None:
+        self._file.close()

@@ -29,6 +29,9 @@ class OpenAIBackendConfig(Section):
     backoff_base_s: float = Field(0.5, ge=0, description="First retry wait; doubles each try (Retry-After wins).")
     backoff_max_s: float = Field(30.0, ge=0, description="Longest single wait between retries.")
     api: Literal["chat", "completions"] = Field("chat", description="/chat/completions or /completions.")
+    context_length: Optional[int] = Field(None, ge=1, description="The served model's context in tokens, for "
+                                          "collect.context (prompts counted with the teacher's tokenizer); "
+                                          "null = not checked.")
 
 
 class VLLMBackendConfig(Section):
@@ -50,5 +53,9 @@ class CollectConfig(Section):
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig,
                                         description="Settings of the openai backend.")
     vllm: VLLMBackendConfig = Field(default_factory=VLLMBackendConfig, description="Settings of the vllm backend.")
+    context: Literal["error", "skip", "truncate"] = Field(
+        "error", description="A prompt whose tokens + generation.max_new_tokens exceed the model's context: error "
+        "(stop, naming the prompt), skip (record it in failures.jsonl, not counted by max_failures) or truncate "
+        "(cut the middle of its last message). Counts go to summary.json and the manifest.")
     max_failures: float = Field(0.0, ge=0, le=1, description="Fraction of prompts allowed to fail after retries "
                                 "before the stage fails (failures are always recorded).")

@@ -1,6 +1,6 @@
 """Training examples from teacher records: prompt tokens (no loss) + teacher completion tokens (loss).
 
-The prompt is rendered exactly as the teacher saw it (the record's chat messages through the chat template),
+The prompt is rendered exactly as the teacher saw it (toolkit.engines.render: the same text and token ids),
 the completion is the teacher's output followed by the end-of-turn token (unless the teacher was cut off at
 max_new_tokens), so the student also learns where to stop.
 Problems are counted, not hidden: empty or too-short completions are skipped, over-long examples are
@@ -20,17 +20,6 @@ log = logging.getLogger("optkit.distill")
 IGNORE = -100
 
 
-def render_prompt(tok, messages: list[dict], chat_template: bool) -> str:
-    if chat_template and getattr(tok, "chat_template", None):
-        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in messages)  # as collect renders it for non-chat models
-
-
-def end_token_id(tok) -> int:
-    eos = tok.eos_token_id
-    return eos[0] if isinstance(eos, list) else eos
-
-
 @dataclass
 class BuildStats:
     used: int = 0
@@ -44,13 +33,11 @@ class BuildStats:
                 "truncated": self.truncated, "topk_misaligned": self.topk_misaligned}
 
 
-def build_example(rec: dict, tok, max_length: int, chat_template: bool, stats: BuildStats) -> dict:
-    prompt_ids = tok(render_prompt(tok, rec["messages"], chat_template), add_special_tokens=False)["input_ids"]
-    completion_ids = tok(rec["output"], add_special_tokens=False)["input_ids"]
-    # The end-of-turn token teaches the student to stop, but only where the teacher stopped: an output cut
-    # at max_new_tokens (finish_reason "length") did not end there.
-    if rec.get("finish_reason") != "length":
-        completion_ids.append(end_token_id(tok))
+def build_example(rec: dict, renderer, max_length: int, stats: BuildStats) -> dict:
+    # The prompt exactly as the teacher was given it, and its answer: the end-of-turn token teaches the
+    # student to stop, but only where the teacher stopped (an output cut at max_new_tokens did not end there).
+    prompt_ids = renderer.prompt(rec["messages"]).ids
+    completion_ids = renderer.answer_ids(rec["output"], rec.get("finish_reason"))
     if len(prompt_ids) + len(completion_ids) > max_length:
         stats.truncated += 1
         # Keep at least a little prompt context; cut the completion's tail only when it alone is too long.
@@ -65,6 +52,9 @@ def build_examples(records: list[dict], tok, max_length: int, min_completion_tok
                    chat_template: bool = True, topk: dict | None = None,
                    what: str = "training") -> tuple[list[dict], BuildStats]:
     """Examples for every usable record; OptkitError when none is usable."""
+    from toolkit.engines.render import Renderer
+
+    renderer = Renderer(tok, chat_template)
     stats = BuildStats()
     examples = []
     for rec in records:
@@ -73,7 +63,7 @@ def build_examples(records: list[dict], tok, max_length: int, min_completion_tok
             stats.skipped_short += 1
             stats.skipped_ids.append(rec["id"])
             continue
-        ex = build_example(rec, tok, max_length, chat_template, stats)
+        ex = build_example(rec, renderer, max_length, stats)
         if topk is not None:
             attach_topk(ex, topk.get(rec["id"]), stats)
         examples.append(ex)
@@ -114,45 +104,38 @@ def attach_topk(ex: dict, topk, stats: BuildStats) -> None:
 
 
 class LeftPadCollator:
-    """Left-pads so completions end at the right edge; adds position ids and `logits_to_keep`."""
+    """Left-pads so completions end at the right edge (toolkit.engines.hf.collate); adds the teacher's top-k."""
 
     def __init__(self, pad_id: int, with_topk: bool):
         self.pad_id = pad_id
         self.with_topk = with_topk
 
     def __call__(self, batch: list[dict]) -> dict:
+        from toolkit.engines.hf import collate
+
+        out = collate(batch, self.pad_id)
+        if self.with_topk:
+            out.update(self.topk_tensors(batch, out["input_ids"].shape[1]))
+        return out
+
+    @staticmethod
+    def topk_tensors(batch: list[dict], width: int) -> dict:
         import torch
 
-        width = max(len(ex["input_ids"]) for ex in batch)
         n = len(batch)
-        input_ids = torch.full((n, width), self.pad_id, dtype=torch.long)
-        labels = torch.full((n, width), -100, dtype=torch.long)
-        attention = torch.zeros((n, width), dtype=torch.long)
+        k = next((ex["topk_ids"].shape[1] for ex in batch if ex.get("topk_ids") is not None), 1)
+        t_ids = torch.zeros((n, width, k), dtype=torch.long)
+        t_lps = torch.zeros((n, width, k), dtype=torch.float32)
+        t_mask = torch.zeros((n, width), dtype=torch.bool)
         for i, ex in enumerate(batch):
-            off = width - len(ex["input_ids"])
-            input_ids[i, off:] = torch.tensor(ex["input_ids"])
-            labels[i, off:] = torch.tensor(ex["labels"])
-            attention[i, off:] = 1
-        position_ids = (attention.cumsum(-1) - 1).clamp(min=0)
-        # Positions that predict a completion token: the longest completion + the last prompt token.
-        completion = max(len(ex["input_ids"]) - ex["prompt_len"] for ex in batch)
-        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention,
-               "position_ids": position_ids, "logits_to_keep": min(width, completion + 1)}
-        if self.with_topk:
-            k = next((ex["topk_ids"].shape[1] for ex in batch if ex.get("topk_ids") is not None), 1)
-            t_ids = torch.zeros((n, width, k), dtype=torch.long)
-            t_lps = torch.zeros((n, width, k), dtype=torch.float32)
-            t_mask = torch.zeros((n, width), dtype=torch.bool)
-            for i, ex in enumerate(batch):
-                if ex.get("topk_ids") is None:
-                    continue
-                start = width - len(ex["input_ids"]) + ex["prompt_len"]
-                m = ex["topk_ids"].shape[0]
-                t_ids[i, start:start + m] = ex["topk_ids"]
-                t_lps[i, start:start + m] = ex["topk_logprobs"]
-                t_mask[i, start:start + m] = True
-            out.update(topk_ids=t_ids, topk_logprobs=t_lps, topk_mask=t_mask)
-        return out
+            if ex.get("topk_ids") is None:
+                continue
+            start = width - len(ex["input_ids"]) + ex["prompt_len"]
+            m = ex["topk_ids"].shape[0]
+            t_ids[i, start:start + m] = ex["topk_ids"]
+            t_lps[i, start:start + m] = ex["topk_logprobs"]
+            t_mask[i, start:start + m] = True
+        return {"topk_ids": t_ids, "topk_logprobs": t_lps, "topk_mask": t_mask}
 
 
 def batches(examples: list[dict], pad_id: int, batch_size: int) -> list[dict]:

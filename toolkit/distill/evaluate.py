@@ -10,51 +10,29 @@
 
 from __future__ import annotations
 
-import time
 from statistics import mean
 
 from toolkit import metrics
-from toolkit.distill.data import batches, build_examples, end_token_id, render_prompt
+from toolkit.distill.data import batches, build_examples
 
 
 def generate(model, tok, prompts: list[dict], gen, chat_template: bool, batch_size: int = 8,
              on_batch=None) -> list[dict]:
-    """Greedy generations for every prompt (id, split, output, output_tokens, latency_s).
+    """Greedy generations for every prompt (id, split, output, output_tokens, latency_s) through the hf engine.
     `gen` = the recipe's collect.generation, so student and teacher answer under the same settings."""
-    import torch
+    from toolkit.engines import HFEngine, Settings
 
-    tok.padding_side = "left"  # decoder-only generation continues from the right edge
-    eos = end_token_id(tok)
-    rows = []
-    model.eval()
-    for i in range(0, len(prompts), batch_size):
-        chunk = prompts[i:i + batch_size]
-        texts = [render_prompt(tok, p["messages"], chat_template) for p in chunk]
-        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(**enc, max_new_tokens=gen.max_new_tokens, do_sample=False,
-                                 eos_token_id=eos, pad_token_id=tok.pad_token_id)
-        per_row = (time.perf_counter() - start) / len(chunk)
-        for p, seq in zip(chunk, out[:, enc["input_ids"].shape[1]:]):
-            ids = seq.tolist()
-            n = next((j + 1 for j, t in enumerate(ids) if t == eos), len(ids))  # tokens up to and incl. eos
-            text = cut_at_stop(tok.decode(ids[:n], skip_special_tokens=True), gen.stop)
-            rows.append({"id": p["id"], "split": p["split"], "output": text.strip(), "output_tokens": n,
-                         "latency_s": round(per_row, 4)})
-        if on_batch:
-            on_batch(len(chunk))
-    return rows
-
-
-def cut_at_stop(text: str, stops: list[str]) -> str:
-    cut = min((text.find(s) for s in stops if s and s in text), default=-1)
-    return text[:cut] if cut >= 0 else text
+    engine = HFEngine(model, tok, chat_template=chat_template, ref="the student")
+    settings = Settings.of(gen, temperature=0.0, top_p=1.0)  # greedy: the comparison must not depend on a seed
+    rows = engine.generate([p["messages"] for p in prompts], settings, batch_size,
+                           on_result=(lambda i, row: on_batch(1)) if on_batch else None)
+    return [{"id": p["id"], "split": p["split"], "output": row["output"].strip(), "output_tokens": row["output_tokens"],
+             "latency_s": round(row["latency_s"], 4)} for p, row in zip(prompts, rows)]
 
 
 def nll_of_teacher_outputs(model, tok, records: list[dict], max_length: int, chat_template: bool,
                            batch_size: int = 8) -> float:
-    from toolkit.distill.student import completion_nll
+    from toolkit.engines.hf import completion_nll
 
     examples, _ = build_examples(records, tok, max_length, 1, chat_template, what="evaluation")
     return completion_nll(model, batches(examples, tok.pad_token_id, batch_size))

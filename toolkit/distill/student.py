@@ -109,28 +109,10 @@ def pruned_copy(teacher, keep: list[int]):
 
 
 def completion_nll(model, batches: list[dict]) -> float:
-    """Mean per-token NLL of the completion tokens (labels != -100) over the batches."""
-    import torch
+    """Mean per-token NLL of the completion tokens (labels != -100) over the batches (the engines' scorer)."""
+    from toolkit.engines.hf import completion_nll as score
 
-    total, count = 0.0, 0
-    model.eval()
-    with torch.no_grad():
-        for batch in batches:
-            # Left-padded batches: the LM head runs only on the window that predicts completion tokens.
-            keep = batch["logits_to_keep"]
-            out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                        position_ids=batch["position_ids"], logits_to_keep=keep, use_cache=False)
-            logits = out.logits[:, :-1].float()
-            labels = batch["labels"][:, -keep + 1:]
-            mask = labels != -100
-            if not mask.any():
-                continue
-            nll = torch.nn.functional.cross_entropy(logits[mask], labels[mask], reduction="sum")
-            total += float(nll)
-            count += int(mask.sum())
-    if count == 0:
-        raise OptkitError("distill: no completion tokens to score (all teacher outputs empty?)")
-    return total / count
+    return score(model, batches)
 
 
 def search_layers(teacher, n_keep: int, batches: list[dict]) -> tuple[list[int], dict[str, dict]]:

@@ -5,6 +5,12 @@ report.md, and a nested MLflow run per variant. See toolkit/evaluate/measure.py 
 from __future__ import annotations
 
 
+# Recipe keys besides `evaluate` its outputs depend on; a change re-runs it (toolkit/pipeline.py). A stage
+# name = that stage's outputs are consumed.
+# Here: every variant, the teacher, the prompt format, seed, prices.
+READS = ("collect", "distill", "quantize", "route", "cache", "teacher", "data", "seed", "pricing")
+
+
 def run(ctx) -> dict:
     from toolkit.evaluate.stage import evaluate
 

@@ -3,20 +3,19 @@
 The judge sees the user's question, a reference answer (gold, or the teacher's) and the candidate answer, and
 replies with one integer from 1 to 10. A variant's judge score = mean / 10. Replies without a usable integer are
 retried, then counted as missing (never as a low score). The API key comes from the environment and is
-registered for redaction, so it never reaches a log line.
+registered for redaction, so it never reaches a log line. Transport, retries and errors are the one
+OpenAI-compatible client's (toolkit.engines.openai_client), shared with collect.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import re
-import time
 from typing import Optional
 
-from toolkit.errors import OptkitError
-
 log = logging.getLogger("optkit.evaluate")
+
+CONCURRENCY = 4  # judge requests in flight at once
 
 SYSTEM = ("You grade answers. Compare the candidate answer with the reference answer for the user's request. "
           "Reply with a single integer from 1 (wrong or useless) to 10 (as good as the reference), nothing else.")
@@ -29,58 +28,62 @@ def parse_score(text: str) -> Optional[int]:
 
 
 class Judge:
-    def __init__(self, cfg):
-        import httpx
+    """Scores answers through the one OpenAI-compatible client (toolkit.engines.openai_client): retries with
+    backoff and Retry-After, a rejected key or a wrong URL stops the stage, a few requests in flight at once."""
 
-        from toolkit.runtime import register_secret
+    def __init__(self, cfg):
+        from toolkit.engines.openai_client import ClientConfig, OpenAIClient
 
         self.cfg = cfg
-        key = os.environ.get(cfg.api_key_env)
-        register_secret(key)
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
-        self.client = httpx.Client(base_url=cfg.base_url.rstrip("/"), headers=headers, timeout=cfg.timeout_s)
+        self.client = OpenAIClient(ClientConfig.of(cfg, "evaluate.judge", concurrency=CONCURRENCY, backoff_max_s=8.0))
 
-    def score(self, question: str, reference: str, answer: str) -> Optional[int]:
-        body = {"model": self.cfg.model, "temperature": 0, "max_tokens": 4, "messages": [
+    def body(self, question: str, reference: str, answer: str) -> dict:
+        return {"model": self.cfg.model, "temperature": 0, "max_tokens": 4, "messages": [
             {"role": "system", "content": SYSTEM},
             {"role": "user", "content": f"Request:\n{question}\n\nReference answer:\n{reference}\n\n"
                                         f"Candidate answer:\n{answer}\n\nScore (1-10):"}]}
-        import httpx
 
-        for attempt in range(self.cfg.max_retries + 1):
+    @staticmethod
+    def parse(data, seconds: float) -> int:
+        from toolkit.engines.openai_client import Retryable
+
+        try:
+            got = parse_score(data["choices"][0]["message"]["content"])
+        except (KeyError, IndexError, TypeError):
+            got = None
+        if got is None:  # retried like a malformed reply; in the end counted as missing, never as a low score
+            raise Retryable("no score in the reply", "malformed")
+        return got
+
+    def score_many(self, items: list[tuple[str, str, str]]) -> list[Optional[int]]:
+        """A score per (question, reference, answer), None where the judge gave none after its retries."""
+        from toolkit.engines.openai_client import PromptFailed, Retryable
+
+        scores: list[Optional[int]] = [None] * len(items)
+
+        async def handle(http, i: int) -> None:
             try:
-                resp = self.client.post("/chat/completions", json=body)
-            except httpx.HTTPError as exc:
-                err = f"{type(exc).__name__}"
-            else:
-                if resp.status_code in (401, 403, 404):
-                    raise OptkitError(f"evaluate.judge: {self.cfg.base_url} answered HTTP {resp.status_code} "
-                                      f"(check evaluate.judge.base_url, model and {self.cfg.api_key_env})")
-                if resp.status_code == 200:
-                    try:
-                        got = parse_score(resp.json()["choices"][0]["message"]["content"])
-                    except (ValueError, KeyError, IndexError, TypeError):
-                        got = None
-                    if got is not None:
-                        return got
-                    err = "no score in the reply"
-                else:
-                    err = f"HTTP {resp.status_code}"
-            if attempt < self.cfg.max_retries:
-                time.sleep(min(0.5 * 2 ** attempt, 8.0))
-        log.warning("judge: giving up on one answer (%s)", err)
-        return None
+                scores[i], _ = await self.client.call(http, "/chat/completions", self.body(*items[i]), self.parse)
+            except (Retryable, PromptFailed) as exc:
+                log.warning("judge: giving up on one answer (%s)", exc)
+
+        self.client.run_all(list(range(len(items))), handle)
+        return scores
+
+    def score(self, question: str, reference: str, answer: str) -> Optional[int]:
+        return self.score_many([(question, reference, answer)])[0]
 
     def close(self) -> None:
-        self.client.close()
+        pass
 
 
 def judge_variant(judge: Judge, scored: list[dict], records: list[dict], against: str, limit: Optional[int]) -> dict:
     """judge_score (mean / 10) and how many answers it covers."""
+    pairs = list(zip(scored, records))[:limit or len(scored)]
+    items = [(rec["prompt"], rec.get("reference") if against == "gold" and rec.get("reference") else rec["output"],
+              row["output"]) for row, rec in pairs]
     scores = []
-    for row, rec in list(zip(scored, records))[:limit or len(scored)]:
-        reference = rec.get("reference") if against == "gold" and rec.get("reference") else rec["output"]
-        s = judge.score(rec["prompt"], reference, row["output"])
+    for (row, _), s in zip(pairs, judge.score_many(items)):
         row["judge"] = s
         if s is not None:
             scores.append(s)

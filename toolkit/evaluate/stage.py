@@ -51,7 +51,7 @@ def make_engine(ctx, v: Variant, max_new_tokens: int):
     if v.engine == "llama.cpp":
         from toolkit.evaluate.engines import LlamaCppEngine
 
-        return LlamaCppEngine(v.gguf, seed=recipe.seed, **common)
+        return LlamaCppEngine(v.gguf, seed=recipe.seed, tokenizer_dir=v.tokenizer_dir, **common)
     from toolkit.evaluate.engines import HFEngine, VLLMEngine
 
     trust = (recipe.teacher.trust_remote_code if v.source == "teacher" else

@@ -20,6 +20,7 @@ class Variant:
     model_dir: Optional[Path] = None
     adapter_dir: Optional[Path] = None
     gguf: Optional[Path] = None
+    tokenizer_dir: Optional[Path] = None  # GGUF: the source model's tokenizer renders its prompts (same ids)
     price_keys: tuple = ()  # recipe.pricing keys tried in order
     facts: dict = field(default_factory=dict)
 
@@ -27,7 +28,8 @@ class Variant:
         return {"name": self.name, "source": self.source, "engine": self.engine,
                 "model_dir": str(self.model_dir) if self.model_dir else None,
                 "adapter_dir": str(self.adapter_dir) if self.adapter_dir else None,
-                "gguf": str(self.gguf) if self.gguf else None, **self.facts}
+                "gguf": str(self.gguf) if self.gguf else None,
+                "tokenizer_dir": str(self.tokenizer_dir) if self.tokenizer_dir else None, **self.facts}
 
 
 def disk_bytes(path: Optional[Path]) -> Optional[int]:
@@ -68,18 +70,29 @@ def discover(ctx) -> list[Variant]:
         q = ctx.upstream("quantize")
         summary_path = q / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else {}
+        source = quantize_source(ctx, q)
         for name, art in summary.items():
             if not art.get("path"):  # the unquantized source ("fp32"): that is the student variant
                 continue
             path = q / art["path"]
             facts = {"method": art.get("method"), "format": art.get("format"), "size_bytes": disk_bytes(path)}
             if path.suffix == ".gguf":
-                found.append(Variant(name, "quantized", "llama.cpp", gguf=path, price_keys=(name, "student"),
-                                     facts=facts))
+                found.append(Variant(name, "quantized", "llama.cpp", gguf=path, tokenizer_dir=source,
+                                     price_keys=(name, "student"), facts=facts))
             elif (path / "config.json").is_file():
                 found.append(Variant(name, "quantized", "transformers", model_dir=path, price_keys=(name, "student"),
                                      facts=facts))
     return found
+
+
+def quantize_source(ctx, q: Path) -> Optional[Path]:
+    """The model the quantize stage started from (its tokenizer is the GGUF files' tokenizer)."""
+    from toolkit.pipeline import read_manifest
+
+    src = (read_manifest(q) or {}).get("quantize_source")
+    if src and Path(src).is_dir():
+        return Path(src)
+    return ctx.upstream("distill") / "model" if ctx.recipe.distill is not None else None
 
 
 def has_system_parts(ctx) -> bool:

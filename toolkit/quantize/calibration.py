@@ -24,6 +24,7 @@ class Example:
     messages: list[dict]
     reference: Optional[str]  # gold answer, when the data has one
     teacher: Optional[str]  # teacher output, when collect ran
+    finish_reason: Optional[str] = None  # the teacher's ("length": cut at max_new_tokens, no end-of-turn)
 
 
 def load_examples(ctx) -> list[Example]:
@@ -36,7 +37,8 @@ def load_examples(ctx) -> list[Example]:
         collect = ctx.upstream("collect")
         rows = load_records(collect)
         if rows:
-            return [Example(r["id"], r["split"], r["messages"], r.get("reference"), r.get("output")) for r in rows]
+            return [Example(r["id"], r["split"], r["messages"], r.get("reference"), r.get("output"),
+                            r.get("finish_reason")) for r in rows]
         if (collect / "prompts.jsonl").is_file():
             return [Example(r["id"], r["split"], r["messages"], r.get("reference"), None)
                     for r in read_jsonl(collect / "prompts.jsonl")]
@@ -47,27 +49,29 @@ def load_examples(ctx) -> list[Example]:
             for p in load_prompts(ctx.recipe.data, path, ctx.recipe.seed)]
 
 
-def render(example: Example, tokenizer, with_answer: bool) -> str:
-    """The conversation as the model sees it: chat template, then the teacher's answer when asked for."""
-    text = format_prompt(example.messages, tokenizer)
+def renderer_for(ctx, tok):
+    """The one rendering of toolkit.engines (the recipe's data.chat_template), as the teacher and student saw it."""
+    from toolkit.engines.render import Renderer
+
+    return Renderer(tok, ctx.recipe.data.chat_template, "the quantize source")
+
+
+def render(example: Example, renderer, with_answer: bool) -> str:
+    """The conversation as the model sees it: the rendered prompt, then the teacher's answer when asked for."""
+    text = renderer.prompt(example.messages).text
     if with_answer and example.teacher:
-        text += example.teacher + (tokenizer.eos_token or "")
+        text += renderer.answer_text(example.teacher, example.finish_reason)
     return text
 
 
-def format_prompt(messages: list[dict], tokenizer) -> str:
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    return "\n\n".join(m["content"] for m in messages) + "\n\n"
-
-
-def calibration_texts(examples: list[Example], tokenizer, cfg) -> list[str]:
-    """Train-split texts (val, then test, only when train is too small), at most cfg.num_samples."""
+def calibration_texts(examples: list[Example], renderer, cfg) -> list[str]:
+    """Train-split texts (val, then test, only when train is too small), at most cfg.num_samples. Tokenized
+    without added special tokens (toolkit/quantize/llmc.py), the prompt part gives the teacher's prompt ids."""
     with_answer = cfg.source == "prompts+outputs"
     if with_answer and not any(e.teacher for e in examples):
         log.warning("quantize: no teacher outputs found; calibrating on the prompts alone")
     pool = [e for e in examples if e.split == "train"] or [e for e in examples if e.split == "val"]
-    texts = [render(e, tokenizer, with_answer) for e in pool[:cfg.num_samples]]
+    texts = [render(e, renderer, with_answer) for e in pool[:cfg.num_samples]]
     if len(texts) < cfg.min_samples:
         raise OptkitError(f"quantize.calibration: only {len(texts)} calibration texts in the train split, fewer "
                           f"than quantize.calibration.min_samples = {cfg.min_samples}; add data or lower it")

@@ -1,14 +1,14 @@
 """Verify an artifact with the engine that serves it: reload, perplexity, agreement, size, tokens/s.
 
 compressed-tensors dirs are reloaded with transformers (which decompresses them through
-compressed-tensors); GGUF files with llama-cpp-python. Both score the *same token ids* (tokenized once
-with the source model's tokenizer), so their perplexities are comparable with the unquantized model's.
+compressed-tensors); GGUF files with llama-cpp-python, both through toolkit.engines. Both score the *same
+token ids* (rendered once with the source model's tokenizer, as the teacher and the student saw them), so
+their perplexities are comparable with the unquantized model's.
 """
 
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -20,31 +20,29 @@ class Probe:
 
     eval_ids: list[list[int]]  # held-out token sequences for perplexity
     answer_starts: list[int]  # per sequence: index of the teacher answer's first token (len(ids) = no answer)
-    prompts: list[list[int]]  # templated test prompts (token ids) for generation
+    prompts: list[list[dict]]  # test prompts (messages) for generation, rendered by `renderer`
     teacher: list[Optional[str]]  # teacher output per prompt
     gold: list[Optional[str]]  # gold answer per prompt
     labels: list[str]  # the gold label set (for label extraction), empty when answers are free text
     max_new_tokens: int
+    renderer: object = None  # toolkit.engines.render.Renderer of the source model: every artifact sees its ids
 
 
-def build_probe(examples, tokenizer, eval_n: int, gen_n: int, max_length: int, max_new_tokens: int) -> Probe:
-    from toolkit.quantize.calibration import format_prompt, render
-
+def build_probe(examples, renderer, eval_n: int, gen_n: int, max_length: int, max_new_tokens: int) -> Probe:
     eval_ids, answer_starts = [], []
     for e in examples[:eval_n]:
-        ids = tokenizer(render(e, tokenizer, with_answer=True), add_special_tokens=False, truncation=True,
-                        max_length=max_length)["input_ids"]
-        prompt = tokenizer(render(e, tokenizer, with_answer=False), add_special_tokens=False)["input_ids"]
+        prompt = renderer.prompt(e.messages).ids
+        answer = renderer.answer_ids(e.teacher, e.finish_reason) if e.teacher else []
+        ids = (prompt + answer)[:max_length]
         eval_ids.append(ids)
-        # Chat templates end the prompt on a newline, so the prompt's ids are a prefix of the full text's.
-        answer_starts.append(min(len(prompt), len(ids)) if e.teacher else len(ids))
+        answer_starts.append(min(len(prompt), len(ids)) if answer else len(ids))
     gen = examples[:gen_n]
-    prompts = [tokenizer(format_prompt(e.messages, tokenizer), add_special_tokens=False)["input_ids"] for e in gen]
     golds = [e.reference for e in gen]
     labels = sorted({e.reference for e in examples if e.reference})
     # A small closed label set means a classification task: score by the label the answer names.
     labels = labels if 0 < len(labels) <= 50 else []
-    return Probe(eval_ids, answer_starts, prompts, [e.teacher for e in gen], golds, labels, max_new_tokens)
+    return Probe(eval_ids, answer_starts, [e.messages for e in gen], [e.teacher for e in gen], golds, labels,
+                 max_new_tokens, renderer)
 
 
 def dir_size(path: Path) -> int:
@@ -59,17 +57,16 @@ class NLL:
         self.total, self.tokens, self.answer_total, self.answer_tokens = 0.0, 0, 0.0, 0
 
     def add(self, logits, ids, answer_start: int) -> None:
-        """logits: numpy [T, V] for the token ids `ids`; tokens from answer_start on are the answer."""
-        import numpy as np
+        """logits: [T, V] for the token ids `ids`; tokens from answer_start on are the answer."""
+        from toolkit.engines.score import nll_from_logits
 
-        logits = np.asarray(logits[: len(ids) - 1], dtype=np.float64)
-        logits -= logits.max(axis=-1, keepdims=True)
-        logp = logits - np.log(np.exp(logits).sum(axis=-1, keepdims=True))
-        target = np.asarray(ids[1:])
-        nll = -logp[np.arange(len(target)), target]  # nll[i] scores token i + 1
+        self.add_nll(nll_from_logits(logits, ids, 1), answer_start)
+
+    def add_nll(self, nll: list[float], answer_start: int) -> None:
+        """nll[i] scores token i + 1 (an engine's token_nll from position 1)."""
         answer = nll[max(answer_start - 1, 0):]
-        self.total, self.tokens = self.total + float(nll.sum()), self.tokens + len(nll)
-        self.answer_total += float(answer.sum())
+        self.total, self.tokens = self.total + float(sum(nll)), self.tokens + len(nll)
+        self.answer_total += float(sum(answer))
         self.answer_tokens += len(answer)
 
     def result(self) -> dict:
@@ -104,60 +101,50 @@ def agreement(outputs: list[str], probe: Probe) -> dict:
     return out
 
 
-# --------------------------------------------------------------------------------------------- transformers
+# --------------------------------------------------------------------------------------------- engines
+
+
+def measure(engine, probe: Probe) -> tuple[NLL, list[str], int, float]:
+    """NLL of the probe's sequences and greedy answers to its prompts (one at a time: tokens/s at batch 1)."""
+    from toolkit.engines.base import Settings
+
+    nll = NLL()
+    for seq_nll, start in zip(engine.token_nll([(ids, 1) for ids in probe.eval_ids]), probe.answer_starts):
+        nll.add_nll(seq_nll, start)
+    rows = engine.generate(probe.prompts, Settings(max_new_tokens=probe.max_new_tokens), 1)
+    return (nll, [r["output"] for r in rows], sum(r["output_tokens"] for r in rows),
+            sum(r["latency_s"] for r in rows))
 
 
 def verify_hf(model_dir: Path, probe: Probe) -> dict:
     """Reload a HF dir (plain or compressed-tensors) with transformers and measure it."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from toolkit.engines.hf import HFEngine
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    nll = NLL()
-    with torch.inference_mode():
-        for ids, start in zip(probe.eval_ids, probe.answer_starts):
-            nll.add(model(torch.tensor([ids])).logits[0].numpy(), ids, start)
-        outputs, new_tokens, seconds = [], 0, 0.0
-        for ids in probe.prompts:
-            start = time.perf_counter()
-            gen = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=probe.max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id or tok.eos_token_id)
-            seconds += time.perf_counter() - start
-            new = gen[0, len(ids):]
-            new_tokens += len(new)
-            outputs.append(tok.decode(new, skip_special_tokens=True))
+    engine = HFEngine.load(model_dir, chat_template=probe.renderer.chat_template, dtype="float32", device="cpu")
+    engine.renderer = probe.renderer  # the source model's rendering (an artifact's tokenizer is its copy)
+    try:
+        nll, outputs, new_tokens, seconds = measure(engine, probe)
+        quantized = getattr(engine.model.config, "quantization_config", None) is not None
+    finally:
+        engine.close()
     # transformers decompresses compressed-tensors weights to dense fp32 on load: tokens/s here is the dense
     # model's speed, not a quantized kernel's (vLLM's is measured by the evaluate stage / vLLM itself).
-    quantized = getattr(model.config, "quantization_config", None) is not None
-    engine = "transformers (decompressed to fp32)" if quantized else "transformers"
-    return {**_result(nll, outputs, new_tokens, seconds, probe, dir_size(model_dir)), "engine": engine}
-
-
-# --------------------------------------------------------------------------------------------- llama.cpp
+    engine_name = "transformers (decompressed to fp32)" if quantized else "transformers"
+    return {**_result(nll, outputs, new_tokens, seconds, probe, dir_size(model_dir)), "engine": engine_name}
 
 
 def verify_gguf(path: Path, probe: Probe, threads: int) -> dict:
     """Reload a GGUF with llama-cpp-python and measure it on the same token ids."""
-    from llama_cpp import Llama
+    from toolkit.engines.llamacpp import LlamaCppEngine
 
-    n_ctx = max([len(i) for i in probe.eval_ids] + [len(p) + probe.max_new_tokens for p in probe.prompts]) + 8
-    llm = Llama(model_path=str(path), n_ctx=n_ctx, logits_all=True, n_threads=threads, verbose=False)
-    nll = NLL()
-    for ids, start in zip(probe.eval_ids, probe.answer_starts):
-        llm.reset()
-        llm.eval(ids)
-        nll.add(llm.scores[: len(ids)], ids, start)
-    outputs, new_tokens, seconds = [], 0, 0.0
-    for ids in probe.prompts:
-        llm.reset()
-        start = time.perf_counter()
-        res = llm.create_completion(ids, max_tokens=probe.max_new_tokens, temperature=0.0, top_k=1)
-        seconds += time.perf_counter() - start
-        new_tokens += res["usage"]["completion_tokens"]
-        outputs.append(res["choices"][0]["text"])
-    del llm
+    n_ctx = max([len(i) for i in probe.eval_ids] +
+                [len(probe.renderer.prompt(m).ids) + probe.max_new_tokens for m in probe.prompts]) + 8
+    engine = LlamaCppEngine(path, probe.renderer.tok, chat_template=probe.renderer.chat_template, n_ctx=n_ctx,
+                            threads=threads, logits_all=True)
+    try:
+        nll, outputs, new_tokens, seconds = measure(engine, probe)
+    finally:
+        engine.close()
     return {**_result(nll, outputs, new_tokens, seconds, probe, dir_size(path)), "engine": "llama.cpp"}
 
 

@@ -1,26 +1,19 @@
-"""Teacher backends: who turns prompts into answers. A plain dict registry, modules imported on use.
+"""Teacher backends: the engines of toolkit.engines (ENGINES) seen through collect's eyes.
 
-A backend takes `Request`s and reports each answer to a `Sink` as soon as it has it (so the result store
-can persist it before the next one arrives). A result is a dict:
-
-    output, finish_reason ("stop" | "length" | ...), input_tokens, output_tokens, latency_s,
-    and optionally topk = {"ids": [[int] * k] * T, "logprobs": [[float] * k] * T}.
+A backend takes `Request`s and reports each answer to a `Sink` as soon as it has it (so the result store can
+persist it before the next one arrives); engines that send requests concurrently also say when one starts,
+so a crashed run can count what it will send again. A result is the engines' dict (toolkit.engines.base).
+The model is loaded on first use: a fully cached rerun never loads it.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Protocol
 
 from toolkit.config import Recipe
-
-# backend name -> "module:Class"
-BACKENDS: dict[str, str] = {
-    "hf": "toolkit.collect.backends.hf:HFBackend",
-    "openai": "toolkit.collect.backends.openai:OpenAIBackend",
-    "vllm": "toolkit.collect.backends.vllm:VLLMBackend",
-}
+from toolkit.engines import ENGINES, Settings
 
 
 @dataclass(frozen=True)
@@ -33,24 +26,58 @@ class Request:
 class Sink(Protocol):
     def done(self, request: Request, result: dict) -> None: ...
     def failed(self, request: Request, error: str, attempts: int) -> None: ...
+    def started(self, request: Request) -> None: ...
 
 
-class Backend(Protocol):
+def settings(recipe: Recipe) -> Settings:
+    cfg = recipe.collect
+    return Settings.of(cfg.generation, recipe.seed, cfg.top_logprobs)
+
+
+class Backend:
+    def __init__(self, name: str, recipe: Recipe):
+        self.name, self.recipe = name, recipe
+        self.engine_class = ENGINES[name]
+        self.engine = None
+
     def identity(self) -> dict:
         """What, besides messages and generation params, decides the answers (model, revision, endpoint)."""
+        return self.engine_class.teacher_identity(self.recipe)
 
-    def generate(self, requests: list[Request], sink: Sink) -> None: ...
+    def load(self):
+        if self.engine is None:
+            self.engine = self.engine_class.for_teacher(self.recipe)
+        return self.engine
 
-    def close(self) -> None: ...
+    @property
+    def stats(self) -> dict:
+        """Counts the engine kept (retries by kind, estimated tokens...); still there after close()."""
+        if self.engine is not None:
+            self._stats = dict(getattr(self.engine, "stats", None) or {})
+        return getattr(self, "_stats", {})
 
+    def generate(self, requests: list[Request], sink: Sink) -> None:
+        if not requests:
+            return
+        engine = self.load()
+        accepts = inspect.signature(engine.generate).parameters
+        kw = {}
+        if "on_failed" in accepts:  # engines that send requests (and can fail one and go on)
+            kw["on_failed"] = lambda i, error, attempts: sink.failed(requests[i], error, attempts)
+        if "on_start" in accepts:
+            kw["on_start"] = lambda i: sink.started(requests[i])
+        engine.generate([r.messages for r in requests], settings(self.recipe),
+                        on_result=lambda i, row: sink.done(requests[i], row), **kw)
 
-def backend_class(name: str) -> type:
-    module, cls = BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module), cls)
+    def close(self) -> None:
+        if self.engine is not None:
+            self.stats  # noqa: B018  (keep the counts)
+            self.engine.close()
+        self.engine = None
 
 
 def make_backend(name: str, recipe: Recipe) -> Backend:
-    return backend_class(name)(recipe)
+    return Backend(name, recipe)
 
 
 def generation_params(recipe: Recipe) -> dict:

@@ -1,0 +1,198 @@
+"""The openai engine: any OpenAI-compatible endpoint through the one client (toolkit.engines.openai_client).
+
+/chat/completions sends the messages (the server applies its chat template); /completions sends the plain
+rendering. Token ids are not the server's to give: prompt lengths for the context guard and top-k log-probs
+are mapped with the teacher's tokenizer when it can be loaded. No per-token NLL (the API does not score
+given text), and no streaming: a timed request's TTFT is its end-to-end time.
+
+Crash semantics: up to `concurrency` requests are in flight at once. After a kill -9 their answers never
+reached collect's result store, so the next run sends them again (the server may have answered and billed
+them once already); `on_start` lets collect log them (work/in_flight.log) and count them in summary.json and
+the manifest as `resent_after_interrupt`.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Optional
+
+from toolkit.engines.base import OnResult, Settings, Timed
+from toolkit.engines.openai_client import ClientConfig, OpenAIClient, PromptFailed, Retryable
+from toolkit.engines.render import Renderer, cut_stop, render_plain
+from toolkit.errors import OptkitError
+
+
+class OpenAIEngine:
+    name = "openai"
+    batches = False
+
+    def __init__(self, client: ClientConfig, model: str, *, api: str = "chat", tokenizer_ref: Optional[str] = None,
+                 chat_template: bool = True, context_length: Optional[int] = None):
+        self.client = OpenAIClient(client)
+        self.model_name, self.api = model, api
+        self.tokenizer_ref, self.chat_template, self._context = tokenizer_ref, chat_template, context_length
+        self._renderer: Optional[Renderer] = None
+        self.vocab: Optional[dict[str, int]] = None
+        self.stats = self.client.stats
+
+    @classmethod
+    def for_teacher(cls, recipe) -> "OpenAIEngine":
+        cfg = recipe.collect.openai
+        return cls(ClientConfig.of(cfg, "collect.openai"), cfg.model or recipe.teacher.model, api=cfg.api,
+                   tokenizer_ref=recipe.teacher.model, chat_template=recipe.data.chat_template,
+                   context_length=cfg.context_length)
+
+    @staticmethod
+    def teacher_identity(recipe) -> dict:
+        from toolkit.redact import redact_url
+
+        cfg = recipe.collect.openai
+        return {"backend": "openai", "base_url": redact_url(cfg.base_url.rstrip("/")),
+                "model": cfg.model or recipe.teacher.model}
+
+    # ------------------------------------------------------------------------------- tokens (optional)
+
+    @property
+    def renderer(self) -> Renderer:
+        """The teacher's tokenizer, for counting prompt tokens (collect.context) and mapping top-k tokens."""
+        if self._renderer is None:
+            from toolkit.models import load_tokenizer
+
+            try:
+                tok = load_tokenizer(self.tokenizer_ref)
+            except OptkitError as exc:
+                raise OptkitError(f"collect.openai.context_length / collect.top_logprobs > 0 with the openai "
+                                  f"backend count tokens with the teacher's tokenizer, which cannot be loaded: {exc}") \
+                    from None
+            self._renderer = Renderer(tok, self.chat_template and self.api == "chat" and bool(tok.chat_template),
+                                      f"'{self.tokenizer_ref}'")
+        return self._renderer
+
+    def prompt_ids(self, messages: list[dict]) -> list[int]:
+        return self.renderer.prompt(messages).ids
+
+    def context_length(self) -> Optional[int]:
+        return self._context
+
+    def token_id(self, token: str) -> int:
+        """Servers return token strings; the student needs ids in the teacher vocabulary (-1 = not found)."""
+        if self.vocab is None:
+            tok = self.renderer.tok
+            vocab: dict[str, int] = {}
+            for i, text in enumerate(tok.batch_decode([[i] for i in range(len(tok))])):
+                vocab.setdefault(text, i)  # a string several ids decode to maps to the lowest id
+            self.vocab = vocab
+        found = self.vocab.get(token, -1)
+        if found < 0:
+            self.stats["unmapped_tokens"] += 1
+        return found
+
+    # ------------------------------------------------------------------------------- request / reply
+
+    def path(self) -> str:
+        return "/chat/completions" if self.api == "chat" else "/completions"
+
+    def body(self, messages: list[dict], s: Settings) -> dict:
+        body: dict[str, Any] = {"model": self.model_name, "max_tokens": s.max_new_tokens,
+                                "temperature": s.temperature, "top_p": s.top_p}
+        if self.api == "chat":
+            body["messages"] = messages
+            if s.top_logprobs:
+                body.update(logprobs=True, top_logprobs=s.top_logprobs)
+        else:
+            body["prompt"] = render_plain(messages)  # the server tokenizes (and adds its BOS)
+            if s.top_logprobs:
+                body["logprobs"] = s.top_logprobs
+        if s.stop:
+            body["stop"] = list(s.stop)
+        if s.temperature > 0:
+            body["seed"] = s.seed
+        return body
+
+    def parse(self, data: Any, latency: float, s: Settings) -> dict:
+        """A reply body -> result dict; anything unexpected is a malformed reply (retried)."""
+        try:
+            choice = data["choices"][0]
+            text = choice["message"]["content"] if self.api == "chat" else choice["text"]
+            usage = data.get("usage") or {}
+        except (KeyError, IndexError, TypeError) as exc:
+            raise Retryable(f"malformed reply (no {exc} in the JSON)", "malformed") from None
+        text, cut = cut_stop(text or "", s.stop)
+        result = {"output": text, "finish_reason": "stop" if cut else (choice.get("finish_reason") or "stop"),
+                  "input_tokens": usage.get("prompt_tokens"), "output_tokens": usage.get("completion_tokens"),
+                  "latency_s": round(latency, 6)}
+        if result["input_tokens"] is None or result["output_tokens"] is None:
+            # No usage block (some servers): a rough 4-characters-per-token estimate, flagged as such.
+            result.update(input_tokens=result["input_tokens"] or 0,
+                          output_tokens=result["output_tokens"] or max(1, len(text) // 4), tokens_estimated=True)
+            self.stats["tokens_estimated"] += 1
+        if s.top_logprobs:
+            topk = self.parse_logprobs(choice.get("logprobs"), s.top_logprobs)
+            if topk is None:
+                self.stats["missing_logprobs"] += 1
+            else:
+                result["topk"] = topk
+        return result
+
+    def parse_logprobs(self, lp: Any, k: int) -> Optional[dict]:
+        """Top-k per output position as token ids (via the teacher tokenizer) and log-probs."""
+        if not lp:
+            return None
+        if self.api == "chat":
+            positions = [{t["token"]: t["logprob"] for t in (pos.get("top_logprobs") or [])}
+                         for pos in (lp.get("content") or [])]
+        else:
+            positions = [dict(d or {}) for d in (lp.get("top_logprobs") or [])]
+        if not positions:
+            return None
+        ids, lps = [], []
+        for pos in positions:
+            best = sorted(pos.items(), key=lambda kv: -kv[1])[:k]
+            ids.append([self.token_id(tok) for tok, _ in best] + [-1] * (k - len(best)))
+            lps.append([float(v) for _, v in best] + [float("-inf")] * (k - len(best)))
+        return {"ids": ids, "logprobs": lps}
+
+    # ------------------------------------------------------------------------------- the interface
+
+    def generate(self, prompts: list[list[dict]], s: Settings, batch_size: int = 0,
+                 on_result: Optional[OnResult] = None, on_failed: Optional[Callable[[int, str, int], None]] = None,
+                 on_start: Optional[Callable[[int], None]] = None) -> list[Optional[dict]]:
+        """Answers in input order (None for a request that failed after its retries); `concurrency` in flight.
+        on_start(i) runs before request i is first sent, on_failed(i, error, attempts) when it gave up."""
+        results: list[Optional[dict]] = [None] * len(prompts)
+
+        async def handle(http, i: int) -> None:
+            if on_start:
+                on_start(i)
+            try:
+                results[i], _ = await self.client.call(http, self.path(), self.body(prompts[i], s),
+                                                       lambda data, sec: self.parse(data, sec, s))
+            except (Retryable, PromptFailed) as exc:
+                if on_failed:
+                    on_failed(i, str(exc), exc.attempts)
+                return
+            if on_result:
+                on_result(i, results[i])
+
+        self.client.run_all(list(range(len(prompts))), handle)
+        return results
+
+    def run_batch(self, prompts: list[list[dict]], s: Settings) -> tuple[list[dict], float]:
+        started = time.perf_counter()
+        rows = self.generate(prompts, s)
+        return [r for r in rows if r is not None], time.perf_counter() - started
+
+    def timed(self, messages: list[dict], s: Settings) -> Timed:
+        started = time.perf_counter()
+        (row,) = self.generate([messages], s)
+        e2e = time.perf_counter() - started
+        return Timed(ttft_s=e2e, e2e_s=e2e, output_tokens=int((row or {}).get("output_tokens") or 0))
+
+    def token_nll(self, sequences) -> None:
+        return None
+
+    def memory_bytes(self) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
