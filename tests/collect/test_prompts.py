@@ -8,7 +8,9 @@ from collections import Counter
 import pytest
 
 from tests.collect.conftest import BITEXT
-from toolkit.collect.prompts import load_prompts, messages_id, split_of
+from pydantic import ValidationError
+
+from toolkit.collect.prompts import load_prompts, messages_id, split_of, template_problem
 from toolkit.config import DataConfig
 from toolkit.errors import OptkitError
 
@@ -93,7 +95,29 @@ def test_limit_is_a_hash_sample_not_the_head_of_a_sorted_file():
 def test_template_errors_name_the_field():
     with pytest.raises(OptkitError, match=r"column 'text' \(data.prompt_template\)"):
         load_prompts(data_cfg(**BITEXT_CFG, prompt_template="{text}"), BITEXT, seed=0)
-    with pytest.raises(OptkitError, match="data.prompt_template: use named fields"):
-        load_prompts(data_cfg(**BITEXT_CFG, prompt_template="{}"), BITEXT, seed=0)
-    with pytest.raises(OptkitError, match="data.prompt_template: invalid format string"):
-        load_prompts(data_cfg(**BITEXT_CFG, prompt_template="{instruction"), BITEXT, seed=0)
+    # what no row can fix is refused by the recipe schema itself (so `optkit validate` reports it)
+    with pytest.raises(ValidationError, match="use named fields"):
+        data_cfg(**BITEXT_CFG, prompt_template="{}")
+    with pytest.raises(ValidationError, match="invalid format string"):
+        data_cfg(**BITEXT_CFG, prompt_template="{instruction")
+    # ... and by the loader, for a config built without validation
+    cfg = data_cfg(**BITEXT_CFG).model_copy(update={"prompt_template": "{instruction:.2f}"})
+    with pytest.raises(OptkitError, match=r"data.prompt_template: bad format spec ':.2f' in \{instruction\}"):
+        load_prompts(cfg, BITEXT, seed=0)
+
+
+@pytest.mark.parametrize("template", ["{a}", "{a!r} {b:>10} {{literal}}", "{a[0]}", "{a:{b}}", "{a:>>}"])
+def test_templates_python_accepts_pass(template):
+    assert template_problem(template) is None
+
+
+@pytest.mark.parametrize("template, problem", [
+    ("{a:>>>}", "bad format spec"), ("{a:.2f}", "bad format spec"), ("{a:=10}", "bad format spec"),
+    ("{a!x}", "unknown conversion"), ("{0}", "named fields"), ("{}", "named fields"), ("{a", "invalid format"),
+    ("}", "invalid format"),
+])
+def test_templates_no_row_can_fill_are_refused(template, problem):
+    """template_problem agrees with Python itself: whatever it refuses, str.format refuses on string values."""
+    assert problem in template_problem(template)
+    with pytest.raises((ValueError, IndexError, KeyError)):
+        template.format_map({"a": "x", "b": "5"})

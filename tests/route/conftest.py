@@ -41,3 +41,38 @@ def mmlu_run(tmp_path_factory):
         if saved is not None:
             os.environ["MLFLOW_TRACKING_URI"] = saved
     return tmp / "artifacts" / "route_test" / "route", outcomes
+
+
+def write_small_router(directory: Path, model: str = "logreg") -> dict:
+    """A real router fit on the extract's cheap text features only (no embedder to load), saved with
+    save_router into `directory`; returns its router.json. Loaders are tested on corrupted copies of it."""
+    import json
+
+    import numpy as np
+
+    from toolkit.config import RouteConfig, RouteTargetConfig
+    from toolkit.io import read_jsonl
+    from toolkit.route.calibrate import calibrate
+    from toolkit.route.labels import LabelTable
+    from toolkit.route.models import FITTERS
+    from toolkit.route.runtime import Router, text_features
+    from toolkit.route.stage import router_spec, save_router, standardizer
+
+    rows = read_jsonl(EXTRACT)
+    prompts = [r["prompt"] for r in rows]
+    S = np.array([[float(r[c]) for c in MODELS.values()] for r in rows])
+    raw = text_features(prompts)
+    mean, scale = standardizer(raw)
+    x = ((raw - mean) / scale).astype(np.float32)
+    cfg = RouteConfig(model=model, text_features=False, hidden=8)
+    head, w = FITTERS[model](x, x, S, cfg, 0)
+    models = list(MODELS)
+    table = LabelTable([str(i) for i in range(len(rows))], prompts, S, models,
+                       np.array(["fit"] * len(rows), dtype=object))
+    cost_norm = np.array([0.0, 1.0])
+    spec = router_spec(cfg, table, {"mixtral_8x7b": 0.05, "gpt4_1106": 1.0}, cost_norm, "gpt4_1106", head)
+    weights = {"feat.mean": mean, "feat.scale": scale, **{f"head.{k}": v for k, v in w.items()}}
+    P = Router(spec, weights).predict_from_features(x, x)
+    spec["threshold"] = calibrate(P, S, cost_norm, 1, RouteTargetConfig(min_quality=0.9)).threshold
+    save_router(Path(directory), spec, weights)
+    return json.loads((Path(directory) / "router.json").read_text())

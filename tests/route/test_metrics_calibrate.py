@@ -117,6 +117,18 @@ def test_bootstrap_guarantee_counts_resamples():
     assert M.bootstrap_guarantee(routed, strong, 0.9, 500, seed=0)["holds_fraction"] == pytest.approx(0.5, abs=0.1)
 
 
+@pytest.mark.parametrize("n, seed", [(112, 1), (60, 9), (60, 10)])
+def test_bootstrap_counts_resamples_that_meet_the_goal_exactly(n, seed):
+    """0/1 scores: a resample meets goal 0.9 iff 10 * routed hits >= 9 * strong hits, in exact integers. The
+    ratio of two float means used to miss some exact ties (27 of 30 computed as 0.8999...)."""
+    rng = np.random.default_rng(seed)
+    strong = (rng.random(n) < 0.85).astype(float)
+    routed = np.where(rng.random(n) < 0.8, strong, 0.0)
+    idx = np.random.default_rng(seed).integers(0, n, size=(500, n))
+    exact = float((10 * routed[idx].sum(1).astype(int) >= 9 * strong[idx].sum(1).astype(int)).mean())
+    assert M.bootstrap_guarantee(routed, strong, 0.9, 500, seed)["holds_fraction"] == exact
+
+
 def test_vectorized_two_model_sums_match_routing_each_threshold():
     from toolkit.route.calibrate import _d_moments, candidate_thresholds
 

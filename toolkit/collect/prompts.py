@@ -6,10 +6,12 @@ with an error that names the recipe field, file or line.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import string
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Optional
 
 from toolkit.config import DataConfig
@@ -43,32 +45,56 @@ def split_of(prompt_id: str, seed: int, train: float, val: float) -> str:
     return "val" if u < train + val else "test"
 
 
-def template_fields(template: str) -> list[str]:
-    """Column names a format string refers to (`{text}`, `{row[x]}` -> text, row)."""
+_CONVERSIONS = (None, "s", "r", "a")
+
+
+def template_problem(template: str) -> Optional[str]:
+    """What is wrong with a prompt template, checked without data (so `optkit validate` catches it too), or None.
+
+    Row values reach the template as strings, so a format spec is checked against a string: '{text:>>}' and
+    '{text:.2f}' fail here instead of on the first row at run time."""
     try:
         parsed = list(string.Formatter().parse(template))
     except ValueError as exc:
-        raise OptkitError(f"data.prompt_template: invalid format string ({exc}); write literal braces as {{{{ }}}}") \
-            from None
-    names = []
-    for _, field, _, _ in parsed:
+        return f"invalid format string ({exc}); write literal braces as {{{{ }}}}"
+    for _, field, spec, conversion in parsed:
         if field is None:
             continue
         name = field.split(".")[0].split("[")[0]
         if not name or name.isdigit():
-            raise OptkitError("data.prompt_template: use named fields like {text}, not positional {} or {0}")
-        names.append(name)
-    return names
+            return "use named fields like {text}, not positional {} or {0}"
+        if conversion not in _CONVERSIONS:
+            return f"unknown conversion '!{conversion}' in {{{field}}} (use !s, !r or !a)"
+        if spec and "{" not in spec:  # a nested spec ('{text:{width}}') is only known per row
+            try:
+                format("", spec)
+            except ValueError as exc:
+                return f"bad format spec ':{spec}' in {{{field}}} ({exc})"
+    return None
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a format string refers to (`{text}`, `{row[x]}` -> text, row)."""
+    problem = template_problem(template)
+    if problem:
+        raise OptkitError(f"data.prompt_template: {problem}")
+    return [field.split(".")[0].split("[")[0] for _, field, _, _ in string.Formatter().parse(template)
+            if field is not None]
 
 
 def _text(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def render_user(row: dict, data: DataConfig) -> str:
+def render_user(row: dict, data: DataConfig, where: str = "a row") -> str:
     if data.prompt_template is None:
         return _text(row[data.prompt_column])
-    return data.prompt_template.format_map({k: _text(v) for k, v in row.items()})
+    try:
+        return data.prompt_template.format_map({k: _text(v) for k, v in row.items()})
+    except (KeyError, IndexError, AttributeError, ValueError, TypeError) as exc:
+        # what only a row can reveal: a missing column, '{text[5]}' on a short value, a nested spec
+        raise OptkitError(f"{where}: data.prompt_template {data.prompt_template!r} cannot be filled "
+                          f"({type(exc).__name__}: {exc})") from None
 
 
 def build_messages(user: str, system_prompt: Optional[str]) -> list[dict]:
@@ -94,23 +120,69 @@ def check_columns(rows: list[dict], data: DataConfig, source: str) -> None:
                               f"{', '.join(sorted(have))}")
 
 
+def read_data(path, fmt: str = "auto", split_name: Optional[str] = None, field: str = "data.path") -> list[dict]:
+    """read_table, with the reader's own exceptions turned into one line naming the file (and line); `field`
+    is the recipe key that named the file."""
+    path = Path(path)
+    if path.is_dir() and fmt in ("auto", "datasets"):
+        if not ((path / "state.json").is_file() or (path / "dataset_dict.json").is_file()):
+            raise OptkitError(f"{path}: {field} is a directory but not one saved by datasets.save_to_disk (no "
+                              "state.json or dataset_dict.json); give a .jsonl, .csv or .parquet file")
+    elif path.is_dir() or (path.exists() and fmt == "datasets"):
+        raise OptkitError(f"{path}: data.format is '{fmt}' but {field} is a "
+                          f"{'directory' if path.is_dir() else 'file'}")
+    try:
+        return read_table(path, fmt, split_name)
+    except UnicodeDecodeError:
+        raise OptkitError(_not_utf8(path, field)) from None
+    except csv.Error as exc:
+        raise OptkitError(f"{path}: invalid CSV ({exc})") from None
+    except (OSError, ValueError) as exc:  # unreadable file; a damaged datasets directory (pyarrow, json)
+        raise OptkitError(f"{path}: cannot read ({type(exc).__name__}: {exc})") from None
+
+
+def _not_utf8(path: Path, field: str) -> str:
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                return (f"{path}:{lineno}: not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+                        f"re-save {field} as UTF-8")
+    return f"{path}: not UTF-8 text; re-save {field} as UTF-8"
+
+
+def _row_columns(data: DataConfig) -> list[tuple[str, str]]:
+    """(recipe field, column) pairs every row must have (the first row is checked by check_columns)."""
+    wanted = [("data.id_column", data.id_column), ("data.reference_column", data.reference_column)]
+    if data.prompt_template:
+        wanted += [("data.prompt_template", name) for name in template_fields(data.prompt_template)]
+    return [(field, column) for field, column in wanted if column is not None]
+
+
 def load_prompts(data: DataConfig, path, seed: int) -> list[Prompt]:
     """All prompts of the data file, deduped, sampled to data.limit, each with its split. File order kept."""
-    rows = read_table(path, data.format, data.split_name)
+    rows = read_data(path, data.format, data.split_name)
     if not rows:
         raise OptkitError(f"{path}: the dataset is empty (data.path has no rows)")
     check_columns(rows, data, str(path))
+    required = _row_columns(data)
     prompts, seen_messages, seen_ids = [], set(), {}
     for i, row in enumerate(rows):
         where = f"{path}: row {i + 1}"
+        for field, column in required:  # a later row can lack a column the first one has
+            if column not in row:
+                raise OptkitError(f"{where}: no column '{column}' ({field}); the first row has it")
         if row.get(data.prompt_column) in (None, "") and data.prompt_template is None:
             raise OptkitError(f"{where}: empty prompt in column '{data.prompt_column}' (data.prompt_column)")
-        messages = build_messages(render_user(row, data), data.system_prompt)
+        messages = build_messages(render_user(row, data, where), data.system_prompt)
         key = json.dumps(messages, sort_keys=True, ensure_ascii=False)
         if data.dedupe and key in seen_messages:
             continue
         seen_messages.add(key)
         pid = _text(row[data.id_column]) if data.id_column else messages_id(messages)
+        if not pid:
+            raise OptkitError(f"{where}: empty id in column '{data.id_column}' (data.id_column)")
         if pid in seen_ids:
             raise OptkitError(f"{where}: id '{pid}' repeats row {seen_ids[pid] + 1}"
                               + (" (data.id_column must be unique)" if data.id_column else

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 
 from toolkit.config.base import Section
 
@@ -65,6 +65,15 @@ class DataConfig(Section):
                                  "deterministic sample by hash of id and seed, not the first rows of the file.")
     splits: SplitConfig = Field(default_factory=SplitConfig, description="Deterministic train/val/test split "
                                 "(by hash of prompt id and the recipe seed).")
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template(cls, v: Optional[str]) -> Optional[str]:
+        from toolkit.collect.prompts import template_problem  # the loader's own rules, so validate == run
+
+        if v is not None and (problem := template_problem(v)):
+            raise ValueError(problem)
+        return v
 
 
 class Price(Section):

@@ -10,6 +10,12 @@ from toolkit.route.runtime import Router
 __all__ = ["Router", "run"]
 
 
+# Recipe keys besides `route` its outputs depend on; a change re-runs it (toolkit/pipeline.py). A stage
+# name = that stage's outputs are consumed.
+# Here: labels from collect + distill outputs, seed (splits, fit), pricing (relative model costs).
+READS = ("collect", "distill", "seed", "pricing")
+
+
 def run(ctx):
     from toolkit.route.stage import run as _run
 

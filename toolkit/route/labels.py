@@ -18,7 +18,8 @@ from typing import Optional
 import numpy as np
 
 from toolkit.errors import OptkitError
-from toolkit.io import read_jsonl, read_table, require_columns
+from toolkit.collect.prompts import read_data
+from toolkit.io import read_jsonl, require_columns
 
 STUDENT, TEACHER = "student", "teacher"
 
@@ -86,13 +87,17 @@ def from_file(cfg, recipe, seed: int) -> tuple[LabelTable, Path]:
     path = recipe.resolve_path(lab.path)
     if not path.exists():
         raise OptkitError(f"route.labels.path: file not found: {path}")
-    rows = read_table(path)
+    rows = read_data(path, field="route.labels.path")  # one line, not a traceback, on a non-UTF-8 or damaged file
     require_columns(rows, [lab.prompt_column], str(path), "route.labels.prompt_column")
     for model, col in lab.score_columns.items():
         require_columns(rows, [col], str(path), f"route.labels.score_columns.{model}")
     models = list(lab.score_columns)
     prompts, scores, ids = [], [], []
     for lineno, row in enumerate(rows, 1):
+        for name, col in [("prompt_column", lab.prompt_column)] + [(f"score_columns.{m}", c)
+                                                                   for m, c in lab.score_columns.items()]:
+            if col not in row:  # the first row has it (require_columns): a later one may not
+                raise OptkitError(f"{path}: row {lineno}: no column '{col}' (route.labels.{name})")
         prompt = row[lab.prompt_column]
         if not isinstance(prompt, str) or not prompt.strip():
             raise OptkitError(f"{path}: row {lineno}: empty or non-text prompt in column '{lab.prompt_column}'")

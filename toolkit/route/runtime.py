@@ -7,17 +7,19 @@ is in quality units: the predicted quality gain that is worth one strong call.
 
 Everything the router needs is in two files written by the route stage (or `save_router`):
 `router.json` (models, costs, threshold, feature spec, calibration facts) and `router.safetensors`
-(feature scaling and the model head's weights).
+(feature scaling and the model head's weights). `Router.load` validates both against each other before routing
+anything (toolkit/route/spec.py): a damaged file is one OptkitError naming the file and field.
 """
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+
+from toolkit.errors import OptkitError
 
 ROUTER_JSON = "router.json"
 ROUTER_WEIGHTS = "router.safetensors"
@@ -162,13 +164,9 @@ class Router:
         `.encode(list[str]) -> array`; default = the sentence-transformers model named in router.json."""
         path = Path(path)
         directory = path.parent if path.suffix == ".json" else path
-        spec = json.loads((directory / ROUTER_JSON).read_text())
-        if spec.get("format_version") != FORMAT_VERSION:
-            raise ValueError(f"{directory / ROUTER_JSON}: format_version {spec.get('format_version')} "
-                             f"is not {FORMAT_VERSION}")
-        from safetensors.numpy import load_file  # numpy-only reader
+        from toolkit.route.spec import read_router  # pydantic: validates both files against each other
 
-        weights = load_file(str(directory / ROUTER_WEIGHTS))
+        spec, weights = read_router(directory)
         router = cls(spec, weights, embedder)
         router.directory = directory
         return router
@@ -201,6 +199,10 @@ class Router:
         if self.spec["features"]["text_features"]:
             parts.append(text_features(prompts))
         x = np.concatenate(parts, axis=1) if len(parts) > 1 else emb
+        if x.shape[1] != self.weights["feat.mean"].shape[0]:  # another embedder than the one trained with
+            raise OptkitError(f"router: the embedder gives {emb.shape[1]}-dim vectors; this router was trained on "
+                              f"features.embedder '{self.spec['features']['embedder']}' "
+                              f"({self.weights['feat.mean'].shape[0] - x.shape[1] + emb.shape[1]} dims)")
         x = (x - self.weights["feat.mean"]) / self.weights["feat.scale"]
         return x.astype(np.float32), emb
 
