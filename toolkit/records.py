@@ -13,7 +13,6 @@
     input_tokens  int
     output_tokens int
     latency_s     float wall time of the request (or the batch share, for batched local backends)
-    cost_usd      float from recipe.pricing["teacher"] (0 when no price is given)
     model         str   teacher model reference
 
 Top-k log-probs (collect.top_logprobs > 0) live beside it in `collect/topk.safetensors`: for record id X,
@@ -33,7 +32,7 @@ FAILURES = "failures.jsonl"
 TOPK = "topk.safetensors"
 
 FIELDS = ("id", "split", "messages", "prompt", "reference", "output", "finish_reason", "input_tokens",
-          "output_tokens", "latency_s", "cost_usd", "model")
+          "output_tokens", "latency_s", "model")
 
 
 def load_records(collect_dir: Path, splits: Optional[Iterable[str]] = None) -> list[dict]:

@@ -106,7 +106,7 @@ def test_sampling_is_seeded_and_differs_from_greedy(fp32_backend):
     assert first != greedy
 
 
-def test_stage_end_to_end_with_topk_resume_and_cost(workdir, smollm2_dir):
+def test_stage_end_to_end_with_topk_resume_and_tokens(workdir, smollm2_dir):
     from toolkit.cli import main
     from toolkit.models import bf16_supported
     from toolkit.records import FIELDS, load_topk
@@ -122,14 +122,15 @@ def test_stage_end_to_end_with_topk_resume_and_cost(workdir, smollm2_dir):
     assert all(set(FIELDS) <= set(r) for r in records)
     assert {p["split"] for p in prompts} <= {"train", "val", "test"}
     for r in records:
-        assert r["cost_usd"] == pytest.approx((r["input_tokens"] * 1.0 + r["output_tokens"] * 4.0) / 1e6)
+        # prices are evaluate's business: a record holds token counts, so a price change never re-collects
+        assert "cost_usd" not in r and r["input_tokens"] > 0 and 0 < r["output_tokens"] <= 6
         assert r["model"] == "smollm2-135m-instruct" and r["reference"] and r["prompt"] in r["messages"][-1]["content"]
     topk = load_topk(out)
     assert set(topk) == {r["id"] for r in records}
     assert all(tuple(topk[r["id"]][0].shape) == (r["output_tokens"], 2) for r in records)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["output_tokens"] == sum(r["output_tokens"] for r in records)
-    assert summary["cost_usd"] == pytest.approx(sum(r["cost_usd"] for r in records), abs=1e-6)
+    assert summary["input_tokens"] == sum(r["input_tokens"] for r in records)
     assert summary["teacher"]["dtype"] == ("bfloat16" if bf16_supported() else "float32")
     assert summary["answered_this_run"] == 12
 

@@ -1,6 +1,7 @@
 """Re-run correctness (issue 13): change each top-level recipe key in turn; exactly the stages whose outputs depend
 on it re-run. The expected table below is the specification, written from reading each stage's code (not from
-the READS declarations it checks): e.g. collect prices its records (cost_usd) so `pricing` re-runs it; quantize
+the READS declarations it checks): e.g. collect's records carry token counts, not prices, so `pricing` re-runs
+only the stages that price (route's default costs, evaluate, export) and never re-trains the student; quantize
 reads `data` for calibration; the cache stage reads the prompts itself and no other stage's outputs.
 
 The full matrix runs at the hash level (what run_pipeline decides with); a real run of route + cache + export
@@ -36,7 +37,7 @@ MATRIX = {
     "tracking": (lambda d: d.update(tracking={"experiment": "elsewhere"}), set()),
     "teacher": (lambda d: d["teacher"].update(dtype="float32"), AFTER_COLLECT),
     "data": (lambda d: d["data"].update(limit=499), ALL),
-    "pricing": (lambda d: d["pricing"]["teacher"].update(input_per_1m=0.2), AFTER_COLLECT),
+    "pricing": (lambda d: d["pricing"]["teacher"].update(input_per_1m=0.2), {"route", "evaluate", "export"}),
     "collect": (lambda d: d["collect"]["generation"].update(max_new_tokens=13), AFTER_COLLECT),
     "distill": (lambda d: d["distill"]["lora"].update(r=8), {"distill", "quantize", "route", "evaluate", "export"}),
     "quantize": (lambda d: _bump(d["quantize"], "eval_samples"), {"quantize", "evaluate", "export"}),

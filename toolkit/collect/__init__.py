@@ -33,8 +33,9 @@ MAX_LABELS = 50  # references with at most this many distinct values are treated
 
 # Recipe keys besides `collect` its outputs depend on; a change re-runs it (toolkit/pipeline.py). A stage
 # name = that stage's outputs are consumed.
-# Here: the teacher and its settings, the prompts, seed (splits, sampling), the teacher's price (cost_usd).
-READS = ("teacher", "data", "seed", "pricing")
+# Here: the teacher and its settings, the prompts, seed (splits, sampling). Not `pricing`: records carry token
+# counts and evaluate prices them, so a price change never re-collects, nor re-trains the student downstream.
+READS = ("teacher", "data", "seed")
 
 
 @dataclass
@@ -119,12 +120,11 @@ def run(ctx) -> dict:
         new_results = [store.get(k) for k in sink.new]
 
     # ---- save
-    price = recipe.pricing.get("teacher")
     records, failures = [], []
     for p in selected:
         p.messages = sent[p.id]
         if results[p.id] is not None:
-            records.append(make_record(p, results[p.id], recipe.teacher.model, price))
+            records.append(make_record(p, results[p.id], recipe.teacher.model))
         else:
             error, attempts = sink.failures.get(key(p.id), (skipped.get(p.id, "not answered"), 0))
             failures.append({"id": p.id, "split": p.split, "prompt": p.prompt, "error": error, "attempts": attempts})
@@ -157,23 +157,13 @@ def apply_context_guard(backend, recipe, ids: list[str], sent: dict) -> tuple[di
     return {**report.as_dict(), "checked": report.limit is not None}, report.skipped
 
 
-def make_record(p, result: dict, model: str, price) -> dict:
+def make_record(p, result: dict, model: str) -> dict:
     record = {**p.to_dict(), "output": result["output"], "finish_reason": result["finish_reason"],
               "input_tokens": int(result["input_tokens"]), "output_tokens": int(result["output_tokens"]),
-              "latency_s": result["latency_s"], "cost_usd": cost_usd(result, price), "model": model}
+              "latency_s": result["latency_s"], "model": model}
     if result.get("tokens_estimated"):
         record["tokens_estimated"] = True
     return record
-
-
-def cost_usd(result: dict, price) -> float:
-    """Token prices for API teachers; per_hour (self-hosted) is charged for the record's share of wall time."""
-    if price is None:
-        return 0.0
-    cost = (result["input_tokens"] * price.input_per_1m + result["output_tokens"] * price.output_per_1m) / 1e6
-    if price.per_hour:
-        cost += price.per_hour * result["latency_s"] / 3600
-    return round(cost, 10)
 
 
 def write_topk(path, records: list[dict], results: dict) -> None:
@@ -214,7 +204,6 @@ def summarize(records, failures, new_results, wall, n_prompts, stats) -> dict:
         "answered_this_run": len(new_results), "from_store": len(records) - len(new_results),
         "input_tokens": sum(r["input_tokens"] for r in records),
         "output_tokens": sum(r["output_tokens"] for r in records),
-        "cost_usd": round(sum(r["cost_usd"] for r in records), 6),
         "finish_reasons": _count(r["finish_reason"] for r in records),
         "wall_s": round(wall, 3),
         # Throughput of what was generated in this run (answers read from the store took no time).
@@ -227,7 +216,7 @@ def summarize(records, failures, new_results, wall, n_prompts, stats) -> dict:
 
 
 def headline(summary: dict) -> dict:
-    keys = ("answered", "failed", "output_tokens", "cost_usd", "output_tokens_per_s", "teacher_gold_accuracy",
+    keys = ("answered", "failed", "input_tokens", "output_tokens", "output_tokens_per_s", "teacher_gold_accuracy",
             "answered_this_run")
     metrics = {k: summary[k] for k in keys if summary.get(k) is not None}
     metrics["retries"] = summary["backend_stats"].get("retries", 0)
