@@ -53,6 +53,9 @@ def _entry_problem(rel: Any, meta: Any) -> Optional[str]:
     missing = [k for k in ("bytes", "sha256") if k not in meta]
     if missing:
         return f"{rel}: entry has no {' or '.join(missing)}"
+    unknown = sorted(set(meta) - {"bytes", "sha256"})
+    if unknown:  # e.g. a misspelled 'sha256x' next to a stale 'sha256': a hand-edited entry, not ours
+        return f"{rel}: unknown key(s) {', '.join(map(repr, unknown))} in the entry; want only bytes and sha256"
     if not isinstance(meta["bytes"], int) or isinstance(meta["bytes"], bool) or meta["bytes"] < 0:
         return f"{rel}: bytes must be a non-negative integer, got {meta['bytes']!r}"
     if not isinstance(meta["sha256"], str) or len(meta["sha256"]) != 64:

@@ -173,3 +173,12 @@ def test_fuzzed_cache_json_loads_or_fails_in_one_line(tmp_path, minilm, good):
         if cache.cluster_thresholds is not None:
             assert len(cache.cluster_thresholds) == len(cache.centroids)
     assert outcomes["refused"] > 150 and outcomes["loaded"] > 10, outcomes
+
+
+def test_overflowing_probe_vector_refuses_instead_of_passing(tmp_path, minilm, good):
+    # 1e308 is a valid finite JSON number, but it overflows float32: the probe cosine becomes NaN, and a NaN
+    # compared with the minimum cosine used to let any embedder through.
+    cfg = copy.deepcopy(good)
+    cfg["embedder"]["probe_vectors"][0] = [1e308] * 384
+    with pytest.raises(OptkitError, match="embedder differs"):
+        SemanticCache.load(write(tmp_path, cfg), embedder=minilm)

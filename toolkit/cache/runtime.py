@@ -33,6 +33,9 @@ SIMILARITY = {"kind": "cosine", "higher_is_closer": True, "range": [-1.0, 1.0],
 PROBES = ("how do I reset my password", "what is the weather in Paris tomorrow",
           "cancel my order please", "transfer 50 dollars to Anna")
 PROBE_MIN_COSINE = 0.99
+# cache.json's embedder.embedding = static: the static token vectors (toolkit.route.static) live in this folder
+# beside cache.json and load with numpy + tokenizers only (no torch in the serving process).
+STATIC_DIR = "cache-embedder"
 
 __all__ = ["Hit", "Namespace", "SemanticCache", "namespace_key"]
 
@@ -148,7 +151,9 @@ class SemanticCache:
         clock = overrides.pop("clock", time.time)
         runtime = cachefile.runtime_settings(spec, overrides, str(path))
         cfg = spec.model_dump()
-        if embedder is None or isinstance(embedder, (str, Path)):
+        if embedder is None and cfg["embedder"].get("embedding") == "static":
+            embedder = load_static_embedder(path.parent / cfg["embedder"].get("files", STATIC_DIR), str(path))
+        elif embedder is None or isinstance(embedder, (str, Path)):
             from toolkit.models import load_embedder
 
             embedder = load_embedder(str(embedder or spec.embedder.model))
@@ -338,6 +343,16 @@ class SemanticCache:
         return self._faiss or None
 
 
+def load_static_embedder(directory: Path, source: str = "cache.json"):
+    """The static embedder a cache was tuned with (numpy + tokenizers; the router's own class)."""
+    from toolkit.route.runtime import StaticEmbedder
+
+    if not (directory / StaticEmbedder.VECTORS).is_file() or not (directory / StaticEmbedder.TOKENIZER).is_file():
+        raise OptkitError(f"{source}: embedding static needs {directory}/{StaticEmbedder.VECTORS} and "
+                          f"{StaticEmbedder.TOKENIZER} (written by the cache stage next to cache.json)")
+    return StaticEmbedder(directory)
+
+
 def probe_vectors(embedder: Any) -> np.ndarray:
     return embed_texts(embedder, PROBES)
 
@@ -349,8 +364,9 @@ def check_embedder(embedder: Any, recorded: dict, source: str = "cache.json") ->
     if got.shape != want.shape:
         raise OptkitError(f"{source}: the embedder gives {got.shape[1]}-dim vectors but the cache was tuned with "
                           f"'{recorded['model']}' ({want.shape[1]}-dim); load it with that embedder")
-    cos = float(np.min(np.sum(got * l2_normalize(want), axis=1)))
-    if cos < PROBE_MIN_COSINE:
+    with np.errstate(all="ignore"):  # a probe like 1e308 overflows float32: NaN must refuse, not pass
+        cos = float(np.min(np.sum(got * l2_normalize(want), axis=1)))
+    if not cos >= PROBE_MIN_COSINE:
         raise OptkitError(f"{source}: the embedder differs from '{recorded['model']}' "
                           f"({recorded.get('revision')}) that the threshold was tuned with (probe cosine {cos:.3f}); "
                           "mixing embedding spaces breaks the cache: load it with the same embedder")
