@@ -75,6 +75,10 @@ def run(ctx) -> dict:
     from toolkit.collect.store import InFlightLog, ResultStore, result_key
 
     recipe, cfg = ctx.recipe, ctx.config
+    if cfg.backend == "log":  # answers the teacher already gave (a traffic log): no model, no result store
+        from toolkit.collect.log_source import run as run_log
+
+        return run_log(ctx)
     # ---- setup
     data_path = recipe.resolve_path(recipe.data.path)
     if not data_path.exists():

@@ -42,8 +42,36 @@ class VLLMBackendConfig(Section):
     quantization: Optional[str] = Field(None, description="vLLM quantization method, if the teacher is quantized.")
 
 
+class LogBackendConfig(Section):
+    paths: list[str] = Field(default_factory=list, description="Traffic logs to import (JSONL; globs allowed, e.g. "
+                             "'traffic*.jsonl' for the gateway's rotated files, read in name order). Relative to the "
+                             "recipe file. Default: data.path.")
+    format: Literal["auto", "optkit", "openai"] = Field("auto", description="optkit = the gateway's traffic log "
+                                                        "(serve.yaml traffic_log); openai = {request, response} "
+                                                        "lines (an OpenAI-style proxy log); auto = per line.")
+    prompts: Literal["log", "data"] = Field("log", description="log = every eligible logged request is a prompt "
+                                            "(id = hash of its messages, split by hash as for data prompts); data = "
+                                            "only data.path's prompts, answered from the log (the others go to "
+                                            "failures.jsonl as not_in_log, not counted by max_failures).")
+    routes: list[str] = Field(["teacher"], min_length=1, description="x-optkit-route values whose answers count "
+                              "(optkit format): teacher by default; add student, exact-cache, semantic-cache to "
+                              "keep those too. openai-format lines have no route and always count.")
+    models: Optional[list[str]] = Field(None, description="Only answers served by these models (the backend's "
+                                        "model name, or the response's model); null = any.")
+    finish_reasons: list[str] = Field(["stop"], min_length=1, description="Only answers that ended this way: "
+                                      "complete ones by default (add length to keep cut-off answers).")
+    max_temperature: Optional[float] = Field(None, ge=0, description="Only requests sampled at or below this "
+                                             "temperature (unset temperature = 1, the OpenAI default); null = any.")
+    bad_lines: Literal["error", "skip"] = Field("error", description="A line that is not a valid log entry: "
+                                                "error (one line naming file and line number) or skip (counted). A "
+                                                "torn last line (a writer killed mid-line) is always skipped and "
+                                                "counted.")
+
+
 class CollectConfig(Section):
-    backend: Literal["hf", "openai", "vllm"] = Field("hf", description="Who generates the teacher outputs.")
+    backend: Literal["hf", "openai", "vllm", "log"] = Field(
+        "hf", description="Who generates the teacher outputs; log = import answers the teacher already gave "
+        "(the gateway's traffic log or an OpenAI-style request/response log; no model is called).")
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding settings.")
     top_logprobs: int = Field(0, ge=0, le=20, description="Keep this many top log-probs per output token "
                               "(for logit KD); 0 = none.")
@@ -53,9 +81,16 @@ class CollectConfig(Section):
     openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig,
                                         description="Settings of the openai backend.")
     vllm: VLLMBackendConfig = Field(default_factory=VLLMBackendConfig, description="Settings of the vllm backend.")
+    log: LogBackendConfig = Field(default_factory=LogBackendConfig, description="Settings of the log backend.")
     context: Literal["error", "skip", "truncate"] = Field(
         "error", description="A prompt whose tokens + generation.max_new_tokens exceed the model's context: error "
         "(stop, naming the prompt), skip (record it in failures.jsonl, not counted by max_failures) or truncate "
         "(cut the middle of its last message). Counts go to summary.json and the manifest.")
     max_failures: float = Field(0.0, ge=0, le=1, description="Fraction of prompts allowed to fail after retries "
                                 "before the stage fails (failures are always recorded).")
+
+    @model_validator(mode="after")
+    def _log_backend(self) -> "CollectConfig":
+        if self.backend == "log" and self.top_logprobs:
+            raise ValueError("top_logprobs: a traffic log holds answers, not log-probs; set it to 0 for backend: log")
+        return self

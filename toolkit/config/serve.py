@@ -123,6 +123,35 @@ class AuditConfig(Section):
                                    "this many seconds.")
 
 
+class TrafficLogConfig(Section):
+    enabled: bool = Field(False, description="Log every completed request as one JSONL line (opt-in) that "
+                          "`collect.backend: log` imports as teacher records.")
+    path: str = Field("traffic.jsonl", min_length=1, description="The log file (relative to the working "
+                      "directory); one per gateway replica. Rotated files are named <stem>.<UTC time>Z<suffix>.")
+    rotate_bytes: Optional[int] = Field(100_000_000, ge=1024, description="Rotate when the file would grow past "
+                                        "this size; null = never.")
+    keep_files: Optional[int] = Field(None, ge=1, description="Rotated files kept (oldest deleted); null = all.")
+    sample_rate: float = Field(1.0, ge=0, le=1, description="Fraction of completed requests logged.")
+    redact_fields: list[str] = Field(["user", "metadata"], description="Request fields (at any depth of the "
+                                     "logged request, messages included) whose values are written as ***.")
+    redact_patterns: list[str] = Field([r"\b(?:sk|pk|rk)-[A-Za-z0-9_-]{16,}", r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]{8,}"],
+                                       description="Regular expressions masked (***) in prompts and answers; the "
+                                       "backends' API keys and URL credentials are always masked.")
+    queue_size: int = Field(10_000, ge=1, description="Lines waiting for the writer thread; beyond it lines are "
+                            "dropped (counted), never the reply delayed.")
+
+    @model_validator(mode="after")
+    def _patterns(self) -> "TrafficLogConfig":
+        import re
+
+        for p in self.redact_patterns:
+            try:
+                re.compile(p)
+            except re.error as exc:
+                raise ValueError(f"redact_patterns: {p!r} is not a regular expression ({exc})") from None
+        return self
+
+
 class ServeConfig(Section):
     model_name: str = Field("optkit", min_length=1, description="The model id clients ask for to get the routed "
                             "system (listed by /v1/models with each backend's own model).")
@@ -139,6 +168,7 @@ class ServeConfig(Section):
                                          "key.")
     cache: CachePolicy = Field(default_factory=CachePolicy)
     audit: AuditConfig = Field(default_factory=AuditConfig)
+    traffic_log: TrafficLogConfig = Field(default_factory=TrafficLogConfig)
 
     @model_validator(mode="after")
     def _names(self) -> "ServeConfig":

@@ -27,6 +27,7 @@ from toolkit.serve.audit import CACHE, ROUTE, Auditor
 from toolkit.serve.backends import BackendError, Pool
 from toolkit.serve.decide import SEMANTIC, Decider, Decision
 from toolkit.serve.metrics import Metrics
+from toolkit.serve.traffic_log import TrafficLog
 
 log = logging.getLogger("optkit.serve")
 PATHS = {"chat": "/chat/completions", "completions": "/completions"}
@@ -96,10 +97,12 @@ class Gateway:
         self.cfg, self.decider, self.metrics = cfg, decider, Metrics()
         self.pool: Optional[Pool] = None
         self.auditor = Auditor(cfg.audit, targets or {}, self.metrics)
+        self.traffic = TrafficLog(cfg.traffic_log, cfg, self.metrics)  # opt-in; writes on its own thread
 
     def start(self) -> None:
         self.pool = Pool(self.cfg.backends, lambda s, d, r: self.metrics.fallbacks.labels(s, d, r).inc())
         self.auditor.start(self.pool)
+        self.traffic.start()
 
     def audit(self, kind: str, body: dict, decision: Decision, served: str, rid: Optional[str],
               answer: Optional[str]) -> None:
@@ -121,6 +124,7 @@ class Gateway:
             body = await read_json(request, self.cfg.max_body_bytes)
             resp = await self.serve(kind, validate(kind, body), body, request.headers)
             route = resp.headers.get("x-optkit-route", "none")
+            resp = self.traffic.observe(kind, body, request.headers, resp, started)
         except P.ApiError as exc:
             resp = self.error(exc)
         self.metrics.requests.labels(kind, route, f"{resp.status_code // 100}xx").inc()
@@ -262,6 +266,7 @@ def create_app(cfg: ServeConfig, decider: Decider, targets: Optional[dict] = Non
         yield
         await gw.auditor.stop()
         await gw.pool.aclose()
+        await asyncio.to_thread(gw.traffic.close)
 
     app = FastAPI(title="optkit gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.gateway = gw
