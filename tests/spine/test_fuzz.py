@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import json
 import random
-import string
 from pathlib import Path
 
 import pytest
 
 from tests.spine.test_pipeline import CALLS, make_recipe, stages  # noqa: F401  (fixture)
+from tests.test_fuzz_inputs import damage_bytes
 from toolkit import pipeline
 from toolkit.bundle import FORMAT, verify_bundle
 from toolkit.config import Recipe, load_recipe
@@ -19,27 +19,8 @@ from toolkit.errors import OptkitError
 from toolkit.tracking import NullTracker
 
 REPO = Path(__file__).resolve().parents[2]
-NASTY = ["", "null", "[]", "{}", "-1", "1e999", "NaN", ".nan", "\x00", "\xff", "../../etc", "~", "{{", ":", "- -",
-         "0x", "true", '"', "'", "\t", "&a", "*a", "!!python/object:os.system", "%", "@"]
-
-
-def mutate(data: bytes, rng: random.Random) -> bytes:
-    """One random damage: flip, delete, insert or splice, a few times over."""
-    b = bytearray(data)
-    for _ in range(rng.randint(1, 4)):
-        i = rng.randrange(max(len(b), 1))
-        op = rng.choice(["flip", "delete", "insert", "nasty", "truncate"])
-        if op == "flip" and b:
-            b[i] ^= 1 << rng.randrange(8)
-        elif op == "delete":
-            del b[i:i + rng.randint(1, 20)]
-        elif op == "insert":
-            b[i:i] = rng.choice(string.printable).encode() * rng.randint(1, 3)
-        elif op == "nasty":
-            b[i:i] = rng.choice(NASTY).encode("utf-8", "surrogateescape")
-        else:
-            del b[i:]
-    return bytes(b)
+# one byte-level damage routine for every fuzz test (tests/test_fuzz_inputs.py holds it)
+mutate = damage_bytes
 
 
 def test_damaged_recipes_load_or_raise_optkit_error(tmp_path):
