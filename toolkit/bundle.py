@@ -189,7 +189,11 @@ class Bundle:
             raise OptkitError(f"{self.root}: the bundle has no cache config")
         from toolkit.cache import SemanticCache
 
-        return SemanticCache.load(self.path(rel), embedder=embedder, **overrides)
+        path = self.path(rel)
+        static = (path.parent / "cache-embedder").relative_to(self.root).as_posix()
+        if self.under(static):  # cache.embedding = static: the vectors the threshold was tuned on, checked too
+            self.path(static)
+        return SemanticCache.load(path, embedder=embedder, **overrides)
 
 
 def verify_bundle(root: str | Path, expect_manifest_sha256: Optional[str] = None) -> list[str]:

@@ -162,3 +162,19 @@ def test_export_bundle_is_0755_0644_whatever_the_umask(workdir, monkeypatch, uma
     assert "route" in dirs and {modes.pop(d) for d in dirs} == {0o755}
     assert modes and set(modes.values()) == {0o644}, modes
     assert verify_bundle(bundle) == []
+
+
+def test_cache_refuses_tampered_static_embedder_vectors(tmp_path):
+    """A static-embedder cache ships the vectors its threshold was tuned on: Bundle.cache() checks them too."""
+    from toolkit.bundle import Bundle
+
+    b = tmp_path / "b"
+    b.mkdir()
+    (b / "cache.json").write_text('{"threshold": 0.84}')
+    (b / "cache-embedder").mkdir()
+    (b / "cache-embedder" / "vectors.safetensors").write_bytes(b"tuned vectors")
+    m = {"format": FORMAT, "models": [], "cache": "cache.json", "files": file_table(b)}
+    (b / "manifest.json").write_text(json.dumps(m))
+    (b / "cache-embedder" / "vectors.safetensors").write_bytes(b"other vectors")
+    with pytest.raises(BundleIntegrityError, match="cache-embedder/vectors.safetensors"):
+        Bundle.open(b).cache()

@@ -20,7 +20,7 @@ import numpy as np
 from toolkit.cache import stress, tune
 from toolkit.cache.pairs import (Pairs, groups_from_data, hash_sample, nearest_pairs,  # noqa: F401 (bench)
                                  pairs_from_file, test_prompt_texts)
-from toolkit.cache.runtime import FORMAT, PROBES, SIMILARITY, embed_texts, probe_vectors
+from toolkit.cache.runtime import FORMAT, PROBES, SIMILARITY, STATIC_DIR, embed_texts, probe_vectors
 from toolkit.errors import OptkitError
 from toolkit.io import atomic_write_bytes, atomic_write_text
 
@@ -38,11 +38,11 @@ BOUND_ON = {"realized": "false-hit share realized on a batch of traffic the size
             "audit": "upper bound an audit of a held-out-sized batch would state"}
 
 
-def embed_cached(ctx, embedder, ref: str, texts: list[str], batch_size: int) -> np.ndarray:
+def embed_cached(ctx, embedder, ref: str, texts: list[str], batch_size: int, embedding: str = "transformer") -> np.ndarray:
     """Embeddings, kept under work/ so an interrupted or re-run stage does not embed again."""
     from toolkit.models import model_revision
 
-    key = hashlib.sha256("\n".join([ref, model_revision(ref), *texts]).encode()).hexdigest()[:20]
+    key = hashlib.sha256("\n".join([ref, model_revision(ref), embedding, *texts]).encode()).hexdigest()[:20]
     path = ctx.work_dir / f"emb-{key}.npy"
     if path.is_file():
         vecs = np.load(path, allow_pickle=False)
@@ -58,6 +58,21 @@ def embed_cached(ctx, embedder, ref: str, texts: list[str], batch_size: int) -> 
     np.save(buf, vecs, allow_pickle=False)
     atomic_write_bytes(path, buf.getvalue())
     return vecs
+
+
+def static_embedder(ctx):
+    """The router's static embedder (toolkit.route.static: distilled once per embedder into the optkit cache),
+    copied into <cache dir>/cache-embedder/ so cache.json ships with the very vectors its threshold was tuned on."""
+    import shutil
+
+    from toolkit.route.runtime import StaticEmbedder
+    from toolkit.route.static import TOKENIZER, VECTORS, cached_vectors
+
+    src, dest = cached_vectors(ctx.config.embedder), ctx.dir / STATIC_DIR
+    dest.mkdir(parents=True, exist_ok=True)
+    for name in (VECTORS, TOKENIZER):
+        shutil.copy(src / name, dest / name)
+    return StaticEmbedder(dest)
 
 
 def split(pairs: Pairs, holdout: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -128,13 +143,13 @@ def load_pairs(ctx, embedder) -> tuple[Pairs, np.ndarray]:
         path = ctx.add_input(recipe.resolve_path(cfg.pairs_path))
         pairs = pairs_from_file(path, cfg, recipe.seed, test_prompt_texts(recipe))
         tune.check_inputs(np.zeros(len(pairs.labels)), pairs.labels, cfg.epsilon, cfg.confidence, pairs.source)
-        return pairs, embed_cached(ctx, embedder(), cfg.embedder, pairs.texts, cfg.batch_size)
+        return pairs, embed_cached(ctx, embedder(), cfg.embedder, pairs.texts, cfg.batch_size, cfg.embedding)
     if not cfg.group_column:
         raise OptkitError("cache: set cache.pairs_path (labeled pairs) or cache.group_column (build pairs from "
                           "groups of the recipe's data)")
     texts, groups, path, excluded = groups_from_data(recipe, cfg)
     ctx.add_input(path)
-    vecs = embed_cached(ctx, embedder(), cfg.embedder, texts, cfg.batch_size)
+    vecs = embed_cached(ctx, embedder(), cfg.embedder, texts, cfg.batch_size, cfg.embedding)
     queries = hash_sample(texts, cfg.max_pairs, recipe.seed)
     cached, labels = nearest_pairs(vecs, groups, queries)
     return Pairs(texts, np.array(queries), cached, labels, f"{path} (nearest-neighbour pairs by "
@@ -150,7 +165,7 @@ def run(ctx) -> dict:
 
     def embedder():
         if not loaded:
-            loaded.append(load_embedder(cfg.embedder))
+            loaded.append(static_embedder(ctx) if cfg.embedding == "static" else load_embedder(cfg.embedder))
         return loaded[0]
 
     pairs, vecs = load_pairs(ctx, embedder)
@@ -202,6 +217,7 @@ def run(ctx) -> dict:
     cache_cfg = {
         "format": FORMAT,
         "embedder": {"model": cfg.embedder, "revision": model_revision(cfg.embedder), "dim": int(vecs.shape[1]),
+                     "embedding": cfg.embedding, **({"files": STATIC_DIR} if cfg.embedding == "static" else {}),
                      "normalize": True, "probes": list(PROBES),
                      "probe_vectors": np.round(probe_vectors(embedder), 6).tolist()},
         "similarity": SIMILARITY, "false_hit_rate": FHR_DEFINITION,

@@ -28,6 +28,11 @@ class CacheConfig(Section):
     max_pairs: Optional[int] = Field(None, ge=10, description="Use at most this many pairs (a deterministic "
                                      "sample), to bound embedding time.")
     embedder: str = Field("minilm-l6", description="sentence-transformers model id, local dir or built-in name.")
+    embedding: Literal["transformer", "static"] = Field(
+        "transformer", description="transformer = run the embedder on every query; static = the router's static "
+        "embedder (the embedder distilled once into per-token vectors, numpy + tokenizers: no torch when serving, "
+        "the vectors ship in the cache dir). The threshold and its bound are tuned and certified for the embedder "
+        "chosen here.")
     epsilon: float = Field(0.05, gt=0, lt=1, description="Promised bound on the false-hit rate: among queries "
                            "served from the cache, the fraction whose cached answer is not reusable.")
     confidence: float = Field(0.95, gt=0.5, lt=1, description="One-sided confidence of the bound.")

@@ -112,6 +112,8 @@ def choose_parts(ctx) -> tuple[list[Part], list[str]]:
         parts.append(Part("router", "router", ctx.upstream("route"), "route"))
     if "cache" in cfg.include and available("cache", "cache"):
         parts.append(Part("cache", "cache", ctx.upstream("cache") / "cache.json", "cache.json"))
+        if (ctx.upstream("cache") / "cache-embedder").is_dir():  # cache.embedding = static: its vectors travel too
+            parts.append(Part("cache-embedder", "cache-embedder", ctx.upstream("cache") / "cache-embedder", "cache-embedder"))
     for p in parts:
         if not p.src.exists():
             raise OptkitError(f"export: {p.src} is missing ({p.name}); re-run the stage that writes it")
@@ -126,7 +128,8 @@ def copy_part(part: Part, root: Path) -> None:
     dest.parent.mkdir(parents=True, exist_ok=True)
     if part.kind == "router":  # only the runtime files, not the report or plots
         dest.mkdir(parents=True, exist_ok=True)
-        for name in ("router.json", "router.safetensors", "static_embedder.safetensors", "tokenizer.json"):
+        for name in ("router.json", "router.safetensors", "static_embedder.safetensors", "tokenizer.json",
+                     "cascade.json"):  # cascade.json: route.mode = cascade (the gateway then runs the cascade)
             if name.startswith("router") or (part.src / name).is_file():  # a static router carries its embedder
                 shutil.copy2(part.src / name, dest / name)
     elif part.src.is_dir():
@@ -231,6 +234,7 @@ def build_bundle(ctx) -> dict:
             "format": FORMAT, "run": ctx.recipe.name, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "optkit": __version__, "models": models,
             "router": "route" if "router" in has else None, "cache": "cache.json" if "cache" in has else None,
+            "cascade": "route/cascade.json" if (tmp / "route/cascade.json").is_file() else None,
             "metrics": rows, "notes": notes, "versions": library_versions(), "recipe": bundled_recipe(ctx.recipe),
         }
         atomic_write_text(tmp / "README.md", model_card(manifest, tmp))
