@@ -6,8 +6,12 @@ Splits the 10k labeled prompts by hash into fit / calibration / held-out, trains
 shipped stage code, calibrates the threshold for "keep >= X of GPT-4's quality at 95% confidence", and reports
 on the held-out part: APGR, CPT(50%), CPT(80%), cost at the target vs the baselines (random, always-weak,
 always-strong, prompt length, oracle); whether the quality guarantee holds under bootstrap; and latency of the
-numpy runtime (classifier alone, embed + classify one query, batched throughput). Results go to
-eval/results/route_mmlu.{json,md}. Timings on a shared machine are noisy: rerun before quoting them.
+numpy runtime (classifier alone, embed + classify one query, batched throughput); the model selection
+(route.select: cross-validated APGR on the fit part vs the length / constant baselines); and the shift table
+(held-out MMLU vs GSM8K word problems, strong calls and quality ratio with and without the shift guard):
+    python eval/bench_route.py --models logreg,knn --bootstrap 200 --latency-queries 50 \
+        --embedding transformer --out eval/results/bench_route_shift_transformer   (and --embedding static)
+Results go to eval/results/route_mmlu.{json,md} by default. Timings on a shared machine are noisy: rerun before quoting them.
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--bootstrap", type=int, default=1000)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--latency-queries", type=int, default=300)
+    p.add_argument("--shift-data", default=str(ROOT / "../shared/data/routing_routellm/gsm8k_test_first500_routing.jsonl"),
+                   help="out-of-distribution labeled set for the shift table ('' = skip)")
+    p.add_argument("--alpha", type=float, default=0.01, help="route.shift.alpha")
+    p.add_argument("--select", default="logreg,knn,length,constant",
+                   help="model-selection candidates (cross-validated APGR on the fit part; '' = skip)")
     p.add_argument("--cache", default=str(Path.home() / ".cache/optkit/bench_route"))
     p.add_argument("--out", default=str(ROOT / "eval/results/route_mmlu"))
     return p.parse_args()
@@ -91,6 +100,37 @@ def coverage(P: np.ndarray, S: np.ndarray, cost_norm, strong: int, cfg, resample
         ok += ratio >= cfg.target.min_quality
         costs.append(cost_norm[choice].mean())
     return {"resamples": resamples, "holds_fraction": ok / resamples, "mean_cost": float(np.mean(costs))}
+
+
+def shift_table(args, routers: dict, prompts, emb, x, S, fit, cal_i, test, cost_norm) -> dict:
+    """Per router: in-domain (held-out MMLU) and shifted (GSM8K) strong-call share and quality ratio, with and
+    without the shift guard calibrated on the fit / calibration parts (toolkit/route/shift.py)."""
+    from toolkit.config.route import RouteShiftConfig
+    from toolkit.io import read_jsonl
+    from toolkit.route.shift import ShiftGuard, fit_guard
+    from toolkit.route.shift_report import effect
+    from toolkit.route.stage import embed_cached
+    from toolkit.route.runtime import text_features
+
+    rows = read_jsonl(Path(args.shift_data))
+    g_prompts = [r["question"] for r in rows]
+    g_S = np.array([[float(r["mixtral_8x7b_correct"]), float(r["gpt4_1106_correct"])] for r in rows])
+    cfg0 = config(args, "logreg")
+    g_emb = embed_cached(cfg0, g_prompts)
+    t, g_t = text_features(prompts), text_features(g_prompts)
+    shift_cfg = RouteShiftConfig(alpha=args.alpha)
+    spec, tensors = fit_guard(emb[fit], emb[cal_i], shift_cfg, args.seed, t[fit], t[cal_i])
+    guard = ShiftGuard(spec, tensors)
+    flags_in, flags_out = guard.flags([prompts[i] for i in test], emb[test]), guard.flags(g_prompts, g_emb)
+    out = {"guard": spec, "n_shifted": len(rows), "routers": {}}
+    for name, router in routers.items():
+        g_x, _ = router.features(g_prompts, g_emb)
+        out["routers"][name] = {
+            "in_domain": effect(router.predict_from_features(x[test], emb[test]), S[test], flags_in, cost_norm, 1,
+                                router.threshold, "strong", args.min_quality),
+            "shifted": effect(router.predict_from_features(g_x, g_emb), g_S, flags_out, cost_norm, 1,
+                              router.threshold, "strong", args.min_quality)}
+    return out
 
 
 def classifier_latency(router, x: np.ndarray, emb: np.ndarray, reps: int = 2000) -> dict:
@@ -183,6 +223,16 @@ def main() -> None:
         if best is None or rep["router"]["apgr"] > results[best[0]]["router"]["apgr"]:
             best = (name, rep, router, weights)
         routers[name] = router
+    selection = None
+    if args.select:
+        from toolkit.route.select import cross_validate
+
+        t0 = time.time()
+        sel_cfg = config(args, "logreg").model_copy(update={"select": args.select.split(",")})
+        selection = cross_validate(x[fit], emb[fit], S[fit], cost_norm, strong, sel_cfg, args.seed)
+        selection["seconds"] = round(time.time() - t0, 1)
+        print("selection:", selection["chosen"], "-", selection["reason"], flush=True)
+    shift = shift_table(args, routers, prompts, emb, x, S, fit, cal_i, test, cost_norm) if args.shift_data else None
     name, rep, router, weights = best
     with tempfile.TemporaryDirectory() as d:  # latency of the saved-and-reloaded runtime, as served
         if args.embedding == "static":
@@ -202,12 +252,12 @@ def main() -> None:
         "data": str(args.data), "n": {"fit": len(fit), "calibration": len(cal_i), "held_out": len(test)},
         "settings": {k: v for k, v in vars(args).items() if k not in ("cache", "out")},
         "baselines": rep["baselines"], "model_quality_held_out": rep["model_quality"], "routers": results,
-        "best": name, "latency_best": lat, "threads": args.threads,
+        "best": name, "latency_best": lat, "threads": args.threads, "selection": selection, "shift": shift,
         "machine_note": "shared 2-core CPU with other jobs running: timings are noisy",
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(results_all, indent=2) + "\n")
+    out.with_suffix(".json").write_text(json.dumps(results_all, indent=2, allow_nan=False, default=str) + "\n")
     plot_curves(rep, out.with_suffix(".png"))
     out.with_suffix(".md").write_text(markdown(results_all))
     print(markdown(results_all))
@@ -251,6 +301,24 @@ def markdown(r: dict) -> str:
                      f"{at['quality_ratio']:.4f} | {_f(at['strong_fraction'], 1)} | "
                      f"{_f((res['bootstrap_fixed_threshold'] or {}).get('holds_fraction'), 1)} | "
                      f"{_f(res['bootstrap_procedure_coverage']['holds_fraction'], 1)} |")
+    if r.get("selection"):
+        sel = r["selection"]
+        lines += ["", f"Model selection (route.select, cross-validated APGR on the fit part, {sel.get('seconds')} s): "
+                  f"exported **{sel['chosen']}**: {sel['reason']}.", ""]
+    if r.get("shift"):
+        sh = r["shift"]
+        lines += ["", f"Shift guard (alpha {sh['guard']['alpha']:g}, k {sh['guard']['k']}; fit on the fit part, "
+                  f"thresholds on the calibration part). In domain: the held-out MMLU prompts; shifted: "
+                  f"{sh['n_shifted']} GSM8K prompts, same routers and thresholds. Goal: quality ratio >= "
+                  f"{r['settings']['min_quality']:g}.", "",
+                  "| router | set | flagged | strong calls (no guard) | quality ratio (no guard) | strong calls (guard) "
+                  "| quality ratio (guard) |", "|---|---|---|---|---|---|---|"]
+        for name, res in sh["routers"].items():
+            for part in ("in_domain", "shifted"):
+                e = res[part]
+                lines.append(f"| {name} | {part.replace('_', ' ')} | {_f(e['flagged'], 1)} | "
+                             f"{_f(e['without_guard']['strong_fraction'], 1)} | {_f(e['without_guard']['quality_ratio'])} | "
+                             f"{_f(e['with_guard']['strong_fraction'], 1)} | {_f(e['with_guard']['quality_ratio'])} |")
     lat = r["latency_best"]
     lines += ["", f"Latency of the best router ({r['best']}, saved and reloaded, numpy runtime, {r['threads']} threads; "
               f"{r['machine_note']}):", "",

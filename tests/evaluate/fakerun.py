@@ -228,7 +228,8 @@ def built(tmp_path_factory, smollm2_dir) -> Path:
     return _CACHE["built"]
 
 
-EVALUATE = {"latency_samples": 3, "batch_sizes": [1, 4], "warmup": 1}
+# In-process engines only: the served sweep (vLLM / llama.cpp servers) has its own tests (test_serving.py).
+EVALUATE = {"latency_samples": 3, "batch_sizes": [1, 4], "warmup": 1, "engine": "transformers"}
 
 
 def evaluated(tmp_path_factory, smollm2_dir) -> tuple[Path, object]:

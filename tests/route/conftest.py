@@ -9,13 +9,15 @@ import yaml
 ROOT = Path(__file__).resolve().parents[2]
 EXTRACT = ROOT / "recipes/data/routing/mmlu_routing_450.jsonl"
 MODELS = {"mixtral_8x7b": "mixtral_8x7b_correct", "gpt4_1106": "gpt4_1106_correct"}
+GSM8K = Path(__file__).resolve().parent / "data/gsm8k_routing_120.jsonl"  # out-of-distribution set (SOURCE.md)
 
 
 def file_recipe(tmp: Path, name: str = "route_test", **route) -> Path:
     """A route-only recipe over the extract; keyword arguments override the route section."""
     section = {"labels": {"source": "file", "path": str(EXTRACT), "score_columns": dict(MODELS)},
                "costs": {"mixtral_8x7b": 0.05, "gpt4_1106": 1.0}, "model": "logreg",
-               "target": {"min_quality": 0.9}, "holdout": 0.25, "calibration": 0.35, "bootstrap": 200}
+               "target": {"min_quality": 0.9}, "holdout": 0.25, "calibration": 0.35, "bootstrap": 200,
+               "shift": {"eval_path": str(GSM8K), "eval_prompt_column": "question", "alpha": 0.02}}
     section.update(route)
     recipe = {"name": name, "teacher": {"model": "smollm2-135m-instruct"}, "data": {"path": str(EXTRACT)},
               "route": section}

@@ -58,7 +58,7 @@ def three_model_labels(path):
 def _run(tmp, model):
     recipe = file_recipe(tmp, name="route_n3", model=model, target=GOALS[model],
                          labels={"source": "file", "path": str(tmp / "labels3.jsonl"), "score_columns": SCORES},
-                         costs=COSTS, bootstrap=50, max_seq_length=MAX_SEQ)
+                         costs=COSTS, bootstrap=50, max_seq_length=MAX_SEQ, select=[])  # this model, no selection
     outcomes = run_pipeline(load_recipe(recipe))
     assert outcomes[-1].status == "ran"
     # the same run dir for both models (the second reuses the cached embeddings); keep each router apart

@@ -51,9 +51,23 @@ class EvaluateConfig(Section):
     max_new_tokens: Optional[int] = Field(None, ge=1, description="Generation length cap; default = "
                                           "collect.generation.max_new_tokens (the same settings as the teacher).")
     engine: Literal["auto", "transformers", "vllm"] = Field(
-        "auto", description="Engine for HF-format variants (teacher, student, LoRA, compressed-tensors): auto = "
-        "vLLM when it is importable in this environment, else transformers. GGUF variants always run on "
-        "llama.cpp; API teachers are measured from collect's records.")
+        "auto", description="Serving engine for the speed and cost figures: vllm = every HF-format variant "
+        "(teacher, student, LoRA adapter on its base, compressed-tensors) behind a vLLM OpenAI server (vLLM in "
+        "this environment, else the project's .venv-vllm), GGUF behind llama.cpp's server, each under the "
+        "concurrency sweep; transformers = in-process figures only; auto = vllm when a vLLM environment exists. "
+        "Answers, quality and perplexity come from the in-process engines either way (transformers, llama.cpp).")
+    concurrency: list[int] = Field([1, 4, 16], min_length=1, description="Concurrent requests at which each "
+                                   "served variant is measured (TTFT, TPOT/ITL, e2e p50/p95/p99, tok/s, req/s).")
+    requests_per_level: int = Field(16, ge=1, description="Requests per concurrency level (at least 2 x the "
+                                    "level), cycling through the latency prompts.")
+    slo: dict[Literal["e2e_p99_s", "ttft_p99_s", "e2e_p95_s"], float] = Field(
+        default_factory=dict, description="Latency bounds a serving level must meet to set the self-hosted cost, "
+        "e.g. {e2e_p99_s: 2.0}: $/1M requests = per_hour / the best req/s meeting them ('SLO not met' when no "
+        "level does). Empty = the best req/s measured.")
+    vllm_args: list[str] = Field(default_factory=list, description="Extra arguments for each vLLM server "
+                                 "(e.g. [--enforce-eager] to skip torch.compile: faster start, slower decode).")
+    server_start_timeout_s: float = Field(600.0, gt=0, description="Seconds to wait for a model server to "
+                                          "answer before the variant is reported as not served.")
     latency_samples: int = Field(8, ge=1, description="Prompts timed one request at a time (batch 1) for TTFT, "
                                  "TPOT and end-to-end latency percentiles.")
     warmup: int = Field(1, ge=0, description="Untimed requests before timing each variant.")

@@ -46,7 +46,36 @@ class RouteTargetConfig(Section):
         return self
 
 
+class RouteShiftConfig(Section):
+    enabled: bool = Field(True, description="Calibrate a shift guard: flag prompts far from the router's training "
+                          "prompts (distance to the k nearest), at most `alpha` of in-distribution prompts flagged.")
+    alpha: float = Field(0.01, gt=0, lt=1, description="Share of in-distribution prompts the guard may flag "
+                         "(split-conformal threshold on the calibration part).")
+    k: int = Field(10, ge=1, description="Nearest training prompts averaged in the guard's distance.")
+    action: Literal["strong", "warn"] = Field("strong", description="Flagged prompts: strong = send to the strong "
+                                              "model; warn = route as usual, count and report them.")
+    max_reference: int = Field(5000, ge=10, description="Training embeddings kept as the guard's reference "
+                               "(uniform subsample beyond this).")
+    eval_path: Optional[str] = Field(None, description="Optional out-of-distribution set (jsonl/csv/parquet, "
+                                     "relative to the recipe) the report evaluates the guard on; with the label "
+                                     "score columns present, quality too.")
+    eval_prompt_column: Optional[str] = Field(None, description="Prompt column of eval_path (default: "
+                                              "route.labels.prompt_column).")
+
+
+class RouteCascadeConfig(Section):
+    confidence: Literal["mean_logprob", "min_logprob"] = Field(
+        "mean_logprob", description="mode = cascade: the student's confidence in its own answer = the mean (or "
+        "minimum) log-prob of its answer tokens; below the calibrated threshold the teacher answers instead.")
+
+
 class RouteConfig(Section):
+    mode: Literal["router", "cascade"] = Field(
+        "router", description="router = decide before generation from the prompt; cascade = the student answers "
+        "first and escalates to the teacher when its confidence (route.cascade) is below a threshold calibrated "
+        "to route.target like the router's (labels.source = pipeline; the router is still trained and reported "
+        "beside it). The bundle's gateway runs the mode exported.")
+    cascade: RouteCascadeConfig = Field(default_factory=RouteCascadeConfig, description="Cascade settings.")
     labels: RouteLabelsConfig = Field(default_factory=RouteLabelsConfig, description="Where labels come from.")
     embedder: str = Field("minilm-l6", description="sentence-transformers model for features (built-in name, "
                           "local dir or Hub id).")
@@ -56,6 +85,12 @@ class RouteConfig(Section):
         "the vectors ship in the route dir).")
     max_seq_length: int = Field(256, ge=8, description="Embedder truncation in tokens (shorter = faster routing).")
     text_features: bool = Field(True, description="Add cheap text features (length, digits, code, question words).")
+    shift: RouteShiftConfig = Field(default_factory=RouteShiftConfig, description="Shift guard.")
+    select: list[Literal["logreg", "mlp", "knn", "mf", "length", "constant"]] = Field(
+        default_factory=lambda: ["logreg", "knn", "length", "constant"], description="Candidates compared with "
+        "route.model by cross-validated APGR on the fit part; the best is exported (length = prompt length alone, "
+        "constant = no routing signal: always strong or always weak after calibration). [] = export route.model.")
+    cv_folds: int = Field(5, ge=2, description="Folds of the model-selection cross-validation.")
     model: Literal["logreg", "mlp", "knn", "mf"] = Field(
         "logreg", description="Router model predicting each model's quality per prompt: logreg = one logistic "
         "regression per model; mlp = small multi-output MLP; knn = mean scores of the k nearest labeled prompts; "

@@ -15,6 +15,7 @@ from toolkit.engines.hf import HFEngine
 from toolkit.engines.llamacpp import LlamaCppEngine
 from toolkit.engines.openai import OpenAIEngine
 from toolkit.engines.render import Rendered, Renderer, cut_stop, render_plain
+from toolkit.engines.servers import llamacpp_server, vllm_server
 from toolkit.engines.vllm import VLLMEngine
 
 ENGINES: dict[str, type] = {
@@ -24,5 +25,9 @@ ENGINES: dict[str, type] = {
     "openai": OpenAIEngine,
 }
 
-__all__ = ["ENGINES", "Engine", "Settings", "Timed", "Rendered", "Renderer", "cut_stop", "render_plain",
+# Server-managed engines (toolkit.engines.servers): a started OpenAI-compatible server per model, measured through
+# the one client; evaluate's serving sweep picks vllm for HF-format dirs and llamacpp-server for GGUF.
+SERVERS = {"vllm": vllm_server, "llamacpp-server": llamacpp_server}
+
+__all__ = ["ENGINES", "SERVERS", "Engine", "Settings", "Timed", "Rendered", "Renderer", "cut_stop", "render_plain",
            "HFEngine", "LlamaCppEngine", "OpenAIEngine", "VLLMEngine"]

@@ -10,7 +10,9 @@ Definitions (the README and report.md repeat them):
 - e2e: request start to the last token; p50 / p95 / p99 over the timed requests (one at a time, batch 1).
 - tokens/s at batch b: generated tokens (up to and including end-of-turn) / wall time, b requests per call.
 - cost per 1M requests: API variants (token prices) = mean per-request token bill x 1e6; self-hosted variants
-  (pricing.per_hour) = per_hour / 3600 / requests per second at the largest measured batch size x 1e6.
+  (pricing.per_hour) = per_hour / 3600 / requests per second x 1e6, the requests/s being the best measured on
+  the serving engine (toolkit.evaluate.serving) at a concurrency meeting evaluate.slo, else (no serving engine)
+  the largest measured batch size in-process.
 """
 
 from __future__ import annotations
@@ -154,11 +156,26 @@ def request_cost(price, input_tokens: float, output_tokens: float, cached_fracti
             + output_tokens * price.output_per_1m) / 1e6
 
 
-def variant_cost(row: dict, price, key: Optional[str], scored: list[dict], cached_fraction: float) -> dict:
-    """cost_per_request_usd, cost_per_1m_requests and how they were computed."""
+def variant_cost(row: dict, price, key: Optional[str], scored: list[dict], cached_fraction: float,
+                 slo: Optional[dict] = None) -> dict:
+    """cost_per_request_usd, cost_per_1m_requests and how they were computed. Self-hosted variants measured on
+    their serving engine (row["serving"]["levels"]) are priced at the best req/s meeting the SLO."""
     if price is None:
         return {"cost_per_request_usd": None, "cost_per_1m_requests": None,
                 "cost_basis": "no pricing entry for this variant"}
+    levels = (row.get("serving") or {}).get("levels")
+    if price.per_hour is not None and levels:
+        from toolkit.evaluate.serving import best_level
+
+        best, why = best_level(levels, slo)
+        engine = row["serving"].get("engine")
+        if best is None:
+            return {"cost_per_request_usd": None, "cost_per_1m_requests": None, "cost_status": "SLO not met",
+                    "cost_basis": f"pricing.{key}.per_hour on {engine}: {why}"}
+        usd = price.per_hour / 3600 / best["requests_per_s"]
+        return {"cost_per_request_usd": usd, "cost_per_1m_requests": usd * 1e6, "cost_concurrency":
+                best["concurrency"], "cost_basis": f"pricing.{key}.per_hour {price.per_hour:g} $/h / "
+                f"{best['requests_per_s']:.3g} req/s on {engine} at concurrency {best['concurrency']} ({why})"}
     if price.per_hour is not None:
         rps, b = best_rps(row)
         if not rps:

@@ -13,9 +13,10 @@ from toolkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from toolkit.ui import fmt
 
 # Columns of the table, in order (rows may carry more: the JSON keeps everything).
-COLUMNS = ("variant", "source", "engine", "n", "quality", "agreement", "agreement_f1", "perplexity", "judge_score",
-           "ttft_p50_s", "tpot_p50_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s", "tokens_per_s_b1",
-           "requests_per_s_b1", "cost_per_1m_requests", "size_bytes", "memory_bytes", "pareto")
+COLUMNS = ("variant", "source", "engine", "latency_engine", "n", "quality", "agreement", "agreement_f1",
+           "perplexity", "judge_score", "ttft_p50_s", "tpot_p50_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
+           "tokens_per_s_b1", "requests_per_s_b1", "inproc_e2e_p50_s", "inproc_tokens_per_s_b1",
+           "cost_per_1m_requests", "cost_status", "size_bytes", "memory_bytes", "pareto")
 
 DEFINITIONS = """\
 - **quality**: mean task metric ({metric}) against the gold reference on the held-out prompts.
@@ -25,10 +26,13 @@ DEFINITIONS = """\
 - **TTFT**: request start (before tokenization) to the first generated token. **TPOT**: (e2e - TTFT) /
   (output tokens - 1), vLLM's definition (excludes the first token; GuideLLM calls this ITL, and its own TPOT
   is e2e / output tokens). **e2e** p50/p95/p99: request start to last token, one request at a time (batch 1).
+  These come from the serving engine (vLLM / llama.cpp server, streamed, concurrency 1) where a variant was
+  served (**latency engine**); the in-process engine's figures stay in the `inproc_*` columns.
 - **tokens/s (batch b)**: generated tokens / wall time with b requests per generate call (llama.cpp: batch 1 only).
-- **$ / 1M requests**: API variants = token prices x measured tokens; self-hosted = pricing.per_hour / measured
-  requests/s at the largest batch size. The system adds cache and router time at the serving rate and pays
-  the chosen model only on a cache miss.
+- **$ / 1M requests**: API variants = token prices x measured tokens; self-hosted = pricing.per_hour / the best
+  requests/s on the serving engine at a concurrency meeting evaluate.slo ("SLO not met" when none does; without
+  a serving engine, the in-process requests/s at the largest batch size). The system adds cache and router
+  time at the serving rate and pays the chosen model only on a cache miss.
 - **Pareto**: no other variant has quality >= and cost <= with one strictly better."""
 
 
@@ -121,10 +125,16 @@ def write_report(out_dir: Path, rows: list[dict], setup: dict, plots: dict[str, 
     import torch
 
     metric = setup["metric"]
-    main = [("variant", "variant"), ("engine", "engine"), (metric, "quality"), ("agreement", "agreement"),
+    for r in rows:
+        if r.get("cost_status") and r.get("cost_per_1m_requests") is None:
+            r["cost_shown"] = r["cost_status"]
+        else:
+            r["cost_shown"] = r.get("cost_per_1m_requests")
+    main = [("variant", "variant"), ("engine", "engine"), ("latency engine", "latency_engine"), (metric, "quality"),
+            ("agreement", "agreement"),
             ("ppl on teacher", "perplexity"), ("judge", "judge_score"), ("TTFT p50 s", "ttft_p50_s"),
             ("TPOT p50 s", "tpot_p50_s"), ("e2e p50 s", "e2e_p50_s"), ("e2e p95 s", "e2e_p95_s"),
-            ("e2e p99 s", "e2e_p99_s"), ("$ / 1M req", "cost_per_1m_requests"), ("Pareto", "pareto")]
+            ("e2e p99 s", "e2e_p99_s"), ("$ / 1M req", "cost_shown"), ("Pareto", "pareto")]
     tput_keys = sorted({k for r in rows for k in r if k.startswith("tokens_per_s_b")},
                        key=lambda k: int(k.rsplit("b", 1)[1]))
     size = [("variant", "variant"), ("disk MB", "size_mb"), ("weights in memory MB", "memory_mb")] + \
@@ -147,6 +157,7 @@ def write_report(out_dir: Path, rows: list[dict], setup: dict, plots: dict[str, 
         *_table(rows, size),
         "",
     ]
+    lines += serving_section(rows, setup.get("slo"))
     sysrow = next((r for r in rows if r["variant"] == "system"), None)
     if sysrow:
         lines += ["## The composed system", "",
@@ -178,3 +189,27 @@ def headline(rows: list[dict]) -> dict:
             if r.get(key) is not None:
                 out[f"{r['variant']}.{key}"] = r[key]
     return out
+
+
+def serving_section(rows: list[dict], slo: Optional[dict]) -> list[str]:
+    """One table row per served variant x concurrency level, plus a row for each variant its engine could not
+    serve (the reason shown, not hidden)."""
+    served = [r for r in rows if r.get("serving")]
+    if not served:
+        return []
+    cols = [("variant", "variant"), ("engine", "engine"), ("concurrency", "concurrency"), ("requests", "requests"),
+            ("TTFT p50 s", "ttft_p50_s"), ("TPOT p50 s", "tpot_p50_s"), ("ITL p50 s", "itl_p50_s"),
+            ("e2e p50 s", "e2e_p50_s"), ("e2e p95 s", "e2e_p95_s"), ("e2e p99 s", "e2e_p99_s"),
+            ("out tok/s", "output_tokens_per_s"), ("req/s", "requests_per_s")]
+    table = []
+    for r in served:
+        s = r["serving"]
+        if s.get("error"):
+            table.append({"variant": r["variant"], "engine": s.get("engine"), "concurrency": "not served",
+                          "requests": s["error"][:160]})
+        for lv in s.get("levels") or []:
+            table.append({"variant": r["variant"], "engine": s.get("engine"), **lv})
+    bound = ", ".join(f"{k} <= {v:g}" for k, v in (slo or {}).items()) or "none (best req/s measured)"
+    return ["## Serving engines (concurrency sweep)", "",
+            f"Each variant on the server that will serve it, streamed /v1/completions, same prompts and output "
+            f"budget; SLO for the self-hosted cost: {bound}.", "", *_table(table, cols), ""]

@@ -63,17 +63,25 @@ def make_engine(ctx, v: Variant, max_new_tokens: int):
                     **common)
 
 
+def serving_wanted(ctx, v: Variant) -> bool:
+    """Serve a variant for the sweep when a serving engine is chosen (or, with auto, a vLLM environment exists)
+    and its cost depends on throughput (self-hosted price, or none); API-priced variants are billed per token."""
+    from toolkit.engines.servers import vllm_python
+
+    if ctx.config.engine == "transformers" or (ctx.config.engine == "auto" and vllm_python() is None):
+        return False
+    price = measure.find_price(ctx.recipe.pricing, v.price_keys)[1]
+    return price is None or price.per_hour is not None
+
+
 def use_vllm(choice: str) -> bool:
     import importlib.util
 
     if choice == "transformers":
         return False
-    available = importlib.util.find_spec("vllm") is not None
-    if choice == "vllm" and not available:
-        from toolkit.errors import MissingExtraError
-
-        raise MissingExtraError("evaluate.engine: vllm", "vllm", "gpu")
-    return available
+    # In-process vLLM (answers, perplexity) only where vllm is importable here (the GPU extra); the served sweep
+    # finds its own environment (toolkit.engines.servers.vllm_python).
+    return importlib.util.find_spec("vllm") is not None
 
 
 def known_answers(ctx, v: Variant, records: list[dict]) -> Optional[list[dict]]:
@@ -117,9 +125,16 @@ def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int,
             if cfg.perplexity:
                 row["perplexity"] = engine.perplexity([(r["messages"], r["output"]) for r in records])
             row["memory_bytes"] = engine.memory_bytes()
+            renderer = engine.engine.renderer
         finally:
             engine.close()
         row["engine"] = engine.name
+        if serving_wanted(ctx, v):
+            from toolkit.evaluate.serving import apply_serving, serve_variant
+
+            with ctx.progress(f"{v.name}: serving sweep", None):
+                served = serve_variant(v, cfg, renderer, engine.settings, timed, answer_prompts=timed)
+            apply_serving(row, served, answers[:len(timed)])
     scored = measure.score_rows(answers, records, cfg.metric, labels)
     row.update(measure.quality_summary(scored))
     if judge is not None:
@@ -127,7 +142,7 @@ def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int,
 
         row.update(judge_variant(judge, scored, records, cfg.judge.against, cfg.judge.max_samples))
     key, price = measure.find_price(ctx.recipe.pricing, v.price_keys)
-    row.update(measure.variant_cost(row, price, key, scored, cfg.prompt_cache_fraction))
+    row.update(measure.variant_cost(row, price, key, scored, cfg.prompt_cache_fraction, cfg.slo))
     row["price_key"] = key
     return row, scored
 
@@ -153,7 +168,8 @@ def cached_variant(ctx, v: Variant, records, labels, max_new, judge, fps: dict) 
         return saved["row"], saved["scored"]
     log.info("evaluate: %s (%s)", v.name, v.engine)
     row, scored = evaluate_variant(ctx, v, records, labels, max_new, judge)
-    atomic_write_json(path, {"row": row, "scored": scored})
+    if not row.get("serving_error"):  # a server that failed to start (memory, a missing kernel) is tried again
+        atomic_write_json(path, {"row": row, "scored": scored})
     return row, scored
 
 
@@ -188,7 +204,7 @@ def evaluate(ctx) -> dict:
         if judge is not None:
             judge.close()
     if do_system:
-        rows.append(system_row(ctx, records, answers, rows, labels))
+        rows.extend(system_row(ctx, records, answers, rows, labels))  # + system-cascade (route.mode = cascade)
     for row, flag in zip(rows, measure.pareto_flags(rows)):
         row["pareto"] = flag
     notes += [f"{r['variant']}: throughput above batch 1 not measured (llama-cpp-python serves one request at a "
@@ -197,19 +213,22 @@ def evaluate(ctx) -> dict:
               "latency and memory are those of the dequantized model, and its quality reflects the quantized "
               "weights but not activation quantization (W8A8's A8). vLLM runs the integer kernels." for r in rows
               if r.get("engine") == "transformers" and r.get("format") == "compressed-tensors"]
+    notes += [f"{r['variant']}: not measured on its serving engine: {r['serving_error']}" for r in rows
+              if r.get("serving_error")]
     if labels is None and cfg.metric == "gold":
         notes.append("no gold references in the evaluated split: quality is n/a; agreement with the teacher remains")
     write_tables(ctx.dir, rows)
     plots = {"quality_vs_cost": plot_quality_cost(rows, ctx.dir / "quality_vs_cost.png", cfg.metric),
              "latency": plot_latency(rows, ctx.dir / "latency.png")}
     setup = {"run": recipe.name, "n": len(records), "split": cfg.split, "metric": cfg.metric,
-             "latency_n": min(cfg.latency_samples, len(records)), "warmup": cfg.warmup, "cpus": os.cpu_count()}
+             "latency_n": min(cfg.latency_samples, len(records)), "warmup": cfg.warmup, "cpus": os.cpu_count(),
+             "slo": cfg.slo}
     write_report(ctx.dir, rows, setup, plots, notes)
     log_to_mlflow(ctx, rows)
     return headline(rows)
 
 
-def system_row(ctx, records, answers, rows, labels) -> dict:
+def system_row(ctx, records, answers, rows, labels) -> list[dict]:
     from toolkit.evaluate.system import replay
     from toolkit.records import load_records
 
@@ -233,7 +252,15 @@ def system_row(ctx, records, answers, rows, labels) -> dict:
 
     row, log_rows = replay(ctx, records, warm, answers, by_name, cost_of, overhead_rate, cfg.metric, labels)
     write_jsonl(ctx.dir / "outputs" / "system.jsonl", log_rows)
-    return row
+    from toolkit.evaluate.system import load_cascade
+
+    cascade, confidence = load_cascade(ctx)
+    if cascade is None:
+        return [row]
+    crow, clog = replay(ctx, records, warm, answers, by_name, cost_of, overhead_rate, cfg.metric, labels,
+                        cascade=cascade, confidence=confidence)
+    write_jsonl(ctx.dir / "outputs" / "system-cascade.jsonl", clog)
+    return [row, crow]
 
 
 def log_to_mlflow(ctx, rows: list[dict]) -> None:

@@ -42,17 +42,36 @@ def model_for(router, choice: str, student: str) -> str:
     return target_for(router, choice, student)
 
 
+def load_cascade(ctx) -> tuple[Optional[object], dict]:
+    """(Cascade, id -> confidence of the student's answer) when the route stage ran in cascade mode."""
+    if ctx.recipe.route is None or not ctx.has_upstream("route"):
+        return None, {}
+    from toolkit.route.cascade import CASCADE_JSON, CONFIDENCE_JSONL, Cascade
+
+    route_dir = ctx.upstream("route")
+    if not (route_dir / CASCADE_JSON).is_file():
+        return None, {}
+    from toolkit.io import read_jsonl
+
+    conf = {r["id"]: r["confidence"] for r in read_jsonl(route_dir / CONFIDENCE_JSONL)}
+    return Cascade.load(route_dir), conf
+
+
 def replay(ctx, records: list[dict], warm: list[dict], answers: dict[str, dict[str, dict]],
            rows: dict[str, dict], cost_of: Callable[[str, dict], Optional[float]], overhead_per_hour: float,
-           metric: str, labels: Optional[list[str]]) -> tuple[dict, list[dict]]:
-    """(summary row, per-request log). answers[variant][id] = scored answer row of that variant."""
+           metric: str, labels: Optional[list[str]], cascade=None, confidence: Optional[dict] = None
+           ) -> tuple[dict, list[dict]]:
+    """(summary row, per-request log). answers[variant][id] = scored answer row of that variant. With `cascade`
+    (route.mode = cascade) the student answers every miss and the teacher too when the student's confidence
+    (route's cascade_confidence.jsonl; none = escalate) is below the threshold: cost and latency add up."""
     cfg = ctx.config.system
     router, cache = load_parts(ctx)
     from toolkit.serve.decide import EXACT, SEMANTIC, Decider, ExactStore
 
     # The gateway's decision path itself (toolkit/serve/decide.py): what is priced here is what serve does.
     decider = Decider(cache, router, ExactStore() if cfg.exact_cache else None,
-                      target=lambda choice: model_for(router, choice, cfg.student), default=cfg.student)
+                      target=lambda choice: model_for(router, choice, cfg.student), default=cfg.student,
+                      cascade=cascade, escalate_to="teacher")
     if warm:
         decider.remember_many([r["prompt"] for r in warm], [r["output"] for r in warm])
     label = {EXACT: "exact", SEMANTIC: "semantic"}
@@ -62,17 +81,31 @@ def replay(ctx, records: list[dict], warm: list[dict], answers: dict[str, dict[s
         served = label.get(decision.route, decision.route)
         answer = decision.answer
         overhead = decision.seconds
-        model_row = None
-        if served in answers:
+        model_row, first_cost, first_e2e = None, 0.0, 0.0
+        if decision.escalate_to is not None and served in answers:  # cascade: the student has answered
+            conf = (confidence or {}).get(rec["id"])
+            if decider.escalates(float("nan") if conf is None else conf):
+                first = answers[served][rec["id"]]
+                first_cost, first_e2e = cost_of(served, first), rows[served].get("e2e_mean_s") or 0.0
+                served = "teacher-escalated"
+        if served == "teacher-escalated":
+            model_row = answers["teacher"][rec["id"]]
+            answer = model_row["output"]
+            decider.remember(rec["prompt"], answer, decision=decision)
+        elif served in answers:
             model_row = answers[served][rec["id"]]
             answer = model_row["output"]
             # Filling the cache happens after the answer is sent: not on the request's critical path.
             decider.remember(rec["prompt"], answer, decision=decision)
         model_cost, model_e2e, model_ttft = 0.0, 0.0, 0.0
         if model_row is not None:
-            model_cost = cost_of(served, model_row)
-            model_e2e = rows[served].get("e2e_mean_s") or 0.0
-            model_ttft = rows[served].get("ttft_mean_s") or model_e2e  # API teachers: no TTFT, use e2e
+            name = "teacher" if served == "teacher-escalated" else served
+            model_cost = cost_of(name, model_row)
+            model_e2e = rows[name].get("e2e_mean_s") or 0.0
+            model_ttft = rows[name].get("ttft_mean_s") or model_e2e  # API teachers: no TTFT, use e2e
+            if served == "teacher-escalated":  # the student's whole answer came first
+                model_cost = None if model_cost is None or first_cost is None else model_cost + first_cost
+                model_e2e, model_ttft = model_e2e + first_e2e, model_ttft + first_e2e
         e2e, ttft = overhead + model_e2e, overhead + model_ttft
         log_rows.append({
             "id": rec["id"], "served_by": served, "output": answer, "reference": rec.get("reference"),
@@ -80,7 +113,16 @@ def replay(ctx, records: list[dict], warm: list[dict], answers: dict[str, dict[s
             "agree": agrees(answer, rec["output"], labels), "overhead_s": overhead, "e2e_s": e2e, "ttft_s": ttft,
             "cost_usd": None if model_cost is None else model_cost + overhead * overhead_per_hour / 3600,
         })
-    return summarize(log_rows, cfg.student, router is not None, cache is not None), log_rows
+    row = summarize(log_rows, cfg.student, router is not None, cache is not None)
+    if cascade is not None:
+        n = len(log_rows)
+        row.update({"variant": "system-cascade", "engine": row["engine"].replace("router", "cascade"),
+                    "escalation_fraction": sum(r["served_by"] == "teacher-escalated" for r in log_rows) / n
+                    if n else None, "cost_basis": row["cost_basis"] + "; cascade: the student always answers a "
+                    "miss, the teacher too on an escalation (cost and latency add)",
+                    "cascade_threshold": cascade.threshold,
+                    "cascade_confidence_of": "the distilled student's answers (route/cascade_confidence.jsonl)"})
+    return row, log_rows
 
 
 def summarize(log_rows: list[dict], student: str, has_router: bool, has_cache: bool) -> dict:

@@ -75,13 +75,27 @@ def _predict_mlp(w: dict, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
 
 
 def _predict_knn(w: dict, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
-    # Cosine similarity on unit-norm embeddings; the mean score of the k most similar labeled prompts.
+    # Cosine similarity on unit-norm embeddings; the scores of the k most similar labeled prompts, averaged
+    # uniformly (old routers) or weighted by sim_i - sim_(k+1) ("distance": the prediction moves continuously
+    # with the prompt, since a neighbour enters or leaves the k with weight 0; scores no longer step by 1/k).
     sims = emb @ w["keys"].T
     k = int(w["k"][0])
     if k >= sims.shape[1]:
         return np.repeat(w["values"].mean(0, keepdims=True), len(x), axis=0)
-    top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-    return w["values"][top].mean(axis=1)
+    if w.get("weighting") != "distance":
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        return w["values"][top].mean(axis=1)
+    kk = min(k + 1, sims.shape[1])
+    top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
+    ts = np.take_along_axis(sims, top, axis=1)
+    order = np.argsort(-ts, axis=1)
+    top, ts = np.take_along_axis(top, order, axis=1), np.take_along_axis(ts, order, axis=1)
+    if kk > k:
+        wt = ts[:, :k] - ts[:, k:k + 1] + 1e-6
+    else:
+        wt = np.ones((len(ts), k))
+    wt = wt / wt.sum(axis=1, keepdims=True)
+    return np.clip(np.einsum("nk,nkm->nm", wt, w["values"][top[:, :k]]), 0.0, 1.0)
 
 
 def _predict_mf(w: dict, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
@@ -153,8 +167,14 @@ class Router:
         self._cost_norm = np.asarray(spec["cost_norm"], dtype=np.float64)
         self._head = spec["head"]
         self._head_weights = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
+        self._head_weights["weighting"] = spec.get("knn_weights", "uniform")
         self._embedder = embedder
         self.directory: Optional[Path] = None  # set by load(): static embedders live beside router.json
+        self.shift_guard = None  # the gateway's hook: .check(prompt, vector) -> None | "teacher" | "warn"
+        if spec.get("shift") and "shift.keys" in weights:
+            from toolkit.route.shift import ShiftGuard
+
+            self.shift_guard = ShiftGuard(spec["shift"], weights, self.embed)
 
     # --- loading
 
@@ -228,15 +248,39 @@ class Router:
         s = self.models.index(self.strong)
         return P[:, s] - P[:, 1 - s]
 
-    def route_batch(self, prompts: Sequence[str], threshold: Optional[float] = None) -> list[str]:
+    def route_batch(self, prompts: Sequence[str], threshold: Optional[float] = None,
+                    explain: bool = False) -> list:
+        """Model name per prompt; `explain=True`: (model, reason) pairs. A prompt the shift guard flags goes
+        to the strong model when the guard's action is `strong` (reason "shift: ..."), whatever its score."""
         if not len(prompts):
             return []
         t = self.threshold if threshold is None else float(threshold)
-        choice = decide(self.predict_quality(prompts), self._cost_norm, t)
-        return [self.models[i] for i in choice]
+        emb = self.embed(prompts)
+        P = self.predict_quality(prompts, emb)
+        choice = decide(P, self._cost_norm, t)
+        shifted = self.shift_guard.why(prompts, emb) if self.shift_guard is not None else [None] * len(prompts)
+        out = []
+        for i, c in enumerate(choice):
+            model, reason = self.models[c], self._reason(P[i], t)
+            if shifted[i] is not None:
+                why = f"shift: {shifted[i]} (unlike the training prompts)"
+                if self.shift_guard.action == "strong":
+                    model, reason = self.strong, why + " -> strong model"
+                else:
+                    reason = f"{reason}; warning: {why}"
+            out.append((model, reason) if explain else model)
+        return out
 
-    def route(self, prompt: str, threshold: Optional[float] = None) -> str:
-        return self.route_batch([prompt], threshold)[0]
+    def _reason(self, p: np.ndarray, t: float) -> str:
+        if len(self.models) == 2:
+            s = self.models.index(self.strong)
+            score = float(p[s] - p[1 - s])
+            return f"score {score:.4f} {'>=' if score >= t else '<'} threshold {t:.4f}"
+        return f"highest predicted quality - {t:.4g} x normalized cost"
+
+    def route(self, prompt: str, threshold: Optional[float] = None, explain: bool = False):
+        """The model for one prompt; `explain=True`: (model, reason)."""
+        return self.route_batch([prompt], threshold, explain)[0]
 
     def __repr__(self) -> str:
         return (f"Router(models={self.models}, strong={self.strong!r}, threshold={self.threshold:.4g}, "

@@ -22,7 +22,7 @@ from toolkit.errors import OptkitError
 from toolkit.route.runtime import ROUTER_JSON, ROUTER_WEIGHTS, TEXT_FEATURES, StaticEmbedder
 
 # route.model (the fitter) -> the numpy head it writes (runtime.PREDICTORS)
-HEAD_OF = {"logreg": "linear", "mlp": "mlp", "knn": "knn", "mf": "mf"}
+HEAD_OF = {"logreg": "linear", "mlp": "mlp", "knn": "knn", "mf": "mf", "length": "linear", "constant": "linear"}
 
 # head -> its tensors (without the "head." prefix) and their shapes. Symbols: dim = scaled feature width,
 # E = embedding width, M = models; H (hidden) and K (stored prompts) are free but must agree across tensors.
@@ -73,6 +73,21 @@ class FeatureSpec(_Strict):
         return self.dim - len(self.text_feature_names)
 
 
+class ShiftSpec(_Strict):
+    """The shift guard (toolkit/route/shift.py); its reference embeddings are the tensor shift.keys [R, E]."""
+    method: Literal["knn_distance"]
+    k: int = Field(ge=1)
+    threshold: float
+    text_threshold: Optional[float] = None  # with tensors shift.text_mean [T], shift.text_precision [T, T]
+    alpha: float = Field(gt=0, lt=1)
+    action: Literal["strong", "warn"]
+    n_reference: int = Field(ge=1)
+    n_calibration: int = Field(ge=1)
+    calibration_flagged: float = Field(ge=0, le=1)
+    reading: str = ""
+    report: dict[str, Any] = Field(default_factory=dict)  # informational
+
+
 class RouterSpec(_Strict):
     format_version: Literal[1]
     models: list[str] = Field(min_length=2)
@@ -82,8 +97,11 @@ class RouterSpec(_Strict):
     threshold: float  # required: a router on disk is calibrated (null = the stage never finished)
     threshold_units: str = ""
     quality_units: str = ""
-    model: Literal["logreg", "mlp", "knn", "mf"]
+    model: Literal["logreg", "mlp", "knn", "mf", "length", "constant"]
     head: Literal["linear", "mlp", "knn", "mf"]
+    knn_weights: Literal["uniform", "distance"] = "uniform"  # distance: weights sim_i - sim_(k+1) (continuous)
+    shift: Optional[ShiftSpec] = None
+    selection: dict[str, Any] = Field(default_factory=dict)  # informational: which candidate won and why
     features: FeatureSpec
     labels: dict[str, Any] = Field(default_factory=dict)  # informational (the report), not used to route
     calibration: dict[str, Any] = Field(default_factory=dict)
@@ -148,6 +166,11 @@ def check_weights(spec: RouterSpec, weights: dict[str, np.ndarray]) -> None:
     dims = {"dim": f.dim, "E": f.embedding_dim, "M": len(spec.models)}
     expected = {"feat.mean": ("dim",), "feat.scale": ("dim",),
                 **{f"head.{k}": v for k, v in HEAD_TENSORS[spec.head].items()}}
+    if spec.shift is not None:
+        expected["shift.keys"] = ("R", "E")
+        if spec.shift.text_threshold is not None:
+            dims["T"] = len(TEXT_FEATURES)
+            expected.update({"shift.text_mean": ("T",), "shift.text_precision": ("T", "T")})
     missing = sorted(set(expected) - set(weights))
     extra = sorted(set(weights) - set(expected))
     if missing or extra:
@@ -166,6 +189,9 @@ def check_weights(spec: RouterSpec, weights: dict[str, np.ndarray]) -> None:
             raise ValueError(f"head.k: {int(weights['head.k'][0])} neighbours; must be >= 1")
         if np.any((weights["head.values"] < 0) | (weights["head.values"] > 1)):
             raise ValueError("head.values: stored scores must lie in [0, 1]")
+    if spec.shift is not None and weights["shift.keys"].shape[0] < spec.shift.k:
+        raise ValueError(f"shift.keys: {weights['shift.keys'].shape[0]} reference prompts for shift.k = "
+                         f"{spec.shift.k}")
 
 
 def _check_tensor(name: str, arr: np.ndarray, shape: tuple, dims: dict) -> None:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 from pathlib import Path
@@ -16,7 +15,7 @@ from toolkit.route import labels as L
 from toolkit.route.calibrate import calibrate, check_enough
 from toolkit.route.models import FITTERS, contiguous
 from toolkit.route.report import build_report, plot_curves
-from toolkit.route.spec import check_router
+from toolkit.route.spec import check_router, threshold_bound
 from toolkit.route.runtime import FORMAT_VERSION, ROUTER_JSON, ROUTER_WEIGHTS, TEXT_FEATURES, Router, text_features
 
 log = logging.getLogger("optkit.route")
@@ -39,19 +38,39 @@ def run(ctx) -> dict:
     mean, scale = standardizer(raw[fit_idx])
     x = ((raw - mean) / scale).astype(np.float32)
 
-    # --- fit on `fit`, calibrate on `cal`, report on `test`
-    head, weights = FITTERS[cfg.model](x[fit_idx], emb[fit_idx], table.scores[fit_idx], cfg, recipe.seed)
+    # --- choose the router model by cross-validation on `fit` (never worse than its baselines), fit it there
+    from toolkit.route.select import cross_validate, fit_candidate
+
+    selection = cross_validate(x[fit_idx], emb[fit_idx], table.scores[fit_idx], cost_norm, s_idx, cfg, recipe.seed)
+    chosen = selection["chosen"]
+    log.info("route: exporting %s (%s)", chosen, selection["reason"])
+    head, weights = fit_candidate(chosen, x[fit_idx], emb[fit_idx], table.scores[fit_idx], cfg, recipe.seed)
     spec = router_spec(cfg, table, costs, cost_norm, strong, head)
-    router = Router(spec, {"feat.mean": mean, "feat.scale": scale, **{f"head.{k}": v for k, v in weights.items()}})
+    spec["model"], spec["selection"] = chosen, selection
+    weights = {"feat.mean": mean, "feat.scale": scale, **{f"head.{k}": v for k, v in weights.items()}}
+    guard_flags = _fit_guard(cfg, spec, weights, table.prompts, emb, fit_idx, cal_idx, recipe.seed)
+    router = Router(spec, weights)
     P = router.predict_from_features(x, emb)
-    cal = calibrate(P[cal_idx], table.scores[cal_idx], cost_norm, s_idx, cfg.target)
-    spec["threshold"] = cal.threshold
+    cal = _calibrate(P[cal_idx], table.scores[cal_idx], cost_norm, s_idx, cfg.target, chosen)
+    spec["threshold"] = router.threshold = cal.threshold
     spec["calibration"] = {**cal.as_dict(), "data_sha256": table.digest("cal"), "fit_data_sha256": table.digest("fit")}
     log.info("route: threshold %.4g (%s)", cal.threshold, cal.as_dict())
 
     report = build_report(table, P, cost_norm, s_idx, cal, cfg, test_idx, raw_lengths=raw_lengths(table.prompts),
                           seed=recipe.seed)
+    report["selection"] = selection
+    report["router"]["model"] = chosen
+    if guard_flags is not None:
+        report["shift"] = _shift_section(ctx, cfg, router, table, P, guard_flags, cost_norm, s_idx, test_idx)
+        spec["shift"]["report"] = {k: v for k, v in report["shift"].items() if k != "reading"}
     spec["metrics"] = report["router"]
+    if cfg.mode == "cascade":  # the student answers first; its confidence decides (toolkit/route/cascade.py)
+        from toolkit.route.cascade import run_cascade
+
+        report["cascade"] = run_cascade(ctx, table, s_idx, costs, report["at_threshold"])
+    else:  # a cascade file left by an earlier cascade-mode run must not ship with this router
+        for name in ("cascade.json", "cascade_confidence.jsonl"):
+            (ctx.dir / name).unlink(missing_ok=True)
 
     # --- save
     if cfg.embedding == "static":  # the router directory carries its own embedder
@@ -66,9 +85,66 @@ def run(ctx) -> dict:
     write_jsonl(ctx.dir / "labels.jsonl", table.rows())
     png = plot_curves(report, ctx.dir / "curve.png")
     _log(ctx, report, png)
-    ctx.extra["route"] = {"models": table.models, "strong": strong, "threshold": cal.threshold,
+    ctx.extra["route"] = {"models": table.models, "strong": strong, "threshold": cal.threshold, "model": chosen,
                           "labels": source, "n": {p: int((table.part == p).sum()) for p in ("fit", "cal", "test")}}
     return _headline(report, cal)
+
+
+def _calibrate(P, S, cost_norm, s_idx, target, chosen: str):
+    """calibrate(); a `constant` router (no routing signal won the selection) that cannot meet the goal by
+    always taking the cheapest model is exported as always-strong instead of failing."""
+    try:
+        return calibrate(P, S, cost_norm, s_idx, target)
+    except OptkitError:
+        if chosen != "constant":
+            raise
+    from toolkit.route.calibrate import Calibration
+
+    lam = float((P[:, s_idx] - P[:, 1 - s_idx]).min() - 1.0) if P.shape[1] == 2 else -1e3
+    lam = max(lam, -threshold_bound(cost_norm.tolist()))
+    return Calibration(lam, "min_quality", target.min_quality, target.confidence, len(P), 1.0, 1.0, 1.0, 1.0,
+                       notes=["no router beat the constant baseline and always-weak misses the goal: every prompt "
+                              "goes to the strong model"], eval_size=target.eval_size or len(P))
+
+
+def _fit_guard(cfg, spec: dict, weights: dict, prompts: list[str], emb: np.ndarray, fit_idx, cal_idx, seed: int):
+    """Calibrate the shift guard (reference = fit prompts, conformal threshold on cal prompts) into spec and
+    weights; returns its verdict on every labeled prompt, or None when it is off or cannot be calibrated."""
+    if not cfg.shift.enabled:
+        return None
+    from toolkit.route.shift import ShiftGuard, fit_guard
+
+    t = text_features(prompts) if cfg.text_features else None
+    shift_spec, tensors = fit_guard(emb[fit_idx], emb[cal_idx], cfg.shift, seed, None if t is None else t[fit_idx],
+                                    None if t is None else t[cal_idx])
+    if shift_spec is None:
+        log.warning("route.shift: %d calibration prompts are too few to flag at alpha=%g (need >= %d); no guard",
+                    len(cal_idx), cfg.shift.alpha, int(np.ceil(1 / cfg.shift.alpha)) - 1)
+        spec["selection"]["shift_note"] = (f"no shift guard: {len(cal_idx)} calibration prompts are too few for "
+                                           f"route.shift.alpha={cfg.shift.alpha:g}")
+        return None
+    spec["shift"] = shift_spec
+    weights.update(tensors)
+    return ShiftGuard(shift_spec, tensors).flags(prompts, emb)
+
+
+def _shift_section(ctx, cfg, router, table, P, flags, cost_norm, s_idx, test_idx) -> dict:
+    """The guard on the held-out test part (in domain) and on route.shift.eval_path (shifted) when given."""
+    from toolkit.route.shift_report import effect, eval_set
+
+    g = router.shift_guard
+    goal = cfg.target.min_quality
+    out = {"reading": router.spec["shift"]["reading"], "threshold": g.threshold, "alpha": cfg.shift.alpha,
+           "action": g.action, "in_domain": effect(P[test_idx], table.scores[test_idx], flags[test_idx], cost_norm,
+                                                   s_idx, router.threshold, g.action, goal)}
+    if cfg.shift.eval_path:
+        prompts, S, path = eval_set(ctx, cfg, table.models)
+        emb = embed_cached(cfg, prompts)
+        x, _ = router.features(prompts, emb)
+        flags = g.flags(prompts, emb)
+        out["shifted"] = {"path": path, **effect(router.predict_from_features(x, emb), S, flags, cost_norm, s_idx,
+                                                 router.threshold, g.action, goal)}
+    return out
 
 
 def _labels(ctx) -> tuple[L.LabelTable, str]:
@@ -116,8 +192,9 @@ def normalized(costs: dict, models: list[str]) -> np.ndarray:
     return (c - c.min()) / (c.max() - c.min())
 
 
-def embed_cached(cfg, prompts: list[str], work_dir: Path) -> np.ndarray:
-    """Unit-norm embeddings [n, dim] float32, cached per (embedder, revision, truncation, prompts)."""
+def embed_cached(cfg, prompts: list[str], work_dir: Optional[Path] = None) -> np.ndarray:
+    """Unit-norm embeddings [n, dim] float32, cached across runs per (embedder, revision, truncation, text)
+    in the optkit cache (toolkit/route/embcache.py). `work_dir` is unused (kept for callers)."""
     from toolkit.models import load_embedder, model_revision
 
     if cfg.embedding == "static":  # fast enough to need no cache; the vectors themselves are cached
@@ -125,21 +202,15 @@ def embed_cached(cfg, prompts: list[str], work_dir: Path) -> np.ndarray:
         from toolkit.route.static import cached_vectors
 
         return StaticEmbedder(cached_vectors(cfg.embedder)).encode(prompts)
-    key = hashlib.sha256(f"{cfg.embedder}|{model_revision(cfg.embedder)}|{cfg.max_seq_length}|".encode()
-                         + "\x1e".join(prompts).encode()).hexdigest()[:20]
-    path = Path(work_dir) / f"emb-{key}.npy"
-    if path.is_file():
-        return np.load(path, allow_pickle=False)
-    model = load_embedder(cfg.embedder)
-    model.max_seq_length = cfg.max_seq_length
-    emb = model.encode(prompts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
-                       show_progress_bar=False).astype(np.float32)
-    import io
+    from toolkit.route.embcache import cached_embed
 
-    buf = io.BytesIO()
-    np.save(buf, emb, allow_pickle=False)
-    atomic_write_bytes(path, buf.getvalue())
-    return emb
+    def encode(texts: list[str]) -> np.ndarray:
+        model = load_embedder(cfg.embedder)
+        model.max_seq_length = cfg.max_seq_length
+        return model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
+                            show_progress_bar=False)
+
+    return cached_embed(prompts, encode, cfg.embedder, model_revision(cfg.embedder), cfg.max_seq_length)
 
 
 def _raw_features(cfg, prompts: list[str], emb: np.ndarray) -> np.ndarray:
@@ -174,6 +245,7 @@ def router_spec(cfg, table: L.LabelTable, costs: dict, cost_norm: np.ndarray, st
         "quality_units": "per-prompt score in [0, 1] (mean = accuracy for 0/1 labels)",
         "model": cfg.model,
         "head": head,
+        "knn_weights": "distance",
         "features": {"embedder": cfg.embedder, "embedder_revision": model_revision(cfg.embedder),
                      "embedding": cfg.embedding,
                      "static_files": ["static_embedder.safetensors", "tokenizer.json"] if cfg.embedding == "static"
@@ -232,4 +304,12 @@ def _headline(report: dict, cal) -> dict:
            "test_cost": at["cost"]}
     if "bootstrap" in report:
         out["guarantee_holds_fraction"] = report["bootstrap"]["holds_fraction"]
+    if "cascade" in report and "test" in report["cascade"]:  # route.mode = cascade, beside the router's test_*
+        c = report["cascade"]["test"]
+        out.update(cascade_threshold=report["cascade"]["threshold"], cascade_test_quality_ratio=c["quality_ratio"],
+                   cascade_test_escalation_fraction=c["escalation_fraction"], cascade_test_cost=c["cost"])
+    if "shift" in report:
+        out["shift_flagged_test"] = report["shift"]["in_domain"]["flagged"]
+        if "shifted" in report["shift"]:
+            out["shift_flagged_eval"] = report["shift"]["shifted"]["flagged"]
     return {k: v for k, v in out.items() if v is not None}

@@ -179,6 +179,10 @@ class Gateway:
 
     async def forward(self, kind: str, req, body: dict, decision: Decision, key: Optional[P.Keyed],
                       fallback: bool = True) -> Response:
+        if decision.escalate_to is not None:  # cascade mode: the student answers, maybe escalates (serve/cascade.py)
+            from toolkit.serve.cascade import forward_cascade
+
+            return await forward_cascade(self, kind, req, body, decision, key)
         deadline = time.monotonic() + self.cfg.request_timeout_s
         if req.stream:
             return await self.forward_stream(kind, body, decision, key, deadline, fallback)

@@ -32,6 +32,7 @@ class Decision:
     vector: Optional[np.ndarray] = None  # the shared embedding, reused by remember()
     seconds: float = 0.0  # time spent deciding (the system's overhead)
     shift: Optional[str] = None  # the router's shift guard flagged the prompt: the action taken (teacher | warn)
+    escalate_to: Optional[str] = None  # cascade mode: route answers first; this target if Decider.escalates(...)
 
     @property
     def hit(self) -> bool:
@@ -94,8 +95,12 @@ class Decider:
     the router's model name to a backend / variant; `default` serves misses when there is no router."""
 
     def __init__(self, cache=None, router=None, exact: Optional[ExactStore] = None,
-                 target: Optional[Callable[[str], str]] = None, default: str = "student"):
+                 target: Optional[Callable[[str], str]] = None, default: str = "student", cascade=None,
+                 escalate_to: str = "teacher"):
         self.cache, self.router, self.exact, self.default = cache, router, exact, default
+        # cascade (toolkit.route.cascade.Cascade): on a miss the default target answers first, and escalates to
+        # `escalate_to` when its confidence is below the threshold; the router is then not consulted.
+        self.cascade, self.escalate_to = cascade, escalate_to
         self.target = target or (lambda choice: target_for(router, choice, default))
         # One embedding for both only when they hold the very same embedder (the gateway arranges that when the
         # cache's probe check accepts the router's embedder); otherwise each embeds with its own.
@@ -121,6 +126,8 @@ class Decider:
                    else self.cache.lookup(prompt, namespace))
             if hit is not None:
                 return Decision(EXACT if hit.exact else SEMANTIC, hit.answer, similarity=hit.similarity)
+        if self.cascade is not None:
+            return Decision(self.default, vector=vec, threshold=self.cascade.threshold, escalate_to=self.escalate_to)
         if self.router is None:
             return Decision(self.default, vector=vec)
         return self._route(prompt, vec)
@@ -141,6 +148,10 @@ class Decider:
             score = float(P[0, s] - P[0, 1 - s])
         return Decision(self.target(choice), choice=choice, score=score, threshold=float(router.threshold),
                         vector=vec, shift=shift)
+
+    def escalates(self, confidence: float) -> bool:
+        """Cascade mode: the one escalation rule (gateway and evaluate's replay), on the answer's confidence."""
+        return self.cascade.escalate(confidence)
 
     def _shift(self, prompt: str, vec: Optional[np.ndarray]) -> Optional[str]:
         """The router's shift guard, when it carries one (`router.shift_guard.check(prompt, vector)` -> None or

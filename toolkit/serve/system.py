@@ -56,6 +56,23 @@ def _cache(bundle, cfg: ServeConfig, router):
     return bundle.cache(**overrides)
 
 
+def _cascade(bundle, cfg: ServeConfig, router):
+    """The bundle's cascade (route.mode = cascade) and the backend it escalates to; (None, 'teacher') if none."""
+    if not bundle.manifest.get("cascade"):
+        return None, "teacher"
+    from toolkit.route.cascade import Cascade
+
+    cascade = Cascade.load(bundle.path(bundle.manifest["cascade"]))
+    target = cfg.routes.get(cascade.strong) or ("teacher" if router is None else
+                                                 target_for(router, cascade.strong, cfg.default_backend, cfg.routes))
+    if target not in cfg.backends:
+        raise OptkitError(f"serve config: the cascade escalates to backend '{target}', which is not in backends "
+                          f"({', '.join(cfg.backends)}); map '{cascade.strong}' under routes:")
+    log.info("serve: cascade mode: %s answers, escalates to %s below confidence %.4g", cfg.default_backend, target,
+             cascade.threshold)
+    return cascade, target
+
+
 def load_decider(bundle_dir: Path, cfg: ServeConfig) -> Decider:
     from toolkit.bundle import Bundle
 
@@ -71,8 +88,9 @@ def load_decider(bundle_dir: Path, cfg: ServeConfig) -> Decider:
         cache = _cache(bundle, cfg, router)
     ttl = cfg.cache.ttl_s if cfg.cache.ttl_s is not None else getattr(cache, "ttl_s", None)
     exact = ExactStore(cfg.cache.max_entries, ttl) if cfg.cache.enabled else None
+    cascade, escalate_to = _cascade(bundle, cfg, router)
     decider = Decider(cache, router, exact, target=lambda c: target_for(router, c, cfg.default_backend, cfg.routes),
-                      default=cfg.default_backend)
+                      default=cfg.default_backend, cascade=cascade, escalate_to=escalate_to)
     decider.decide("warm-up: load the embedder before the first request", "warm-up", use_cache=False)
     log.info("serve: router %s, semantic cache %s, shared embedding %s", router is not None, cache is not None,
              decider.shared)

