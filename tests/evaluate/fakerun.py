@@ -204,7 +204,9 @@ def recipe_dict(root: Path, **sections) -> dict:
             "quantize": {"int8": {}, "gguf": {"types": ["Q4_0"]}},
             "route": {}, "cache": {"group_column": "intent"},
             "pricing": {"teacher": {"input_per_1m": 0.15, "output_per_1m": 0.60, "cached_input_per_1m": 0.075},
-                        "student": {"per_hour": 0.10}},
+                        # per_hour low enough that the student stays cheaper than the teacher per request even when a
+                        # loaded CI machine measures a small requests/s (the system-vs-teacher cost test relies on it)
+                        "student": {"per_hour": 0.01}},
             **sections}
 
 

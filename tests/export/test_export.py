@@ -129,8 +129,9 @@ near = cache.lookup("i want to cancel my order please")
 # side and the heavy tools must stay out.
 training = sorted(m for m in sys.modules if m.split(".")[0] in ("mlflow", "llmcompressor", "llama_cpp", "matplotlib",
                   "vllm") or (m.startswith("toolkit.") and m not in ("toolkit.bundle", "toolkit.cache",
-                  "toolkit.cache.runtime", "toolkit.route", "toolkit.route.runtime", "toolkit.errors", "toolkit.io",
-                  "toolkit.models")))
+                  "toolkit.cache.runtime", "toolkit.cache.space", "toolkit.cache.cachefile", "toolkit.route",
+                  "toolkit.route.runtime", "toolkit.route.spec", "toolkit.route.shift", "toolkit.errors",
+                  "toolkit.io", "toolkit.models")))
 print(json.dumps({"choice": choice, "models": router.models, "exact": exact.exact, "answer": exact.answer,
                   "near": None if near is None else [near.answer, near.similarity], "threshold": cache.threshold,
                   "training": training, "before_embedder": before_embedder}))
