@@ -43,7 +43,8 @@ def start_llama_server(gguf: Path, port: int, log: Path, logits_all: bool = True
         return subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
 
 
-def wait_ready(proc: subprocess.Popen, base_url: str, log: Path, timeout: float = 120.0) -> None:
+def wait_ready(proc: subprocess.Popen, base_url: str, log: Path, timeout: float = 120.0,
+               headers: dict | None = None) -> None:
     import httpx
 
     deadline = time.monotonic() + timeout
@@ -51,7 +52,7 @@ def wait_ready(proc: subprocess.Popen, base_url: str, log: Path, timeout: float 
         if proc.poll() is not None:
             raise RuntimeError(f"llama_cpp.server exited: {log.read_text()[-2000:]}")
         try:
-            if httpx.get(base_url + "/models", timeout=2).status_code == 200:
+            if httpx.get(base_url + "/models", headers=headers, timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from tests.collect.test_llama_cpp_server import free_port, smollm2_gguf
+from tests.collect.test_llama_cpp_server import free_port, smollm2_gguf, wait_ready
 
 ROOT = Path(__file__).resolve().parents[2]
 EXTRACT = ROOT / "recipes/data/routing/mmlu_routing_450.jsonl"
@@ -126,20 +126,9 @@ class LlamaServer:
             self.proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
 
     def wait(self) -> "LlamaServer":
-        import httpx
-
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"llama server exited: {self.log.read_text()[-1500:]}")
-            try:
-                if httpx.get(self.url + "/models", headers=headers, timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise RuntimeError(f"llama server did not start: {self.log.read_text()[-1500:]}")
+        wait_ready(self.proc, self.url, self.log, headers=headers)
+        return self
 
 
 @pytest.fixture(scope="session")

@@ -97,20 +97,25 @@ def read_utf8(path: Path) -> str:
         raise OptkitError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
-    """Read, override and validate a recipe file. Every problem is an OptkitError naming file, line or key."""
+def read_yaml(path: Path, what: str) -> Any:
+    """A YAML file's data; a missing file, non-UTF-8 bytes or bad YAML is one OptkitError naming file:line:column."""
     import yaml
 
-    path = Path(path)
     if not path.is_file():
-        raise OptkitError(f"recipe file not found: {path}")
+        raise OptkitError(f"{what} file not found: {path}")
     try:
-        data = yaml.safe_load(read_utf8(path))
+        return yaml.safe_load(read_utf8(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
         problem = getattr(exc, "problem", None) or str(exc)
         raise OptkitError(f"{where}: invalid YAML: {problem}") from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe file. Every problem is an OptkitError naming file, line or key."""
+    path = Path(path)
+    data = read_yaml(path, "recipe")
     if data is None:
         raise OptkitError(f"{path}: the recipe is empty")
     if not isinstance(data, dict):

@@ -193,17 +193,10 @@ class ServeConfig(Section):
 
 def load_serve_config(path: str | Path) -> ServeConfig:
     """The validated serve.yaml at `path`; every problem is one OptkitError line naming the key."""
-    import yaml
-
-    from toolkit.config.loading import format_validation_error, read_utf8
+    from toolkit.config.loading import format_validation_error, read_yaml
 
     path = Path(path)
-    if not path.is_file():
-        raise OptkitError(f"serve config not found: {path}")
-    try:
-        data = yaml.safe_load(read_utf8(path))
-    except yaml.YAMLError as exc:
-        raise OptkitError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    data = read_yaml(path, "serve config")
     if not isinstance(data, dict):
         raise OptkitError(f"{path}: a serve config is a YAML mapping (backends:, routes:, ...)")
     try:
