@@ -18,6 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.collect.test_llama_cpp_server import free_port
+
 pytestmark = pytest.mark.server  # a real redis-server on 127.0.0.1
 ROOT = Path(__file__).resolve().parents[2]
 DIM = 32
@@ -36,14 +38,6 @@ def word_embedder(texts):
 
 
 # ---------------------------------------------------------------------------------------------- redis-server
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class RedisServer:
