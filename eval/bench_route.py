@@ -12,6 +12,11 @@ numpy runtime (classifier alone, embed + classify one query, batched throughput)
     python eval/bench_route.py --models logreg,knn --bootstrap 200 --latency-queries 50 \
         --embedding transformer --out eval/results/bench_route_shift_transformer   (and --embedding static)
 Results go to eval/results/route_mmlu.{json,md} by default. Timings on a shared machine are noisy: rerun before quoting them.
+
+Cascade vs pre-generation router (the MMLU labels carry no student log-probs, so this row is measured on a pipeline
+run whose route stage ran with route.mode=cascade: its labels, the student's answer confidences and its router):
+    python eval/bench_route.py --cascade-run RUN_DIR --out eval/results/bench_route_cascade_quickstart
+Both are calibrated on the run's calibration part for the same goals and measured on its test part.
 """
 
 from __future__ import annotations
@@ -55,7 +60,82 @@ def parse_args() -> argparse.Namespace:
                    help="model-selection candidates (cross-validated APGR on the fit part; '' = skip)")
     p.add_argument("--cache", default=str(Path.home() / ".cache/optkit/bench_route"))
     p.add_argument("--out", default=str(ROOT / "eval/results/route_mmlu"))
+    p.add_argument("--cascade-run", default=None, help="a run dir whose route stage ran in cascade mode: measure "
+                   "cascade vs router there (and nothing else)")
+    p.add_argument("--cascade-goals", default="min_quality=0.9,min_quality=0.95,max_strong_fraction=0.5",
+                   help="calibration goals compared (route.target)")
     return p.parse_args()
+
+
+def cascade_table(args) -> dict:
+    """Cascade (student answers, escalates below a confidence threshold) vs the run's router, each calibrated on
+    the run's calibration prompts for the same goal, measured on its test prompts."""
+    from toolkit.config import RouteTargetConfig
+    from toolkit.errors import OptkitError
+    from toolkit.io import read_jsonl
+    from toolkit.route.calibrate import calibrate
+    from toolkit.route.cascade import CONFIDENCE_JSONL, at_threshold, calibrate_cascade
+    from toolkit.route.runtime import Router, decide
+
+    route_dir = Path(args.cascade_run) / "route"
+    router = Router.load(route_dir)
+    conf = {r["id"]: (-np.inf if r["confidence"] is None else r["confidence"])
+            for r in read_jsonl(route_dir / CONFIDENCE_JSONL)}
+    rows = [r for r in read_jsonl(route_dir / "labels.jsonl") if r["part"] in ("cal", "test")]
+    s_idx, costs, cost_norm = router.models.index(router.strong), router.costs, np.asarray(router.spec["cost_norm"])
+    parts = {}
+    for part in ("cal", "test"):
+        sel = [r for r in rows if r["part"] == part]
+        S = np.array([[r["scores"][m] for m in router.models] for r in sel])
+        parts[part] = (S, np.array([conf[r["id"]] for r in sel]), router.predict_quality([r["prompt"] for r in sel]))
+    w = 1 - s_idx
+    c_weak, c_strong = costs[router.models[w]], costs[router.models[s_idx]]
+    out = {"run": f"run '{Path(args.cascade_run).name}' (its recipe.yaml, route.mode=cascade)", "models": router.models, "strong": router.strong, "costs": costs,
+           "confidence": json.loads((route_dir / "cascade.json").read_text())["confidence"],
+           "n": {p: int(len(v[0])) for p, v in parts.items()}, "goals": {}}
+    (S_c, conf_c, P_c), (S_t, conf_t, P_t) = parts["cal"], parts["test"]
+    for goal in args.cascade_goals.split(","):
+        key, value = goal.split("=")
+        target = RouteTargetConfig(**{key: float(value)})
+        row = {}
+        try:
+            t = calibrate(P_c, S_c, cost_norm, s_idx, target).threshold
+            strong = decide(P_t, cost_norm, t) == s_idx
+            q = np.where(strong, S_t[:, s_idx], S_t[:, w])
+            row["router"] = {"strong_fraction": float(strong.mean()), "quality_ratio": float(q.mean() / S_t[:, s_idx].mean()),
+                             "cost_per_query": float(c_weak * (1 - strong.mean()) + c_strong * strong.mean())}
+        except OptkitError as exc:
+            row["router"] = {"infeasible": str(exc)[:200]}
+        try:
+            t = calibrate_cascade(conf_c, S_c, s_idx, target)[0]
+            c = at_threshold(conf_t, S_t, s_idx, t, costs, router.models)
+            row["cascade"] = {"strong_fraction": c["escalation_fraction"], "quality_ratio": c["quality_ratio"],
+                              "cost_per_query": c["cost_per_query"]}
+        except OptkitError as exc:
+            row["cascade"] = {"infeasible": str(exc)[:200]}
+        out["goals"][goal] = row
+    out["always_weak_quality_ratio"] = float(S_t[:, w].mean() / S_t[:, s_idx].mean())
+    return out
+
+
+def cascade_markdown(r: dict) -> str:
+    weak = [m for m in r["models"] if m != r["strong"]][0]
+    lines = [f"# Cascade vs pre-generation router: {r['run']}", "",
+             f"Calibrated on {r['n']['cal']} calibration prompts, measured on {r['n']['test']} test prompts "
+             f"(small: a few prompts move each figure by ~1%). Cascade: {weak} answers every prompt, escalates to "
+             f"{r['strong']} when its answer's {r['confidence']} is below the calibrated threshold (cost = {weak} "
+             f"always + {r['strong']} on escalations); router: decides from the prompt before any generation. "
+             f"Costs per query: {r['costs']}. Always-{weak} quality ratio on test: {r['always_weak_quality_ratio']:.3f}.",
+             "", "| goal | router: strong calls | router: quality ratio | router: cost/query | cascade: escalations | "
+             "cascade: quality ratio | cascade: cost/query |", "|---|---|---|---|---|---|---|"]
+    for goal, row in r["goals"].items():
+        cells = []
+        for kind in ("router", "cascade"):
+            m = row[kind]
+            cells += (["infeasible", "", ""] if "infeasible" in m else
+                      [_f(m["strong_fraction"], 1), _f(m["quality_ratio"]), f"{m['cost_per_query']:.4g}"])
+        lines.append(f"| {goal} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def load(path: str):
@@ -170,6 +250,13 @@ def latency(router, prompts: list[str], x: np.ndarray, emb: np.ndarray, n_querie
 
 def main() -> None:
     args = parse_args()
+    if args.cascade_run:
+        res = cascade_table(args)
+        out = Path(args.out)
+        out.with_suffix(".json").write_text(json.dumps(res, indent=2, allow_nan=False) + "\n")
+        out.with_suffix(".md").write_text(cascade_markdown(res))
+        print(cascade_markdown(res))
+        return
     import torch
 
     torch.set_num_threads(args.threads)

@@ -48,7 +48,8 @@ def _recipe(tmp: Path, **route) -> Path:
     section = {"labels": {"source": "pipeline", "metric": "gold"}, "target": {"max_strong_fraction": 0.5},
                "calibration": 0.4, "bootstrap": 0, **route}
     recipe = {"name": "pipe", "teacher": {"model": "smollm2-135m-instruct"},
-              "data": {"path": str(BITEXT), "prompt_column": "instruction", "reference_column": "category"},
+              "data": {"path": str(BITEXT), "id_column": "id", "prompt_column": "instruction",
+                       "reference_column": "category"},
               "collect": {}, "distill": {"student": {"from_teacher": {"num_layers": 10}}}, "route": section}
     path = tmp / "pipe.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -53,7 +53,7 @@ def test_knn_distance_separates_far_prompts():
 
 
 def test_distance_weighted_knn_scores_are_continuous():
-    from toolkit.route.runtime import _predict_knn
+    from toolkit.route.routers.knn import predict as _predict_knn
 
     rng = np.random.default_rng(2)
     keys, q = _unit(rng.normal(size=(300, 16))), _unit(rng.normal(size=(400, 16)))
@@ -141,3 +141,18 @@ def test_router_json_shift_tensor_is_checked(mmlu_run, tmp_path):
     save_file(w, str(tmp_path / "router.safetensors"))
     with pytest.raises(OptkitError, match=r"shift\.keys"):
         Router.load(tmp_path)
+
+
+def test_selection_still_ranks_when_the_weak_model_is_as_good_on_average():
+    """The weak model is right on half the prompts (feature 0 above its median), the strong one on the other half: equal mean
+    quality, so APGR is undefined (null), but routing on feature 0 is worth everything. The selection ranks by the
+    cross-validated area above always-weak and exports the learned model over the constant baseline."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(300, 16)).astype(np.float32)
+    weak_right = x[:, 0] > np.median(x[:, 0])  # exactly 150 each
+    S = np.stack([weak_right, ~weak_right], axis=1).astype(float)
+    out = _select(np.concatenate([x, np.zeros((300, 10), np.float32)], axis=1), S, select=["logreg", "constant"],
+                  text_features=False)
+    assert out["chosen"] == "logreg", out["reason"]
+    assert out["cv"]["logreg"]["apgr"] is None and out["cv"]["logreg"]["area"] > out["cv"]["constant"]["area"]
+    assert "APGR undefined" in out["reason"]

@@ -7,6 +7,12 @@ from typing import Literal, Optional
 from pydantic import Field, SecretStr, model_validator
 
 from toolkit.config.base import Section
+from toolkit.route import routers  # names only (imports nothing): the choices below come from the registry
+
+# The recipe's choices, built from toolkit.route.routers when this module is imported: a new router model is a
+# module + a line there, never an edit here.
+RouterModel = Literal[tuple(routers.ROUTERS)]
+RouterCandidate = Literal[tuple(routers.names())]
 
 
 class RouteLabelsConfig(Section):
@@ -25,6 +31,17 @@ class RouteLabelsConfig(Section):
         "(the teacher scores 1).")
     suffices_at: float = Field(1.0, ge=0, description="source = pipeline: the student 'suffices' on a prompt when "
                                "its score >= the teacher's score * this (reported as a label beside the gap).")
+
+
+class RouteLabelPromptsConfig(Section):
+    rows: Literal["none", "unsampled"] = Field(
+        "none", description="source = pipeline: extra prompts the route stage has the teacher and the student "
+        "answer, scored like val and added to the fit / calibration parts. unsampled = the data rows data.limit "
+        "left out of the collected sample, train or val split only (never a test-split row; never the sample's "
+        "train rows, which the student learned). Answers are cached in route/work/ (a re-run asks only what is "
+        "missing).")
+    max: Optional[int] = Field(None, ge=1, description="At most this many extra prompts (a stable hash sample); "
+                               "each costs one teacher and one student generation. Default: all.")
 
 
 class RouteTargetConfig(Section):
@@ -77,6 +94,8 @@ class RouteConfig(Section):
         "beside it). The bundle's gateway runs the mode exported.")
     cascade: RouteCascadeConfig = Field(default_factory=RouteCascadeConfig, description="Cascade settings.")
     labels: RouteLabelsConfig = Field(default_factory=RouteLabelsConfig, description="Where labels come from.")
+    label_prompts: RouteLabelPromptsConfig = Field(default_factory=RouteLabelPromptsConfig,
+                                                   description="More labeled prompts than the val split (pipeline).")
     embedder: str = Field("minilm-l6", description="sentence-transformers model for features (built-in name, "
                           "local dir or Hub id).")
     embedding: Literal["transformer", "static"] = Field(
@@ -86,20 +105,20 @@ class RouteConfig(Section):
     max_seq_length: int = Field(256, ge=8, description="Embedder truncation in tokens (shorter = faster routing).")
     text_features: bool = Field(True, description="Add cheap text features (length, digits, code, question words).")
     shift: RouteShiftConfig = Field(default_factory=RouteShiftConfig, description="Shift guard.")
-    select: list[Literal["logreg", "mlp", "knn", "mf", "length", "constant"]] = Field(
+    select: list[RouterCandidate] = Field(
         default_factory=lambda: ["logreg", "knn", "length", "constant"], description="Candidates compared with "
-        "route.model by cross-validated APGR on the fit part; the best is exported (length = prompt length alone, "
-        "constant = no routing signal: always strong or always weak after calibration). [] = export route.model.")
+        "route.model by cross-validated APGR on the fit part; the best is exported. Baselines: "
+        f"{routers.describe(routers.BASELINES)}. [] = export route.model.")
     cv_folds: int = Field(5, ge=2, description="Folds of the model-selection cross-validation.")
-    model: Literal["logreg", "mlp", "knn", "mf"] = Field(
-        "logreg", description="Router model predicting each model's quality per prompt: logreg = one logistic "
-        "regression per model; mlp = small multi-output MLP; knn = mean scores of the k nearest labeled prompts; "
-        "mf = matrix factorization (prompt projection x learned model embeddings).")
+    model: RouterModel = Field(
+        "logreg", description="Router model predicting each model's quality per prompt (toolkit/route/routers/): "
+        f"{routers.describe(routers.ROUTERS)}.")
     k: Optional[int] = Field(None, ge=1, description="model = knn: neighbours averaged (default: 5% of the "
                              "training prompts, between 5 and 100).")
     hidden: int = Field(64, ge=1, description="model = mlp: hidden units; model = mf: latent dimension.")
     l2: Optional[float] = Field(None, gt=0, description="L2 penalty on the mean training loss (logreg, mlp, mf); "
-                                "default per model (logreg 1.0, mlp 1.5e-3, mf 0.01), tuned on MMLU routing labels.")
+                                "default per model (its module's L2: logreg 1.0, mlp 1.5e-3, mf 0.01), tuned on MMLU "
+                                "routing labels.")
     costs: dict[str, float] = Field(default_factory=dict, description="Model name -> relative cost per query "
                                     "(every model must be listed). Default: from recipe pricing (input + output "
                                     "price per 1M tokens) when every model has one; else strong = 1, others 0 "

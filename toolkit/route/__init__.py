@@ -2,18 +2,28 @@
 
 Runtime (numpy + the embedder only): `Router.load(dir).route(prompt) -> model name`, `.route_batch(prompts)`,
 `.score(prompts)`, `.models`, `.threshold`. Training (`run(ctx)`, the pipeline stage) imports sklearn / torch
-lazily inside `toolkit.route.stage`.
-"""
+lazily inside `toolkit.route.stage`. Router models: toolkit.route.routers (one module + one registry line each).
 
-from toolkit.route.runtime import Router
+Importing this package imports nothing heavy (toolkit.config reads toolkit.route.routers' names); `Router` loads
+toolkit.route.runtime (numpy) on first access.
+"""
 
 __all__ = ["Router", "run"]
 
 
 # Recipe keys besides `route` its outputs depend on; a change re-runs it (toolkit/pipeline.py). A stage
 # name = that stage's outputs are consumed.
-# Here: labels from collect + distill outputs, seed (splits, fit), pricing (relative model costs).
-READS = ("collect", "distill", "seed", "pricing")
+# Here: labels from collect + distill outputs, seed (splits, fit), pricing (relative model costs); with
+# route.label_prompts on, also the data file and its settings (extra prompts) and the teacher (it answers them).
+READS = ("teacher", "data", "collect", "distill", "seed", "pricing")
+
+
+def __getattr__(name: str):
+    if name == "Router":
+        from toolkit.route.runtime import Router
+
+        return Router
+    raise AttributeError(f"module 'toolkit.route' has no attribute {name!r}")
 
 
 def run(ctx):

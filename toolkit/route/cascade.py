@@ -180,6 +180,9 @@ def student_confidences(ctx, table, kind: str) -> dict[str, float]:
     messages = {r["id"]: r["messages"] for r in load_records(ctx.upstream("collect"), splits=("val", "test"))
                 if r["id"] in wanted}
     answers = {r["id"]: r["output"] for r in read_jsonl(distill / "student_outputs.jsonl") if r["id"] in wanted}
+    for r in table.extra_records:  # route.label_prompts' prompts: their messages and the student's answers
+        if r["id"] in wanted:
+            messages[r["id"]], answers[r["id"]] = r["messages"], r["student_output"]
     engine = HFEngine.load(model_dir, chat_template=ctx.recipe.data.chat_template, dtype="float32", device="cpu")
     ids = sorted(i for i in wanted if i in messages and i in answers)
     seqs, keep = [], []

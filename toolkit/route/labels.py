@@ -31,7 +31,8 @@ class LabelTable:
     scores: np.ndarray  # [n, M] float64 in [0, 1]
     models: list[str]
     part: np.ndarray  # [n] of "fit" | "cal" | "test"
-    extra: dict[str, list] = field(default_factory=dict)  # per-row extras (pipeline: suffices, gap)
+    extra: dict[str, list] = field(default_factory=dict)  # per-row extras (pipeline: suffices, gap, origin)
+    extra_records: list = field(default_factory=list)  # route.label_prompts' records (messages, student_output)
 
     def select(self, part: str) -> np.ndarray:
         return np.flatnonzero(self.part == part)
@@ -127,8 +128,9 @@ def _score_fn(metric: str, labels: list[str]):
     return lambda out, ref, teacher: exact_match(out, teacher)
 
 
-def from_pipeline(cfg, collect_dir: Path, distill_dir: Path, seed: int) -> LabelTable:
-    """Student vs teacher on the val and test prompts: val is split into fit / cal, test is held out."""
+def from_pipeline(cfg, collect_dir: Path, distill_dir: Path, seed: int, extra: list[dict] = ()) -> LabelTable:
+    """Student vs teacher on the val and test prompts: val is split into fit / cal, test is held out. `extra`:
+    more train/val-split records with their `student_output` (route.label_prompts), split into fit / cal like val."""
     from toolkit.records import load_records
 
     records = load_records(collect_dir, splits=("val", "test"))
@@ -138,6 +140,13 @@ def from_pipeline(cfg, collect_dir: Path, distill_dir: Path, seed: int) -> Label
                           "the student's generations for every val and test prompt)")
     student = {r["id"]: r for r in read_jsonl(student_path)}
     records = [r for r in records if r["id"] in student]
+    origin = {r["id"]: "val_test" for r in records}
+    for r in extra:
+        if r["split"] == "test" or r["id"] in origin:  # never a test prompt, never a prompt twice
+            raise OptkitError(f"route.label_prompts: prompt {r['id']} is a test or already labeled prompt")
+        student[r["id"]] = {"id": r["id"], "output": r["student_output"]}
+        records.append(r)
+        origin[r["id"]] = "label_prompts"
     if not records:
         raise OptkitError(f"route.labels.source=pipeline: no val/test prompt of {collect_dir} has a student "
                           f"output in {student_path}")
@@ -147,7 +156,7 @@ def from_pipeline(cfg, collect_dir: Path, distill_dir: Path, seed: int) -> Label
         raise OptkitError("route.labels.metric=gold: the collected prompts have no reference answers "
                           "(set data.reference_column, or use metric agreement_f1 / agreement_exact)")
     score = _score_fn(metric, refs)
-    ids, prompts, S, parts, suffices, gaps = [], [], [], [], [], []
+    ids, prompts, S, parts, suffices, gaps, origins = [], [], [], [], [], [], []
     for r in records:
         out_s = student[r["id"]]["output"]
         t = 1.0 if metric != "gold" else score(r["output"], r["reference"] or "", r["output"])
@@ -157,12 +166,14 @@ def from_pipeline(cfg, collect_dir: Path, distill_dir: Path, seed: int) -> Label
         S.append([s, t])
         suffices.append(bool(s >= t * cfg.labels.suffices_at))
         gaps.append(t - s)
+        origins.append(origin[r["id"]])
         if r["split"] == "test":
             parts.append("test")
         else:
             parts.append("cal" if hash_unit(r["id"], seed) < cfg.calibration else "fit")
     return LabelTable(ids, prompts, np.asarray(S, dtype=np.float64), [STUDENT, TEACHER],
-                      np.array(parts, dtype=object), {"student_suffices": suffices, "gap": gaps})
+                      np.array(parts, dtype=object), {"student_suffices": suffices, "gap": gaps, "origin": origins},
+                      list(extra))
 
 
 def check_learnable(table: LabelTable, strong: int) -> None:

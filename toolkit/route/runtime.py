@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -59,56 +59,8 @@ def text_features(texts: Sequence[str]) -> np.ndarray:
 
 
 # ------------------------------------------------------------------------------------------ model heads
-
-
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -30, 30)))
-
-
-def _predict_linear(w: dict, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
-    return _sigmoid(x @ w["coef"] + w["intercept"])
-
-
-def _predict_mlp(w: dict, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
-    h = np.maximum(x @ w["w1"] + w["b1"], 0.0)
-    return np.clip(h @ w["w2"] + w["b2"], 0.0, 1.0)
-
-
-def _predict_knn(w: dict, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
-    # Cosine similarity on unit-norm embeddings; the scores of the k most similar labeled prompts, averaged
-    # uniformly (old routers) or weighted by sim_i - sim_(k+1) ("distance": the prediction moves continuously
-    # with the prompt, since a neighbour enters or leaves the k with weight 0; scores no longer step by 1/k).
-    sims = emb @ w["keys"].T
-    k = int(w["k"][0])
-    if k >= sims.shape[1]:
-        return np.repeat(w["values"].mean(0, keepdims=True), len(x), axis=0)
-    if w.get("weighting") != "distance":
-        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        return w["values"][top].mean(axis=1)
-    kk = min(k + 1, sims.shape[1])
-    top = np.argpartition(-sims, kk - 1, axis=1)[:, :kk]
-    ts = np.take_along_axis(sims, top, axis=1)
-    order = np.argsort(-ts, axis=1)
-    top, ts = np.take_along_axis(top, order, axis=1), np.take_along_axis(ts, order, axis=1)
-    if kk > k:
-        wt = ts[:, :k] - ts[:, k:k + 1] + 1e-6
-    else:
-        wt = np.ones((len(ts), k))
-    wt = wt / wt.sum(axis=1, keepdims=True)
-    return np.clip(np.einsum("nk,nkm->nm", wt, w["values"][top[:, :k]]), 0.0, 1.0)
-
-
-def _predict_mf(w: dict, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
-    return _sigmoid((x @ w["proj"]) @ w["model_emb"].T + w["bias"])
-
-
-# head name (router.json "head") -> numpy predictor(weights, scaled features, unit embeddings) -> P [n, M]
-PREDICTORS: dict[str, Callable[[dict, np.ndarray, np.ndarray], np.ndarray]] = {
-    "linear": _predict_linear,
-    "mlp": _predict_mlp,
-    "knn": _predict_knn,
-    "mf": _predict_mf,
-}
+# Each router model's numpy predictor lives in its module (toolkit/route/routers/, registered there); the Router
+# imports only the module of the model it loads.
 
 
 def decide(P: np.ndarray, cost_norm: np.ndarray, threshold: float) -> np.ndarray:
@@ -166,6 +118,9 @@ class Router:
         self.costs: dict[str, float] = dict(spec["costs"])
         self._cost_norm = np.asarray(spec["cost_norm"], dtype=np.float64)
         self._head = spec["head"]
+        from toolkit.route.routers import load as load_router_model  # numpy-only modules
+
+        self._predict = load_router_model(spec["model"]).predict
         self._head_weights = {k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")}
         self._head_weights["weighting"] = spec.get("knn_weights", "uniform")
         self._embedder = embedder
@@ -234,7 +189,7 @@ class Router:
         return self.predict_from_features(x, emb)
 
     def predict_from_features(self, x: np.ndarray, emb: np.ndarray) -> np.ndarray:
-        return PREDICTORS[self._head](self._head_weights, x, emb)
+        return self._predict(self._head_weights, x, emb)
 
     def score(self, prompts: Sequence[str], emb: Optional[np.ndarray] = None) -> np.ndarray:
         """Two models: predicted quality gain of the strong model, shape [n] (route strong iff >= threshold).

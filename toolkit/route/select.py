@@ -1,11 +1,9 @@
 """Never export a router worse than its baselines: choose the router model by cross-validation on the fit part.
 
-Candidates: the configured `route.model`, the learned models in `route.select`, and two baselines that can be
-exported as routers too (linear heads, so the runtime needs nothing new):
-- `length`: a logistic regression of each model's quality on the prompt's log length alone (the length
-  heuristic, with its direction learned);
-- `constant`: no routing signal (every prompt gets the same score; calibration then makes it always-strong or
-  always-weak, the random baseline's end points).
+Candidates: the configured `route.model`, the learned models in `route.select`, and the baselines of
+toolkit.route.routers.BASELINES that can be exported as routers too (linear heads, so the runtime needs nothing
+new): `length` (each model's quality from the prompt's log length alone, direction learned) and `constant` (no
+routing signal: calibration makes it always-strong or always-weak, the random baseline's end points).
 Each candidate is fit on K-1 folds of the fit part and scored by APGR on the held-out fold (the area under the
 quality-vs-cost curve, toolkit/route/metrics.py); the highest mean wins, ties to the earlier candidate (the
 configured model first). Calibration and test data are never seen here.
@@ -16,40 +14,19 @@ from __future__ import annotations
 import numpy as np
 
 from toolkit.route import metrics as M
-from toolkit.route.models import FITTERS
-from toolkit.route.runtime import PREDICTORS, TEXT_FEATURES
-
-BASELINES = ("length", "constant")
-
-
-def _logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, 1e-4, 1 - 1e-4)
-    return np.log(p / (1 - p))
+from toolkit.route import routers
+from toolkit.route.models import fit, predict
 
 
 def fit_candidate(name: str, x: np.ndarray, emb: np.ndarray, S: np.ndarray, cfg, seed: int) -> tuple[str, dict]:
-    """(head, weights) of one candidate fit on (x, emb, S)."""
-    if name == "constant":
-        return "linear", {"coef": np.zeros((x.shape[1], S.shape[1]), np.float32),
-                          "intercept": _logit(S.mean(0)).astype(np.float32)}
-    if name == "length":
-        col = length_column(cfg, emb)
-        head, w = FITTERS["logreg"](x[:, [col]], emb, S, cfg.model_copy(update={"model": "logreg"}), seed)
-        coef = np.zeros((x.shape[1], S.shape[1]), np.float32)
-        coef[col] = w["coef"][0]
-        return "linear", {"coef": coef, "intercept": w["intercept"]}
-    return FITTERS[name](x, emb, S, cfg.model_copy(update={"model": name}), seed)
-
-
-def length_column(cfg, emb: np.ndarray) -> int:
-    """Index of the log-length text feature in the scaled feature matrix (embedding first, then text)."""
-    return emb.shape[1] + TEXT_FEATURES.index("log_chars")
+    """(head, weights) of one candidate (a router model or a baseline of toolkit.route.routers) fit on (x, emb, S)."""
+    return fit(name, x, emb, S, cfg, seed)
 
 
 def candidates(cfg) -> list[str]:
     names = [cfg.model] + [c for c in cfg.select if c != cfg.model]
-    if not cfg.text_features:  # the length baseline reads the log-length text feature
-        names = [c for c in names if c != "length"]
+    if not cfg.text_features:  # e.g. the length baseline reads the log-length text feature
+        names = [c for c in names if not getattr(routers.load(c), "NEEDS_TEXT", False)]
     return list(dict.fromkeys(names))
 
 
@@ -83,22 +60,31 @@ def cross_validate(x: np.ndarray, emb: np.ndarray, S: np.ndarray, cost_norm: np.
             for f in range(k):
                 tr, te = fold != f, fold == f
                 head, w = fit_candidate(name, x[tr], emb[tr], S[tr], cfg, seed)
-                P = PREDICTORS[head]({**w, "weighting": "distance"}, x[te], emb[te])
+                P = predict(name, {**w, "weighting": "distance"}, x[te], emb[te])
                 a, g = _area(P, S[te], cost_norm, strong)
                 gained.append(a)
                 gap.append(g)
         # APGR of the pooled folds: gap recovered summed over folds / gap summed over folds (a per-fold ratio
-        # is unstable when a small fold's two models score nearly the same)
-        if sum(gap) > 0:
-            cv[name] = {"apgr": float(sum(gained) / sum(gap)), "folds": k, "repeats": repeats}
-    if not cv:
-        return {"chosen": cfg.model, "reason": "cross-validation undefined (the models score the same on the fit "
-                "part); the configured model is exported", "cv": {}, "folds": k, "n": int(n)}
-    ranked = sorted(cv, key=lambda c: -cv[c]["apgr"])  # stable: ties keep candidate order
+        # is unstable when a small fold's two models score nearly the same). The denominator is the same for
+        # every candidate (same folds, same labels), so candidates are ranked by the numerator: the mean quality
+        # gained over always-weak across the cost range ("area"), which stays defined when the weak model scores
+        # as well as the strong one on the fit part (APGR is then undefined, null).
+        defined = sum(gap) > 1e-9 * n * repeats  # not float dust from equal mean scores
+        cv[name] = {"apgr": float(sum(gained) / sum(gap)) if defined else None,
+                    "area": float(sum(gained) / (n * repeats)), "folds": k, "repeats": repeats}
+    ranked = sorted(cv, key=lambda c: -cv[c]["area"])  # stable: ties keep candidate order
+    if len({round(v["area"], 12) for v in cv.values()}) == 1:
+        return {"chosen": cfg.model, "reason": "cross-validation cannot tell the candidates apart (the models "
+                "score the same on the fit part); the configured model is exported", "cv": cv, "folds": k,
+                "n": int(n)}
     best = ranked[0]
-    why = (f"highest cross-validated APGR {cv[best]['apgr']:.3f} ({k} folds x {repeats} of the {n} fit prompts)")
+    metric = "APGR" if cv[best]["apgr"] is not None else "area above always-weak"
+    key = "apgr" if metric == "APGR" else "area"
+    why = f"highest cross-validated {metric} {cv[best][key]:.3f} ({k} folds x {repeats} of the {n} fit prompts)"
     if len(ranked) > 1:
-        why += "; next: " + ", ".join(f"{c} {cv[c]['apgr']:.3f}" for c in ranked[1:])
-    if best in BASELINES:
+        why += "; next: " + ", ".join(f"{c} {cv[c][key]:.3f}" for c in ranked[1:])
+    if metric != "APGR":
+        why += " (APGR undefined: the strong model is no better on average on the fit part)"
+    if best in routers.BASELINES:
         why += f". No learned router beat the {best} baseline: the baseline is exported as the router"
     return {"chosen": best, "reason": why, "cv": cv, "folds": k, "n": int(n)}

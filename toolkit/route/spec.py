@@ -21,17 +21,18 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from toolkit.errors import OptkitError
 from toolkit.route.runtime import ROUTER_JSON, ROUTER_WEIGHTS, TEXT_FEATURES, StaticEmbedder
 
-# route.model (the fitter) -> the numpy head it writes (runtime.PREDICTORS)
-HEAD_OF = {"logreg": "linear", "mlp": "mlp", "knn": "knn", "mf": "mf", "length": "linear", "constant": "linear"}
+# A router model's head name, head tensors and their shapes come from its module (toolkit/route/routers/:
+# TENSORS, INTEGER_TENSORS, check). Symbols: dim = scaled feature width, E = embedding width, M = models; any other
+# letter (H hidden, K stored prompts) is free but must agree across tensors.
 
-# head -> its tensors (without the "head." prefix) and their shapes. Symbols: dim = scaled feature width,
-# E = embedding width, M = models; H (hidden) and K (stored prompts) are free but must agree across tensors.
-HEAD_TENSORS: dict[str, dict[str, tuple]] = {
-    "linear": {"coef": ("dim", "M"), "intercept": ("M",)},
-    "mlp": {"w1": ("dim", "H"), "b1": ("H",), "w2": ("H", "M"), "b2": ("M",)},
-    "knn": {"keys": ("K", "E"), "values": ("K", "M"), "k": (1,)},
-    "mf": {"proj": ("dim", "H"), "model_emb": ("M", "H"), "bias": ("M",)},
-}
+
+def _router_module(name: str):
+    from toolkit.route import routers
+
+    try:
+        return routers.load(name)
+    except KeyError as exc:
+        raise ValueError(f"model: {exc.args[0]}") from None
 
 
 class _Strict(BaseModel):
@@ -97,8 +98,8 @@ class RouterSpec(_Strict):
     threshold: float  # required: a router on disk is calibrated (null = the stage never finished)
     threshold_units: str = ""
     quality_units: str = ""
-    model: Literal["logreg", "mlp", "knn", "mf", "length", "constant"]
-    head: Literal["linear", "mlp", "knn", "mf"]
+    model: str  # a router model or baseline of toolkit.route.routers (checked against the live registry)
+    head: str  # that model's head (its module's HEAD; older files name the same heads)
     knn_weights: Literal["uniform", "distance"] = "uniform"  # distance: weights sim_i - sim_(k+1) (continuous)
     shift: Optional[ShiftSpec] = None
     selection: dict[str, Any] = Field(default_factory=dict)  # informational: which candidate won and why
@@ -113,8 +114,9 @@ class RouterSpec(_Strict):
         check_models(self)
         check_costs(self)
         check_threshold(self)
-        if HEAD_OF[self.model] != self.head:
-            raise ValueError(f"head: model '{self.model}' writes head '{HEAD_OF[self.model]}', not '{self.head}'")
+        head = _router_module(self.model).HEAD
+        if head != self.head:
+            raise ValueError(f"head: model '{self.model}' writes head '{head}', not '{self.head}'")
         return self
 
 
@@ -163,9 +165,11 @@ def check_threshold(spec: RouterSpec) -> None:
 def check_weights(spec: RouterSpec, weights: dict[str, np.ndarray]) -> None:
     """Every tensor the head needs, nothing else, with the shapes router.json and the features imply."""
     f = spec.features
+    module = _router_module(spec.model)
     dims = {"dim": f.dim, "E": f.embedding_dim, "M": len(spec.models)}
     expected = {"feat.mean": ("dim",), "feat.scale": ("dim",),
-                **{f"head.{k}": v for k, v in HEAD_TENSORS[spec.head].items()}}
+                **{f"head.{k}": v for k, v in module.TENSORS.items()}}
+    integer = {f"head.{k}" for k in getattr(module, "INTEGER_TENSORS", ())}
     if spec.shift is not None:
         expected["shift.keys"] = ("R", "E")
         if spec.shift.text_threshold is not None:
@@ -177,30 +181,26 @@ def check_weights(spec: RouterSpec, weights: dict[str, np.ndarray]) -> None:
         raise ValueError(f"head '{spec.head}' needs tensors {sorted(expected)}"
                          + (f"; missing {missing}" if missing else "") + (f"; unexpected {extra}" if extra else ""))
     for name, shape in expected.items():
-        _check_tensor(name, weights[name], shape, dims)
+        _check_tensor(name, weights[name], shape, dims, name in integer)
         info = spec.tensors.get(name)
         if info is None or info.shape != list(weights[name].shape):
             raise ValueError(f"{name}: shape {list(weights[name].shape)} in {ROUTER_WEIGHTS} but router.json "
                              f"tensors.{name} says {None if info is None else info.shape}")
     if np.any(weights["feat.scale"] <= 0):
         raise ValueError("feat.scale: feature scales must be > 0 (features are divided by them)")
-    if spec.head == "knn":
-        if int(weights["head.k"][0]) < 1:
-            raise ValueError(f"head.k: {int(weights['head.k'][0])} neighbours; must be >= 1")
-        if np.any((weights["head.values"] < 0) | (weights["head.values"] > 1)):
-            raise ValueError("head.values: stored scores must lie in [0, 1]")
+    if hasattr(module, "check"):  # what shapes cannot say (value ranges)
+        module.check({k[len("head."):]: v for k, v in weights.items() if k.startswith("head.")})
     if spec.shift is not None and weights["shift.keys"].shape[0] < spec.shift.k:
         raise ValueError(f"shift.keys: {weights['shift.keys'].shape[0]} reference prompts for shift.k = "
                          f"{spec.shift.k}")
 
 
-def _check_tensor(name: str, arr: np.ndarray, shape: tuple, dims: dict) -> None:
+def _check_tensor(name: str, arr: np.ndarray, shape: tuple, dims: dict, integral: bool = False) -> None:
     want = [dims.setdefault(s, arr.shape[i]) if isinstance(s, str) and i < arr.ndim else s
             for i, s in enumerate(shape)]
     if arr.ndim != len(shape) or list(arr.shape) != want or 0 in arr.shape:
         raise ValueError(f"{name}: shape {list(arr.shape)}, expected {want} "
                          f"({' x '.join(map(str, shape))} with dim={dims['dim']}, M={dims['M']})")
-    integral = name == "head.k"
     if integral != np.issubdtype(arr.dtype, np.integer) or not (integral or np.issubdtype(arr.dtype, np.floating)):
         raise ValueError(f"{name}: dtype {arr.dtype}, expected {'an integer' if integral else 'a float'} type")
     if not integral and not np.all(np.isfinite(arr)):

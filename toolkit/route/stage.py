@@ -13,7 +13,7 @@ from toolkit.errors import OptkitError
 from toolkit.io import atomic_write_bytes, write_jsonl
 from toolkit.route import labels as L
 from toolkit.route.calibrate import calibrate, check_enough
-from toolkit.route.models import FITTERS, contiguous
+from toolkit.route.models import contiguous
 from toolkit.route.report import build_report, plot_curves
 from toolkit.route.spec import check_router, threshold_bound
 from toolkit.route.runtime import FORMAT_VERSION, ROUTER_JSON, ROUTER_WEIGHTS, TEXT_FEATURES, Router, text_features
@@ -156,7 +156,11 @@ def _labels(ctx) -> tuple[L.LabelTable, str]:
     if ctx.recipe.collect is None or ctx.recipe.distill is None:
         raise OptkitError("route.labels.source=pipeline needs the collect and distill sections in the recipe "
                           "(or use route.labels.source=file)")
-    return L.from_pipeline(cfg, ctx.upstream("collect"), ctx.upstream("distill"), ctx.recipe.seed), "pipeline"
+    from toolkit.route.label_prompts import extra_records
+
+    extra = extra_records(ctx)  # route.label_prompts: more labeled prompts (teacher + student answers, cached)
+    ctx.extra["label_prompts"] = len(extra)
+    return L.from_pipeline(cfg, ctx.upstream("collect"), ctx.upstream("distill"), ctx.recipe.seed, extra), "pipeline"
 
 
 def resolve_costs(cfg, recipe, models: list[str], default_strong: Optional[str] = None) -> tuple[dict, str]:
