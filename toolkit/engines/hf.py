@@ -12,8 +12,11 @@ import time
 from pathlib import Path
 from typing import Optional
 
+from pydantic import Field
+
 from toolkit.engines.base import OnResult, Settings, Timed, timed_from_stamps
 from toolkit.engines.render import Renderer, cut_stop
+from toolkit.settings import Section
 
 IGNORE = -100
 
@@ -76,7 +79,16 @@ def completion_nll(model, batches: list[dict]) -> float:
 # ------------------------------------------------------------------------------------------- the engine
 
 
+class HFSettings(Section):
+    """collect.hf: the hf engine as the teacher (one field of the collect section)."""
+
+    batch_size: int = Field(8, ge=1, description="Prompts per generate() call (left-padded; prompts are "
+                            "sorted by length first so a batch pads little).")
+    device: str = Field("auto", description="torch device: auto = cuda when available, else cpu.")
+
+
 class HFEngine:
+    settings_class = HFSettings  # collect.hf (toolkit.config.collect adds one field per engine)
     name = "transformers"
     batches = True
     batch_size = 8  # prompts per generate() call when the caller does not say

@@ -6,17 +6,35 @@ its own to a token list. Per-token NLL needs every position's logits: open with 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
 from typing import Optional
 
+from pydantic import Field
+
 from toolkit.engines.base import OnResult, Settings, Timed, timed_from_stamps
 from toolkit.engines.render import Renderer, cut_stop
 from toolkit.engines.score import nll_from_logits
+from toolkit.errors import OptkitError
+from toolkit.settings import Section
+
+
+class LlamaCppSettings(Section):
+    """collect.llamacpp: the llamacpp engine as the teacher (one field of the collect section)."""
+
+    gguf: Optional[str] = Field(None, description="The teacher's GGUF file (relative to the recipe file). Default: "
+                                "the GGUF a built-in teacher ships (smollm2-135m-instruct: the file its HF weights "
+                                "are converted from, so both engines run the same weights). Prompts are rendered "
+                                "with teacher.model's tokenizer and chat template, as for every engine.")
+    n_ctx: int = Field(2048, ge=16, description="Context window llama.cpp allocates (prompt + new tokens).")
+    threads: Optional[int] = Field(None, ge=1, description="llama.cpp threads; default: runtime.threads / "
+                                   "OMP_NUM_THREADS, else every core.")
 
 
 class LlamaCppEngine:
+    settings_class = LlamaCppSettings  # collect.llamacpp (toolkit.config.collect adds one field per engine)
     name = "llama.cpp"
     batches = False  # run_batch is sequential: throughput above batch 1 is not measured
 
@@ -40,6 +58,52 @@ class LlamaCppEngine:
         from toolkit.models import load_tokenizer
 
         return cls(gguf_path, load_tokenizer(str(tokenizer_dir)), chat_template=chat_template, **kw)
+
+    # ------------------------------------------------------------------------------- as collect's teacher
+
+    @staticmethod
+    def teacher_gguf(recipe) -> Optional[Path]:
+        """The teacher's GGUF: collect.llamacpp.gguf, else the file a built-in teacher ships; None if neither."""
+        cfg, model = recipe.collect.llamacpp, recipe.teacher.model
+        if cfg.gguf:
+            path = recipe.resolve_path(cfg.gguf)
+            if not path.is_file():
+                raise OptkitError(f"collect.llamacpp.gguf: file not found: {path}")
+            return path
+        from toolkit.models import BUILTINS
+
+        builtin = BUILTINS.get(model)
+        if builtin is None or builtin.kind != "causal-lm":
+            return None
+        spec = importlib.util.find_spec(builtin.module)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        return next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"), None)
+
+    @classmethod
+    def _gguf_or_error(cls, recipe) -> Path:
+        path = cls.teacher_gguf(recipe)
+        if path is None:
+            raise OptkitError(f"collect.backend llamacpp: no GGUF for teacher '{recipe.teacher.model}'; set "
+                              "collect.llamacpp.gguf (a .gguf file; prompts are rendered with teacher.model's "
+                              "tokenizer)")
+        return path
+
+    @classmethod
+    def for_teacher(cls, recipe) -> "LlamaCppEngine":
+        t, cfg = recipe.teacher, recipe.collect.llamacpp
+        return cls.load(cls._gguf_or_error(recipe), tokenizer_dir=t.model, chat_template=recipe.data.chat_template,
+                        n_ctx=cfg.n_ctx, seed=recipe.seed, threads=cfg.threads or recipe.runtime.threads)
+
+    @classmethod
+    def teacher_identity(cls, recipe) -> dict:
+        from toolkit.io import sha256_file
+        from toolkit.models import model_revision
+
+        t, gguf = recipe.teacher, cls._gguf_or_error(recipe)
+        # The GGUF's bytes decide the answers (its quantization type included); the tokenizer renders the prompt.
+        return {"backend": "llamacpp", "model": t.model, "revision": model_revision(t.model, t.revision),
+                "gguf": gguf.name, "gguf_sha256": sha256_file(gguf)}
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.renderer.prompt(messages).ids

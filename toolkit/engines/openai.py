@@ -14,15 +14,39 @@ the manifest as `resent_after_interrupt`.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Literal, Optional
+
+from pydantic import Field, SecretStr
 
 from toolkit.engines.base import OnResult, Settings, Timed
 from toolkit.engines.openai_client import ClientConfig, OpenAIClient, PromptFailed, Retryable
 from toolkit.engines.render import Renderer, cut_stop, render_plain
 from toolkit.errors import OptkitError
+from toolkit.settings import Section
+
+
+class OpenAISettings(Section):
+    """collect.openai: the openai engine as the teacher (one field of the collect section)."""
+
+    base_url: str = Field("https://api.openai.com/v1", description="Endpoint root of any OpenAI-compatible "
+                          "server (OpenAI, vLLM serve, TGI, llama.cpp server).")
+    model: Optional[str] = Field(None, description="Model name sent to the endpoint; default = teacher.model.")
+    api_key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    api_key: Optional[SecretStr] = Field(None, json_schema_extra={"secret": True},
+                                         description="API key inline (prefer api_key_env). Never logged.")
+    concurrency: int = Field(8, ge=1, description="Requests in flight at once.")
+    timeout_s: float = Field(60.0, gt=0, description="Per-request timeout in seconds.")
+    max_retries: int = Field(5, ge=0, description="Retries on 429 / 5xx / timeouts / malformed replies.")
+    backoff_base_s: float = Field(0.5, ge=0, description="First retry wait; doubles each try (Retry-After wins).")
+    backoff_max_s: float = Field(30.0, ge=0, description="Longest single wait between retries.")
+    api: Literal["chat", "completions"] = Field("chat", description="/chat/completions or /completions.")
+    context_length: Optional[int] = Field(None, ge=1, description="The served model's context in tokens, for "
+                                          "collect.context (prompts counted with the teacher's tokenizer); "
+                                          "null = not checked.")
 
 
 class OpenAIEngine:
+    settings_class = OpenAISettings  # collect.openai (toolkit.config.collect adds one field per engine)
     name = "openai"
     batches = False
 

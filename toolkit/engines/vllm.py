@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
+from pydantic import Field
+
 from toolkit.engines.base import OnResult, Settings, Timed
 from toolkit.engines.render import Renderer, cut_stop
+from toolkit.settings import Section
 
 CHUNK = 512  # prompts per LLM.generate call: large enough for vLLM's batching, small enough to lose little
 
@@ -75,7 +78,18 @@ def teacher_kwargs(recipe, model_path: str) -> dict[str, Any]:
     return kw
 
 
+class VLLMSettings(Section):
+    """collect.vllm: the vllm engine as the teacher (one field of the collect section)."""
+
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per model (vLLM tensor parallelism).")
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="Fraction of GPU memory vLLM may use.")
+    max_model_len: Optional[int] = Field(None, ge=1, description="Context length cap passed to vLLM.")
+    dtype: str = Field("auto", description="vLLM dtype.")
+    quantization: Optional[str] = Field(None, description="vLLM quantization method, if the teacher is quantized.")
+
+
 class VLLMEngine:
+    settings_class = VLLMSettings  # collect.vllm (toolkit.config.collect adds one field per engine)
     name = "vllm"
     batches = True
 

