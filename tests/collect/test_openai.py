@@ -17,8 +17,10 @@ def collect_dir(workdir, name="t"):
 
 def test_every_fault_kind_is_retried_and_each_prompt_answered_once(workdir, fake_openai):
     server = fake_openai(faults={"429": 0.15, "500": 0.15, "timeout": 0.1, "malformed": 0.15},
-                         fault_attempts=2, timeout_sleep_s=1.5)
-    path = write_recipe(workdir, openai_collect(server, timeout_s=0.5), data={"limit": 40})
+                         fault_attempts=2, timeout_sleep_s=4.0)
+    # A 2 s client timeout: an answered request must never time out on a loaded machine (that would be a retry
+    # nobody injected); the injected ones hold the reply for 4 s.
+    path = write_recipe(workdir, openai_collect(server, timeout_s=2.0), data={"limit": 40})
     assert main(["run", str(path)]) == 0
     out = collect_dir(workdir)
     records = read_jsonl(out / "outputs.jsonl")
