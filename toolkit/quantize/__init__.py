@@ -5,8 +5,9 @@ Outputs (quantize/): int8/, gptq/, awq/ (HF dirs, compressed-tensors format: vLL
 them), gguf/ (model-<TYPE>.gguf + Ollama Modelfile) and summary.json {artifact: {method, format, path,
 size_bytes, perplexity, ppl_increase_pct, answer_perplexity (teacher answers given prompts),
 answer_ppl_increase_pct, tokens_per_s, teacher_f1, gold_accuracy, ...}}; the
-unquantized source is the "fp32" entry. Each artifact is written atomically and its verification kept in
-work/, so an interrupted run resumes with the next artifact.
+unquantized source is the "fp32" entry. Every entry also has bits_per_weight (size over the source's
+parameter count). Calibration and scoring never share a prompt (toolkit.quantize.calibration). Each artifact
+is written atomically and its verification kept in work/, so an interrupted run resumes with the next artifact.
 
 Flow: prepare (reap what a killed run left, source, calibration texts, probe) -> for each enabled method of
 the registry (toolkit.quantize.registry.METHODS, GGUF included): quantize once -> verify each artifact -> save.
@@ -73,7 +74,9 @@ def prepare(ctx) -> Setup:
     measured on."""
     from transformers import AutoTokenizer
 
-    from toolkit.quantize.calibration import calibration_texts, eval_examples, load_examples, renderer_for
+    from toolkit.quantize.calibration import (calibration_examples, calibration_texts, eval_examples, load_examples,
+                                              renderer_for)
+    from toolkit.quantize.dtype import parameter_count
     from toolkit.quantize.verify import build_probe
 
     cfg = ctx.config
@@ -83,9 +86,10 @@ def prepare(ctx) -> Setup:
     tok = renderer_for(ctx, AutoTokenizer.from_pretrained(src))  # the one rendering (toolkit.engines)
     examples = load_examples(ctx)
     texts = calibration_texts(examples, tok, cfg.calibration)
-    held = eval_examples(examples, max(cfg.eval_samples, cfg.agreement_samples))
+    held = eval_examples(examples, max(cfg.eval_samples, cfg.agreement_samples),
+                         calibration_examples(examples, cfg.calibration))
     probe = build_probe(held, tok, cfg.eval_samples, cfg.agreement_samples, cfg.calibration.max_length,
-                        cfg.max_new_tokens)
+                        cfg.max_new_tokens, params=parameter_count(src))
     threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     # Keyed by the source weights and the settings, so a changed student or recipe never reuses a stale artifact.
     done = ctx.work_dir / "verified" / _source_key(src, cfg)
@@ -120,7 +124,8 @@ def quantize_once(ctx, setup: Setup, name: str, mcfg) -> dict:
     started = time.perf_counter()
     with atomic_dir(out) as tmp:
         job = Job(src=setup.src, out=tmp, work=setup.done / name, children=ctx.work_dir / CHILDREN,
-                  texts=setup.texts, max_length=ctx.config.calibration.max_length, threads=setup.threads)
+                  texts=setup.texts, max_length=ctx.config.calibration.max_length, threads=setup.threads,
+                  unquantized_dtype=ctx.config.unquantized_dtype)
         artifacts = run_method(mcfg, job)
     record = {"quantize_seconds": round(time.perf_counter() - started, 1),
               "artifacts": [asdict(a) for a in artifacts]}
@@ -218,6 +223,8 @@ def _headline(summary: dict) -> dict:
         if "answer_ppl_increase_pct" in entry:
             out[f"{key}_answer_ppl_increase_pct"] = entry["answer_ppl_increase_pct"]
         out[f"{key}_size_mb"] = round(entry["size_bytes"] / 1e6, 2)
+        if entry.get("bits_per_weight"):
+            out[f"{key}_bits_per_weight"] = entry["bits_per_weight"]
         if entry.get("tokens_per_s"):
             out[f"{key}_tokens_per_s"] = entry["tokens_per_s"]
     return out

@@ -15,7 +15,8 @@ class AWQConfig(QuantMethodConfig):
     group_size: int = Field(64, ge=1, description="Weights per quantization group (must divide layer input widths).")
     symmetric: bool = Field(False, description="Symmetric or asymmetric (AWQ default) weights.")
     duo_scaling: bool = Field(True, description="Search scales from activations and weights (AWQ's duo scaling).")
-    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized (names, or 're:<regex>').")
+    ignore: list[str] = Field(["lm_head"], description="Modules left unquantized, in quantize.unquantized_dtype "
+                              "(names, or 're:<regex>').")
 
 
 @contextlib.contextmanager
@@ -49,6 +50,6 @@ def run(cfg: AWQConfig, job) -> list:
               QuantizationModifier(config_groups=int_weight_scheme(4, cfg.group_size, cfg.symmetric),
                                    ignore=list(cfg.ignore))]
     with _no_pin_memory_without_accelerator():
-        run_oneshot(job.src, job.out, recipe, job.texts, job.max_length,
+        run_oneshot(job.src, job.out, recipe, job.texts, job.max_length, dtype=job.unquantized_dtype,
                     check=lambda m: check_group_size(m, cfg.group_size, cfg.ignore, "quantize.awq.group_size"))
     return [artifact("awq", f"W4A16 group {cfg.group_size} {'sym' if cfg.symmetric else 'asym'} (AWQ scales)", job)]

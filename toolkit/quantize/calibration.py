@@ -8,6 +8,7 @@ Evaluation texts come from the test split and never overlap the calibration text
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Optional
@@ -64,14 +65,22 @@ def render(example: Example, renderer, with_answer: bool) -> str:
     return text
 
 
+def calibration_examples(examples: list[Example], cfg) -> list[Example]:
+    """The calibration pool: the train split (val only when there is a test split to score on), at most
+    cfg.num_samples."""
+    pool = [e for e in examples if e.split == "train"]
+    if not pool and any(e.split == "test" for e in examples):
+        pool = [e for e in examples if e.split == "val"]
+    return pool[:cfg.num_samples]
+
+
 def calibration_texts(examples: list[Example], renderer, cfg) -> list[str]:
-    """Train-split texts (val, then test, only when train is too small), at most cfg.num_samples. Tokenized
-    without added special tokens (toolkit/quantize/llmc.py), the prompt part gives the teacher's prompt ids."""
+    """Rendered texts of calibration_examples. Tokenized without added special tokens
+    (toolkit/quantize/llmc.py), the prompt part gives the teacher's prompt ids."""
     with_answer = cfg.source == "prompts+outputs"
     if with_answer and not any(e.teacher for e in examples):
         log.warning("quantize: no teacher outputs found; calibrating on the prompts alone")
-    pool = [e for e in examples if e.split == "train"] or [e for e in examples if e.split == "val"]
-    texts = [render(e, renderer, with_answer) for e in pool[:cfg.num_samples]]
+    texts = [render(e, renderer, with_answer) for e in calibration_examples(examples, cfg)]
     if len(texts) < cfg.min_samples:
         raise OptkitError(f"quantize.calibration: only {len(texts)} calibration texts in the train split, fewer "
                           f"than quantize.calibration.min_samples = {cfg.min_samples}; add data or lower it")
@@ -80,9 +89,25 @@ def calibration_texts(examples: list[Example], renderer, cfg) -> list[str]:
     return texts
 
 
-def eval_examples(examples: list[Example], n: int) -> list[Example]:
-    """Held-out examples: the test split (val when there is none)."""
-    held = [e for e in examples if e.split == "test"] or [e for e in examples if e.split == "val"]
-    if not held:
-        raise OptkitError("quantize: no test or val prompts to verify on (data.splits.test is 0?)")
-    return held[:n]
+def prompt_key(example: Example) -> str:
+    """What makes two examples the same prompt, whatever their id or split."""
+    return json.dumps(example.messages, sort_keys=True, ensure_ascii=False)
+
+
+def eval_examples(examples: list[Example], n: int, calibration: list[Example],
+                  splits: tuple[str, ...] = ("test", "val")) -> list[Example]:
+    """Held-out examples: the first of `splits` that has any (test, else val), minus every prompt the
+    quantizers were calibrated on (a prompt duplicated across splits would score the model on what it was
+    fitted to, which flatters the artifact). Disjoint by construction; the tests check it."""
+    used = {prompt_key(e) for e in calibration}
+    for split in splits:
+        held = [e for e in examples if e.split == split]
+        if held:
+            break
+    kept = [e for e in held if prompt_key(e) not in used]
+    if len(kept) < len(held):
+        log.warning("quantize: %d held-out prompts also calibrate the model; not scored", len(held) - len(kept))
+    if not kept:
+        raise OptkitError(f"quantize: no {' or '.join(splits)} prompts left to verify on that are not calibration "
+                          "prompts (data.splits.test is 0, or the held-out split repeats the train split)")
+    return kept[:n]

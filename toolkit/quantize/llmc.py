@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 
 from toolkit.errors import MissingExtraError, OptkitError
+from toolkit.quantize.dtype import cast_checkpoint, resolve_dtype
 
 log = logging.getLogger("optkit.quantize")
 
@@ -82,8 +83,10 @@ def artifact(name: str, scheme: str, job):
     return Artifact(name, "compressed-tensors", facts={"scheme": scheme, "calibration_samples": len(job.texts)})
 
 
-def run_oneshot(src: Path, out: Path, recipe, texts: list[str], max_length: int, check=None) -> None:
-    """Quantize src with the given modifiers and write a compressed-tensors dir to out."""
+def run_oneshot(src: Path, out: Path, recipe, texts: list[str], max_length: int, check=None,
+                dtype: str = "auto") -> None:
+    """Quantize src with the given modifiers and write a compressed-tensors dir to out; every floating tensor
+    it writes (embeddings, norms, the ignored layers, quantization scales) in `dtype` (toolkit.quantize.dtype)."""
     require_llmcompressor()
     from llmcompressor import oneshot
 
@@ -94,6 +97,7 @@ def run_oneshot(src: Path, out: Path, recipe, texts: list[str], max_length: int,
     oneshot(model=model, dataset=ds, recipe=recipe, max_seq_length=max_length,
             num_calibration_samples=len(texts), shuffle_calibration_samples=False, pipeline="sequential")
     model.save_pretrained(out, save_compressed=True)
+    cast_checkpoint(out, resolve_dtype(dtype, src))  # after compression: the int weights come from fp32 values
     tok.save_pretrained(out)
     if model.generation_config is not None:
         model.generation_config.save_pretrained(out)

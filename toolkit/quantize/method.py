@@ -37,6 +37,7 @@ class Job:
     texts: list[str] = field(default_factory=list)  # calibration texts (train split)
     max_length: int = 256  # tokens per calibration sequence
     threads: int = 1
+    unquantized_dtype: str = "auto"  # what compressed-tensors artifacts keep unquantized (toolkit.quantize.dtype)
 
 
 @dataclass

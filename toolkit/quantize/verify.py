@@ -26,9 +26,12 @@ class Probe:
     labels: list[str]  # the gold label set (for label extraction), empty when answers are free text
     max_new_tokens: int
     renderer: object = None  # toolkit.engines.render.Renderer of the source model: every artifact sees its ids
+    params: int = 0  # parameters of the unquantized model: bits_per_weight = size * 8 / params
+    per_sequence: bool = False  # also return each sequence's [nll sum, tokens] (the bench's paired bootstrap)
 
 
-def build_probe(examples, renderer, eval_n: int, gen_n: int, max_length: int, max_new_tokens: int) -> Probe:
+def build_probe(examples, renderer, eval_n: int, gen_n: int, max_length: int, max_new_tokens: int,
+                params: int = 0) -> Probe:
     eval_ids, answer_starts = [], []
     for e in examples[:eval_n]:
         prompt = renderer.prompt(e.messages).ids
@@ -42,7 +45,7 @@ def build_probe(examples, renderer, eval_n: int, gen_n: int, max_length: int, ma
     # A small closed label set means a classification task: score by the label the answer names.
     labels = labels if 0 < len(labels) <= 50 else []
     return Probe(eval_ids, answer_starts, [e.messages for e in gen], [e.teacher for e in gen], golds, labels,
-                 max_new_tokens, renderer)
+                 max_new_tokens, renderer, params)
 
 
 def dir_size(path: Path) -> int:
@@ -55,6 +58,7 @@ class NLL:
 
     def __init__(self):
         self.total, self.tokens, self.answer_total, self.answer_tokens = 0.0, 0, 0.0, 0
+        self.sequences: list[list[float]] = []  # per sequence: [nll sum, tokens, answer nll sum, answer tokens]
 
     def add(self, logits, ids, answer_start: int) -> None:
         """logits: [T, V] for the token ids `ids`; tokens from answer_start on are the answer."""
@@ -68,6 +72,7 @@ class NLL:
         self.total, self.tokens = self.total + float(sum(nll)), self.tokens + len(nll)
         self.answer_total += float(sum(answer))
         self.answer_tokens += len(answer)
+        self.sequences.append([float(sum(nll)), len(nll), float(sum(answer)), len(answer)])
 
     def result(self) -> dict:
         # Answer perplexity = the teacher's answers given their prompts: what a distilled student is trained on
@@ -111,6 +116,8 @@ def measure(engine, probe: Probe) -> tuple[NLL, list[str], int, float]:
     nll = NLL()
     for seq_nll, start in zip(engine.token_nll([(ids, 1) for ids in probe.eval_ids]), probe.answer_starts):
         nll.add_nll(seq_nll, start)
+    if not probe.prompts:  # a perplexity-only probe (the bench's validation split)
+        return nll, [], 0, 0.0
     rows = engine.generate(probe.prompts, Settings(max_new_tokens=probe.max_new_tokens), 1)
     return (nll, [r["output"] for r in rows], sum(r["output_tokens"] for r in rows),
             sum(r["latency_s"] for r in rows))
@@ -149,8 +156,12 @@ def verify_gguf(path: Path, probe: Probe, threads: int) -> dict:
 
 
 def _result(nll: "NLL", outputs, new_tokens, seconds, probe, size) -> dict:
-    res = {**nll.result(), "size_bytes": size,
+    from toolkit.quantize.dtype import bits_per_weight
+
+    res = {**nll.result(), "size_bytes": size, "bits_per_weight": bits_per_weight(size, probe.params),
            "tokens_per_s": round(new_tokens / seconds, 2) if seconds > 0 else None,
            **agreement(outputs, probe)}
     res["sample_output"] = outputs[0][:200] if outputs else None
+    if probe.per_sequence:
+        res["sequence_nll"] = [[round(a, 4), b, round(c, 4), d] for a, b, c, d in nll.sequences]
     return res
