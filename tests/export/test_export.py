@@ -131,7 +131,8 @@ training = sorted(m for m in sys.modules if m.split(".")[0] in ("mlflow", "llmco
                   "vllm") or (m.startswith("toolkit.") and m not in ("toolkit.bundle", "toolkit.cache",
                   "toolkit.cache.runtime", "toolkit.cache.space", "toolkit.cache.cachefile", "toolkit.route",
                   "toolkit.route.runtime", "toolkit.route.spec", "toolkit.route.shift", "toolkit.errors",
-                  "toolkit.io", "toolkit.models")))
+                  "toolkit.io", "toolkit.models") and not m.startswith("toolkit.route.routers")))
+# (toolkit.route.routers[.<model>]: the numpy predictor of the router loaded, by design its only import there)
 print(json.dumps({"choice": choice, "models": router.models, "exact": exact.exact, "answer": exact.answer,
                   "near": None if near is None else [near.answer, near.similarity], "threshold": cache.threshold,
                   "training": training, "before_embedder": before_embedder}))

@@ -45,8 +45,10 @@ def test_wrong_type_names_field():
 
 
 def test_missing_required_key():
-    with pytest.raises(OptkitError, match="teacher: required key is missing"):
-        recipe_from_dict({"name": "t", "data": {"path": "x"}})
+    with pytest.raises(OptkitError, match="name: required key is missing"):
+        recipe_from_dict({"teacher": {"model": "m"}, "data": {"path": "x"}})
+    with pytest.raises(OptkitError, match="data.path: required key is missing"):
+        recipe_from_dict({"name": "t", "data": {}})
 
 
 def test_bad_yaml_reports_line(tmp_path):

@@ -53,7 +53,7 @@ def format_validation_error(err: ValidationError, source: str, root: type[BaseMo
             msg = "required key is missing"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-        lines.append(f"{source}: {path}: {msg}")
+        lines += [f"{source}: {path}: {part}" for part in msg.splitlines() or [msg]]
     return "\n".join(lines)
 
 

@@ -28,8 +28,10 @@ class Recipe(Section):
     artifacts_dir: str = Field("artifacts", description="Where run directories go (relative to the working dir).")
     runtime: RuntimeConfig = Field(default_factory=RuntimeConfig, description="Process-level settings.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow settings.")
-    teacher: ModelSpec = Field(description="The big model whose outputs we learn from.")
-    data: DataConfig = Field(description="The prompts.")
+    teacher: Optional[ModelSpec] = Field(None, description="The big model whose outputs we learn from (needed by "
+                                         "collect, distill and evaluate).")
+    data: Optional[DataConfig] = Field(None, description="The prompts (needed by collect, distill, quantize, "
+                                       "evaluate, and cache without cache.pairs_path).")
     pricing: dict[str, Price] = Field(default_factory=dict, description="Model/variant name -> prices "
                                       "(keys: teacher, student, or any variant name).")
     collect: Optional[CollectConfig] = Field(None, description="Collect teacher outputs.")
@@ -58,7 +60,8 @@ class Recipe(Section):
     @model_validator(mode="after")
     def _stages_fit_together(self) -> "Recipe":
         """What `run` would refuse from the recipe alone, refused by `validate` already."""
-        problems = [msg for cond, msg in (
+        problems = missing_sections(self)
+        problems += [msg for cond, msg in (
             (self.distill is not None and self.collect is None,
              "distill: trains on the teacher's outputs, so the recipe needs a collect section"),
             (self.route is not None and self.route.labels.source == "pipeline"
@@ -69,8 +72,37 @@ class Recipe(Section):
              "evaluate: scores variants on the collected held-out prompts, so the recipe needs a collect section"),
         ) if cond]
         if problems:
-            raise ValueError("; ".join(problems))
+            raise ValueError("\n".join(problems))  # one line each (toolkit.config.loading prefixes every line)
         return self
+
+
+# The shared sections each stage reads (besides its own section and upstream stages). A route-only or cache-only
+# recipe needs neither teacher nor data; a stage listed here refuses to validate without them.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "collect": ("teacher", "data"),  # the prompts and who answers them (backend log: the teacher's name, data too)
+    "distill": ("teacher", "data"),  # the student starts from / is scored against the teacher, on the prompts
+    "quantize": ("data",),  # calibration and held-out prompts
+    "evaluate": ("teacher", "data"),  # the teacher variant, the held-out prompts
+}
+WHY = {"teacher": "the teacher model", "data": "the prompts"}
+
+
+def stage_needs(recipe: "Recipe", stage: str) -> tuple[str, ...]:
+    """Shared sections `stage` reads in this recipe (cache reads data only when it builds pairs from it)."""
+    if stage == "cache":
+        return () if recipe.cache.pairs_path else ("data",)
+    return NEEDS.get(stage, ())
+
+
+def missing_sections(recipe: "Recipe") -> list[str]:
+    """One message per present stage whose shared sections are absent, naming the stage and the section."""
+    out = []
+    for stage in recipe.stages():
+        for section in stage_needs(recipe, stage):
+            if getattr(recipe, section) is None:
+                hint = (" (or set cache.pairs_path to tune on a labeled pairs file)" if stage == "cache" else "")
+                out.append(f"{stage}: needs the '{section}' section ({WHY[section]}), which the recipe lacks{hint}")
+    return out
 
 
 def _strip_secrets(model: BaseModel) -> dict[str, Any]:

@@ -198,6 +198,20 @@ def write_deploy(root: Path, models: list[dict], prefix: str, cfg) -> None:
     atomic_write_text(root / deploy.K8S, deploy.kubernetes(prefix, models, cfg.port, serve))
 
 
+def gateway_config(root: Path, models: list[dict], prefix: str, port: int, recipe) -> tuple[str, Optional[str],
+                                                                                           Optional[str]]:
+    """(serve.yaml text, strong backend, weak backend): a bundle with models fronts them and the teacher
+    (toolkit.serve.bundle_config); a router alone fronts the models it routes between (toolkit.export.gateway)."""
+    from toolkit.export.gateway import route_only_serve_yaml, router_models
+    from toolkit.serve.bundle_config import serve_yaml
+
+    if models or not (root / "route" / "router.json").is_file():
+        return serve_yaml(models, prefix, port, recipe), None, None
+    names, strong = router_models(root / "route")
+    weak = next(iter(n for n in names if n != strong)) if len(names) == 2 else None
+    return route_only_serve_yaml(names, strong, prefix, port), strong, weak
+
+
 # ------------------------------------------------------------------------------------------ the stage
 
 
@@ -206,8 +220,8 @@ def build_bundle(ctx) -> dict:
     from toolkit.bundle import FORMAT, MANIFEST
     from toolkit.export import BUNDLE
     from toolkit.export.card import model_card
+    from toolkit.export.gateway import gateway_case
     from toolkit.export.serve import serve_script
-    from toolkit.serve.bundle_config import serve_yaml
     from toolkit.io import atomic_dir, atomic_write_json, atomic_write_text, publish_modes
 
     cfg = ctx.config
@@ -226,8 +240,10 @@ def build_bundle(ctx) -> dict:
         for m in models:
             for what in m.get("missing", []):
                 notes.append(f"{m['name']}: not vLLM-ready, missing {what}")
-        atomic_write_text(tmp / "serve.sh", serve_script(models, prefix, cfg.port, cfg.vllm_args))
-        atomic_write_text(tmp / "serve.yaml", serve_yaml(models, prefix, cfg.port, ctx.recipe))  # optkit serve
+        serve_text, strong, weak = gateway_config(tmp, models, prefix, cfg.port, ctx.recipe)
+        atomic_write_text(tmp / "serve.yaml", serve_text)  # optkit serve
+        atomic_write_text(tmp / "serve.sh", serve_script(models, prefix, cfg.port, cfg.vllm_args,
+                                                         gateway_case(serve_text, strong, weak)))
         write_deploy(tmp, models, prefix, cfg)  # docker-compose.yaml, serve.compose.yaml, k8s/gateway.yaml
         has = {p.kind for p in parts}
         manifest = {
