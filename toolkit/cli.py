@@ -40,6 +40,14 @@ def _parser() -> argparse.ArgumentParser:
     ver.add_argument("bundle", help="bundle directory (artifacts/<name>/export/bundle)")
     ver.add_argument("--manifest-sha256", metavar="HEX", help="also require manifest.json to have this sha256 "
                      "(printed at export)")
+    ev = sub.add_parser("evaluate", help="score a bundle's variants and system on a new labeled file (quality with "
+                        "95%% intervals, agreement, latency, cost)")
+    ev.add_argument("bundle", help="bundle directory (artifacts/<name>/export/bundle)")
+    ev.add_argument("--data", required=True, metavar="FILE", help="labeled file in the bundle recipe's data format "
+                    "(same columns; override them with data.prompt_column=... etc.)")
+    ev.add_argument("--out", required=True, metavar="DIR", help="output directory (report.md, variants.json, ...)")
+    ev.add_argument("--set", dest="overrides", action="append", default=[], metavar="key.path=value",
+                    help="override a value of the bundle's recipe (repeatable), e.g. --set data.reference_column=label")
     srv = sub.add_parser("serve", help="serve a bundle as one OpenAI-compatible endpoint (cache -> router -> "
                          "student/teacher)")
     srv.add_argument("bundle", help="bundle directory (artifacts/<name>/export/bundle)")
@@ -56,6 +64,18 @@ def _cmd_serve(args) -> int:
     from toolkit.serve.server import serve
 
     return serve(args.bundle, args.config, args.host, args.port)
+
+
+def _cmd_evaluate(args) -> int:
+    from toolkit import runtime
+
+    runtime.configure()  # before anything imports torch
+    runtime.setup_logging()
+    from toolkit.evaluate.bundle import evaluate_bundle
+
+    report = evaluate_bundle(args.bundle, args.data, args.out, args.overrides)
+    print(f"report: {report}")
+    return 0
 
 
 def _cmd_validate(args) -> int:
@@ -119,7 +139,8 @@ def _cmd_verify(args) -> int:
 
 
 COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "schema": _cmd_schema, "report": _cmd_report,
-            "compare": _cmd_compare, "verify": _cmd_verify, "serve": _cmd_serve}
+            "compare": _cmd_compare, "verify": _cmd_verify, "serve": _cmd_serve,
+            "evaluate": _cmd_evaluate}
 
 
 def main(argv: list[str] | None = None) -> int:

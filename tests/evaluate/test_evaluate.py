@@ -208,3 +208,53 @@ def test_report_and_compare_commands(evaluated, tmp_path, capsys):
     line = next(ln for ln in out.splitlines() if ln.startswith("teacher") and " quality " in f" {ln} ")
     assert line.split()[-1] == "-0.25"
     assert main(["report", str(tmp_path / "nope")]) == 2
+
+
+def test_quality_intervals_verdicts_and_batch_movement_are_reported(evaluated):
+    from tests.evaluate.test_stats import wilson_formula
+
+    root, _ = evaluated
+    rows = _rows(root)
+    teacher = rows["teacher"]
+    k = round(teacher["quality"] * teacher["quality_n"])
+    assert (teacher["quality_lo"], teacher["quality_hi"]) == pytest.approx(wilson_formula(k, teacher["quality_n"]))
+    for name in ("student", "student_lora", "int8", "gguf-Q4_1", "system"):
+        r = rows[name]
+        assert r["quality_lo"] <= r["quality"] <= r["quality_hi"]
+        assert r["quality_diff"] == pytest.approx(r["quality"] - teacher["quality"])
+        assert r["quality_diff_lo"] <= r["quality_diff"] <= r["quality_diff_hi"]
+        verdict = ("better" if r["quality_diff_lo"] > 0 else "worse" if r["quality_diff_hi"] < 0
+                   else f"not distinguishable at n={r['quality_paired_n']}")
+        assert r["quality_vs_teacher"] == verdict
+    # each in-process batched variant re-answered its latency prompts alone and says how many answers moved
+    for name in ("teacher", "student", "student_lora", "int8"):
+        assert rows[name]["batch_moved_n"] == fakerun.EVALUATE["latency_samples"]
+        assert 0 <= rows[name]["batch_moved"] <= rows[name]["batch_moved_n"]
+    report = (root / "artifacts" / fakerun.RUN / "evaluate" / "report.md").read_text()
+    assert "vs teacher (paired 95% CI)" in report and "re-generated alone" in report
+    assert f"{teacher['quality']:.3g} [{teacher['quality_lo']:.3g}, {teacher['quality_hi']:.3g}]" in report
+
+
+def test_every_student_variant_runs_at_one_precision(built_root, tmp_path):
+    from types import SimpleNamespace
+
+    from toolkit.config import recipe_from_dict
+    from toolkit.evaluate.stage import known_answers, variant_dtype
+    from toolkit.evaluate.variants import Variant
+
+    recipe = recipe_from_dict(fakerun.recipe_dict(tmp_path, teacher={"model": "smollm2-135m-instruct",
+                                                                     "dtype": "bfloat16"}, evaluate={}))
+    run = fakerun.copy_run(built_root, tmp_path)
+    # distill's answers (float32) for the test prompts: reused only while the student is scored at float32
+    records = [r for r in fakerun.make_records() if r["split"] == "test"]
+    (run / "distill" / "student_outputs.jsonl").write_text("".join(
+        json.dumps({"id": r["id"], "output": "ORDER", "output_tokens": 2}) + "\n" for r in records))
+    ctx = SimpleNamespace(recipe=recipe, config=recipe.evaluate, upstream=lambda s: run / s)
+    variants = [Variant("teacher", "teacher", "transformers"), Variant("student", "student", "transformers"),
+                Variant("student_lora", "student_lora", "transformers"), Variant("int8", "quantized", "transformers")]
+    assert [variant_dtype(ctx, v) for v in variants] == ["bfloat16", "float32", "float32", "float32"]
+    assert [a["output"] for a in known_answers(ctx, variants[1], records)] == ["ORDER"] * len(records)
+    bf16 = recipe.evaluate.model_copy(update={"student_dtype": "bfloat16"})
+    ctx = SimpleNamespace(recipe=recipe, config=bf16, upstream=lambda s: run / s)
+    assert [variant_dtype(ctx, v) for v in variants] == ["bfloat16", "bfloat16", "bfloat16", "bfloat16"]
+    assert known_answers(ctx, variants[1], records) is None  # float32 answers are not mixed into a bf16 student

@@ -120,3 +120,14 @@ def test_bogus_tracking_uri_is_one_line_and_fast(tmp_path):
         assert msg in p.stderr and "pw" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
         assert time.monotonic() - start < 120  # bounded: not MLflow's minutes of retries
     assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_evaluate_refuses_a_non_bundle_without_loading_anything(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": 1, "text": "hi", "label": "A"}\n')
+    heavy, _ = _modules_after(["evaluate", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "o")])
+    assert heavy == []
+    p = optkit("evaluate", str(tmp_path), "--data", str(data), "--out", str(tmp_path / "o"))
+    assert p.returncode == 2 and "not an optkit bundle" in p.stderr and "Traceback" not in p.stderr
+    p = optkit("evaluate", str(tmp_path))  # --data and --out are required
+    assert p.returncode == 2 and "--data" in p.stderr

@@ -43,11 +43,17 @@ class EvaluateConfig(Section):
         "system. all = every one whose upstream outputs exist.")
     split: Literal["val", "test"] = Field("test", description="Held-out split the variants are evaluated on.")
     max_samples: Optional[int] = Field(None, ge=1, description="Evaluate quality on at most this many held-out "
-                                       "prompts (a deterministic subset: the first by id).")
+                                       "prompts (a deterministic subset: the first by id); null = every prompt of "
+                                       "the split. Each quality figure carries its 95% interval: at n = 100 a "
+                                       "rate near 0.4 is +-0.09, so keep n in the hundreds to tell variants apart.")
     metric: Literal["gold", "exact", "f1", "rouge_l"] = Field(
         "gold", description="Task metric against the reference: gold = the answer names the reference label "
         "(label set = the distinct references, first label mentioned wins); exact / f1 / rouge_l = "
         "normalized exact match, token F1, ROUGE-L.")
+    student_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
+        "float32", description="Precision every student variant (merged, LoRA on its base, HF-format quantized) is "
+        "evaluated at, so the student is scored at one precision throughout. float32 = distill's precision (its "
+        "answers to the held-out prompts are then reused); the teacher runs at teacher.dtype, like in collect.")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="Generation length cap; default = "
                                           "collect.generation.max_new_tokens (the same settings as the teacher).")
     engine: Literal["auto", "transformers", "vllm"] = Field(

@@ -69,6 +69,29 @@ def quality_summary(scored: list[dict]) -> dict:
             "input_tokens_mean": float(np.mean([r["input_tokens"] or 0 for r in scored])) if scored else None}
 
 
+def add_intervals(rows: list[dict], scored: dict[str, dict[str, dict]], teacher: str = "teacher") -> None:
+    """95% intervals on every row with per-prompt scores (scored[variant][id] = {score, agree}): Wilson on its
+    quality and agreement, and, on the same prompts as the teacher, the paired bootstrap difference and ratio of
+    quality against the teacher with the verdict it allows (toolkit.evaluate.stats)."""
+    from toolkit.evaluate import stats
+
+    ref = scored.get(teacher)
+    for row in rows:
+        mine = scored.get(row["variant"])
+        if not mine:
+            continue
+        for key, field in (("quality", "score"), ("agreement", "agree")):
+            ci = stats.mean_ci([s[field] for s in mine.values()])
+            row[f"{key}_lo"], row[f"{key}_hi"] = ci if ci else (None, None)
+        if ref is None or row["variant"] == teacher:
+            continue
+        ids = [i for i in mine if i in ref]
+        cmp = stats.paired([mine[i]["score"] for i in ids], [ref[i]["score"] for i in ids])
+        row.update({f"quality_{k}": v for k, v in cmp.items() if k != "n"})
+        row["quality_paired_n"] = cmp["n"]
+        row["quality_vs_teacher"] = stats.verdict(cmp["diff_lo"], cmp["diff_hi"], cmp["n"])
+
+
 # ------------------------------------------------------------------------------------------ latency
 
 
@@ -97,6 +120,17 @@ def measure_latency(engine, messages: list[list[dict]], warmup: int) -> dict:
     for m in messages[:1] * warmup:
         engine.timed(m)
     return latency_summary([engine.timed(m) for m in messages])
+
+
+def batch_movement(engine, messages: list[list[dict]], answers: list[dict]) -> dict:
+    """How many of the scored answers change when the same prompts are answered one at a time (batch 1): batched
+    greedy decoding is not batch-invariant (padding and kernel shapes change the rounding), so this is measured on
+    every run instead of assumed."""
+    if not getattr(engine, "batches", False) or not messages:
+        return {}
+    single = engine.generate(messages, batch_size=1)
+    moved = sum((a["output"] or "").strip() != (b["output"] or "").strip() for a, b in zip(single, answers))
+    return {"batch_moved": moved, "batch_moved_n": len(messages)}
 
 
 def measure_throughput(engine, messages: list[list[dict]], batch_sizes: list[int]) -> dict:

@@ -13,13 +13,20 @@ from toolkit.io import atomic_write_bytes, atomic_write_json, atomic_write_text
 from toolkit.ui import fmt
 
 # Columns of the table, in order (rows may carry more: the JSON keeps everything).
-COLUMNS = ("variant", "source", "engine", "latency_engine", "n", "quality", "agreement", "agreement_f1",
+COLUMNS = ("variant", "source", "engine", "latency_engine", "n", "quality", "quality_lo", "quality_hi",
+           "quality_diff", "quality_diff_lo", "quality_diff_hi", "quality_ratio", "quality_ratio_lo",
+           "quality_ratio_hi", "quality_vs_teacher", "agreement", "agreement_lo", "agreement_hi", "agreement_f1",
            "perplexity", "judge_score", "ttft_p50_s", "tpot_p50_s", "e2e_p50_s", "e2e_p95_s", "e2e_p99_s",
            "tokens_per_s_b1", "requests_per_s_b1", "inproc_e2e_p50_s", "inproc_tokens_per_s_b1",
            "cost_per_1m_requests", "cost_status", "size_bytes", "memory_bytes", "pareto")
 
 DEFINITIONS = """\
-- **quality**: mean task metric ({metric}) against the gold reference on the held-out prompts.
+- **quality**: mean task metric ({metric}) against the gold reference on the held-out prompts, with its 95%
+  interval in brackets (Wilson for a 0/1 score; bootstrap of the mean otherwise). **vs teacher**: the variant's
+  quality minus the teacher's, and their ratio, on the same prompts, with paired-bootstrap 95% intervals
+  (prompts resampled with both answers kept together). A variant is called **better** or **worse** only when
+  the interval of the difference excludes 0; otherwise it is *not distinguishable at n=...* whatever the point
+  estimates say.
 - **agreement**: the answer names the same label as the teacher's (normalized exact match without labels);
   **agreement_f1**: token F1 with the teacher's answer. **perplexity**: of the variant on the teacher's answers
   (teacher-forced, answer tokens incl. end-of-turn; transformers variants only).
@@ -47,7 +54,26 @@ def write_tables(out_dir: Path, rows: list[dict]) -> None:
     atomic_write_text(out_dir / "variants.csv", buf.getvalue())
     pareto = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["cost_per_1m_requests"])
     atomic_write_json(out_dir / "pareto.json", [{"variant": r["variant"], "quality": r["quality"],
+                                                 "quality_lo": r.get("quality_lo"), "quality_hi": r.get("quality_hi"),
                                                  "cost_per_1m_requests": r["cost_per_1m_requests"]} for r in pareto])
+
+
+def with_ci(row: dict, key: str) -> str:
+    """'0.333 [0.22, 0.46]': a figure with its 95% interval (the figure alone when it has none)."""
+    lo, hi = row.get(f"{key}_lo"), row.get(f"{key}_hi")
+    if row.get(key) is None or lo is None or hi is None:
+        return fmt(row.get(key))
+    return f"{fmt(row[key])} [{fmt(lo)}, {fmt(hi)}]"
+
+
+def vs_teacher(row: dict) -> str:
+    """'-0.06 [-0.15, 0.03], x0.85 [0.62, 1.09]: not distinguishable at n=60' (paired, against the teacher)."""
+    if row.get("quality_diff") is None or row.get("quality_diff_lo") is None:
+        return "-"
+    d = f"{row['quality_diff']:+.3f} [{row['quality_diff_lo']:+.3f}, {row['quality_diff_hi']:+.3f}]"
+    if row.get("quality_ratio") is not None and row.get("quality_ratio_lo") is not None:
+        d += f", x{row['quality_ratio']:.2f} [{row['quality_ratio_lo']:.2f}, {row['quality_ratio_hi']:.2f}]"
+    return f"{d}: {row.get('quality_vs_teacher')}"
 
 
 def _png(fig) -> bytes:
@@ -69,6 +95,9 @@ def plot_quality_cost(rows: list[dict], path: Path, metric: str) -> bool:
     for r in pts:
         ax.scatter(r["cost_per_1m_requests"], r["quality"], s=60, marker="*" if r.get("pareto") else "o",
                    color="tab:red" if r.get("pareto") else "tab:blue", zorder=3)
+        if r.get("quality_lo") is not None and r.get("quality_hi") is not None:  # the 95% interval, not decoration
+            ax.errorbar(r["cost_per_1m_requests"], r["quality"], capsize=3, color="grey", zorder=2,
+                        yerr=[[r["quality"] - r["quality_lo"]], [r["quality_hi"] - r["quality"]]])
         ax.annotate(r["variant"], (r["cost_per_1m_requests"], r["quality"]), textcoords="offset points",
                     xytext=(5, 4), fontsize=8)
     front = sorted((r for r in pts if r.get("pareto")), key=lambda r: r["cost_per_1m_requests"])
@@ -80,7 +109,7 @@ def plot_quality_cost(rows: list[dict], path: Path, metric: str) -> bool:
     if min(costs) > 0 and max(costs) / min(costs) > 20:
         ax.set_xscale("log")
     ax.set_xlabel("$ per 1M requests (lower is better)")
-    ax.set_ylabel(f"quality: {metric} (higher is better)")
+    ax.set_ylabel(f"quality: {metric} (higher is better; bars: 95% interval)")
     ax.set_title("Quality vs cost")
     ax.grid(alpha=0.3)
     atomic_write_bytes(path, _png(fig))
@@ -114,6 +143,16 @@ def plot_latency(rows: list[dict], path: Path) -> bool:
     return True
 
 
+def batch_line(rows: list[dict]) -> list[str]:
+    """How much batching moved the scored answers (re-answered one at a time on the latency prompts)."""
+    moved = [f"{r['variant']} {r['batch_moved']}/{r['batch_moved_n']}" for r in rows if r.get("batch_moved_n")]
+    if not moved:
+        return []
+    return ["Answers that change when re-generated alone (batch 1) instead of in their batch, on the latency "
+            f"prompts: {', '.join(moved)}. Greedy decoding is not batch-invariant; a change that flips a label "
+            "moves quality by 1/n.", ""]
+
+
 def _table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
     lines = ["| " + " | ".join(h for h, _ in cols) + " |", "|" + "---|" * len(cols)]
     for r in rows:
@@ -125,13 +164,17 @@ def write_report(out_dir: Path, rows: list[dict], setup: dict, plots: dict[str, 
     import torch
 
     metric = setup["metric"]
+    shown = {}
     for r in rows:
         if r.get("cost_status") and r.get("cost_per_1m_requests") is None:
             r["cost_shown"] = r["cost_status"]
         else:
             r["cost_shown"] = r.get("cost_per_1m_requests")
-    main = [("variant", "variant"), ("engine", "engine"), ("latency engine", "latency_engine"), (metric, "quality"),
-            ("agreement", "agreement"),
+        shown[r["variant"]] = {"quality_shown": with_ci(r, "quality"), "agreement_shown": with_ci(r, "agreement"),
+                               "vs_teacher": vs_teacher(r)}
+    main = [("variant", "variant"), ("engine", "engine"), ("latency engine", "latency_engine"),
+            (f"{metric} [95% CI]", "quality_shown"), ("vs teacher (paired 95% CI)", "vs_teacher"),
+            ("agreement [95% CI]", "agreement_shown"),
             ("ppl on teacher", "perplexity"), ("judge", "judge_score"), ("TTFT p50 s", "ttft_p50_s"),
             ("TPOT p50 s", "tpot_p50_s"), ("e2e p50 s", "e2e_p50_s"), ("e2e p95 s", "e2e_p95_s"),
             ("e2e p99 s", "e2e_p99_s"), ("$ / 1M req", "cost_shown"), ("Pareto", "pareto")]
@@ -142,16 +185,23 @@ def write_report(out_dir: Path, rows: list[dict], setup: dict, plots: dict[str, 
     for r in rows:
         r["size_mb"] = r["size_bytes"] / 1e6 if r.get("size_bytes") else None
         r["memory_mb"] = r["memory_bytes"] / 1e6 if r.get("memory_bytes") else None
+    table_rows = [{**r, **shown[r["variant"]]} for r in rows]
     lines = [
         f"# Evaluation: {setup['run']}",
         "",
-        f"{setup['n']} held-out prompts of the `{setup['split']}` split (quality); latency on {setup['latency_n']} "
+        f"{setup['n']} held-out prompts of the `{setup['split']}` split (quality; teacher at "
+        f"{setup.get('teacher_dtype', 'auto')}, every student variant at {setup.get('student_dtype', 'float32')}); "
+        f"latency on {setup['latency_n']} "
         f"prompts one at a time after {setup['warmup']} warm-up request(s). Machine: {platform.machine()}, "
         f"{setup['cpus']} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads. Timings on a "
         "shared machine are noisy: compare variants measured in the same run, not across runs.",
         "",
-        *_table(rows, main),
+        *_table(table_rows, main),
         "",
+        "Quality intervals are 95%: Wilson (rates), paired bootstrap against the teacher on the same prompts; "
+        "better/worse only where the paired interval of the difference excludes 0.",
+        "",
+        *batch_line(rows),
         "Size and throughput:",
         "",
         *_table(rows, size),
@@ -167,8 +217,11 @@ def write_report(out_dir: Path, rows: list[dict], setup: dict, plots: dict[str, 
                   f"{fmt(sysrow.get('overhead_p50_s'))} s, p99 {fmt(sysrow.get('overhead_p99_s'))} s.", ""]
     front = sorted((r for r in rows if r.get("pareto")), key=lambda r: r["cost_per_1m_requests"])
     lines += ["## Pareto set (quality vs cost)", ""]
-    lines += [f"- **{r['variant']}**: {metric} {fmt(r['quality'])} at ${fmt(r['cost_per_1m_requests'])} per 1M requests"
-              for r in front] or ["- (no variant has both a quality and a cost: add pricing to the recipe)"]
+    lines += [f"- **{r['variant']}**: {metric} {with_ci(r, 'quality')} at ${fmt(r['cost_per_1m_requests'])} per 1M "
+              "requests" for r in front] or ["- (no variant has both a quality and a cost: add pricing to the recipe)"]
+    if front:
+        lines += ["", "The frontier is drawn on point estimates; two variants whose quality intervals overlap are "
+                  "not shown to differ in quality (see the paired comparison above)."]
     lines += ["", "Cost basis per variant:", ""]
     lines += [f"- {r['variant']}: {r.get('cost_basis', 'n/a')}" for r in rows]
     if plots.get("quality_vs_cost"):
@@ -185,7 +238,8 @@ def headline(rows: list[dict]) -> dict:
     """Stage metrics: quality, cost and e2e p50 per variant (flat names for the manifest and MLflow)."""
     out: dict[str, Optional[float]] = {"variants": len(rows), "pareto_size": sum(bool(r.get("pareto")) for r in rows)}
     for r in rows:
-        for key in ("quality", "agreement", "cost_per_1m_requests", "e2e_p50_s"):
+        for key in ("quality", "quality_lo", "quality_hi", "quality_diff_lo", "quality_diff_hi", "agreement",
+                    "cost_per_1m_requests", "e2e_p50_s"):
             if r.get(key) is not None:
                 out[f"{r['variant']}.{key}"] = r[key]
     return out

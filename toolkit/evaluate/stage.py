@@ -56,11 +56,21 @@ def make_engine(ctx, v: Variant, max_new_tokens: int):
 
     trust = (recipe.teacher.trust_remote_code if v.source == "teacher" else
              bool(recipe.distill and recipe.distill.student.trust_remote_code))
+    dtype = variant_dtype(ctx, v)
     if use_vllm(ctx.config.engine):
-        return VLLMEngine(v.model_dir, adapter_dir=v.adapter_dir, dtype=recipe.teacher.dtype, trust_remote_code=trust,
+        return VLLMEngine(v.model_dir, adapter_dir=v.adapter_dir, dtype=dtype, trust_remote_code=trust,
                           seed=recipe.seed, **common)
-    return HFEngine(v.model_dir, adapter_dir=v.adapter_dir, dtype=recipe.teacher.dtype, trust_remote_code=trust,
-                    **common)
+    return HFEngine(v.model_dir, adapter_dir=v.adapter_dir, dtype=dtype, trust_remote_code=trust, **common)
+
+
+# distill trains and answers in float32 (toolkit/distill/__init__.py): its answers are reused only at that precision.
+DISTILL_DTYPE = "float32"
+
+
+def variant_dtype(ctx, v: Variant) -> str:
+    """The teacher at teacher.dtype (collect's answers are at that precision); every student variant (merged,
+    LoRA, HF-format quantized) at evaluate.student_dtype, so the student is scored at one precision throughout."""
+    return ctx.recipe.teacher.dtype if v.source == "teacher" else ctx.config.student_dtype
 
 
 def serving_wanted(ctx, v: Variant) -> bool:
@@ -86,11 +96,12 @@ def use_vllm(choice: str) -> bool:
 
 def known_answers(ctx, v: Variant, records: list[dict]) -> Optional[list[dict]]:
     """Answers that already exist and are exactly what generation would give: the teacher's own (collect) and the
-    merged student's (distill/student_outputs.jsonl, same generation settings), unless max_new_tokens changed."""
+    merged student's (distill/student_outputs.jsonl, same generation settings, float32), unless max_new_tokens or
+    the student's precision (evaluate.student_dtype) differ."""
     if v.source == "teacher":
         return [{"output": r["output"], "output_tokens": r.get("output_tokens"), "input_tokens": r.get("input_tokens")}
                 for r in records]
-    if v.name == "student" and ctx.config.max_new_tokens is None:
+    if v.name == "student" and ctx.config.max_new_tokens is None and ctx.config.student_dtype == DISTILL_DTYPE:
         path = ctx.upstream("distill") / "student_outputs.jsonl"
         if path.is_file():
             by_id = {r["id"]: r for r in read_jsonl(path)}
@@ -120,11 +131,14 @@ def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int,
                 with ctx.progress(f"{v.name}: answering", None):
                     answers = engine.generate(msgs, batch_size=max(cfg.batch_sizes))
             timed = msgs[:cfg.latency_samples]
+            row.update(measure.batch_movement(engine, timed, answers[:len(timed)]))
             row.update(measure.measure_latency(engine, timed, cfg.warmup))
             row.update(measure.measure_throughput(engine, timed, cfg.batch_sizes))
             if cfg.perplexity:
                 row["perplexity"] = engine.perplexity([(r["messages"], r["output"]) for r in records])
             row["memory_bytes"] = engine.memory_bytes()
+            if v.engine == "transformers":
+                row["dtype"] = variant_dtype(ctx, v)
             renderer = engine.engine.renderer
         finally:
             engine.close()
@@ -177,22 +191,32 @@ def cached_variant(ctx, v: Variant, records, labels, max_new, judge, fps: dict) 
 
 
 def evaluate(ctx) -> dict:
-    from toolkit.evaluate.report import headline, plot_latency, plot_quality_cost, write_report, write_tables
-
     cfg, recipe = ctx.config, ctx.recipe
     records = eval_records(ctx)
     # The label set comes from every split: a label missing from the evaluated subset can still be answered.
     from toolkit.records import load_records
 
     labels = measure.label_set(load_records(ctx.upstream("collect"))) if cfg.metric == "gold" else None
-    max_new = cfg.max_new_tokens or (recipe.collect.generation.max_new_tokens if recipe.collect else 64)
     variants, do_system = select(ctx, discover(ctx))
+    rows, notes = score_all(ctx, records, labels, variants, do_system, upstream_fingerprints(ctx))
+    write_all(ctx, rows, notes, {"run": recipe.name, "n": len(records), "split": cfg.split})
+    log_to_mlflow(ctx, rows)
+    from toolkit.evaluate.report import headline
+
+    return headline(rows)
+
+
+def score_all(ctx, records: list[dict], labels, variants: list[Variant], do_system: bool, fps: dict,
+              cascade: bool = True) -> tuple[list[dict], list[str]]:
+    """Every variant (and the system) on the records: rows with quality intervals, the Pareto flag, and notes.
+    Shared by the stage and `optkit evaluate BUNDLE` (toolkit/evaluate/bundle.py)."""
+    cfg, recipe = ctx.config, ctx.recipe
+    max_new = cfg.max_new_tokens or (recipe.collect.generation.max_new_tokens if recipe.collect else 64)
     judge = None
     if cfg.judge is not None:
         from toolkit.evaluate.judge import Judge
 
         judge = Judge(cfg.judge)
-    fps = upstream_fingerprints(ctx)
     rows, answers, notes = [], {}, []
     try:
         for v in variants:
@@ -203,8 +227,11 @@ def evaluate(ctx) -> dict:
     finally:
         if judge is not None:
             judge.close()
-    if do_system:
-        rows.extend(system_row(ctx, records, answers, rows, labels))  # + system-cascade (route.mode = cascade)
+    if do_system:  # + system-cascade (route.mode = cascade)
+        sys_rows, sys_logs = system_row(ctx, records, answers, rows, labels, cascade)
+        rows.extend(sys_rows)
+        answers.update(sys_logs)
+    measure.add_intervals(rows, answers)
     for row, flag in zip(rows, measure.pareto_flags(rows)):
         row["pareto"] = flag
     notes += [f"{r['variant']}: throughput above batch 1 not measured (llama-cpp-python serves one request at a "
@@ -217,18 +244,27 @@ def evaluate(ctx) -> dict:
               if r.get("serving_error")]
     if labels is None and cfg.metric == "gold":
         notes.append("no gold references in the evaluated split: quality is n/a; agreement with the teacher remains")
+    return rows, notes
+
+
+def write_all(ctx, rows: list[dict], notes: list[str], setup: dict) -> None:
+    """variants.json/.csv, pareto.json, the two plots and report.md into ctx.dir."""
+    from toolkit.evaluate.report import plot_latency, plot_quality_cost, write_report, write_tables
+
+    cfg = ctx.config
     write_tables(ctx.dir, rows)
     plots = {"quality_vs_cost": plot_quality_cost(rows, ctx.dir / "quality_vs_cost.png", cfg.metric),
              "latency": plot_latency(rows, ctx.dir / "latency.png")}
-    setup = {"run": recipe.name, "n": len(records), "split": cfg.split, "metric": cfg.metric,
-             "latency_n": min(cfg.latency_samples, len(records)), "warmup": cfg.warmup, "cpus": os.cpu_count(),
-             "slo": cfg.slo}
+    setup = {"metric": cfg.metric, "latency_n": min(cfg.latency_samples, setup["n"]), "warmup": cfg.warmup,
+             "cpus": os.cpu_count(), "slo": cfg.slo, "student_dtype": cfg.student_dtype,
+             "teacher_dtype": ctx.recipe.teacher.dtype, **setup}
     write_report(ctx.dir, rows, setup, plots, notes)
-    log_to_mlflow(ctx, rows)
-    return headline(rows)
 
 
-def system_row(ctx, records, answers, rows, labels) -> list[dict]:
+def system_row(ctx, records, answers, rows, labels, with_cascade: bool = True
+               ) -> tuple[list[dict], dict[str, dict[str, dict]]]:
+    """(system rows, their per-request logs by variant and id); with_cascade=False skips the cascade replay
+    (a bundle carries no student confidences for new prompts)."""
     from toolkit.evaluate.system import replay
     from toolkit.records import load_records
 
@@ -252,15 +288,17 @@ def system_row(ctx, records, answers, rows, labels) -> list[dict]:
 
     row, log_rows = replay(ctx, records, warm, answers, by_name, cost_of, overhead_rate, cfg.metric, labels)
     write_jsonl(ctx.dir / "outputs" / "system.jsonl", log_rows)
+    logs = {row["variant"]: {r["id"]: r for r in log_rows}}
     from toolkit.evaluate.system import load_cascade
 
-    cascade, confidence = load_cascade(ctx)
+    cascade, confidence = load_cascade(ctx) if with_cascade else (None, {})
     if cascade is None:
-        return [row]
+        return [row], logs
     crow, clog = replay(ctx, records, warm, answers, by_name, cost_of, overhead_rate, cfg.metric, labels,
                         cascade=cascade, confidence=confidence)
     write_jsonl(ctx.dir / "outputs" / "system-cascade.jsonl", clog)
-    return [row, crow]
+    logs[crow["variant"]] = {r["id"]: r for r in clog}
+    return [row, crow], logs
 
 
 def log_to_mlflow(ctx, rows: list[dict]) -> None:

@@ -67,10 +67,15 @@ def report_text(run: Path) -> str:
     rows = _variants(run)
     if rows:
         metric = rows[0].get("quality_metric", "quality")
-        out += ["", f"variants (quality = {metric} on {rows[0].get('n')} held-out prompts):",
-                _table(["variant", "engine"] + [h for _, h in COMPARED] + ["pareto"],
-                       [[r["variant"], str(r.get("engine", ""))] + [_fmt(r.get(k)) for k, _ in COMPARED]
-                        + [_fmt(r.get("pareto"))] for r in rows])]
+        from toolkit.evaluate.report import vs_teacher, with_ci
+
+        shown = [(k, h) for k, h in COMPARED if k not in ("quality", "agreement")]
+        out += ["", f"variants (quality = {metric} on {rows[0].get('n')} held-out prompts, [95% interval]):",
+                _table(["variant", "engine", "quality", "vs teacher (paired)", "agreement"] + [h for _, h in shown]
+                       + ["pareto"],
+                       [[r["variant"], str(r.get("engine", "")), with_ci(r, "quality"), vs_teacher(r),
+                         with_ci(r, "agreement")] + [_fmt(r.get(k)) for k, _ in shown] + [_fmt(r.get("pareto"))]
+                        for r in rows])]
         front = [r["variant"] for r in sorted((r for r in rows if r.get("pareto")),
                                               key=lambda r: r["cost_per_1m_requests"])]
         out.append(f"Pareto set (cheapest first): {', '.join(front) or '(none: add pricing)'}")

@@ -28,25 +28,40 @@ def _measured(rows: list[dict]) -> list[str]:
     if not rows:
         return ["No evaluate stage ran for this bundle: no measured numbers. Add an `evaluate:` section to the "
                 "recipe to measure quality, latency and cost before deploying."]
+    from toolkit.evaluate.report import vs_teacher, with_ci  # light: stdlib + toolkit.io/ui
+
     metric = rows[0].get("quality_metric", "quality")
-    lines = [f"| variant | engine | {metric} | agreement w/ teacher | e2e p50 (s) | e2e p95 (s) | "
-             "tokens/s (batch 1) | $ / 1M requests | Pareto |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| variant | engine | {metric} | 95% CI | vs teacher (paired 95% CI) | agreement w/ teacher [95% CI] "
+             "| e2e p50 (s) | e2e p95 (s) | tokens/s (batch 1) | $ / 1M requests | Pareto |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['variant']} | {r.get('engine', '-')} | {fmt(r.get('quality'))} | {fmt(r.get('agreement'))} "
+        ci = f"[{fmt(r['quality_lo'])}, {fmt(r['quality_hi'])}]" if r.get("quality_lo") is not None else "-"
+        lines.append(f"| {r['variant']} | {r.get('engine', '-')} | {fmt(r.get('quality'))} | {ci} | {vs_teacher(r)} "
+                     f"| {with_ci(r, 'agreement')} "
                      f"| {fmt(r.get('e2e_p50_s'))} | {fmt(r.get('e2e_p95_s'))} | {fmt(r.get('tokens_per_s_b1'))} "
                      f"| {fmt(r.get('cost_per_1m_requests'))} | {'yes' if r.get('pareto') else ''} |")
     return lines
+
+
+def _widest(rows: list[dict]) -> str:
+    """The widest quality interval, said plainly: how far apart two variants must be before n tells them apart."""
+    widths = [(r["quality_hi"] - r["quality_lo"], r["variant"]) for r in rows
+              if r.get("quality_lo") is not None and r.get("quality_hi") is not None]
+    if not widths:
+        return "no interval was computed (no per-prompt quality)."
+    w, name = max(widths)
+    return f"the widest ({name}) spans {w:.2f}, so differences smaller than that are not established."
 
 
 def _limits(manifest: dict, rows: list[dict]) -> list[str]:
     recipe = manifest["recipe"]
     n = max((r.get("n") or 0 for r in rows), default=0)
     ev = recipe.get("evaluate") or {}
-    lines = [
+    lines = [] if not recipe.get("data") else [  # no data: a route-only / cache-only bundle measured no variant
         f"- Quality is measured on {n} held-out prompts of the `{ev.get('split', 'test')}` split of "
-        f"`{recipe['data']['path']}`: the numbers hold for traffic like that data, not for other tasks. "
-        f"With n = {n}, a difference of a few points between variants is within sampling noise.",
+        f"`{recipe['data']['path']}`: the numbers hold for traffic like that data, not for other "
+        f"tasks. Brackets are 95% intervals (Wilson; paired bootstrap against the teacher): {_widest(rows)} A "
+        "variant is called better or worse than the teacher only where its paired interval excludes 0.",
         "- Latency and throughput were measured on the machine that ran the evaluation, with the engine named "
         "per row (transformers / llama.cpp), one process at a time; on a shared or different machine they "
         "change. They are not vLLM numbers unless the engine says vllm.",
@@ -59,8 +74,9 @@ def _limits(manifest: dict, rows: list[dict]) -> list[str]:
     if manifest.get("router"):
         lines.append("- The router's quality target (route/router.json) was calibrated on the val split; its "
                      "guarantee is statistical and assumes the same prompt distribution.")
-    lines.append(f"- Teacher: `{recipe['teacher']['model']}`. Check the licences of the teacher model and of the "
-                 "data before redistributing weights trained on their outputs.")
+    if recipe.get("teacher"):  # a route-only or cache-only recipe has none
+        lines.append(f"- Teacher: `{recipe['teacher']['model']}`. Check the licences of the teacher model and of the "
+                     "data before redistributing weights trained on their outputs.")
     return lines
 
 
@@ -83,6 +99,7 @@ def model_card(manifest: dict, root: Path) -> str:
         "```bash",
         "optkit verify .          # every file against manifest.json (exit 1 on any mismatch)",
         *[f"./serve.sh {n}" for n in serve_names[:3]],
+        *([] if models else ["OPTKIT_<BACKEND>_URL=... ./serve.sh gateway   # serve.yaml's backends run elsewhere"]),
         "```",
         "",
         "`serve.sh` holds the exact `vllm serve` lines (LoRA adapters via `--enable-lora --lora-modules`) and the "
