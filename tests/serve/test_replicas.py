@@ -1,10 +1,13 @@
 """Scale-out: two real gateway replicas (uvicorn, `optkit serve`) with `cache.store: redis` in front of one real
-llama.cpp server share their semantic cache through one real redis-server (password-protected, URL in an env
-var): an answer fetched through replica A is a cache hit on replica B and the other way round, tenants stay apart
-across replicas, and the Redis password is in no log line, response or metric."""
+llama.cpp server share their cache, exact and semantic layers, through one real redis-server (password-protected,
+URL in an env var): an answer fetched through replica A is a cache hit on replica B (an exact hit for the same
+text, also for a bundle with no cache.json) and the other way round, tenants stay apart across replicas, and the
+Redis password is in no log line, response or metric."""
 
 from __future__ import annotations
 
+import json
+import shutil
 import uuid
 
 import httpx
@@ -43,6 +46,33 @@ def replicas(bundle, student, secret_redis, tmp_path_factory):
                 _stop(gw.proc)
 
 
+@pytest.fixture(scope="module")
+def exact_only_replicas(bundle, student, secret_redis, tmp_path_factory):
+    """Replicas over a bundle with no cache.json (router only): their exact layer alone, shared through Redis."""
+    from toolkit.bundle import FORMAT, MANIFEST
+    from toolkit.export.build import file_table
+
+    root = tmp_path_factory.mktemp("exact-only") / "bundle"
+    shutil.copytree(bundle / "route", root / "route")
+    manifest = {"format": FORMAT, "run": "serve-test-exact", "models": [], "router": "route"}
+    manifest["files"] = file_table(root)
+    (root / MANIFEST).write_text(json.dumps(manifest))
+    cfg = serve_config(student.url, student.url, cache={"store": "redis", "redis_url_env": URL_ENV,
+                                                        "redis_prefix": "exact-only"})
+    gateways = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(URL_ENV, secret_redis.url)
+        try:
+            for name in "CD":
+                gateways.append(Gateway(root, tmp_path_factory.mktemp(f"replica-{name}"), cfg))
+            for gw in gateways:
+                gw.wait()
+            yield gateways
+        finally:
+            for gw in gateways:
+                _stop(gw.proc)
+
+
 def ask(gw, prompt: str, tenant: str, **kw):
     resp = gw.post("/v1/chat/completions", chat(prompt, **kw), headers={"Authorization": f"Bearer {tenant}"})
     assert resp.status_code == 200, resp.text
@@ -62,6 +92,34 @@ def test_an_answer_through_one_replica_is_a_hit_on_the_other(replicas):
     assert fresh.headers["x-optkit-route"] in ("student", "teacher")
     streamed = ask(a, "Who wrote Hamlet?", "client-r", stream=True)
     assert streamed.headers["x-optkit-route"] in CACHE_ROUTES and "data: [DONE]" in streamed.text
+
+
+def test_an_exact_repeat_is_an_exact_hit_on_the_other_replica(replicas):
+    """One exact layer, shared: the same text through B is served by the exact layer A filled (not re-embedded and
+    matched by the semantic layer), with params and system prompt still part of the key."""
+    a, b = replicas
+    first = ask(a, "Give me a synonym for happy.", "client-x")
+    assert first.headers["x-optkit-route"] in ("student", "teacher")
+    hit = ask(b, "Give me a synonym for happy.", "client-x")
+    assert hit.headers["x-optkit-route"] == "exact-cache", hit.headers
+    assert hit.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    other = ask(b, "Give me a synonym for happy.", "client-x", max_tokens=3)  # another parameter: another key
+    assert other.headers["x-optkit-route"] in ("student", "teacher")
+    system = b.post("/v1/chat/completions", {**chat("Give me a synonym for happy."), "messages": [
+        {"role": "system", "content": "Be terse."}, {"role": "user", "content": "Give me a synonym for happy."}]},
+        headers={"Authorization": "Bearer client-x"})
+    assert system.status_code == 200 and system.headers["x-optkit-route"] in ("student", "teacher")
+
+
+def test_an_exact_only_bundle_shares_exact_hits(exact_only_replicas):
+    c, d = exact_only_replicas
+    first = ask(c, "Which planet is the largest?", "client-e")
+    assert first.headers["x-optkit-route"] in ("student", "teacher")
+    hit = ask(d, "Which planet is the largest?", "client-e")
+    assert hit.headers["x-optkit-route"] == "exact-cache", hit.headers
+    assert hit.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert ask(d, "Which planet is the largest?", "client-f").headers["x-optkit-route"] in ("student", "teacher")
+    assert ask(c, "which planet is the largest?", "client-e").headers["x-optkit-route"] in ("student", "teacher")
 
 
 def test_tenants_stay_apart_across_replicas(replicas):

@@ -172,14 +172,15 @@ class SemanticCache:
 
     # ------------------------------------------------------------------ public API
 
-    def lookup(self, query: str, namespace: Namespace = "default") -> Optional[Hit]:
-        """The cached answer for `query` in `namespace`, or None (a miss)."""
+    def lookup(self, query: str, namespace: Namespace = "default", exact: bool = True) -> Optional[Hit]:
+        """The cached answer for `query` in `namespace`, or None (a miss). exact=False: the semantic layer alone
+        (the gateway's decision path has its own, shareable exact layer in front: toolkit/cache/exact.py)."""
         ns = namespace_key(namespace)
         with self._lock:
             space = self._fresh_space(ns)
             if space is None:
                 return None
-            row = space.exact.get(normalize_text(query))
+            row = space.exact.get(normalize_text(query)) if exact else None
             if row is not None:
                 return self._hit(space, ns, row, 1.0, exact=True)
         if self.threshold is None and self.cluster_thresholds is None:

@@ -50,6 +50,28 @@ def _redis():
     return redis
 
 
+def connect(url: Optional[str], prefix: str, client: Any = None, timeout_s: float = 1.0) -> tuple:
+    """(client, the URL redacted for logs, the exceptions that mean Redis is unreachable): one short timeout and
+    one retry, so a Redis outage costs a request at most ~2 timeouts (both cache layers connect this way)."""
+    redis = _redis()
+    if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", prefix):
+        raise OptkitError(f"cache redis_prefix must be 1-64 of [A-Za-z0-9_.:-], got {str(prefix)[:70]!r}")
+    url = url or os.environ.get(URL_ENV) or None
+    shown = redact_url(url) if url else "(a given client)"
+    if client is None:
+        if not url:
+            raise OptkitError(f"cache store redis: no Redis URL (set {URL_ENV} or cache.redis_url)")
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        try:
+            client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
+                                          retry=Retry(NoBackoff(), 1))
+        except ValueError as exc:
+            raise OptkitError(f"cache store redis: bad URL {shown}: {redact_text(str(exc))}") from None
+    return client, shown, (redis.RedisError, OSError)
+
+
 def _digest(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
@@ -76,33 +98,17 @@ class RedisSemanticCache(SemanticCache):
         settings.pop("clock", None)
         self._offset = 0.0  # Redis server time - local time
         super().__init__(threshold, embedder, clock=self._server_time, **settings)
-        redis = _redis()
-        if not isinstance(prefix, str) or not re.fullmatch(r"[A-Za-z0-9_.:-]{1,64}", prefix):
-            raise OptkitError(f"cache redis_prefix must be 1-64 of [A-Za-z0-9_.:-], got {str(prefix)[:70]!r}")
-        url = url or os.environ.get(URL_ENV) or None
-        self.url = redact_url(url) if url else "(a given client)"
-        if client is None:
-            if not url:
-                raise OptkitError(f"cache store redis: no Redis URL (set {URL_ENV} or cache.redis_url)")
-            from redis.backoff import NoBackoff
-            from redis.retry import Retry
-
-            try:
-                client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
-                                              retry=Retry(NoBackoff(), 1))
-            except ValueError as exc:
-                raise OptkitError(f"cache store redis: bad URL {self.url}: {redact_text(str(exc))}") from None
-        self.redis, self._errors = client, (redis.RedisError, OSError)
+        self.redis, self.url, self._errors = connect(url, prefix, client, timeout_s)
         self.base = "{%s:%s}" % (prefix, self.fingerprint())
-        self._insert_script = client.register_script(INSERT_LUA)
-        self._count_script = client.register_script(COUNT_LUA)
+        self._insert_script = self.redis.register_script(INSERT_LUA)
+        self._count_script = self.redis.register_script(COUNT_LUA)
         probes = self.config.get("embedder", {}).get("probe_vectors")
         self._dim: Optional[int] = len(probes[0]) if probes else None
         self._states: OrderedDict[str, _State] = OrderedDict()
         self._warned = float("-inf")
         try:
             started = time.time()
-            self._set_offset(client.time(), started)
+            self._set_offset(self.redis.time(), started)
         except self._errors as exc:
             raise OptkitError(f"cache store redis: cannot reach {self.url}: {redact_text(str(exc))}") from None
         log.info("cache: entries shared through redis %s under %s", self.url, self.base)
@@ -118,8 +124,8 @@ class RedisSemanticCache(SemanticCache):
 
     # ------------------------------------------------------------------ public API (memory store's, plus sync)
 
-    def lookup(self, query: str, namespace: Namespace = "default"):
-        return super().lookup(query, namespace) if self._synced(namespace_key(namespace)) else None
+    def lookup(self, query: str, namespace: Namespace = "default", exact: bool = True):
+        return super().lookup(query, namespace, exact) if self._synced(namespace_key(namespace)) else None
 
     def lookup_vector(self, vec: np.ndarray, namespace: Namespace = "default"):
         return super().lookup_vector(vec, namespace) if self._synced(namespace_key(namespace)) else None

@@ -62,8 +62,9 @@ class CachePolicy(Section):
                                                   "entries beyond this many.")
     ttl_s: Optional[float] = Field(None, gt=0, description="Entry lifetime; default = cache.json's ttl_s.")
     store: Literal["memory", "redis"] = Field(
-        "memory", description="Where semantic-cache entries live: memory = this gateway process; redis = one Redis "
-        "server shared by every replica (entries, their TTL, the limits; the exact layer stays per replica).")
+        "memory", description="Where cache entries live, exact and semantic layers alike: memory = this gateway "
+        "process; redis = one Redis server shared by every replica (entries, their TTL, the limits), also for an "
+        "exact-only bundle (no cache.json).")
     redis_url: Optional[str] = Field(None, description="store: redis: redis://host:port/db (or rediss://, "
                                      "unix://). No password here: put a URL with one in the redis_url_env variable.")
     redis_url_env: str = Field("OPTKIT_REDIS_URL", min_length=1, description="Environment variable holding the "
@@ -152,6 +153,25 @@ class TrafficLogConfig(Section):
         return self
 
 
+class DecisionTextConfig(Section):
+    template: str = Field(min_length=1, description="The recipe's data.prompt_template: a user turn that is this "
+                          "template filled in is decided on its `column` value, the text route and cache were fit "
+                          "on; any other turn on the whole turn (counted: optkit_decision_text{source=whole_turn}).")
+    column: str = Field(min_length=1, description="The recipe's data.prompt_column: the template field read back "
+                        "as the decision text.")
+
+    @model_validator(mode="after")
+    def _readable(self) -> "DecisionTextConfig":
+        from toolkit.collect.prompts import template_problem
+        from toolkit.serve.decision_text import compile_template
+
+        problem = template_problem(self.template)
+        if problem:
+            raise ValueError(f"template: {problem}")
+        compile_template(self.template, self.column)  # raises ValueError naming what cannot be read back
+        return self
+
+
 class ServeConfig(Section):
     model_name: str = Field("optkit", min_length=1, description="The model id clients ask for to get the routed "
                             "system (listed by /v1/models with each backend's own model).")
@@ -166,6 +186,9 @@ class ServeConfig(Section):
     tenant_header: Optional[str] = Field(None, description="Trusted header naming the tenant (set it only behind a "
                                          "proxy that authenticates it); default: tenant = hash of the client's API "
                                          "key.")
+    decision_text: Optional[DecisionTextConfig] = Field(None, description="How to read the decision text out of "
+                                                        "a user turn (export writes the recipe's template and "
+                                                        "prompt column). None = the whole last user turn.")
     cache: CachePolicy = Field(default_factory=CachePolicy)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     traffic_log: TrafficLogConfig = Field(default_factory=TrafficLogConfig)

@@ -1,6 +1,8 @@
 """The composed system replayed over held-out traffic: exact cache -> semantic cache -> router -> student or
 teacher, one request at a time in a fixed order (by id), the cache filling as answers are produced.
 
+Decisions are made on each record's `prompt` (data.prompt_column, what route and cache were fit on): the text the
+gateway reads back out of a templated user turn (serve.yaml decision_text; toolkit/serve/decision_text.py).
 Answers come from the variants' own evaluated answers for the same prompts, so the system's quality is what the
 deployed system would have answered. Timing: the cache lookup and router decision are measured for real on each
 request (the overhead); a miss adds the chosen model's mean measured e2e latency (and TTFT) at batch 1.
@@ -66,7 +68,8 @@ def replay(ctx, records: list[dict], warm: list[dict], answers: dict[str, dict[s
     (route's cascade_confidence.jsonl; none = escalate) is below the threshold: cost and latency add up."""
     cfg = ctx.config.system
     router, cache = load_parts(ctx)
-    from toolkit.serve.decide import EXACT, SEMANTIC, Decider, ExactStore
+    from toolkit.cache.exact import ExactStore
+    from toolkit.serve.decide import EXACT, SEMANTIC, Decider
 
     # The gateway's decision path itself (toolkit/serve/decide.py): what is priced here is what serve does.
     decider = Decider(cache, router, ExactStore() if cfg.exact_cache else None,

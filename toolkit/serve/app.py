@@ -95,6 +95,11 @@ def text_of(answer) -> Optional[str]:
 class Gateway:
     def __init__(self, cfg: ServeConfig, decider: Decider, targets: Optional[dict] = None):
         self.cfg, self.decider, self.metrics = cfg, decider, Metrics()
+        self.decision_text = None  # the recipe's template, to read the prompt column out of a user turn
+        if cfg.decision_text is not None:
+            from toolkit.serve.decision_text import DecisionText
+
+            self.decision_text = DecisionText(cfg.decision_text.template, cfg.decision_text.column)
         self.pool: Optional[Pool] = None
         self.auditor = Auditor(cfg.audit, targets or {}, self.metrics)
         self.traffic = TrafficLog(cfg.traffic_log, cfg, self.metrics)  # opt-in; writes on its own thread
@@ -147,7 +152,9 @@ class Gateway:
                              param="model", code="model_not_found")
         no_cache, no_store = P.cache_control(headers)
         key = P.keyed(kind, req, body, P.tenant_of(headers, self.cfg.tenant_header), self.cfg.model_name,
-                      self.cfg.cache, no_cache, no_store)
+                      self.cfg.cache, no_cache, no_store, self.decision_text)
+        if key.templated is not None:
+            self.metrics.decision_text.labels("template" if key.templated else "whole_turn").inc()
         decision = await asyncio.to_thread(self.decider.decide, key.query, key.namespace, key.lookup)
         self.metrics.decision.observe(decision.seconds)
         if decision.shift is not None:

@@ -47,6 +47,23 @@ def _teacher(recipe) -> tuple[dict, str]:
             "EDIT base_url: serve the teacher behind any OpenAI-compatible server there")
 
 
+def _decision_text(recipe) -> Optional[dict]:
+    """The recipe's template + prompt column when the gateway can read the column back out of a templated user
+    turn (route and cache were fit on that column); None = decide on the whole user turn (no template, or one
+    that never writes the column plainly)."""
+    data = getattr(recipe, "data", None)
+    template = getattr(data, "prompt_template", None)
+    if not template:
+        return None
+    from toolkit.serve.decision_text import compile_template
+
+    try:
+        compile_template(template, data.prompt_column)
+    except ValueError:
+        return None
+    return {"template": template, "column": data.prompt_column}
+
+
 def serve_yaml(models: list[dict], prefix: str, port: int, recipe) -> str:
     import yaml
 
@@ -63,5 +80,8 @@ def serve_yaml(models: list[dict], prefix: str, port: int, recipe) -> str:
         name = "(none: no model in this bundle)"
     data = {"model_name": prefix, "backends": backends,
             "default_backend": "student" if student is not None else "teacher", "request_timeout_s": 120.0}
+    decision = _decision_text(recipe)
+    if decision is not None:
+        data["decision_text"] = decision
     ServeConfig.model_validate(data)  # never write what `optkit serve` would refuse
     return HEADER.format(student=name, teacher_note=note) + yaml.safe_dump(data, sort_keys=False)

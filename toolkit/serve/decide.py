@@ -10,13 +10,13 @@ the vector is shared by the cache lookup, the router and the later cache insert.
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import numpy as np
+
+from toolkit.cache.exact import ExactStore  # noqa: F401  (the memory exact store; also RedisExactStore there)
 
 EXACT, SEMANTIC = "exact-cache", "semantic-cache"
 
@@ -39,47 +39,6 @@ class Decision:
         return self.route in (EXACT, SEMANTIC)
 
 
-class ExactStore:
-    """Exact-match answers keyed by (namespace, normalized text): the first, embedding-free layer.
-
-    Thread-safe and bounded (oldest evicted first); entries older than ttl_s are never served."""
-
-    def __init__(self, max_entries: int = 100_000, ttl_s: Optional[float] = None,
-                 clock: Callable[[], float] = time.time):
-        self.max_entries, self.ttl_s, self.clock = max_entries, ttl_s, clock
-        self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[str, str], tuple[Any, float]] = OrderedDict()
-
-    @staticmethod
-    def _key(text: str, namespace) -> tuple[str, str]:
-        from toolkit.cache.runtime import namespace_key, normalize_text  # the semantic cache's own rules
-
-        return namespace_key(namespace), normalize_text(text)
-
-    def get(self, text: str, namespace="default") -> Optional[Any]:
-        key = self._key(text, namespace)
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                return None
-            if self.ttl_s is not None and self.clock() - item[1] > self.ttl_s:
-                del self._items[key]
-                return None
-            return item[0]
-
-    def put(self, text: str, answer: Any, namespace="default") -> None:
-        key = self._key(text, namespace)
-        with self._lock:
-            self._items.pop(key, None)  # a newer answer replaces the old one and becomes the youngest
-            self._items[key] = (answer, self.clock())
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._items)
-
-
 def target_for(router, choice: str, student: str, routes: Optional[dict] = None, teacher: str = "teacher") -> str:
     """Router model name -> target: an explicit mapping wins; else the teacher by name (or the router's strong
     model when none is called teacher), every other model -> the student."""
@@ -91,7 +50,8 @@ def target_for(router, choice: str, student: str, routes: Optional[dict] = None,
 
 
 class Decider:
-    """cache (SemanticCache or None), router (Router or None), exact (ExactStore or None); `target(choice)` maps
+    """cache (SemanticCache or None), router (Router or None), exact (toolkit.cache.exact: ExactStore |
+    RedisExactStore, or None); `target(choice)` maps
     the router's model name to a backend / variant; `default` serves misses when there is no router."""
 
     def __init__(self, cache=None, router=None, exact: Optional[ExactStore] = None,
@@ -121,9 +81,14 @@ class Decider:
                 return Decision(EXACT, answer, similarity=1.0)
         vec = self.router.embed([prompt]) if self.shared else None
         if use_cache and self.cache is not None:
-            # Without an exact store in front, the cache's own exact layer must run: lookup() does both layers.
-            hit = (self.cache.lookup_vector(vec[0], namespace) if vec is not None and self.exact is not None
-                   else self.cache.lookup(prompt, namespace))
+            # One exact layer: the exact store (memory or Redis, shared by replicas) when there is one, and the
+            # semantic cache is asked for its nearest neighbour only; without one, lookup() runs the cache's own.
+            if self.exact is None:
+                hit = self.cache.lookup(prompt, namespace)
+            elif vec is not None:
+                hit = self.cache.lookup_vector(vec[0], namespace)
+            else:
+                hit = self.cache.lookup(prompt, namespace, exact=False)
             if hit is not None:
                 return Decision(EXACT if hit.exact else SEMANTIC, hit.answer, similarity=hit.similarity)
         if self.cascade is not None:
@@ -165,8 +130,7 @@ class Decider:
     def remember_many(self, prompts: list[str], answers: list[Any], namespace="default") -> None:
         """Pre-fill every layer (a warm cache), embedding the prompts in one batch."""
         if self.exact is not None:
-            for prompt, answer in zip(prompts, answers):
-                self.exact.put(prompt, answer, namespace)
+            self.exact.put_many(list(prompts), list(answers), namespace)
         if self.cache is not None:
             self.cache.insert_many(prompts, answers, namespace)
 

@@ -30,6 +30,9 @@ class Metrics:
         self.breaker_open = Gauge("optkit_breaker_open", "1 while a backend's circuit breaker is open",
                                   ["backend"], registry=r)
         self.cache_entries = Gauge("optkit_cache_entries", "Entries in the exact-match layer", registry=r)
+        self.decision_text = Counter("optkit_decision_text", "Routed-model requests by where their decision text "
+                                     "came from: template = the prompt column read out of the bundle's template, "
+                                     "whole_turn = the turn did not match it", ["source"], registry=r)
 
         # The online audit (toolkit/serve/audit.py); kind = cache | route.
         self.audit_checks = Counter("optkit_audit_checks", "Audit checks by kind (cache | route) and source "

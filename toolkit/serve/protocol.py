@@ -74,11 +74,13 @@ def message_text(m: Message) -> str:
 @dataclass
 class Keyed:
     """What the decision path sees of a request: the text the cache and router judge, the namespace it may hit
-    in, and whether the cache may serve it / store its answer."""
+    in, and whether the cache may serve it / store its answer. templated: None = no template configured, True =
+    the query was read out of the template, False = the turn did not match it (decided on whole)."""
     query: str
     namespace: dict
     lookup: bool
     store: bool
+    templated: Optional[bool] = None
 
 
 def _digest(obj: Any) -> str:
@@ -86,9 +88,11 @@ def _digest(obj: Any) -> str:
 
 
 def keyed(kind: str, req: Union[ChatRequest, CompletionRequest], body: dict, tenant: str, model_name: str,
-          policy, no_cache: bool, no_store: bool) -> Keyed:
+          policy, no_cache: bool, no_store: bool, decision=None) -> Keyed:
     """The cache key space (tenant, served model, conversation context incl. system prompt, answer-changing
-    parameters) and the query: the last user message (what routers and caches were tuned on) or the prompt."""
+    parameters) and the query: the last user message or the prompt -- or, with `decision` (DecisionText), the
+    prompt column read out of it when it is the recipe's template filled in (what routers and caches were fit on;
+    the template and its other fields then join the key space)."""
     if kind == "chat":
         users = [i for i, m in enumerate(req.messages) if m.role == "user"]
         last = users[-1] if users else len(req.messages) - 1
@@ -97,6 +101,13 @@ def keyed(kind: str, req: Union[ChatRequest, CompletionRequest], body: dict, ten
         context.append({"query_at": last})
     else:
         query, context = req.prompt, []
+    templated = None
+    if decision is not None:
+        found = decision.extract(query)
+        templated = found is not None
+        if found is not None:
+            query = found[0]
+            context.append({"template": decision.id, "fields": found[1]})
     params = {k: v for k, v in body.items() if k not in NOT_IN_KEY}
     temperature = req.temperature if req.temperature is not None else policy.default_temperature
     params["temperature"] = temperature  # absent and the default are the same request
@@ -104,7 +115,7 @@ def keyed(kind: str, req: Union[ChatRequest, CompletionRequest], body: dict, ten
                  "params": _digest(params)}
     cacheable = (policy.enabled and req.n == 1 and bool(query.strip())
                  and (temperature == 0 or policy.cache_sampled))
-    return Keyed(query, namespace, cacheable and not no_cache, cacheable and not no_store)
+    return Keyed(query, namespace, cacheable and not no_cache, cacheable and not no_store, templated)
 
 
 def tenant_of(headers, tenant_header: Optional[str]) -> str:

@@ -10,7 +10,8 @@ from typing import Optional
 
 from toolkit.config.serve import ServeConfig, load_serve_config
 from toolkit.errors import OptkitError
-from toolkit.serve.decide import Decider, ExactStore, target_for
+from toolkit.cache.exact import exact_store
+from toolkit.serve.decide import Decider, target_for
 
 log = logging.getLogger("optkit.serve")
 SERVE_YAML = "serve.yaml"
@@ -87,7 +88,8 @@ def load_decider(bundle_dir: Path, cfg: ServeConfig) -> Decider:
     if cfg.cache.enabled and cfg.cache.semantic and bundle.manifest.get("cache"):
         cache = _cache(bundle, cfg, router)
     ttl = cfg.cache.ttl_s if cfg.cache.ttl_s is not None else getattr(cache, "ttl_s", None)
-    exact = ExactStore(cfg.cache.max_entries, ttl) if cfg.cache.enabled else None
+    # The one exact layer, in the configured store (redis: shared by replicas, also with no cache.json).
+    exact = exact_store(cfg.cache.max_entries, ttl, **cfg.cache.store_settings()) if cfg.cache.enabled else None
     cascade, escalate_to = _cascade(bundle, cfg, router)
     decider = Decider(cache, router, exact, target=lambda c: target_for(router, c, cfg.default_backend, cfg.routes),
                       default=cfg.default_backend, cascade=cascade, escalate_to=escalate_to)
