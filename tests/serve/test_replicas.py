@@ -32,11 +32,16 @@ def secret_redis(tmp_path_factory):
 def replicas(bundle, student, secret_redis, tmp_path_factory):
     """Replicas A and B: the same bundle and serve.yaml (both backends = the one llama.cpp server)."""
     cfg = serve_config(student.url, student.url, cache={"store": "redis", "redis_url_env": URL_ENV})
+    yield from _start_replicas(bundle, cfg, "AB", secret_redis, tmp_path_factory)
+
+
+def _start_replicas(bundle, cfg, names: str, redis, tmp_path_factory):
+    """Gateways over one bundle and serve.yaml, started at once (each loads the bundle); stopped afterwards."""
     gateways = []
     with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(URL_ENV, secret_redis.url)  # the replicas inherit it; it is not in serve.yaml
+        mp.setenv(URL_ENV, redis.url)  # the replicas inherit it; it is not in serve.yaml
         try:
-            for name in "AB":  # both start at once (each loads the bundle)
+            for name in names:
                 gateways.append(Gateway(bundle, tmp_path_factory.mktemp(f"replica-{name}"), cfg))
             for gw in gateways:
                 gw.wait()
@@ -59,18 +64,7 @@ def exact_only_replicas(bundle, student, secret_redis, tmp_path_factory):
     (root / MANIFEST).write_text(json.dumps(manifest))
     cfg = serve_config(student.url, student.url, cache={"store": "redis", "redis_url_env": URL_ENV,
                                                         "redis_prefix": "exact-only"})
-    gateways = []
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv(URL_ENV, secret_redis.url)
-        try:
-            for name in "CD":
-                gateways.append(Gateway(root, tmp_path_factory.mktemp(f"replica-{name}"), cfg))
-            for gw in gateways:
-                gw.wait()
-            yield gateways
-        finally:
-            for gw in gateways:
-                _stop(gw.proc)
+    yield from _start_replicas(root, cfg, "CD", secret_redis, tmp_path_factory)
 
 
 def ask(gw, prompt: str, tenant: str, **kw):
