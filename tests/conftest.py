@@ -41,3 +41,16 @@ def evaluated(tmp_path_factory, smollm2_dir):
     from tests.evaluate import fakerun
 
     return fakerun.evaluated(tmp_path_factory, smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def exported(evaluated):
+    """(bundle dir, export outcome): the export stage ran once on the evaluated run (tests/export checks the bundle,
+    tests/evaluate scores it); one export, so the run's MLflow registry holds one version."""
+    from tests.evaluate import fakerun
+    from toolkit.pipeline import run_pipeline
+
+    root, recipe = evaluated
+    (outcome,) = run_pipeline(recipe, only="export")
+    assert outcome.status == "ran"
+    return root / "artifacts" / fakerun.RUN / "export" / "bundle", outcome

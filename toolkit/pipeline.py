@@ -66,6 +66,19 @@ def stage_reads(stage: str) -> tuple[str, ...]:
     return tuple(reads)
 
 
+def recipe_reads(recipe: Recipe, stage: str) -> tuple[str, ...]:
+    """The declared keys this recipe's stage reads: a stage may narrow READS per recipe with `reads(recipe)` (e.g.
+    route reads the data file only when it labels extra prompts), never widen it."""
+    declared = stage_reads(stage)
+    narrow = getattr(stage_module(stage), "reads", None)
+    if narrow is None:
+        return declared
+    keys = tuple(narrow(recipe))
+    if not set(keys) <= set(declared):
+        raise TypeError(f"{STAGES[stage]}.reads(recipe) returned undeclared keys: {sorted(set(keys) - set(declared))}")
+    return keys
+
+
 def upstream_stages(recipe: Recipe, stage: str) -> list[str]:
     """Earlier stages of this recipe whose outputs the stage consumes."""
     return [s for s in stage_reads(stage) if s in STAGE_ORDER and getattr(recipe, s) is not None]
@@ -73,7 +86,7 @@ def upstream_stages(recipe: Recipe, stage: str) -> list[str]:
 
 def stage_config_hash(recipe: Recipe, stage: str) -> str:
     public = recipe.public_dict()
-    shared = {k: public.get(k) for k in stage_reads(stage) if k not in STAGE_ORDER}
+    shared = {k: public.get(k) for k in recipe_reads(recipe, stage) if k not in STAGE_ORDER}
     return config_hash({"stage": public[stage], **shared, "optkit": __version__})
 
 

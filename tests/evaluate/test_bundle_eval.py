@@ -15,12 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def bundle(evaluated):
-    from toolkit.pipeline import run_pipeline
-
-    root, recipe = evaluated
-    run_pipeline(recipe, only="export")  # skipped when tests/export already exported this run
-    return root / "artifacts" / fakerun.RUN / "export" / "bundle"
+def bundle(exported):
+    return exported[0]  # the session's one export of the evaluated run (tests/conftest.py)
 
 
 def _new_rows(n: int) -> list[dict]:

@@ -21,16 +21,6 @@ REPO = Path(__file__).resolve().parents[2]
 VLLM_PY = REPO / ".venv-vllm" / "bin" / "python"
 
 
-@pytest.fixture(scope="module")
-def exported(evaluated):
-    from toolkit.pipeline import run_pipeline
-
-    root, recipe = evaluated
-    (outcome,) = run_pipeline(recipe, only="export")
-    assert outcome.status == "ran"
-    return root / "artifacts" / fakerun.RUN / "export" / "bundle", outcome
-
-
 def test_bundle_holds_every_part_with_hashes(exported):
     bundle, outcome = exported
     m = json.loads((bundle / "manifest.json").read_text())

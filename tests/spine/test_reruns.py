@@ -26,7 +26,7 @@ AFTER_COLLECT = ALL - {"cache"}
 
 
 def _bump(section: dict, key: str) -> None:
-    section[key] = section[key] + 1
+    section[key] = (section[key] or 100) + 1  # null (= all) becomes a number: a change either way
 
 
 # top-level key -> (how to change it, the stages that must re-run)

@@ -18,6 +18,14 @@ __all__ = ["Router", "run"]
 READS = ("teacher", "data", "collect", "distill", "seed", "pricing")
 
 
+def reads(recipe) -> tuple[str, ...]:
+    """READS for this recipe: the data file and the teacher only when route.label_prompts has them answer extra
+    prompts (labels from a file, or from collect + distill outputs alone, do not change with them)."""
+    if recipe.route.label_prompts.rows != "none":
+        return READS
+    return tuple(k for k in READS if k not in ("teacher", "data"))
+
+
 def __getattr__(name: str):
     if name == "Router":
         from toolkit.route.runtime import Router
