@@ -73,6 +73,15 @@ def ask(gw, prompt: str, tenant: str, **kw):
     return resp
 
 
+def assert_exact_hit_across(first_gw, other_gw, prompt: str, tenant: str) -> None:
+    """A miss answered through one replica is an exact-cache hit, with the same answer, on the other."""
+    first = ask(first_gw, prompt, tenant)
+    assert first.headers["x-optkit-route"] in ("student", "teacher")
+    hit = ask(other_gw, prompt, tenant)
+    assert hit.headers["x-optkit-route"] == "exact-cache", hit.headers
+    assert hit.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+
+
 def test_an_answer_through_one_replica_is_a_hit_on_the_other(replicas):
     a, b = replicas
     first = ask(a, "What is the capital of France?", "client-r")
@@ -92,11 +101,7 @@ def test_an_exact_repeat_is_an_exact_hit_on_the_other_replica(replicas):
     """One exact layer, shared: the same text through B is served by the exact layer A filled (not re-embedded and
     matched by the semantic layer), with params and system prompt still part of the key."""
     a, b = replicas
-    first = ask(a, "Give me a synonym for happy.", "client-x")
-    assert first.headers["x-optkit-route"] in ("student", "teacher")
-    hit = ask(b, "Give me a synonym for happy.", "client-x")
-    assert hit.headers["x-optkit-route"] == "exact-cache", hit.headers
-    assert hit.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert_exact_hit_across(a, b, "Give me a synonym for happy.", "client-x")
     other = ask(b, "Give me a synonym for happy.", "client-x", max_tokens=3)  # another parameter: another key
     assert other.headers["x-optkit-route"] in ("student", "teacher")
     system = b.post("/v1/chat/completions", {**chat("Give me a synonym for happy."), "messages": [
@@ -107,11 +112,7 @@ def test_an_exact_repeat_is_an_exact_hit_on_the_other_replica(replicas):
 
 def test_an_exact_only_bundle_shares_exact_hits(exact_only_replicas):
     c, d = exact_only_replicas
-    first = ask(c, "Which planet is the largest?", "client-e")
-    assert first.headers["x-optkit-route"] in ("student", "teacher")
-    hit = ask(d, "Which planet is the largest?", "client-e")
-    assert hit.headers["x-optkit-route"] == "exact-cache", hit.headers
-    assert hit.json()["choices"][0]["message"]["content"] == first.json()["choices"][0]["message"]["content"]
+    assert_exact_hit_across(c, d, "Which planet is the largest?", "client-e")
     assert ask(d, "Which planet is the largest?", "client-f").headers["x-optkit-route"] in ("student", "teacher")
     assert ask(c, "which planet is the largest?", "client-e").headers["x-optkit-route"] in ("student", "teacher")
 

@@ -201,9 +201,9 @@ def write_deploy(root: Path, models: list[dict], prefix: str, cfg) -> None:
 def gateway_config(root: Path, models: list[dict], prefix: str, port: int, recipe) -> tuple[str, Optional[str],
                                                                                            Optional[str]]:
     """(serve.yaml text, strong backend, weak backend): a bundle with models fronts them and the teacher
-    (toolkit.serve.bundle_config); a router alone fronts the models it routes between (toolkit.export.gateway)."""
-    from toolkit.export.gateway import route_only_serve_yaml, router_models
-    from toolkit.serve.bundle_config import serve_yaml
+    (toolkit.serve.bundle_config); a router alone fronts the models it routes between (same module)."""
+    from toolkit.export.gateway import router_models
+    from toolkit.serve.bundle_config import route_only_serve_yaml, serve_yaml
 
     if models or not (root / "route" / "router.json").is_file():
         return serve_yaml(models, prefix, port, recipe), None, None
