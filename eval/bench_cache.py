@@ -388,8 +388,10 @@ def markdown_bound(res: dict) -> str:
              "the hindsight-best static threshold (max hits with realized share <= eps on that split's held-out "
              "pairs). ceiling = the single static threshold chosen knowing every split's held-out labels that keeps "
              "coverage >= 0.95: no calibrated policy of one threshold can beat it. Goal: coverage >= 0.95 AND hit "
-             f"ratio >= 0.9. Per-cluster policies (cluster_*) ran on the first {b.get('cluster_splits', '-')} "
-             f"splits only (each fits k-means + logistic curves). Runtime {b['runtime_s']:.0f} s.", ""]
+             "ratio >= 0.9. " + (f"Per-cluster policies (cluster_*) ran on the first {b['cluster_splits']} splits "
+                                  "only (each fits k-means + logistic curves). " if b.get("cluster_splits") else "") +
+             f"The realized / audit bounds promise a batch of {b['heldout']} lookups (cache.batch), the held-out "
+             f"size. Runtime {b['runtime_s']:.0f} s.", ""]
     for eps, per in b["results"].items():
         names = list(next(iter(per.values()))["policies"])
         lines += [f"## epsilon {eps}", "",

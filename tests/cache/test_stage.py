@@ -132,8 +132,19 @@ def test_pairs_from_bitext_intents(workdir):
     assert "intent" in report["pairs"]["source"] and report["stress"] is None
     sel = report["selection"]
     assert sel["feasible"] is False or sel["bound"] <= 0.1
-    assert strict_json(out / "cache.json")["bound_on"] == "realized"
+    cfg = strict_json(out / "cache.json")
+    assert cfg["bound_on"] == "realized"
     assert outcome.metrics["heldout_hit_rate"] == report["heldout"]["hit_rate"]
+    # The promise is about a batch of held-out size unless cache.batch names the traffic it is about: a day of
+    # 50,000 lookups averages out more noise, so the same epsilon serves more calibration pairs.
+    held = report["pairs"]["heldout"]
+    assert cfg["batch"] == held and f"batch of {held} lookups" in report["definitions"]["bound"]
+    r_day = recipe({"group_column": "intent", "stress": False, "epsilon": 0.1, "bound": "realized",
+                    "batch": 50_000}, name="cacheday")
+    run_pipeline(r_day)
+    day = strict_json(workdir / "artifacts" / "cacheday" / "cache" / "cache.json")
+    assert day["batch"] == 50_000 and day["calibration"]["pairs"] == cfg["calibration"]["pairs"]
+    assert cfg["feasible"] and day["calibration"]["served"] > cfg["calibration"]["served"]
 
 
 def _write_pairs(path: Path, rows: list[dict]):

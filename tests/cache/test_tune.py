@@ -270,3 +270,28 @@ def test_default_bound_keeps_the_realized_share_within_epsilon_on_95_percent_of_
             sel = tune.select(s[cal], y[cal], 0.05, default.confidence, method, bound, 857 / 2000)
             ok[name] += tune.evaluate(s[held], y[held], sel.threshold)["fhr"] <= 0.05
     assert ok["default"] / 300 >= 0.94 and ok["default"] > ok["old"] + 15
+
+
+def test_a_larger_traffic_batch_keeps_its_promise_with_more_hits():
+    """cache.batch: the realized bound is about a batch of that many lookups. A 20,000-lookup batch averages out
+    more of its own noise than an 857-pair held-out check, so the same epsilon allows a lower threshold (more
+    hits), and the share realized on fresh 20,000-lookup batches still stays <= epsilon on >= 95% of them. As the
+    batch grows the bound tends to the long-run rate bound, never below it."""
+    hits = {857: [], 20_000: []}
+    ok = 0
+    for r in range(120):
+        rng = np.random.default_rng(300 + r)
+        s, y = sample(2000, rng)
+        for batch in hits:
+            sel = tune.select(s, y, 0.05, 0.95, "grid", "realized", batch / 2000)
+            hits[batch].append(sel.hit_rate)
+            if batch == 20_000:
+                fresh_s, fresh_y = sample(batch, rng)
+                ok += tune.evaluate(fresh_s, fresh_y, sel.threshold)["fhr"] <= 0.05
+    assert ok / 120 >= 0.95
+    assert np.mean(hits[20_000]) > np.mean(hits[857]) * 1.02
+    assert all(big >= small for big, small in zip(hits[20_000], hits[857]))
+    k, n = np.array([3, 10, 40]), np.array([100, 300, 900])
+    rate = tune.bounds(k, n, 0.95, "rate")
+    huge = tune.bounds(k, n, 0.95, "realized", 1e4)
+    assert np.all(huge >= rate - 1e-12) and np.allclose(huge, rate, atol=2e-3)

@@ -32,10 +32,9 @@ CURVES_PNG = "curves.png"
 FHR_DEFINITION = ("false-hit rate = P(label = 0 | similarity >= threshold): among queries served from the cache, "
                   "the fraction whose cached answer may not be reused")
 HIT_RATE_DEFINITION = "hit rate = P(similarity >= threshold): fraction of all queries served from the cache"
-BOUND_ON = {"realized": "false-hit share realized on a batch of traffic the size of the held-out set (exact "
-                        "beta-binomial predictive)",
+BOUND_ON = {"realized": "false-hit share realized on a batch of {batch} lookups (exact beta-binomial predictive)",
             "rate": "long-run false-hit rate (Clopper-Pearson)",
-            "audit": "upper bound an audit of a held-out-sized batch would state"}
+            "audit": "upper bound an audit of a batch of {batch} lookups would state"}
 
 
 def embed_cached(ctx, embedder, ref: str, texts: list[str], batch_size: int, embedding: str = "transformer") -> np.ndarray:
@@ -179,7 +178,10 @@ def run(ctx) -> dict:
     y = pairs.labels
 
     # The global threshold: the promise.
-    batch_ratio = len(held) / len(cal)  # the future batch of realized / audit bounds: a held-out-sized one
+    # The future batch of realized / audit bounds: the user's (cache.batch), else a held-out-sized one, so the
+    # held-out check below tests exactly what was promised.
+    batch = cfg.batch or len(held)
+    batch_ratio = batch / len(cal)
     sel = tune.select(sims[cal], y[cal], cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
     if not sel.feasible:
         log.warning("cache: no threshold has a false-hit upper bound <= %.3g on %d calibration pairs (best "
@@ -196,14 +198,15 @@ def run(ctx) -> dict:
               "heldout": tune.evaluate(sims[held], y[held], f1_t, cfg.confidence)}
     hindsight = tune.hindsight_best(sims[held], y[held], held_eval["fhr"])
 
-    adaptive = _adaptive(ctx, sims, y, vecs[pairs.cached], cal, held, held_eval) if cfg.adaptive == "cluster" else None
+    adaptive = (_adaptive(ctx, sims, y, vecs[pairs.cached], cal, held, held_eval, batch_ratio)
+                if cfg.adaptive == "cluster" else None)
     stress_report = _stress(embedder, sel.threshold) if cfg.stress else None
 
     report = {
         "definitions": {"similarity": SIMILARITY["definition"] + " (higher = closer)", "false_hit_rate":
                         FHR_DEFINITION, "hit_rate": HIT_RATE_DEFINITION,
                         "bound": f"one-sided {cfg.confidence:.0%} upper bound from the calibration pairs on the "
-                                 f"{BOUND_ON[cfg.bound]}; threshold search: {cfg.selection}"},
+                                 f"{BOUND_ON[cfg.bound].format(batch=batch)}; threshold search: {cfg.selection}"},
         "pairs": {"source": pairs.source, "total": int(len(y)), "positives": int(y.sum()),
                   "calibration": int(len(cal)), "heldout": int(len(held)), "excluded": pairs.excluded},
         "selection": sel.to_dict(), "threshold_ci95_bootstrap": threshold_ci,
@@ -222,7 +225,8 @@ def run(ctx) -> dict:
                      "probe_vectors": np.round(probe_vectors(embedder), 6).tolist()},
         "similarity": SIMILARITY, "false_hit_rate": FHR_DEFINITION,
         "threshold": sel.threshold, "feasible": sel.feasible, "epsilon": cfg.epsilon,
-        "confidence": cfg.confidence, "bound": sel.bound, "bound_on": cfg.bound, "selection": cfg.selection,
+        "confidence": cfg.confidence, "bound": sel.bound, "bound_on": cfg.bound,
+        "batch": batch if cfg.bound != "rate" else None, "selection": cfg.selection,
         "threshold_ci95": threshold_ci,
         "calibration": {"pairs": sel.n, "served": sel.served, "false_hits": sel.false_hits},
         "adaptive": (adaptive or {}).get("config"),
@@ -260,14 +264,13 @@ def _headline(sel: tune.Selection, held: dict, f1_ref: dict, adaptive: Optional[
     return m
 
 
-def _adaptive(ctx, sims, y, cached_vecs, cal, held, global_held: dict) -> dict:
+def _adaptive(ctx, sims, y, cached_vecs, cal, held, global_held: dict, ratio: float) -> dict:
     """Per-cluster thresholds, exported only when they beat the global threshold on the calibration pairs
     (cross-fitted: adaptive.decide). The held-out pairs never enter the decision, so their check below stays
     an independent report of whatever was exported."""
     from toolkit.cache import adaptive
 
     cfg = ctx.config
-    ratio = len(held) / len(cal)
     res = adaptive.calibrate(sims[cal], y[cal], cached_vecs[cal], cfg.epsilon, cfg.confidence, cfg.clusters,
                              ctx.recipe.seed, cfg.selection, cfg.bound, ratio)
     decision = adaptive.decide(sims[cal], y[cal], cached_vecs[cal], cfg.epsilon, cfg.confidence, cfg.clusters,

@@ -51,6 +51,12 @@ class CacheConfig(Section):
         "audit = bound "
         "the upper bound an audit of such a batch would itself state (the held-out check certifies epsilon; "
         "fewest hits).")
+    batch: Optional[int] = Field(
+        None, ge=1, description="bound realized / audit: how many cache lookups the promise is about (a day of "
+        "traffic, an audit window): the false-hit share realized on a batch of this many lookups stays <= epsilon "
+        "with the stated confidence. Default: the number of held-out pairs, so the held-out check tests exactly "
+        "the promise. A larger batch averages out more of its own noise, so the same epsilon allows more hits "
+        "(eval/bench_cache.py --parts bound --heldout N measures both).")
     holdout: float = Field(0.3, gt=0, lt=1, description="Fraction of pairs held out to check the bound.")
     adaptive: Literal["none", "cluster"] = Field("none", description="cluster = also fit per-cluster thresholds and "
                                                  "export them only if, cross-fitted on the calibration pairs, they "
