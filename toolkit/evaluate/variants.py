@@ -41,9 +41,22 @@ def disk_bytes(path: Optional[Path]) -> Optional[int]:
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file() and "work" not in f.relative_to(path).parts)
 
 
+def collect_backend(ctx) -> str:
+    """The engine collect actually ran: `auto` is resolved at run time and recorded in collect/summary.json."""
+    recipe = ctx.recipe
+    if recipe.collect is None:
+        return "hf"
+    summary = ctx.upstream("collect") / "summary.json"
+    if summary.is_file():
+        used = (json.loads(summary.read_text()).get("backend") or {}).get("used")
+        if used:
+            return used
+    return recipe.collect.backend
+
+
 def _teacher(ctx) -> Variant:
     recipe = ctx.recipe
-    backend = recipe.collect.backend if recipe.collect else "hf"
+    backend = collect_backend(ctx)
     if backend == "hf":
         from toolkit.models import resolve
 
