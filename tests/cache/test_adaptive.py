@@ -73,8 +73,8 @@ def test_export_decision_never_sees_the_heldout_pairs(monkeypatch):
 
     def run(labels):
         glob = tune.select(sims[cal], labels[cal], 0.05, 0.95, bound="rate")
-        return stage._adaptive(ctx, sims, labels, vecs, cal, held, tune.evaluate(sims[held], labels[held],
-                                                                                 glob.threshold))
+        return stage._adaptive(ctx, sims, labels, vecs, cal, held,
+                               tune.evaluate(sims[held], labels[held], glob.threshold), len(held) / len(cal))
 
     ctx.config.bound = "rate"
     first = run(y)
