@@ -32,6 +32,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from toolkit.quantize.int8 import EARLY_DOWN_PROJ  # noqa: E402  (pydantic only: no model library at import)
+
 # name -> (method, config overrides). A plain dict: add a line to try another setting.
 HEAD_ONLY = {"ignore": ["lm_head"]}  # the strength variants keep only the head in 16 bits (the default before #16)
 VARIANTS: dict[str, tuple[str, dict]] = {
@@ -44,8 +46,7 @@ VARIANTS: dict[str, tuple[str, dict]] = {
     "int8_w8a16": ("int8", {"scheme": "W8A16"}),  # weight-only int8: llama.cpp Q8_0's kind of quantization
     # blocks 0-1 down_proj: the largest per-token int8 activation error measured on SmolLM2-135M (SwiGLU
     # outputs are not smoothed by SmoothQuant: no norm precedes down_proj)
-    "int8_keep_early_down": ("int8", {"smoothing_strength": 0.65,
-                                      "ignore": ["lm_head", "re:.*layers\\.[01]\\.mlp\\.down_proj$"]}),
+    "int8_keep_early_down": ("int8", {"smoothing_strength": 0.65, "ignore": ["lm_head", EARLY_DOWN_PROJ]}),
     "gptq_g64_sym": ("gptq", {"group_size": 64, "symmetric": True}),
     "gptq_g32_sym": ("gptq", {"group_size": 32, "symmetric": True}),
     "gptq_g32_asym": ("gptq", {"group_size": 32, "symmetric": False}),

@@ -84,9 +84,9 @@ def collect_config(engines: dict) -> type[CollectSettings]:
     if clash:
         raise TypeError(f"engine names {clash} clash with collect's own keys")
     names = (AUTO, *engines, *IMPORTERS)
-    # Default hf: the fastest engine measured on CPU (eval/results/bench_collect.md), and the teacher evaluate
-    # re-runs (toolkit/evaluate/variants.py compares collect.backend with "hf"); `auto` is opt-in until evaluate
-    # reads the engine collect resolved (collect/summary.json backend.used).
+    # Default hf: the fastest engine measured on CPU (eval/results/bench_collect.md). evaluate re-runs the teacher
+    # collect actually ran (collect/summary.json backend.used, toolkit/evaluate/variants.py), so `auto` works
+    # end to end; it stays opt-in so a recipe's engine does not change with what happens to be installed.
     backend = Field("hf", description="Who generates the teacher outputs: an engine of toolkit.engines (hf = "
                     "transformers, batched: the fastest measured on CPU; vllm; llamacpp = a GGUF through llama.cpp; "
                     "openai = any OpenAI-compatible endpoint); auto = the fastest local engine installed for this "

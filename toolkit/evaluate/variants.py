@@ -46,7 +46,9 @@ def collect_backend(ctx) -> str:
     recipe = ctx.recipe
     if recipe.collect is None:
         return "hf"
-    summary = ctx.upstream("collect") / "summary.json"
+    from toolkit.collect import SUMMARY
+
+    summary = ctx.upstream("collect") / SUMMARY
     if summary.is_file():
         used = (json.loads(summary.read_text()).get("backend") or {}).get("used")
         if used:

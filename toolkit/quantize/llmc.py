@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 from pathlib import Path
+from typing import Optional
 
 from toolkit.errors import MissingExtraError, OptkitError
 from toolkit.quantize.dtype import cast_checkpoint, resolve_dtype
@@ -24,12 +25,13 @@ def require_llmcompressor() -> None:
         raise MissingExtraError("int8/gptq/awq quantization", "llmcompressor", "quant") from None
 
 
-def int_weight_scheme(bits: int, group_size: int, symmetric: bool):
-    """A W<bits>A16 group-wise scheme with our group size (the stock W4A16 preset fixes group 128)."""
+def int_weight_scheme(bits: int, group_size: Optional[int], symmetric: bool):
+    """A W<bits>A16 scheme with our group size, or per output channel when group_size is None (the stock presets
+    fix group 128, which does not divide SmolLM2's 576-wide rows)."""
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
 
-    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, strategy="group",
-                               group_size=group_size)
+    grouping = {"strategy": "channel"} if group_size is None else {"strategy": "group", "group_size": group_size}
+    weights = QuantizationArgs(num_bits=bits, type="int", symmetric=symmetric, **grouping)
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
 
 
