@@ -12,6 +12,7 @@ serve.yaml edited by hand keeps the edits.
 
 from __future__ import annotations
 
+import json
 import re
 import shlex
 from pathlib import Path
@@ -19,10 +20,12 @@ from typing import Optional
 
 
 def router_models(route_dir: Path) -> tuple[list[str], str]:
-    """(router model names, strong model) from a bundle's route/ dir, validated as the runtime validates it."""
-    from toolkit.route.spec import read_router
+    """(router model names, strong model) from a bundle's route/router.json."""
+    from toolkit.errors import OptkitError
 
-    spec, _ = read_router(route_dir)
+    spec = json.loads((route_dir / "router.json").read_text())
+    if not isinstance(spec, dict) or not spec.get("models") or spec.get("strong") not in spec["models"]:
+        raise OptkitError(f"export: {route_dir / 'router.json'} names no models / strong model; re-run the route stage")
     return list(spec["models"]), spec["strong"]
 
 
