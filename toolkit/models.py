@@ -154,6 +154,11 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
+def dtype_name(name: str) -> str:
+    """A dtype setting as the precision it runs at on this machine ("auto" resolved): "bfloat16", "float32"..."""
+    return str(torch_dtype(name)).removeprefix("torch.")
+
+
 def bf16_supported() -> bool:
     """bf16 on GPU where supported; on CPU only with native bf16 instructions (AVX512-BF16 / AMX),
     otherwise bf16 matmuls are emulated and slower than fp32."""

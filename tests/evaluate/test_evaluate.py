@@ -242,19 +242,26 @@ def test_every_student_variant_runs_at_one_precision(built_root, tmp_path):
     from toolkit.evaluate.stage import known_answers, variant_dtype
     from toolkit.evaluate.variants import Variant
 
-    recipe = recipe_from_dict(fakerun.recipe_dict(tmp_path, teacher={"model": "smollm2-135m-instruct",
-                                                                     "dtype": "bfloat16"}, evaluate={}))
+    def context(distill_dtype: str, evaluate: dict):
+        recipe = recipe_from_dict(fakerun.recipe_dict(
+            tmp_path, teacher={"model": "smollm2-135m-instruct", "dtype": "bfloat16"}, evaluate=evaluate,
+            distill={"student": {"from_teacher": {"num_layers": 2}}, "eval_dtype": distill_dtype}))
+        return SimpleNamespace(recipe=recipe, config=recipe.evaluate, upstream=lambda s: run / s)
+
     run = fakerun.copy_run(built_root, tmp_path)
-    # distill's answers (float32) for the test prompts: reused only while the student is scored at float32
+    # distill's answers for the test prompts: reused only while the student is scored at distill's precision
     records = [r for r in fakerun.make_records() if r["split"] == "test"]
     (run / "distill" / "student_outputs.jsonl").write_text("".join(
         json.dumps({"id": r["id"], "output": "ORDER", "output_tokens": 2}) + "\n" for r in records))
-    ctx = SimpleNamespace(recipe=recipe, config=recipe.evaluate, upstream=lambda s: run / s)
     variants = [Variant("teacher", "teacher", "transformers"), Variant("student", "student", "transformers"),
                 Variant("student_lora", "student_lora", "transformers"), Variant("int8", "quantized", "transformers")]
-    assert [variant_dtype(ctx, v) for v in variants] == ["bfloat16", "float32", "float32", "float32"]
+    # default: every student variant at distill.eval_dtype (auto), distill's answers reused
+    ctx = context("auto", {})
+    assert [variant_dtype(ctx, v) for v in variants] == ["bfloat16", "auto", "auto", "auto"]
     assert [a["output"] for a in known_answers(ctx, variants[1], records)] == ["ORDER"] * len(records)
-    bf16 = recipe.evaluate.model_copy(update={"student_dtype": "bfloat16"})
-    ctx = SimpleNamespace(recipe=recipe, config=bf16, upstream=lambda s: run / s)
+    ctx = context("bfloat16", {"student_dtype": "bfloat16"})
     assert [variant_dtype(ctx, v) for v in variants] == ["bfloat16", "bfloat16", "bfloat16", "bfloat16"]
-    assert known_answers(ctx, variants[1], records) is None  # float32 answers are not mixed into a bf16 student
+    assert known_answers(ctx, variants[1], records) is not None
+    ctx = context("bfloat16", {"student_dtype": "float32"})
+    assert [variant_dtype(ctx, v) for v in variants] == ["bfloat16", "float32", "float32", "float32"]
+    assert known_answers(ctx, variants[1], records) is None  # bf16 answers are not mixed into a float32 student

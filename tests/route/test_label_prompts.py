@@ -12,6 +12,7 @@ from toolkit.collect.prompts import split_of
 from toolkit.config import load_recipe
 from toolkit.io import read_jsonl, write_jsonl
 from toolkit.metrics import gold_match
+from toolkit.models import dtype_name
 from toolkit.pipeline import run_pipeline
 from toolkit.route.label_prompts import STUDENT_STORE, TEACHER_STORE
 
@@ -28,12 +29,13 @@ def _setup(tmp_path, smollm2_dir):
     return run, {r["id"] for r in records}
 
 
-def _run(tmp_path, n_extra: int, **route):
+def _run(tmp_path, n_extra: int, eval_dtype: str = "auto", **route):
     """The route stage alone, asking for n_extra extra prompts (short answers: a category name)."""
     recipe = load_recipe(_recipe(tmp_path, label_prompts={"rows": "unsampled", "max": n_extra}, select=[],
                                  shift={"enabled": False}, **route))
     gen = recipe.collect.generation.model_copy(update={"max_new_tokens": 6})
-    recipe = recipe.model_copy(update={"collect": recipe.collect.model_copy(update={"generation": gen})})
+    recipe = recipe.model_copy(update={"collect": recipe.collect.model_copy(update={"generation": gen}),
+                                       "distill": recipe.distill.model_copy(update={"eval_dtype": eval_dtype})})
     return run_pipeline(recipe, only="route"), recipe
 
 
@@ -78,3 +80,11 @@ def test_extra_prompts_are_answered_labeled_and_never_test(tmp_path, monkeypatch
     conf = {r["id"]: r["confidence"] for r in read_jsonl(run / "route/cascade_confidence.jsonl")}
     extra_cal = [r["id"] for r in rows if r["origin"] == "label_prompts" and r["part"] == "cal"]
     assert extra_cal and all(conf[i] is not None and conf[i] < 0 for i in extra_cal)
+
+    # the student answering at another precision (distill.eval_dtype) is asked again; the teacher's answers stay
+    other = "float32" if dtype_name("auto") == "bfloat16" else "bfloat16"
+    before = {name: (run / "route/work" / name).read_bytes() for name in (TEACHER_STORE, STUDENT_STORE)}
+    assert _run(tmp_path, 7, eval_dtype=other)[0][-1].status == "ran"
+    assert (run / "route/work" / TEACHER_STORE).read_bytes() == before[TEACHER_STORE]
+    student = read_jsonl(run / "route/work" / STUDENT_STORE)
+    assert len(student) == 14 and (run / "route/work" / STUDENT_STORE).read_bytes().startswith(before[STUDENT_STORE])

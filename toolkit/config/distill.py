@@ -94,6 +94,11 @@ class DistillConfig(Section):
     launcher: LauncherConfig = Field(default_factory=LauncherConfig, description="Multi-process settings.")
     eval_batch_size: int = Field(8, ge=1, description="Prompts per batch for the student's generations and "
                                  "the NLL evaluation.")
+    eval_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Precision the trained student answers and is scored at: distill's val/test answers "
+        "and NLL, route's label answers and cascade confidences, evaluate's student variants (unless "
+        "evaluate.student_dtype says otherwise). auto = bfloat16 where the CPU/GPU computes it natively (the "
+        "precision vLLM serves a float32 checkpoint at), else float32. The saved weights stay float32.")
 
 
 class TrainSpec(Section):

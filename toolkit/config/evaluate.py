@@ -50,10 +50,11 @@ class EvaluateConfig(Section):
         "gold", description="Task metric against the reference: gold = the answer names the reference label "
         "(label set = the distinct references, first label mentioned wins); exact / f1 / rouge_l = "
         "normalized exact match, token F1, ROUGE-L.")
-    student_dtype: Literal["float32", "bfloat16", "float16", "auto"] = Field(
-        "float32", description="Precision every student variant (merged, LoRA on its base, HF-format quantized) is "
-        "evaluated at, so the student is scored at one precision throughout. float32 = distill's precision (its "
-        "answers to the held-out prompts are then reused); the teacher runs at teacher.dtype, like in collect.")
+    student_dtype: Optional[Literal["float32", "bfloat16", "float16", "auto"]] = Field(
+        None, description="Precision every student variant (merged, LoRA on its base, HF-format quantized) is "
+        "evaluated at, so the student is scored at one precision throughout. null = distill.eval_dtype, the "
+        "precision distill answered at (its answers to the held-out prompts are then reused); the teacher runs "
+        "at teacher.dtype, like in collect.")
     max_new_tokens: Optional[int] = Field(None, ge=1, description="Generation length cap; default = "
                                           "collect.generation.max_new_tokens (the same settings as the teacher).")
     engine: Literal["auto", "transformers", "vllm"] = Field(

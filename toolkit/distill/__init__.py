@@ -226,7 +226,8 @@ def _generate(ctx, prompts: list[dict]) -> list[dict]:
     from toolkit.io import write_jsonl
     from toolkit.models import load_causal_lm
 
-    model, tok = load_causal_lm(str(ctx.dir / "model"), dtype="float32")
+    # At distill.eval_dtype: the precision route and evaluate score the student at (and vLLM serves it at).
+    model, tok = load_causal_lm(str(ctx.dir / "model"), dtype=ctx.config.eval_dtype)
     with ctx.progress("student answers (val+test)", len(prompts)) as advance:
         rows = generate(model, tok, prompts, _generation_settings(ctx.recipe), _chat_template(ctx.recipe),
                         ctx.config.eval_batch_size, on_batch=advance)
@@ -236,10 +237,13 @@ def _generate(ctx, prompts: list[dict]) -> list[dict]:
 
 def _evaluate(ctx, teacher, teacher_tok, records: list[dict], student_rows: list[dict]) -> dict:
     from toolkit.distill.evaluate import compare, nll_of_teacher_outputs
-    from toolkit.models import load_causal_lm
+    from toolkit.models import load_causal_lm, torch_dtype
 
     cfg, recipe = ctx.config, ctx.recipe
-    model, tok = load_causal_lm(str(ctx.dir / "model"), dtype="float32")
+    model, tok = load_causal_lm(str(ctx.dir / "model"), dtype=cfg.eval_dtype)
+    # The teacher was loaded in float32 to build the student; its NLL is taken at teacher.dtype, the precision
+    # collect generated its answers at (each model scored at the precision it answers at).
+    teacher = teacher.to(torch_dtype(recipe.teacher.dtype))
     refs = [r.get("reference") for r in records]
     report = {}
     for split in ("test", "val"):

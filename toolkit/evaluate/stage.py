@@ -63,14 +63,17 @@ def make_engine(ctx, v: Variant, max_new_tokens: int):
     return HFEngine(v.model_dir, adapter_dir=v.adapter_dir, dtype=dtype, trust_remote_code=trust, **common)
 
 
-# distill trains and answers in float32 (toolkit/distill/__init__.py): its answers are reused only at that precision.
-DISTILL_DTYPE = "float32"
+def student_dtype(ctx) -> str:
+    """evaluate.student_dtype, else the precision distill answered at (distill.eval_dtype)."""
+    if ctx.config.student_dtype is not None:
+        return ctx.config.student_dtype
+    return ctx.recipe.distill.eval_dtype if ctx.recipe.distill is not None else "auto"
 
 
 def variant_dtype(ctx, v: Variant) -> str:
     """The teacher at teacher.dtype (collect's answers are at that precision); every student variant (merged,
-    LoRA, HF-format quantized) at evaluate.student_dtype, so the student is scored at one precision throughout."""
-    return ctx.recipe.teacher.dtype if v.source == "teacher" else ctx.config.student_dtype
+    LoRA, HF-format quantized) at student_dtype(ctx), so the student is scored at one precision throughout."""
+    return ctx.recipe.teacher.dtype if v.source == "teacher" else student_dtype(ctx)
 
 
 def serving_wanted(ctx, v: Variant) -> bool:
@@ -96,12 +99,16 @@ def use_vllm(choice: str) -> bool:
 
 def known_answers(ctx, v: Variant, records: list[dict]) -> Optional[list[dict]]:
     """Answers that already exist and are exactly what generation would give: the teacher's own (collect) and the
-    merged student's (distill/student_outputs.jsonl, same generation settings, float32), unless max_new_tokens or
-    the student's precision (evaluate.student_dtype) differ."""
+    merged student's (distill/student_outputs.jsonl, same generation settings, at distill.eval_dtype), unless
+    max_new_tokens or the student's precision (evaluate.student_dtype) differ."""
     if v.source == "teacher":
         return [{"output": r["output"], "output_tokens": r.get("output_tokens"), "input_tokens": r.get("input_tokens")}
                 for r in records]
-    if v.name == "student" and ctx.config.max_new_tokens is None and ctx.config.student_dtype == DISTILL_DTYPE:
+    from toolkit.models import dtype_name
+
+    distill = ctx.recipe.distill
+    if (v.name == "student" and ctx.config.max_new_tokens is None and distill is not None
+            and dtype_name(student_dtype(ctx)) == dtype_name(distill.eval_dtype)):
         path = ctx.upstream("distill") / "student_outputs.jsonl"
         if path.is_file():
             by_id = {r["id"]: r for r in read_jsonl(path)}
@@ -138,7 +145,9 @@ def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int,
                 row["perplexity"] = engine.perplexity([(r["messages"], r["output"]) for r in records])
             row["memory_bytes"] = engine.memory_bytes()
             if v.engine == "transformers":
-                row["dtype"] = variant_dtype(ctx, v)
+                from toolkit.models import dtype_name
+
+                row["dtype"] = dtype_name(variant_dtype(ctx, v))
             renderer = engine.engine.renderer
         finally:
             engine.close()
@@ -250,14 +259,15 @@ def score_all(ctx, records: list[dict], labels, variants: list[Variant], do_syst
 def write_all(ctx, rows: list[dict], notes: list[str], setup: dict) -> None:
     """variants.json/.csv, pareto.json, the two plots and report.md into ctx.dir."""
     from toolkit.evaluate.report import plot_latency, plot_quality_cost, write_report, write_tables
+    from toolkit.models import dtype_name
 
     cfg = ctx.config
     write_tables(ctx.dir, rows)
     plots = {"quality_vs_cost": plot_quality_cost(rows, ctx.dir / "quality_vs_cost.png", cfg.metric),
              "latency": plot_latency(rows, ctx.dir / "latency.png")}
     setup = {"metric": cfg.metric, "latency_n": min(cfg.latency_samples, setup["n"]), "warmup": cfg.warmup,
-             "cpus": os.cpu_count(), "slo": cfg.slo, "student_dtype": cfg.student_dtype,
-             "teacher_dtype": ctx.recipe.teacher.dtype, **setup}
+             "cpus": os.cpu_count(), "slo": cfg.slo, "student_dtype": dtype_name(student_dtype(ctx)),
+             "teacher_dtype": dtype_name(ctx.recipe.teacher.dtype), **setup}
     write_report(ctx.dir, rows, setup, plots, notes)
 
 

@@ -183,7 +183,9 @@ def student_confidences(ctx, table, kind: str) -> dict[str, float]:
     for r in table.extra_records:  # route.label_prompts' prompts: their messages and the student's answers
         if r["id"] in wanted:
             messages[r["id"]], answers[r["id"]] = r["messages"], r["student_output"]
-    engine = HFEngine.load(model_dir, chat_template=ctx.recipe.data.chat_template, dtype="float32", device="cpu")
+    # at the precision the student's answers were generated at (distill.eval_dtype)
+    engine = HFEngine.load(model_dir, chat_template=ctx.recipe.data.chat_template,
+                           dtype=ctx.recipe.distill.eval_dtype, device="cpu")
     ids = sorted(i for i in wanted if i in messages and i in answers)
     seqs, keep = [], []
     for i in ids:

@@ -17,9 +17,9 @@ Which rows, and why:
 Teacher answers go through the collect backend (toolkit.collect.backends: the recipe's teacher, backend and
 collect.generation, the same context guard), student answers through the hf engine on distill's merged model with
 the settings of distill's own val/test generations (greedy, collect.generation's length and stops, the data's chat
-template). Each answer is appended (fsync'd) to a result store in the stage's work/ folder as soon as it exists,
-keyed by model identity + messages + settings: a re-run or an interrupted run generates only what is missing, and a
-changed teacher, student or setting never reuses an old answer.
+template, distill.eval_dtype). Each answer is appended (fsync'd) to a result store in the stage's work/ folder as
+soon as it exists, keyed by model identity + messages + settings: a re-run or an interrupted run generates only what
+is missing, and a changed teacher, student or setting never reuses an old answer.
 """
 
 from __future__ import annotations
@@ -111,14 +111,16 @@ def student_answers(ctx, prompts: list) -> dict[str, str]:
     """id -> the distilled student's greedy answer (as distill/student_outputs.jsonl: stripped)."""
     from toolkit.collect.store import ResultStore, result_key
     from toolkit.engines import HFEngine, Settings
+    from toolkit.models import dtype_name
 
     recipe = ctx.recipe
     distill = Path(ctx.upstream("distill"))
     # distill's own val/test generations (toolkit.distill.evaluate.generate): greedy, collect.generation's rest
     settings = Settings.of(recipe.collect.generation, temperature=0.0, top_p=1.0)
     identity = {"student": student_digest(distill)}
+    dtype = recipe.distill.eval_dtype  # the precision distill's own answers are at
     params = {"max_new_tokens": settings.max_new_tokens, "stop": list(settings.stop),
-              "chat_template": recipe.data.chat_template}
+              "chat_template": recipe.data.chat_template, "dtype": dtype_name(dtype)}
 
     def key(p) -> str:
         return result_key(identity, p.messages, params)
@@ -127,7 +129,7 @@ def student_answers(ctx, prompts: list) -> dict[str, str]:
         todo = list({key(p): p for p in prompts if key(p) not in store}.values())
         log.info("route.label_prompts: student: %d prompts, %d to generate", len(prompts), len(todo))
         if todo:
-            engine = HFEngine.load(distill / "model", chat_template=recipe.data.chat_template, dtype="float32",
+            engine = HFEngine.load(distill / "model", chat_template=recipe.data.chat_template, dtype=dtype,
                                    device="cpu")
             try:
                 with ctx.progress("student answers (label_prompts)", len(todo)) as advance:
