@@ -118,8 +118,10 @@ def test_same_size_edit_is_caught(tmp_path):
 
 
 def _fake_route(ctx):
-    for name in ("router.json", "router.safetensors"):  # export reads the router's models for serve.yaml
-        (ctx.dir / name).write_text('{"models": ["small", "big"], "strong": "big"}' if name == "router.json" else "{}")
+    from tests.route.conftest import write_small_router
+
+    write_small_router(ctx.dir)  # a real router: export reads (and validates) it for serve.yaml's backends
+    for name in ("router.json", "router.safetensors"):
         (ctx.dir / name).chmod(0o600)  # what a training job under umask 077 leaves
     return {}
 

@@ -190,7 +190,7 @@ def write_report(out_dir: Path, rows: list[dict], setup: dict, plots: dict[str, 
         f"# Evaluation: {setup['run']}",
         "",
         f"{setup['n']} held-out prompts of the `{setup['split']}` split (quality; teacher at "
-        f"{setup.get('teacher_dtype', 'auto')}, every student variant at {setup.get('student_dtype', 'float32')}); "
+        f"{setup.get('teacher_dtype', 'auto')}, every student variant at {setup.get('student_dtype', 'auto')}); "
         f"latency on {setup['latency_n']} "
         f"prompts one at a time after {setup['warmup']} warm-up request(s). Machine: {platform.machine()}, "
         f"{setup['cpus']} CPUs, torch {torch.__version__} with {torch.get_num_threads()} threads. Timings on a "

@@ -12,7 +12,6 @@ serve.yaml edited by hand keeps the edits.
 
 from __future__ import annotations
 
-import json
 import re
 import shlex
 from pathlib import Path
@@ -20,12 +19,10 @@ from typing import Optional
 
 
 def router_models(route_dir: Path) -> tuple[list[str], str]:
-    """(router model names, strong model) from a bundle's route/router.json."""
-    from toolkit.errors import OptkitError
+    """(router model names, strong model) from a bundle's route/, validated as the gateway will load it."""
+    from toolkit.route.spec import read_router
 
-    spec = json.loads((route_dir / "router.json").read_text())
-    if not isinstance(spec, dict) or not spec.get("models") or spec.get("strong") not in spec["models"]:
-        raise OptkitError(f"export: {route_dir / 'router.json'} names no models / strong model; re-run the route stage")
+    spec, _ = read_router(route_dir)
     return list(spec["models"]), spec["strong"]
 
 
