@@ -90,6 +90,15 @@ def test_lora_stage_writes_the_contract_outputs_and_logs_curves(workdir, tiny_te
     outcome2, = run_pipeline(recipe, only="distill")
     assert outcome2.status == "skipped"
 
+    # another answer precision (distill.eval_dtype) re-answers and re-scores, but reuses the finished training
+    trained = (d / "work" / "train_result.json").read_bytes()
+    other = "float32" if recipe.distill.eval_dtype != "float32" else "bfloat16"
+    recipe3 = recipe.model_copy(update={"distill": recipe.distill.model_copy(update={"eval_dtype": other})})
+    outcome3, = run_pipeline(recipe3, only="distill")
+    assert outcome3.status == "ran" and (d / "work" / "train_result.json").read_bytes() == trained
+    assert {r["id"] for r in map(json.loads, (d / "student_outputs.jsonl").read_text().splitlines())} == \
+        {r["id"] for r in records if r["split"] in ("val", "test")}
+
 
 def test_max_examples_goes_from_the_recipe_through_the_stage_to_the_workers(workdir, tiny_teacher):
     """distill.training.max_examples in the recipe → the stage's typed spec (work/train_spec.json) → two DDP
