@@ -19,6 +19,7 @@ from toolkit.errors import OptkitError
 from toolkit.evaluate import measure
 from toolkit.evaluate.variants import Variant, discover, select
 from toolkit.io import atomic_write_json, read_jsonl, write_jsonl
+from toolkit.models import dtype_name
 
 log = logging.getLogger("optkit.evaluate")
 
@@ -104,8 +105,6 @@ def known_answers(ctx, v: Variant, records: list[dict]) -> Optional[list[dict]]:
     if v.source == "teacher":
         return [{"output": r["output"], "output_tokens": r.get("output_tokens"), "input_tokens": r.get("input_tokens")}
                 for r in records]
-    from toolkit.models import dtype_name
-
     distill = ctx.recipe.distill
     if (v.name == "student" and ctx.config.max_new_tokens is None and distill is not None
             and dtype_name(student_dtype(ctx)) == dtype_name(distill.eval_dtype)):
@@ -145,8 +144,6 @@ def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int,
                 row["perplexity"] = engine.perplexity([(r["messages"], r["output"]) for r in records])
             row["memory_bytes"] = engine.memory_bytes()
             if v.engine == "transformers":
-                from toolkit.models import dtype_name
-
                 row["dtype"] = dtype_name(variant_dtype(ctx, v))
             renderer = engine.engine.renderer
         finally:
@@ -259,7 +256,6 @@ def score_all(ctx, records: list[dict], labels, variants: list[Variant], do_syst
 def write_all(ctx, rows: list[dict], notes: list[str], setup: dict) -> None:
     """variants.json/.csv, pareto.json, the two plots and report.md into ctx.dir."""
     from toolkit.evaluate.report import plot_latency, plot_quality_cost, write_report, write_tables
-    from toolkit.models import dtype_name
 
     cfg = ctx.config
     write_tables(ctx.dir, rows)
