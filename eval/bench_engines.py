@@ -45,13 +45,25 @@ def variants(run: Path) -> list:
     return out
 
 
-def main(argv=None) -> int:
+def run_generation(run: Path) -> tuple:
+    """(Settings, Renderer) of a finished run, from its recipe.yaml: the evaluation's output budget and stop
+    strings (greedy), the student's tokenizer and the run's chat template."""
     import yaml
 
     from toolkit.engines.base import Settings
     from toolkit.engines.render import Renderer
-    from toolkit.evaluate.serving import serve_variant
     from toolkit.models import load_tokenizer
+
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    gen = (recipe.get("collect") or {}).get("generation") or {}
+    settings = Settings(max_new_tokens=int(gen.get("max_new_tokens") or 64), stop=tuple(gen.get("stop") or ()))
+    renderer = Renderer(load_tokenizer(str(run / "distill" / "model")),
+                        bool((recipe.get("data") or {}).get("chat_template", True)))
+    return settings, renderer
+
+
+def main(argv=None) -> int:
+    from toolkit.evaluate.serving import serve_variant
     from toolkit.records import load_records
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -63,11 +75,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "bench_engines")
     args = ap.parse_args(argv)
 
-    recipe = yaml.safe_load((args.run / "recipe.yaml").read_text())
-    gen = (recipe.get("collect") or {}).get("generation") or {}
-    settings = Settings(max_new_tokens=int(gen.get("max_new_tokens") or 64), stop=tuple(gen.get("stop") or ()))
-    renderer = Renderer(load_tokenizer(str(args.run / "distill" / "model")),
-                        bool((recipe.get("data") or {}).get("chat_template", True)))
+    settings, renderer = run_generation(args.run)
     records = sorted(load_records(args.run / "collect", ["test"]), key=lambda r: r["id"])[:args.prompts]
     prompts = [r["messages"] for r in records]
     cfg = SimpleNamespace(concurrency=args.concurrency, requests_per_level=args.requests, warmup=1, vllm_args=[],

@@ -27,10 +27,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def answers_in_process(model_dir: Path, dtype: str, prompts: list, settings, batch_size: int) -> dict:
+def answers_in_process(model_dir: Path, dtype: str, prompts: list, settings, chat_template: bool,
+                       batch_size: int) -> dict:
     from toolkit.engines import HFEngine
 
-    engine = HFEngine.load(model_dir, chat_template=True, dtype=dtype, device="cpu")
+    engine = HFEngine.load(model_dir, chat_template=chat_template, dtype=dtype, device="cpu")
     try:
         engine.generate(prompts[:batch_size], settings, batch_size)  # warm-up: first-call costs out of the timing
         started = time.perf_counter()
@@ -57,13 +58,9 @@ def answers_served(model_dir: Path, prompts: list, settings, renderer) -> list[s
 
 
 def main(argv=None) -> int:
-    import yaml
-
-    from toolkit.engines.base import Settings
-    from toolkit.engines.render import Renderer
+    from eval.bench_engines import run_generation
     from toolkit.evaluate.measure import label_set, task_score
     from toolkit.evaluate.stats import mean_ci
-    from toolkit.models import load_tokenizer
     from toolkit.records import load_records
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -73,9 +70,7 @@ def main(argv=None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "eval" / "results" / "bench_precision")
     args = ap.parse_args(argv)
 
-    recipe = yaml.safe_load((args.run / "recipe.yaml").read_text())
-    gen = (recipe.get("collect") or {}).get("generation") or {}
-    settings = Settings(max_new_tokens=int(gen.get("max_new_tokens") or 64), stop=tuple(gen.get("stop") or ()))
+    settings, renderer = run_generation(args.run)
     model_dir = args.run / "distill" / "model"
     records = sorted(load_records(args.run / "collect", ["test"]), key=lambda r: r["id"])
     labels = label_set(load_records(args.run / "collect"))
@@ -87,12 +82,9 @@ def main(argv=None) -> int:
         return {"gold": sum(scores) / len(scores), "gold_lo": lo, "gold_hi": hi}
 
     started = time.perf_counter()
-    runs = {dt: answers_in_process(model_dir, dt, prompts, settings, args.batch_size)
+    runs = {dt: answers_in_process(model_dir, dt, prompts, settings, renderer.chat_template, args.batch_size)
             for dt in ("float32", "bfloat16")}
-    served = None
-    if not args.no_served:
-        renderer = Renderer(load_tokenizer(str(model_dir)), bool((recipe.get("data") or {}).get("chat_template", True)))
-        served = answers_served(model_dir, prompts, settings, renderer)
+    served = answers_served(model_dir, prompts, settings, renderer) if not args.no_served else None
     rows = []
     for dt, r in runs.items():
         rows.append({"precision": dt, "engine": "transformers", "seconds_batched": r["seconds"],
