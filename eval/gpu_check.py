@@ -168,7 +168,9 @@ def distill(method: str, ctx: dict) -> dict:
     return {"method": method, "bf16": bf16, "steps": facts["global_step"], "batch_size": s["batch"],
             "train_loss": facts.get("train_loss"), "train_runtime_s": runtime, "tokens": int(tokens),
             "tokens_per_s": round(tokens / runtime, 1) if runtime else None,
-            "device": "cuda" if torch.cuda.is_available() else "cpu"}
+            "device": "cuda" if torch.cuda.is_available() else "cpu",
+            # toolkit.distill.train turns cuDNN attention off for training on CUDA (NaN backward, torch#196678)
+            "cudnn_sdp_enabled": torch.backends.cuda.cudnn_sdp_enabled()}
 
 
 def quantize_gptq(ctx: dict) -> dict:

@@ -24,8 +24,8 @@ from toolkit.config import KDConfig, LoraSettings, ModelSpec, TrainConfig
 from toolkit.config.distill import TrainSpec
 from toolkit.distill import launch
 from toolkit.distill.data import build_examples
-from toolkit.distill.train import (LeftPadCollator, NonFiniteLoss, check_method, complete_checkpoints,
-                                   make_trainer_class, read_spec, train)
+from toolkit.distill.train import (LeftPadCollator, NonFiniteLoss, avoid_cudnn_attention_backward, check_method,
+                                   complete_checkpoints, make_trainer_class, read_spec, train)
 from toolkit.errors import OptkitError
 
 
@@ -51,6 +51,21 @@ def test_qlora_is_refused_on_cpu_before_anything_loads():
         check_method("qlora")
     check_method("lora")
     check_method("full")
+
+
+def test_training_on_cuda_turns_off_the_cudnn_attention_backend(monkeypatch):
+    # A test double for the GPU (none here): torch.cuda.is_available is faked so the guard's CUDA branch runs on
+    # the CPU. The bug it avoids (NaN gradients from cuDNN's SDPA backward on 64-token left-padded batches,
+    # torch#196678) was seen on an H200 through eval/gpu_check.sh, which is where the real check runs.
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    try:
+        torch.backends.cuda.enable_cudnn_sdp(True)
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+        assert avoid_cudnn_attention_backward() is False and torch.backends.cuda.cudnn_sdp_enabled()
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+        assert avoid_cudnn_attention_backward() is True and not torch.backends.cuda.cudnn_sdp_enabled()
+    finally:
+        torch.backends.cuda.enable_cudnn_sdp(before)
 
 
 @pytest.mark.parametrize("twice", [{"max_length": 64}, {"min_completion_tokens": 3}, {"limit": 5},

@@ -161,6 +161,23 @@ def _curve_callback(on_log: Callable[[dict, int], None]):
     return Curves()
 
 
+def avoid_cudnn_attention_backward() -> bool:
+    """Turn off PyTorch's cuDNN attention backend for training on CUDA; True when it was turned off.
+
+    Why: since torch 2.11 the default SDPA backend on Hopper (H100/H200) is cuDNN, whose backward returns NaN
+    gradients for a masked attention of length 64 mod 128 when a query row's logsumexp is very negative, as a
+    fully masked left-padding row's is, and our batches are left-padded (pytorch/pytorch#196678,
+    huggingface/trl#7181). Measured on an H200 (eval/gpu_check.sh): LoRA, full and QLoRA all went NaN right after
+    the first 64-token batch. Flash / memory-efficient attention take over at the same speed; forward passes
+    (generation, scoring) are not affected."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return False
+    torch.backends.cuda.enable_cudnn_sdp(False)
+    return True
+
+
 # ----------------------------------------------------------------------------------------- model setup
 
 
@@ -272,6 +289,8 @@ def train(spec: TrainSpec, on_log: Optional[Callable[[dict, int], None]] = None)
     resume = _resume_point(spec, args)
     # Seed before peft draws the LoRA matrices: the Trainer only seeds once it is built, after that draw.
     set_seed(spec.seed)
+    if avoid_cudnn_attention_backward():
+        log.info("distill: cuDNN attention off for training (NaN backward on left-padded batches, torch#196678)")
     model = load_student_for_training(spec.student_dir, spec.method, spec.lora, spec.bf16)
     loss_total = make_loss_total()()
     if resume:
