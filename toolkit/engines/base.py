@@ -37,14 +37,16 @@ class Timed:
     e2e_s: float
     output_tokens: int
     itl_s: list = field(default_factory=list)  # gaps between consecutive tokens after the first
+    output: Optional[str] = None  # the answer, where the engine has it (evaluate's batch-movement check reads it)
 
 
-def timed_from_stamps(started: float, stamps: list[float], n: int, now: float) -> Timed:
+def timed_from_stamps(started: float, stamps: list[float], n: int, now: float,
+                      output: Optional[str] = None) -> Timed:
     """A request's timing from the times its tokens were handed out."""
     stamps = stamps[:n] if n else stamps
     end = stamps[-1] if stamps else now
     return Timed(ttft_s=(stamps[0] if stamps else end) - started, e2e_s=end - started, output_tokens=n,
-                 itl_s=[b - a for a, b in zip(stamps, stamps[1:])])
+                 itl_s=[b - a for a, b in zip(stamps, stamps[1:])], output=output)
 
 
 class Engine(Protocol):

@@ -240,8 +240,9 @@ class HFEngine:
         enc = self._encode([self.prompt_ids(messages)])
         with torch.inference_mode():
             out = self.model.generate(**enc, **{**self._kwargs(s), "output_logits": False}, streamer=Clock())
-        n = self.answer(out.sequences[0, enc["input_ids"].shape[1]:].tolist(), s)["output_tokens"]
-        return timed_from_stamps(started, stamps, n, time.perf_counter())
+        ended = time.perf_counter()
+        answer = self.answer(out.sequences[0, enc["input_ids"].shape[1]:].tolist(), s)
+        return timed_from_stamps(started, stamps, answer["output_tokens"], ended, output=answer["output"])
 
     # --------------------------------------------------------------------------------- scoring
 

@@ -116,20 +116,25 @@ def latency_summary(timed: list) -> dict:
             "requests_per_s_b1": len(e2e) / sum(e2e) if sum(e2e) > 0 else None}
 
 
-def measure_latency(engine, messages: list[list[dict]], warmup: int) -> dict:
+def timed_requests(engine, messages: list[list[dict]], warmup: int) -> list:
+    """One request at a time (after `warmup` untimed ones): each request's Timed (TTFT, ITL, e2e, its answer)."""
     for m in messages[:1] * warmup:
         engine.timed(m)
-    return latency_summary([engine.timed(m) for m in messages])
+    return [engine.timed(m) for m in messages]
 
 
-def batch_movement(engine, messages: list[list[dict]], answers: list[dict]) -> dict:
+def batch_movement(engine, messages: list[list[dict]], answers: list[dict], timed: list = ()) -> dict:
     """How many of the scored answers change when the same prompts are answered one at a time (batch 1): batched
     greedy decoding is not batch-invariant (padding and kernel shapes change the rounding), so this is measured on
-    every run instead of assumed."""
+    every run instead of assumed. The batch-1 answers are the timed requests' own where the engine returns them
+    (one pass over the prompts serves latency and this check), else generated here."""
     if not getattr(engine, "batches", False) or not messages:
         return {}
-    single = engine.generate(messages, batch_size=1)
-    moved = sum((a["output"] or "").strip() != (b["output"] or "").strip() for a, b in zip(single, answers))
+    if timed and all(t.output is not None for t in timed):
+        single = [t.output for t in timed]
+    else:
+        single = [r["output"] for r in engine.generate(messages, batch_size=1)]
+    moved = sum((a or "").strip() != (b["output"] or "").strip() for a, b in zip(single, answers))
     return {"batch_moved": moved, "batch_moved_n": len(messages)}
 
 

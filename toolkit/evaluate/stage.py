@@ -137,8 +137,9 @@ def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int,
                 with ctx.progress(f"{v.name}: answering", None):
                     answers = engine.generate(msgs, batch_size=max(cfg.batch_sizes))
             timed = msgs[:cfg.latency_samples]
-            row.update(measure.batch_movement(engine, timed, answers[:len(timed)]))
-            row.update(measure.measure_latency(engine, timed, cfg.warmup))
+            runs = measure.timed_requests(engine, timed, cfg.warmup)
+            row.update(measure.latency_summary(runs))
+            row.update(measure.batch_movement(engine, timed, answers[:len(timed)], runs))
             row.update(measure.measure_throughput(engine, timed, cfg.batch_sizes))
             if cfg.perplexity:
                 row["perplexity"] = engine.perplexity([(r["messages"], r["output"]) for r in records])
