@@ -67,14 +67,16 @@ def test_lora_stage_writes_the_contract_outputs_and_logs_curves(workdir, tiny_te
     assert all(1 <= r["output_tokens"] <= 6 for r in rows)  # collect.generation.max_new_tokens
 
     report = json.loads((d / "eval.json").read_text())
-    test = report["test"]
-    for key in ("student_nll", "teacher_nll", "agreement_exact", "agreement_f1", "agreement_rouge_l",
-                "agreement_label", "student_gold_accuracy", "teacher_gold_accuracy"):
-        assert key in test
+    test, val = report["test"], report["val"]
+    for key in ("agreement_exact", "agreement_f1", "agreement_rouge_l", "agreement_label",
+                "student_gold_accuracy", "teacher_gold_accuracy"):
+        assert key in test and key in val
     assert test["teacher_gold_accuracy"] == 1.0  # these records' teacher answered the gold label
     assert test["n"] == sum(r["split"] == "test" for r in records)
+    # the validation loss (teacher's answers under each model) on val; the test split's quality is evaluate's
+    assert "student_nll" not in test and 0 < val["teacher_nll"] and 0 < val["student_nll"]
     manifest = json.loads((d / "manifest.json").read_text())
-    assert manifest["status"] == "done" and manifest["metrics"]["student_nll"] == test["student_nll"]
+    assert manifest["status"] == "done" and manifest["metrics"]["val_student_nll"] == val["student_nll"]
     assert not any(k.startswith("work/") for k in manifest["outputs"])
 
     # training curves reached MLflow with their steps

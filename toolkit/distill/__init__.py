@@ -56,6 +56,7 @@ def _run(ctx) -> dict:
     atomic_write_json(ctx.dir / "eval.json", report)
     ctx.extra["world_size"] = facts.get("world_size")
     headline = {k: v for k, v in report["test"].items() if isinstance(v, (int, float))}
+    headline.update({f"val_{k}": v for k, v in report.get("val", {}).items() if k.endswith("_nll")})
     headline.update(param_ratio=student_facts["param_ratio"], train_loss=facts.get("train_loss"))
     ctx.log_metrics({k: v for k, v in headline.items() if v is not None})
     return headline
@@ -245,16 +246,19 @@ def _evaluate(ctx, teacher, teacher_tok, records: list[dict], student_rows: list
     # collect generated its answers at (each model scored at the precision it answers at).
     teacher = teacher.to(torch_dtype(recipe.teacher.dtype))
     refs = [r.get("reference") for r in records]
-    report = {}
+    report, held = {}, {}
     for split in ("test", "val"):
-        recs = [r for r in records if r["split"] == split and r.get("output")]
-        if not recs:
-            continue
-        report[split] = compare(student_rows, recs, refs)
-        if split == "test":  # NLL needs a forward pass of both models: the held-out split only (val is for route)
-            args = (cfg.training.max_length, _chat_template(recipe), cfg.eval_batch_size)
-            report[split].update(student_nll=nll_of_teacher_outputs(model, tok, recs, *args),
-                                 teacher_nll=nll_of_teacher_outputs(teacher, teacher_tok, recs, *args))
+        held[split] = [r for r in records if r["split"] == split and r.get("output")]
+        if held[split]:
+            report[split] = compare(student_rows, held[split], refs)
+    # The NLL of the teacher's answers under both models (a forward pass of each) is the validation loss: on the
+    # val split, held out from training like test but a third of its size here; the test split's quality is
+    # evaluate's. Without a val split it is taken on test.
+    nll_split = "val" if held["val"] else "test"
+    if held[nll_split]:
+        args = (cfg.training.max_length, _chat_template(recipe), cfg.eval_batch_size)
+        report[nll_split].update(student_nll=nll_of_teacher_outputs(model, tok, held[nll_split], *args),
+                                 teacher_nll=nll_of_teacher_outputs(teacher, teacher_tok, held[nll_split], *args))
     if "test" not in report:
         report["test"] = report.get("val", {})
     log.info("distill: test %s", {k: round(v, 4) for k, v in report["test"].items() if isinstance(v, float)})
