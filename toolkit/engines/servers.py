@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -30,10 +31,19 @@ from toolkit.errors import OptkitError
 VLLM_MODULE = "vllm.entrypoints.openai.api_server"
 
 
+_HANDED_OUT: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A free loopback port, never one this process handed out before: servers launched side by side bind
+    theirs only seconds later, so the OS could otherwise offer the same port twice."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _HANDED_OUT:
+            _HANDED_OUT.add(port)
+            return port
 
 
 def vllm_python() -> Optional[str]:
@@ -100,6 +110,13 @@ class Server:
         self.proc: Optional[subprocess.Popen] = None
         self.log_path: Optional[Path] = None
         self.start_s: Optional[float] = None
+        self._launched = 0.0  # perf_counter at launch(); 0 = not launched
+        self.error: Optional[str] = None
+        self._watcher: Optional[threading.Thread] = None
+
+    @property
+    def launched(self) -> bool:
+        return self._launched > 0
 
     @property
     def base_url(self) -> str:
@@ -111,36 +128,53 @@ class Server:
         except OSError:
             return ""
 
-    def start(self) -> "Server":
-        import httpx
-
+    def launch(self) -> "Server":
+        """Start the process and return at once; a watcher thread notes the moment it answers, and wait() blocks
+        until then (so a caller can do untimed work while the server imports and loads)."""
         from toolkit.procs import _die_with
 
         fd, name = tempfile.mkstemp(prefix=f"optkit-{self.kind}-", suffix=".log")
         self.log_path = Path(name)
-        started = time.perf_counter()
+        self._launched = time.perf_counter()
         with os.fdopen(fd, "w") as log:
             self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env={**os.environ, **(self.env or {})}, start_new_session=True,
                                          preexec_fn=_die_with(os.getpid()))
-        deadline = started + self.start_timeout_s
-        while True:
-            if self.proc.poll() is not None:
-                why = telling_line(self.log_text())
-                self.stop()
-                raise OptkitError(f"{self.kind} server exited before it was ready ({why})")
+        self._watcher = threading.Thread(target=self._watch, args=(self.proc,), daemon=True,
+                                         name=f"optkit-{self.kind}-watch")
+        self._watcher.start()
+        return self
+
+    def _watch(self, proc: subprocess.Popen) -> None:
+        """Poll until the server answers /v1/models (start_s = seconds from launch), exits, or times out (error)."""
+        import httpx
+
+        deadline = self._launched + self.start_timeout_s
+        while proc.poll() is None and time.perf_counter() < deadline:
             try:
                 if httpx.get(f"{self.base_url}/models", timeout=2.0).status_code == 200:
-                    break
+                    self.start_s = time.perf_counter() - self._launched
+                    return
             except httpx.HTTPError:
                 pass
-            if time.perf_counter() > deadline:
-                self.stop()
-                raise OptkitError(f"{self.kind} server not ready after {self.start_timeout_s:g}s "
-                                  "(evaluate.server_start_timeout_s)")
-            time.sleep(0.5)
-        self.start_s = time.perf_counter() - started
+            time.sleep(0.25)
+        self.error = (f"{self.kind} server exited before it was ready ({telling_line(self.log_text())})"
+                      if proc.poll() is not None else f"{self.kind} server not ready after "
+                      f"{self.start_timeout_s:g}s (evaluate.server_start_timeout_s)")
+
+    def wait(self) -> "Server":
+        """Block until the launched server is ready; if it exited or timed out, stop it and raise one line (again
+        on every call: a failed start is reported, never retried here)."""
+        if self._watcher is None:
+            raise OptkitError(f"{self.kind} server: wait() before launch()")
+        self._watcher.join()
+        if self.error is not None:
+            self.stop()
+            raise OptkitError(self.error)
         return self
+
+    def start(self) -> "Server":
+        return self.launch().wait()
 
     def stop(self) -> None:
         from toolkit.procs import kill_group

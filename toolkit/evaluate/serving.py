@@ -157,16 +157,17 @@ def server_for(v, cfg):
 
 
 def serve_variant(v, cfg, renderer, settings: Settings, prompts: list[list[dict]],
-                  answer_prompts: Optional[list[list[dict]]] = None) -> dict:
-    """{"engine", "start_s", "levels": [...], "answers": [...] (when answer_prompts)} or {"engine", "error"}."""
+                  answer_prompts: Optional[list[list[dict]]] = None, server=None) -> dict:
+    """{"engine", "start_s", "levels": [...], "answers": [...] (when answer_prompts)} or {"engine", "error"}.
+    `server`: one server_for(v, cfg) already launched (evaluate starts servers early); stopped here either way."""
     from toolkit.errors import OptkitError
 
-    server = server_for(v, cfg)
+    server = server or server_for(v, cfg)
     if server is None:
         return {}
     out: dict = {"engine": server.kind}
     try:
-        server.start()
+        server.wait() if server.launched else server.start()
     except OptkitError as exc:
         return {**out, "error": f"{server.kind} could not serve {v.name}: {exc}"}
     try:

@@ -88,6 +88,28 @@ def serving_wanted(ctx, v: Variant) -> bool:
     return price is None or price.per_hour is not None
 
 
+def early_servers(ctx, variants: list[Variant]) -> dict:
+    """{variant name: its model server, launched} when evaluate.server_start says early (auto: every server runs
+    on the CPU, where side-by-side servers only share host memory); {} otherwise."""
+    from toolkit.engines.servers import on_cpu, vllm_python
+    from toolkit.evaluate.serving import server_for
+
+    if ctx.config.server_start == "in_turn":
+        return {}
+    wanted = {v.name: server_for(v, ctx.config) for v in variants if serving_wanted(ctx, v)}
+    wanted = {name: s for name, s in wanted.items() if s is not None}
+    if not wanted:
+        return {}
+    if ctx.config.server_start == "auto" and any(s.kind == "vllm" for s in wanted.values()):
+        python = vllm_python()
+        if python is None or not on_cpu(python):
+            return {}
+    for server in wanted.values():
+        server.launch()
+    log.info("evaluate: started %d model server(s) in the background (evaluate.server_start)", len(wanted))
+    return wanted
+
+
 def use_vllm(choice: str) -> bool:
     import importlib.util
 
@@ -121,7 +143,36 @@ def known_answers(ctx, v: Variant, records: list[dict]) -> Optional[list[dict]]:
 # ------------------------------------------------------------------------------------------ one variant
 
 
-def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int, judge) -> tuple[dict, list[dict]]:
+def untimed_answers(ctx, v: Variant, records: list[dict], max_new: int) -> Optional[list[dict]]:
+    """The variant's answers to every record (known ones, else generated in-process), nothing timed: the work
+    that model servers started early overlap."""
+    if v.engine == "records":
+        return None
+    answers = known_answers(ctx, v, records)
+    if answers is None:
+        engine = make_engine(ctx, v, max_new)
+        try:
+            answers = answer_all(ctx, engine, v, records)
+        finally:
+            engine.close()
+    return answers
+
+
+def answer_batch_size(ctx) -> int:
+    """evaluate.answer_batch_size, else the batch the student answered in (distill.eval_batch_size)."""
+    cfg, distill = ctx.config, ctx.recipe.distill
+    return cfg.answer_batch_size or (distill.eval_batch_size if distill is not None else max(cfg.batch_sizes))
+
+
+def answer_all(ctx, engine, v: Variant, records: list[dict]) -> list[dict]:
+    with ctx.progress(f"{v.name}: answering", None):
+        return engine.generate([r["messages"] for r in records], batch_size=answer_batch_size(ctx))
+
+
+def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int, judge,
+                     answers: Optional[list[dict]] = None, server=None) -> tuple[dict, list[dict]]:
+    """One variant's row and scored answers. `answers`: from untimed_answers, when servers started early;
+    `server`: its model server, already launched (serving.serve_variant waits for it and stops it)."""
     cfg = ctx.config
     msgs = [r["messages"] for r in records]
     row: dict = {"variant": v.name, "source": v.source, "engine": v.engine, "size_bytes": v.facts.get("size_bytes"),
@@ -132,10 +183,7 @@ def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int,
     else:
         engine = make_engine(ctx, v, max_new)
         try:
-            answers = known_answers(ctx, v, records)
-            if answers is None:
-                with ctx.progress(f"{v.name}: answering", None):
-                    answers = engine.generate(msgs, batch_size=max(cfg.batch_sizes))
+            answers = answers or known_answers(ctx, v, records) or answer_all(ctx, engine, v, records)
             timed = msgs[:cfg.latency_samples]
             runs = measure.timed_requests(engine, timed, cfg.warmup)
             row.update(measure.latency_summary(runs))
@@ -154,7 +202,8 @@ def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int,
             from toolkit.evaluate.serving import apply_serving, serve_variant
 
             with ctx.progress(f"{v.name}: serving sweep", None):
-                served = serve_variant(v, cfg, renderer, engine.settings, timed, answer_prompts=timed)
+                served = serve_variant(v, cfg, renderer, engine.settings, timed, answer_prompts=timed,
+                                       server=server)
             apply_serving(row, served, answers[:len(timed)])
     scored = measure.score_rows(answers, records, cfg.metric, labels)
     row.update(measure.quality_summary(scored))
@@ -168,7 +217,8 @@ def evaluate_variant(ctx, v: Variant, records: list[dict], labels, max_new: int,
     return row, scored
 
 
-def cached_variant(ctx, v: Variant, records, labels, max_new, judge, fps: dict) -> tuple[dict, list[dict]]:
+def measurement_path(ctx, v: Variant, records, max_new, fps: dict) -> Path:
+    """Where a variant's finished measurement is kept, keyed by everything it depends on."""
     cfg = ctx.config
     # Paths inside the run are keyed relative to it: a moved or copied run directory still resumes.
     def rel(x):
@@ -182,13 +232,18 @@ def cached_variant(ctx, v: Variant, records, labels, max_new, judge, fps: dict) 
     key = config_hash({"variant": descriptor, "evaluate": cfg.model_dump(), "max_new": max_new,
                        "ids": [r["id"] for r in records], "upstream": fps,
                        "pricing": {k: p.model_dump() for k, p in ctx.recipe.pricing.items()}})
-    path = ctx.work_dir / f"variant-{v.name}-{key}.json"
+    return ctx.work_dir / f"variant-{v.name}-{key}.json"
+
+
+def cached_variant(ctx, v: Variant, records, labels, max_new, judge, fps: dict, answers=None, server=None
+                   ) -> tuple[dict, list[dict]]:
+    path = measurement_path(ctx, v, records, max_new, fps)
     if path.is_file():
         saved = json.loads(path.read_text())
         log.info("evaluate: %s: reusing the finished measurement in %s", v.name, path.name)
         return saved["row"], saved["scored"]
     log.info("evaluate: %s (%s)", v.name, v.engine)
-    row, scored = evaluate_variant(ctx, v, records, labels, max_new, judge)
+    row, scored = evaluate_variant(ctx, v, records, labels, max_new, judge, answers, server)
     if not row.get("serving_error"):  # a server that failed to start (memory, a missing kernel) is tried again
         atomic_write_json(path, {"row": row, "scored": scored})
     return row, scored
@@ -225,13 +280,26 @@ def score_all(ctx, records: list[dict], labels, variants: list[Variant], do_syst
 
         judge = Judge(cfg.judge)
     rows, answers, notes = [], {}, []
+    todo = [v for v in variants if not measurement_path(ctx, v, records, max_new, fps).is_file()]
+    servers = early_servers(ctx, todo)
     try:
+        # With servers starting in the background: first every answer (untimed), then wait until every server
+        # is up (or has failed), so no timing below shares the CPU with a server's start.
+        pre = {v.name: untimed_answers(ctx, v, records, max_new) for v in todo} if servers else {}
+        for server in servers.values():
+            try:
+                server.wait()
+            except OptkitError:
+                pass  # server.error is reported in the variant's row (serving_error) by serve_variant
         for v in variants:
-            row, scored = cached_variant(ctx, v, records, labels, max_new, judge, fps)
+            row, scored = cached_variant(ctx, v, records, labels, max_new, judge, fps, pre.get(v.name),
+                                         servers.get(v.name))
             rows.append(row)
             answers[v.name] = {s["id"]: s for s in scored}
             write_jsonl(ctx.dir / "outputs" / f"{v.name}.jsonl", scored)
     finally:
+        for server in servers.values():
+            server.stop()
         if judge is not None:
             judge.close()
     if do_system:  # + system-cascade (route.mode = cascade)
