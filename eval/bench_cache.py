@@ -346,9 +346,10 @@ def embed_cached(texts: list[str], cache_dir: Path) -> np.ndarray:
 
 
 def bound_datasets(shared: Path, cache_dir: Path) -> dict:
-    """name -> (similarities, labels, cached-side vectors, source, query-side vectors). Nearest-neighbour pairs (each text against its
-    nearest other text, label = same intent) for CLINC150 test (out-of-scope never reusable), Banking77 train and
-    SNIPS train; and the shipped CLINC150 intent pairs file (hard negatives from the same domain)."""
+    """name -> (similarities, labels, cached-side vectors, source, query-side vectors). Nearest-neighbour pairs
+    (each text against its nearest other text, label = same intent) for CLINC150 test (out-of-scope never
+    reusable), Banking77 train and SNIPS train; and the shipped CLINC150 intent pairs file (hard negatives from the
+    same domain)."""
     def rows(path):
         return list(csv.DictReader(open(path, newline="", encoding="utf-8")))
 
@@ -489,7 +490,8 @@ def run_bound(args) -> None:
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared",
            "bound": {"calibration": args.calibration, "heldout": args.heldout, "splits": args.splits,
-                     "confidence": 0.95, "policies": {m: list({**ALL_POLICIES, **LEARNED_POLICIES}[m]) for m in policies},
+                     "confidence": 0.95,
+                     "policies": {m: list({**ALL_POLICIES, **LEARNED_POLICIES}[m]) for m in policies},
                      "cluster_splits": min(args.cluster_splits, args.splits) if args.cluster else None,
                      "runtime_s": time.perf_counter() - t0, "results": results}}
     out = Path(args.out + "_bound")

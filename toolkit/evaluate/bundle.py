@@ -115,14 +115,13 @@ def load_rows(recipe, data_file: Path) -> list[dict]:
 
 def teacher_answers(ctx, teacher, records: list[dict]) -> None:
     """The teacher answers every prompt (its answers are what agreement and the system's teacher branch use)."""
-    from toolkit.evaluate.stage import answer_batch_size, make_engine
+    from toolkit.evaluate.stage import answer_all, make_engine
 
     cfg = ctx.config
     max_new = cfg.max_new_tokens or (ctx.recipe.collect.generation.max_new_tokens if ctx.recipe.collect else 64)
     engine = make_engine(ctx, teacher, max_new)
     try:
-        with ctx.progress("teacher: answering", None):
-            rows = engine.generate([r["messages"] for r in records], batch_size=answer_batch_size(ctx))
+        rows = answer_all(ctx, engine, teacher, records)
     finally:
         engine.close()
     for rec, row in zip(records, rows):
