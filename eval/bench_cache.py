@@ -74,48 +74,27 @@ ALL_POLICIES = {**POLICIES, **BOUND_POLICIES, **CLUSTER_POLICIES}
 DEFAULT_POLICY = "realized_grid"  # what toolkit/config/cache.py defaults to (bound realized, selection grid)
 
 
-# An experiment for issue #15, not in toolkit.cache yet: a learned similarity instead of one cosine. score(q, c) =
-# sum_i w_i q_i c_i + b with w >= 0: a per-dimension reweighting of the cosine, fitted by logistic regression on
-# the calibration pairs with an L2 pull toward w = 1 (plain cosine) of strength lam. w >= 0 keeps it a dot product
-# of rescaled embeddings (q * sqrt(w)) . (c * sqrt(w)), which an inner-product index serves unchanged. The threshold
-# is calibrated with the same bound on cross-fitted (out-of-fold) scores, then applied to the model fitted on all
-# calibration pairs. name -> (selection method, bound, lam).
-LEARNED_POLICIES = {"learned_diag_realized": ("scan", "realized", 0.3)}
-LEARNED_TEMPERATURE = 20.0  # features scaled so that w = 1 gives logits 20 x cosine: a sensible start for w
+# The learned similarity (cache.metric, toolkit/cache/metric.py), through the stage's own functions: pairs built
+# from groups are re-paired under the learned metric (the runtime serves the nearest entry under the metric it
+# uses), the threshold is set on cross-fitted calibration scores. name -> (cache.metric, selection, bound).
+# metric_auto is the product's default (auto + the default bound); diagonal_scan forces the learned metric with the
+# scan selection (more hits, less coverage).
+METRIC_POLICIES = {"metric_auto": ("auto", "grid", "realized"), "diagonal_scan": ("diagonal", "scan", "realized")}
 
 
-def fit_diag_metric(feats: np.ndarray, y: np.ndarray, lam: float) -> tuple[np.ndarray, float]:
-    from scipy.optimize import minimize
+def metric_policy(pairs, vecs, cal, held, eps, conf, batch_ratio, spec, seed=0):
+    """(served mask over `held`, labels of the held pairs as served, metric kind) of a cache.metric policy
+    calibrated on `cal`."""
+    from toolkit.cache import stage, tune
+    from toolkit.config.cache import CacheConfig
 
-    d = feats.shape[1]
-
-    def loss(p):
-        w, b = p[:d], p[d]
-        z = feats @ w + b
-        g = 1.0 / (1.0 + np.exp(-z)) - y
-        return (float(np.sum(np.logaddexp(0.0, z) - y * z) + lam * np.sum((w - 1.0) ** 2)),
-                np.append(feats.T @ g + 2 * lam * (w - 1.0), g.sum()))
-
-    res = minimize(loss, np.append(np.ones(d), 0.0), jac=True, method="L-BFGS-B",
-                   bounds=[(0.0, None)] * d + [(None, None)], options={"maxiter": 200})
-    return res.x[:d], float(res.x[d])
-
-
-def learned_diag_policy(query_vecs, cached_vecs, labels, cal, eps, conf, batch_ratio, spec, seed=0, folds=5):
-    """Served mask over all pairs for a learned diagonal metric calibrated on `cal` (see LEARNED_POLICIES)."""
-    from toolkit.cache import tune
-
-    method, bound, lam = spec
-    feats = query_vecs * cached_vecs * LEARNED_TEMPERATURE
-    parts = np.array_split(np.random.default_rng(seed).permutation(cal), folds)
-    oof = np.empty(len(labels))
-    for k in range(folds):
-        train = np.concatenate([parts[j] for j in range(folds) if j != k])
-        w, b = fit_diag_metric(feats[train], labels[train], lam)
-        oof[parts[k]] = feats[parts[k]] @ w + b
-    w, b = fit_diag_metric(feats[cal], labels[cal], lam)
-    sel = tune.select(oof[cal], labels[cal], eps, conf, method, bound, batch_ratio)
-    return feats @ w + b >= sel.threshold if sel.feasible else np.zeros(len(labels), bool)
+    kind, method, bound = spec
+    cfg = CacheConfig(metric=kind, epsilon=eps, confidence=conf, selection=method, bound=bound)
+    weights, (s_cal, y_cal, _), report = stage.choose_metric(cfg, seed, pairs, vecs, cal, batch_ratio)
+    sel = tune.select(s_cal, y_cal, eps, conf, method, bound, batch_ratio)
+    s_held, y_held, _ = stage.pair_fn(pairs, vecs)(weights, held)
+    served = s_held >= sel.threshold if sel.feasible else np.zeros(len(held), bool)
+    return served, y_held, report["kind"]
 
 
 def parse_args():
@@ -140,8 +119,9 @@ def parse_args():
     ap.add_argument("--cluster", action="store_true", help="bound study: add the per-cluster policies (slow)")
     ap.add_argument("--cluster-splits", type=int, default=50, help="bound study: per-cluster policies run on the "
                     "first this many splits only")
-    ap.add_argument("--learned", action="store_true", help="bound study: add the learned diagonal-metric policies "
-                    "(an experiment, not in toolkit.cache yet; ~3 s per split)")
+    ap.add_argument("--learned", action="store_true", help="bound study: add the learned-metric policies "
+                    "(cache.metric: auto, the default, and diagonal; ~3 s per split)")
+    ap.add_argument("--policies", default=None, help="bound study: only these policies (comma-separated names)")
     ap.add_argument("--emb-cache", default=str(Path.home() / ".cache" / "optkit" / "bench_cache"),
                     help="where embeddings are kept between runs (keyed by texts)")
     return ap.parse_args()
@@ -157,12 +137,15 @@ def embed_all(texts: list[str]) -> tuple[np.ndarray, float]:
     return vecs, len(texts) / (time.perf_counter() - t)
 
 
+def nn_groups(intents: list[str]) -> list[str]:
+    return [f"oos#{i}" if g == "oos" else g for i, g in enumerate(intents)]  # oos is never reusable
+
+
 def nn_pairs(vecs: np.ndarray, intents: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from toolkit.cache.stage import nearest_pairs
 
-    groups = [f"oos#{i}" if g == "oos" else g for i, g in enumerate(intents)]  # oos is never reusable
     q = np.arange(len(vecs))
-    c, y = nearest_pairs(vecs, groups, list(q))
+    c, y = nearest_pairs(vecs, nn_groups(intents), list(q))
     return q, c, y
 
 
@@ -346,10 +329,12 @@ def embed_cached(texts: list[str], cache_dir: Path) -> np.ndarray:
 
 
 def bound_datasets(shared: Path, cache_dir: Path) -> dict:
-    """name -> (similarities, labels, cached-side vectors, source, query-side vectors). Nearest-neighbour pairs
+    """name -> (toolkit.cache.pairs.Pairs, embeddings of its texts). Nearest-neighbour pairs
     (each text against its nearest other text, label = same intent) for CLINC150 test (out-of-scope never
     reusable), Banking77 train and SNIPS train; and the shipped CLINC150 intent pairs file (hard negatives from the
     same domain)."""
+    from toolkit.cache.pairs import Pairs
+
     def rows(path):
         return list(csv.DictReader(open(path, newline="", encoding="utf-8")))
 
@@ -361,8 +346,8 @@ def bound_datasets(shared: Path, cache_dir: Path) -> dict:
     a = np.array([index[p["text_a"]] for p in pairs])
     b = np.array([index[p["text_b"]] for p in pairs])
     labels = np.array([int(p["label"]) for p in pairs])
-    out["clinc150_pairs"] = (np.sum(vecs[a] * vecs[b], 1).astype(np.float64), labels, vecs[b],
-                             "CLINC150 test, shipped intent pairs (CC BY 3.0)", vecs[a])
+    out["clinc150_pairs"] = (Pairs([r["text"] for r in clinc], a, b, labels,
+                                   "CLINC150 test, shipped intent pairs (CC BY 3.0)", {}), vecs)
     for name, texts, intents, source in (
             ("clinc150_nn", [r["text"] for r in clinc], [r["intent"] for r in clinc], "CLINC150 test (CC BY 3.0)"),
             *[(n, [r["text"] for r in rs], [r["intent"] for r in rs], src) for n, rs, src in (
@@ -370,11 +355,11 @@ def bound_datasets(shared: Path, cache_dir: Path) -> dict:
                 ("snips_nn", rows(shared / "snips" / "snips_train_full.csv"), "SNIPS 2017-06 train (CC0)"))]):
         v = vecs if name == "clinc150_nn" else embed_cached(texts, cache_dir)
         q, c, y = nn_pairs(v, intents)
-        out[name] = (np.sum(v[q] * v[c], 1).astype(np.float64), y, v[c], f"{source}, nearest-neighbour pairs", v[q])
+        out[name] = (Pairs(texts, q, c, y, f"{source}, nearest-neighbour pairs", {}, nn_groups(intents)), v)
     return out
 
 
-def bound_study(sims, labels, cached_vecs, eps: float, policies: list[str], args, query_vecs=None) -> dict:
+def bound_study(pairs, vecs, eps: float, policies: list[str], args) -> dict:
     """Repeated random splits: `calibration` pairs to choose, `heldout` other pairs to check. Per policy: share
     of splits whose realized held-out false-hit share is <= eps, and hit rate against the hindsight-best static
     threshold of the same held-out pairs (max hits with realized share <= eps). Also the ceiling: the one static
@@ -382,7 +367,9 @@ def bound_study(sims, labels, cached_vecs, eps: float, policies: list[str], args
     from toolkit.cache import tune
 
     conf = 0.95
-    rec = {m: {"ok": [], "hit": [], "fhr": [], "split": []} for m in policies}
+    sims, labels = np.sum(vecs[pairs.query] * vecs[pairs.cached], 1).astype(np.float64), pairs.labels
+    cached_vecs = vecs[pairs.cached]
+    rec = {m: {"ok": [], "hit": [], "fhr": [], "split": [], "learned": []} for m in policies}
     hind, held_sets = [], []
     for r in range(args.splits):
         perm = np.random.default_rng(1000 + r).permutation(len(sims))
@@ -392,12 +379,14 @@ def bound_study(sims, labels, cached_vecs, eps: float, policies: list[str], args
         for m in policies:
             if m in CLUSTER_POLICIES and r >= args.cluster_splits:
                 continue
-            if m in LEARNED_POLICIES:
-                mask = learned_diag_policy(query_vecs, cached_vecs, labels, cal, eps, conf, len(held) / len(cal),
-                                           LEARNED_POLICIES[m], seed=r)
+            if m in METRIC_POLICIES:
+                served, y_held, kind = metric_policy(pairs, vecs, cal, held, eps, conf, len(held) / len(cal),
+                                                     METRIC_POLICIES[m], seed=r)
+                rec[m]["learned"].append(kind == "diagonal")
             else:
-                mask = run_policy(m, sims, labels, cached_vecs, cal, eps, conf, len(held) / len(cal), seed=r)[1]
-            h = tune.rates(mask[held], labels[held], conf)
+                served = run_policy(m, sims, labels, cached_vecs, cal, eps, conf, len(held) / len(cal), seed=r)[1][held]
+                y_held = labels[held]
+            h = tune.rates(served, y_held, conf)
             rec[m]["ok"].append(h["fhr"] <= eps)
             rec[m]["hit"].append(h["hit_rate"])
             rec[m]["fhr"].append(h["fhr"])
@@ -413,6 +402,7 @@ def bound_study(sims, labels, cached_vecs, eps: float, policies: list[str], args
                               "median_split_ratio": float(np.median(hit[hs > 0] / hs[hs > 0]))
                               if (hs > 0).any() else None,
                               "mean_realized_fhr": float(np.mean(v["fhr"])),
+                              "share_splits_learned": float(np.mean(v["learned"])) if v["learned"] else None,
                               "p95_realized_fhr": float(np.percentile(v["fhr"], 95))}
     # Ceiling of any static threshold at 95% split coverage (no calibration noise at all).
     grid = np.unique(np.quantile(sims, np.linspace(0, 1, 2001)))
@@ -443,10 +433,13 @@ def markdown_bound(res: dict) -> str:
                                   "only (each fits k-means + logistic curves). " if b.get("cluster_splits") else "") +
              f"The realized / audit bounds promise a batch of {b['heldout']} lookups (cache.batch), the held-out "
              f"size. Runtime {b['runtime_s']:.0f} s." +
-             (" learned_diag_* (an experiment, not in toolkit.cache yet): a per-dimension reweighted cosine fitted "
-              "on the calibration pairs (eval/bench_cache.py LEARNED_POLICIES), threshold calibrated on 5-fold "
-              "cross-fitted scores; its hit ratio is against the same hindsight-best COSINE threshold, so it can "
-              "pass the ceiling." if any(m in LEARNED_POLICIES for m in b["policies"]) else ""), ""]
+             (" metric_auto / diagonal_scan: cache.metric auto (the default: the learned per-dimension reweighted "
+              "cosine when, cross-fitted on the calibration pairs, it serves more of them than the cosine) and "
+              "diagonal (always learned) with selection scan, run through the cache stage's own functions; "
+              "nearest-neighbour pairs are re-paired under the learned metric (what the runtime serves). Their hit "
+              "ratio is against the same hindsight-best COSINE threshold, so they can pass the ceiling; 'learned' "
+              "= share of splits where auto chose the learned metric." if any(m in METRIC_POLICIES for m in
+                                                                               b["policies"]) else ""), ""]
     for eps, per in b["results"].items():
         names = list(next(iter(per.values()))["policies"])
         lines += [f"## epsilon {eps}", "",
@@ -465,6 +458,9 @@ def markdown_bound(res: dict) -> str:
         for ds, r in per.items():
             lines.append(f"| {ds} | {r['hindsight_mean_hit_rate']:.3f} | " +
                          " | ".join(f"{p['mean_hit_rate']:.3f}" for p in r["policies"].values()) + " |")
+        if "metric_auto" in names:
+            lines += ["", "metric_auto chose the learned metric on this share of splits: " + ", ".join(
+                f"{ds} {r['policies']['metric_auto']['share_splits_learned']:.2f}" for ds, r in per.items()) + "."]
         if {"rate", DEFAULT_POLICY} <= set(names):
             price = {ds: r["policies"][DEFAULT_POLICY]["mean_hit_rate"] / r["policies"]["rate"]["mean_hit_rate"]
                      for ds, r in per.items() if r["policies"]["rate"]["mean_hit_rate"]}
@@ -479,19 +475,20 @@ def run_bound(args) -> None:
     t0 = time.perf_counter()
     data = bound_datasets(Path(args.shared), Path(args.emb_cache))
     policies = (list(BOUND_POLICIES) + (list(CLUSTER_POLICIES) if args.cluster else []) +
-                (list(LEARNED_POLICIES) if args.learned else []))
+                (list(METRIC_POLICIES) if args.learned else []))
+    if args.policies:
+        policies = args.policies.split(",")
     results = {}
     for eps in (float(e) for e in args.epsilons.split(",")):
         results[str(eps)] = {}
-        for name, (sims, labels, cached, source, query) in data.items():
-            results[str(eps)][name] = {"source": source, **bound_study(sims, labels, cached, eps, policies, args,
-                                                                       query_vecs=query)}
+        for name, (pairs, vecs) in data.items():
+            results[str(eps)][name] = {"source": pairs.source, **bound_study(pairs, vecs, eps, policies, args)}
             print(f"[bound eps={eps}] {name} done ({time.perf_counter() - t0:.0f} s)")
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared",
            "bound": {"calibration": args.calibration, "heldout": args.heldout, "splits": args.splits,
                      "confidence": 0.95,
-                     "policies": {m: list({**ALL_POLICIES, **LEARNED_POLICIES}[m]) for m in policies},
+                     "policies": {m: list({**ALL_POLICIES, **METRIC_POLICIES}[m]) for m in policies},
                      "cluster_splits": min(args.cluster_splits, args.splits) if args.cluster else None,
                      "runtime_s": time.perf_counter() - t0, "results": results}}
     out = Path(args.out + "_bound")

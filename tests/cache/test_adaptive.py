@@ -73,7 +73,7 @@ def test_export_decision_never_sees_the_heldout_pairs(monkeypatch):
 
     def run(labels):
         glob = tune.select(sims[cal], labels[cal], 0.05, 0.95, bound="rate")
-        return stage._adaptive(ctx, sims, labels, vecs, cal, held,
+        return stage._adaptive(ctx, (sims[cal], labels[cal], vecs[cal]), (sims[held], labels[held], vecs[held]),
                                tune.evaluate(sims[held], labels[held], glob.threshold), len(held) / len(cal))
 
     ctx.config.bound = "rate"

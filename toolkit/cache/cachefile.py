@@ -12,13 +12,13 @@ import json
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from toolkit.errors import OptkitError
 
 FORMAT = "optkit-cache/1"
-Similarity = Annotated[float, Field(ge=-1.0, le=1.0)]  # cosine: a threshold outside [-1, 1] is meaningless
 Finite = Annotated[float, Field(allow_inf_nan=False)]
+Weight = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
 
 class _Model(BaseModel):
@@ -45,12 +45,35 @@ class EmbedderSpec(_Model):
 
 
 class SimilaritySpec(_Model):
-    kind: Literal["cosine"]
+    kind: Literal["cosine", "diagonal"]
+    weights: Optional[list[Weight]] = Field(None, min_length=1)  # diagonal: w of sum_i w_i q_i c_i
+
+    @model_validator(mode="after")
+    def _weights(self) -> "SimilaritySpec":
+        if self.kind == "diagonal" and (not self.weights or max(self.weights) <= 0):
+            raise ValueError("kind diagonal needs weights (>= 0, not all zero)")
+        if self.kind == "cosine" and self.weights is not None:
+            raise ValueError("kind cosine takes no weights")
+        return self
+
+    @property
+    def limit(self) -> float:
+        """|score| never exceeds this for unit vectors: a threshold beyond it is meaningless."""
+        return 1.0 if self.weights is None else float(max(self.weights))
+
+
+def _check_range(value: Optional[float], info: ValidationInfo, what: str = "Input") -> None:
+    sim = info.data.get("similarity")
+    limit = sim.limit if sim is not None else 1.0
+    if value is not None and value < -limit:
+        raise ValueError(f"{what} should be greater than or equal to {-limit:g} (the similarity's range)")
+    if value is not None and value > limit:
+        raise ValueError(f"{what} should be less than or equal to {limit:g} (the similarity's range)")
 
 
 class AdaptiveSpec(_Model):
     exported: bool
-    thresholds: list[Optional[Similarity]] = Field(min_length=1)
+    thresholds: list[Optional[Finite]] = Field(min_length=1)
     centroids: list[list[Finite]] = Field(min_length=1)
 
     @model_validator(mode="after")
@@ -74,16 +97,32 @@ class RuntimeSpec(_Model):
 class CacheFile(_Model):
     format: Literal["optkit-cache/1"]
     similarity: SimilaritySpec
-    threshold: Optional[Similarity]  # None = exact matches only (no threshold met the bound)
+    threshold: Optional[Finite]  # None = exact matches only (no threshold met the bound)
     embedder: EmbedderSpec
     adaptive: Optional[AdaptiveSpec] = None
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+
+    @field_validator("threshold")
+    @classmethod
+    def _threshold(cls, value, info: ValidationInfo):
+        _check_range(value, info)
+        return value
+
+    @field_validator("adaptive")
+    @classmethod
+    def _cluster_thresholds(cls, value, info: ValidationInfo):
+        for i, t in enumerate(value.thresholds if value is not None else []):
+            _check_range(t, info, f"thresholds.{i}")
+        return value
 
     @model_validator(mode="after")
     def _dims(self) -> "CacheFile":
         if self.adaptive is not None and len(self.adaptive.centroids[0]) != self.embedder.dim:
             raise ValueError(f"adaptive centroids have {len(self.adaptive.centroids[0])} values, the embedder "
                              f"dim is {self.embedder.dim}")
+        if self.similarity.weights is not None and len(self.similarity.weights) != self.embedder.dim:
+            raise ValueError(f"similarity weights have {len(self.similarity.weights)} values, the embedder dim is "
+                             f"{self.embedder.dim}")
         return self
 
 

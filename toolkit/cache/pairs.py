@@ -23,6 +23,7 @@ class Pairs:
     labels: np.ndarray  # 1 = reusable
     source: str
     excluded: dict  # what was left out of the recipe's data, and why (test split, data.limit, test overlap)
+    groups: Optional[list[str]] = None  # pairs built from groups: each text's group (a metric re-pairs by them)
 
 
 def _label(value, where: str) -> int:
@@ -129,14 +130,17 @@ def groups_from_data(recipe, cfg) -> tuple[list[str], list[str], Path, dict]:
     return list(seen), list(seen.values()), path, excluded
 
 
-def nearest_pairs(vecs: np.ndarray, groups: list[str], queries: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """For each query text, its nearest *other* text (what a cache holding everything else would return);
-    label = same group. Chunked so memory stays O(chunk x n)."""
+def nearest_pairs(vecs: np.ndarray, groups: list[str], queries: list[int],
+                  weights: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+    """For each query text, its nearest *other* text (what a cache holding everything else would return) by
+    cosine, or by the reweighted cosine of `weights` (toolkit.cache.metric); label = same group. Chunked so
+    memory stays O(chunk x n)."""
     g = np.array(groups)
     cached = np.empty(len(queries), dtype=np.int64)
     for start in range(0, len(queries), 1024):
         idx = np.array(queries[start:start + 1024])
-        sims = vecs[idx] @ vecs.T
+        q = vecs[idx] if weights is None else vecs[idx] * weights
+        sims = q @ vecs.T
         sims[np.arange(len(idx)), idx] = -np.inf
         cached[start:start + len(idx)] = np.argmax(sims, axis=1)
     q = np.array(queries)

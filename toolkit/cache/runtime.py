@@ -1,11 +1,13 @@
-"""The runtime semantic cache: exact-match layer, then nearest neighbour by cosine similarity.
+"""The runtime semantic cache: exact-match layer, then nearest neighbour by cosine (or learned) similarity.
 
 Imports numpy only at module level: a serving process pays for the embedder it uses and nothing else
 (faiss is imported only when a namespace grows past `ann_min_entries` and ann allows it).
 
-Conventions: similarity = cosine of L2-normalized embeddings, higher = closer, the same number the tuner
-used. A query is served when its nearest live entry in the same namespace has similarity >= that entry's
-threshold (the global threshold, or its cluster's threshold when the config has adaptive clusters).
+Conventions: similarity = cosine of L2-normalized embeddings, or with learned weights w (cache.json's
+similarity.kind diagonal, toolkit/cache/metric.py) sum_i w_i q_i c_i: higher = closer, the same number the tuner
+used. Stored vectors stay unit vectors either way; only the query is multiplied by w. A query is served when
+its nearest live entry in the same namespace has similarity >= that entry's threshold (the global threshold,
+or its cluster's threshold when the config has adaptive clusters).
 Namespaces (model + prompt version, tenant, ...) are hard filters: entries of one namespace are never
 compared with queries of another, and their keys are canonical and structured (space.namespace_key), so no
 namespace value can name another namespace.
@@ -28,6 +30,8 @@ from toolkit.errors import MissingExtraError, OptkitError
 FORMAT = "optkit-cache/1"  # also in cachefile (which imports pydantic, so only load() imports it)
 SIMILARITY = {"kind": "cosine", "higher_is_closer": True, "range": [-1.0, 1.0],
               "definition": "dot product of L2-normalized embeddings"}
+DIAGONAL_DEFINITION = ("sum_i w_i q_i c_i over L2-normalized embeddings q (query) and c (cached entry), with weights "
+                       "w >= 0 learned on the calibration pairs (w = 1 is the cosine)")
 # Texts embedded at tuning time and stored in cache.json: a different embedder cannot reproduce them, which is
 # how a cache refuses an embedding space it was not built with (names alone cannot catch a swapped directory).
 PROBES = ("how do I reset my password", "what is the weather in Paris tomorrow",
@@ -73,10 +77,32 @@ def embed_texts(embedder: Any, texts: Sequence[str], batch_size: int = 64) -> np
     return l2_normalize(np.asarray(vecs))
 
 
-def _check_settings(threshold, ttl_s, max_entries, max_entries_per_namespace, ann, ann_min_entries) -> None:
+def similarity_spec(weights: Optional[np.ndarray] = None) -> dict:
+    """cache.json's `similarity`: the cosine, or the learned diagonal metric with its weights (exact float32
+    values, so a reloaded cache scores exactly as the tuner did)."""
+    if weights is None:
+        return dict(SIMILARITY)
+    w = [float(x) for x in np.asarray(weights, np.float32)]
+    return {"kind": "diagonal", "higher_is_closer": True, "range": [-max(w), max(w)],
+            "definition": DIAGONAL_DEFINITION, "weights": w}
+
+
+def _check_weights(weights) -> Optional[np.ndarray]:
+    if weights is None:
+        return None
+    w = np.asarray(weights, dtype=np.float32)
+    if w.ndim != 1 or not len(w) or not np.all(np.isfinite(w)) or (w < 0).any() or w.max() <= 0:
+        raise OptkitError("cache similarity weights must be a non-empty vector of finite values >= 0, not all zero")
+    return w
+
+
+def _check_settings(threshold, ttl_s, max_entries, max_entries_per_namespace, ann, ann_min_entries,
+                    weights: Optional[np.ndarray]) -> None:
     """The constructor's own guard (cache.json is validated in full by cachefile before it gets here)."""
-    if threshold is not None and not (isinstance(threshold, (int, float)) and -1.0 <= threshold <= 1.0):
-        raise OptkitError(f"cache threshold must be a cosine similarity in [-1, 1] or None, got {threshold!r}")
+    limit = 1.0 if weights is None else float(weights.max())  # |score| of unit vectors never exceeds it
+    if threshold is not None and not (isinstance(threshold, (int, float)) and -limit <= threshold <= limit):
+        what = "a cosine similarity in [-1, 1]" if weights is None else f"a similarity in [-{limit:g}, {limit:g}]"
+        raise OptkitError(f"cache threshold must be {what} or None, got {threshold!r}")
     if ttl_s is not None and not (isinstance(ttl_s, (int, float)) and 0 < ttl_s < float("inf")):
         raise OptkitError(f"cache ttl_s must be a finite number of seconds > 0 or None, got {ttl_s!r}")
     for name, value in (("max_entries", max_entries), ("ann_min_entries", ann_min_entries),
@@ -104,8 +130,10 @@ class SemanticCache:
                  max_entries: int = 100_000, max_entries_per_namespace: Optional[int] = None, ann: str = "auto",
                  ann_min_entries: int = 20_000, centroids: Optional[np.ndarray] = None,
                  cluster_thresholds: Optional[Sequence] = None, config: Optional[dict] = None,
-                 clock: Callable[[], float] = time.time):
-        _check_settings(threshold, ttl_s, max_entries, max_entries_per_namespace, ann, ann_min_entries)
+                 weights: Optional[Sequence[float]] = None, clock: Callable[[], float] = time.time):
+        weights = _check_weights(weights)
+        _check_settings(threshold, ttl_s, max_entries, max_entries_per_namespace, ann, ann_min_entries, weights)
+        self.weights = weights  # None = cosine; else the learned diagonal metric (applied to the query)
         self.threshold = None if threshold is None else float(threshold)  # None = exact matches only
         self.embedder = embedder
         self.ttl_s = ttl_s
@@ -159,16 +187,15 @@ class SemanticCache:
             embedder = load_embedder(str(embedder or spec.embedder.model))
         check_embedder(embedder, cfg["embedder"], source=str(path))
         clusters = spec.adaptive if spec.adaptive is not None and spec.adaptive.exported else None
+        parts = {"config": cfg, "weights": spec.similarity.weights,
+                 "centroids": np.array(clusters.centroids, np.float32) if clusters else None,
+                 "cluster_thresholds": clusters.thresholds if clusters else None}
         if store == "redis":  # imported only here: the memory store never loads the redis client
             from toolkit.cache.store_redis import RedisSemanticCache
 
             return RedisSemanticCache(spec.threshold, embedder, **runtime.model_dump(), url=redis_url,
-                                      prefix=redis_prefix, config=cfg,
-                                      centroids=np.array(clusters.centroids, np.float32) if clusters else None,
-                                      cluster_thresholds=clusters.thresholds if clusters else None)
-        return cls(spec.threshold, embedder, **runtime.model_dump(),
-                   centroids=np.array(clusters.centroids, np.float32) if clusters else None,
-                   cluster_thresholds=clusters.thresholds if clusters else None, config=cfg, clock=clock)
+                                      prefix=redis_prefix, **parts)
+        return cls(spec.threshold, embedder, **runtime.model_dump(), **parts, clock=clock)
 
     # ------------------------------------------------------------------ public API
 
@@ -188,7 +215,7 @@ class SemanticCache:
         return self._lookup_key(self._embed([query])[0], ns)
 
     def lookup_vector(self, vec: np.ndarray, namespace: Namespace = "default") -> Optional[Hit]:
-        """The semantic layer alone, for an already-embedded query (normalized here: cosine, as tuned)."""
+        """The semantic layer alone, for an already-embedded query (normalized and weighted here, as tuned)."""
         return self._lookup_key(vec, namespace_key(namespace))
 
     def insert(self, query: str, answer: Any, namespace: Namespace = "default") -> None:
@@ -236,6 +263,10 @@ class SemanticCache:
 
     def _lookup_key(self, vec: np.ndarray, ns: str) -> Optional[Hit]:
         vec = l2_normalize(vec)
+        if self.weights is not None:  # entries stay unit vectors: the query carries the metric
+            if vec.shape != self.weights.shape:
+                raise OptkitError(f"cache lookup: embedding dim {vec.shape[-1]} != the metric's {len(self.weights)}")
+            vec = vec * self.weights
         with self._lock:
             space = self._fresh_space(ns)
             if space is None:

@@ -17,10 +17,11 @@ from typing import Optional
 
 import numpy as np
 
-from toolkit.cache import stress, tune
+from toolkit.cache import metric, stress, tune
 from toolkit.cache.pairs import (Pairs, groups_from_data, hash_sample, nearest_pairs,  # noqa: F401 (bench)
                                  pairs_from_file, test_prompt_texts)
-from toolkit.cache.runtime import FORMAT, PROBES, SIMILARITY, STATIC_DIR, embed_texts, probe_vectors
+from toolkit.cache.runtime import (FORMAT, PROBES, STATIC_DIR, embed_texts, probe_vectors,
+                                   similarity_spec)
 from toolkit.errors import OptkitError
 from toolkit.io import atomic_write_bytes, atomic_write_text
 
@@ -96,7 +97,8 @@ def _plain(value):
     raise TypeError(f"{type(value).__name__} is not JSON data")
 
 
-def plot_curves(path: Path, cal: dict, held: dict, sel: tune.Selection, f1_t: float, epsilon: float) -> None:
+def plot_curves(path: Path, cal: dict, held: dict, sel: tune.Selection, f1_t: float, epsilon: float,
+                what: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,7 +118,7 @@ def plot_curves(path: Path, cal: dict, held: dict, sel: tune.Selection, f1_t: fl
             ax.axvline(sel.threshold, color="black", lw=1, label=f"chosen t={sel.threshold:.3f}")
         ax.axvline(f1_t, color="red", lw=1, ls="-.", label=f"F1-optimal t={f1_t:.3f}")
         ax.set_title(f"{title} pairs (n={table['n']})")
-        ax.set_xlabel("cosine similarity threshold (serve if similarity >= t)")
+        ax.set_xlabel(f"{what} threshold (serve if similarity >= t)")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     buf = io.BytesIO()
@@ -153,7 +155,50 @@ def load_pairs(ctx, embedder) -> tuple[Pairs, np.ndarray]:
     cached, labels = nearest_pairs(vecs, groups, queries)
     return Pairs(texts, np.array(queries), cached, labels, f"{path} (nearest-neighbour pairs by "
                                                                f"'{cfg.group_column}', test split excluded)",
-                 excluded), vecs
+                 excluded, groups), vecs
+
+
+def pair_fn(pairs: Pairs, vecs: np.ndarray) -> metric.PairFn:
+    """(scores, labels, cached text rows) of pairs under a metric. Pairs built from groups are re-paired: the
+    runtime serves the nearest entry under the metric it uses, so that is the pair its threshold must be set on."""
+    def fn(weights, idx):
+        q = pairs.query[idx]
+        if pairs.groups is None or weights is None:  # a file's pairs are fixed; groups' were built by cosine
+            cached, labels = pairs.cached[idx], pairs.labels[idx]
+        else:
+            cached, labels = nearest_pairs(vecs, pairs.groups, list(q), weights)
+        return metric.scores(vecs[q], vecs[cached], weights), labels, cached
+    return fn
+
+
+def choose_metric(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: np.ndarray, batch_ratio: float):
+    """(weights or None, calibration (scores, labels, cached rows), report). The calibration scores of a learned
+    metric are cross-fitted, so the threshold chosen on them is not chosen on the fit's own optimism; auto keeps
+    the learned metric only if those scores serve more calibration pairs within the bound than the cosine.
+    `cfg`: the cache section (metric, epsilon, confidence, selection, bound)."""
+    fn = pair_fn(pairs, vecs)
+    cosine = fn(None, cal)
+    if cfg.metric == "cosine":
+        return None, cosine, {"kind": "cosine", "reason": "cache.metric: cosine"}
+    qv, cv, y = vecs[pairs.query], vecs[pairs.cached], pairs.labels
+    crossfit = metric.crossfit(qv, cv, y, cal, fn, seed)
+    args = (cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
+    sel_cos, sel_fit = tune.select(*cosine[:2], *args), tune.select(*crossfit[:2], *args)
+    served_cos = sel_cos.served if sel_cos.feasible else 0
+    served_fit = sel_fit.served if sel_fit.feasible else 0
+    learned = cfg.metric == "diagonal" or served_fit > served_cos
+    why = ("cache.metric: diagonal" if cfg.metric == "diagonal" else
+           f"auto: cross-fitted on the calibration pairs the learned metric serves {served_fit} of {len(cal)} "
+           f"within the bound, the cosine {served_cos}")
+    report = {"kind": "diagonal" if learned else "cosine", "reason": why,
+              "calibration_served": {"cosine": served_cos, "diagonal_crossfit": served_fit},
+              "lambda": metric.LAMBDA, "folds": metric.FOLDS}
+    if not learned:
+        return None, cosine, report
+    weights = metric.fit(qv[cal], cv[cal], y[cal])
+    report["weights"] = {"min": float(weights.min()), "max": float(weights.max()),
+                         "zero": int((weights == 0).sum()), "dim": int(len(weights))}
+    return weights, crossfit, report
 
 
 def run(ctx) -> dict:
@@ -169,61 +214,72 @@ def run(ctx) -> dict:
 
     pairs, vecs = load_pairs(ctx, embedder)
     embedder = embedder()
-    sims = np.sum(vecs[pairs.query] * vecs[pairs.cached], axis=1).astype(np.float64)  # cosine: unit vectors
-    tune.check_inputs(sims, pairs.labels, cfg.epsilon, cfg.confidence, pairs.source)
+    cosine = metric.scores(vecs[pairs.query], vecs[pairs.cached], None)
+    tune.check_inputs(cosine, pairs.labels, cfg.epsilon, cfg.confidence, pairs.source)
     cal, held = split(pairs, cfg.holdout, ctx.recipe.seed)
     if len(held) == 0 or len(cal) == 0:
         raise OptkitError(f"cache: {len(pairs.labels)} pairs are too few to split with cache.holdout={cfg.holdout}")
-    tune.check_inputs(sims[cal], pairs.labels[cal], cfg.epsilon, cfg.confidence, "calibration pairs")
-    y = pairs.labels
+    tune.check_inputs(cosine[cal], pairs.labels[cal], cfg.epsilon, cfg.confidence, "calibration pairs")
 
-    # The global threshold: the promise.
     # The future batch of realized / audit bounds: the user's (cache.batch), else a held-out-sized one, so the
     # held-out check below tests exactly what was promised.
     batch = cfg.batch or len(held)
     batch_ratio = batch / len(cal)
-    sel = tune.select(sims[cal], y[cal], cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
+    # The similarity (cosine or learned), then every number below is on its scores: calibration (cross-fitted
+    # when learned) and held-out pairs, the latter under the metric finally exported.
+    weights, (s_cal, y_cal, c_cal), metric_report = choose_metric(cfg, ctx.recipe.seed, pairs, vecs, cal, batch_ratio)
+    s_held, y_held, c_held = pair_fn(pairs, vecs)(weights, held)
+
+    # The global threshold: the promise.
+    sel = tune.select(s_cal, y_cal, cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
     if not sel.feasible:
         log.warning("cache: no threshold has a false-hit upper bound <= %.3g on %d calibration pairs (best "
                     "achievable: %.3f at t=%.3f); exporting an exact-match-only cache", cfg.epsilon, sel.n,
                     sel.best_bound, sel.best_bound_threshold)
-    held_eval = tune.evaluate(sims[held], y[held], sel.threshold, cfg.confidence)
-    threshold_ci = tune.bootstrap_threshold(sims[cal], y[cal], cfg.epsilon, cfg.confidence, cfg.selection,
+    held_eval = tune.evaluate(s_held, y_held, sel.threshold, cfg.confidence)
+    threshold_ci = tune.bootstrap_threshold(s_cal, y_cal, cfg.epsilon, cfg.confidence, cfg.selection,
                                            cfg.bound, batch_ratio, seed=ctx.recipe.seed)
     served_ci = tune.interval(sel.false_hits, sel.served)
 
     # The F1-optimal threshold, only as a reference for how wrong the usual choice is.
-    f1_t = tune.f1_threshold(sims[cal], y[cal])
-    f1_ref = {"threshold": f1_t, "calibration": tune.evaluate(sims[cal], y[cal], f1_t, cfg.confidence),
-              "heldout": tune.evaluate(sims[held], y[held], f1_t, cfg.confidence)}
-    hindsight = tune.hindsight_best(sims[held], y[held], held_eval["fhr"])
+    f1_t = tune.f1_threshold(s_cal, y_cal)
+    f1_ref = {"threshold": f1_t, "calibration": tune.evaluate(s_cal, y_cal, f1_t, cfg.confidence),
+              "heldout": tune.evaluate(s_held, y_held, f1_t, cfg.confidence)}
+    hindsight = tune.hindsight_best(s_held, y_held, held_eval["fhr"])
+    if weights is not None:  # what the plain cosine threshold would have done on the same held-out queries
+        s_cos, y_cos, _ = pair_fn(pairs, vecs)(None, held)
+        sel_cos = tune.select(cosine[cal], pairs.labels[cal], cfg.epsilon, cfg.confidence, cfg.selection,
+                              cfg.bound, batch_ratio)
+        metric_report["heldout_cosine"] = tune.evaluate(s_cos, y_cos, sel_cos.threshold, cfg.confidence)
+        metric_report["heldout_cosine_hindsight_best"] = tune.hindsight_best(s_cos, y_cos, cfg.epsilon)
 
-    adaptive = (_adaptive(ctx, sims, y, vecs[pairs.cached], cal, held, held_eval, batch_ratio)
-                if cfg.adaptive == "cluster" else None)
-    stress_report = _stress(embedder, sel.threshold) if cfg.stress else None
+    adaptive = (_adaptive(ctx, (s_cal, y_cal, vecs[c_cal]), (s_held, y_held, vecs[c_held]), held_eval,
+                          batch_ratio) if cfg.adaptive == "cluster" else None)
+    stress_report = _stress(embedder, sel.threshold, weights) if cfg.stress else None
 
     report = {
-        "definitions": {"similarity": SIMILARITY["definition"] + " (higher = closer)", "false_hit_rate":
+        "definitions": {"similarity": similarity_spec(weights)["definition"] + " (higher = closer)", "false_hit_rate":
                         FHR_DEFINITION, "hit_rate": HIT_RATE_DEFINITION,
                         "bound": f"one-sided {cfg.confidence:.0%} upper bound from the calibration pairs on the "
                                  f"{BOUND_ON[cfg.bound].format(batch=batch)}; threshold search: {cfg.selection}"},
-        "pairs": {"source": pairs.source, "total": int(len(y)), "positives": int(y.sum()),
+        "metric": metric_report,
+        "pairs": {"source": pairs.source, "total": int(len(pairs.labels)), "positives": int(pairs.labels.sum()),
                   "calibration": int(len(cal)), "heldout": int(len(held)), "excluded": pairs.excluded},
         "selection": sel.to_dict(), "threshold_ci95_bootstrap": threshold_ci,
         "calibration_fhr_ci95": list(served_ci), "heldout": held_eval,
         "heldout_hindsight_best_static": hindsight, "f1_reference": f1_ref,
         "adaptive": adaptive, "stress": stress_report,
-        "curves": {"calibration": {**tune.curve_table(sims[cal], y[cal], cfg.confidence), "n": int(len(cal))},
-                   "heldout": {**tune.curve_table(sims[held], y[held], cfg.confidence), "n": int(len(held))}},
+        "curves": {"calibration": {**tune.curve_table(s_cal, y_cal, cfg.confidence), "n": int(len(cal))},
+                   "heldout": {**tune.curve_table(s_held, y_held, cfg.confidence), "n": int(len(held))}},
     }
-    metrics = _headline(sel, held_eval, f1_ref, adaptive)
+    metrics = {**_headline(sel, held_eval, f1_ref, adaptive), "metric_learned": int(weights is not None)}
     cache_cfg = {
         "format": FORMAT,
         "embedder": {"model": cfg.embedder, "revision": model_revision(cfg.embedder), "dim": int(vecs.shape[1]),
                      "embedding": cfg.embedding, **({"files": STATIC_DIR} if cfg.embedding == "static" else {}),
                      "normalize": True, "probes": list(PROBES),
                      "probe_vectors": np.round(probe_vectors(embedder), 6).tolist()},
-        "similarity": SIMILARITY, "false_hit_rate": FHR_DEFINITION,
+        "similarity": similarity_spec(weights), "false_hit_rate": FHR_DEFINITION,
         "threshold": sel.threshold, "feasible": sel.feasible, "epsilon": cfg.epsilon,
         "confidence": cfg.confidence, "bound": sel.bound, "bound_on": cfg.bound,
         "batch": batch if cfg.bound != "rate" else None, "selection": cfg.selection,
@@ -239,14 +295,14 @@ def run(ctx) -> dict:
         adaptive.pop("config", None)
     write_json(ctx.dir / REPORT_JSON, report)
     plot_curves(ctx.dir / CURVES_PNG, report["curves"]["calibration"], report["curves"]["heldout"], sel, f1_t,
-                cfg.epsilon)
+                cfg.epsilon, "cosine similarity" if weights is None else "learned similarity (diagonal metric)")
     write_json(ctx.dir / CACHE_JSON, cache_cfg)  # last: its presence means the others are complete
 
     ctx.log_metrics(metrics)
     log_curve(ctx, report["curves"]["calibration"])
     for name in (CACHE_JSON, REPORT_JSON, CURVES_PNG):
         ctx.log_artifact(ctx.dir / name)
-    ctx.extra["cache"] = {"threshold": sel.threshold, "feasible": sel.feasible, "pairs": int(len(y))}
+    ctx.extra["cache"] = {"threshold": sel.threshold, "feasible": sel.feasible, "pairs": int(len(pairs.labels))}
     return metrics
 
 
@@ -264,20 +320,20 @@ def _headline(sel: tune.Selection, held: dict, f1_ref: dict, adaptive: Optional[
     return m
 
 
-def _adaptive(ctx, sims, y, cached_vecs, cal, held, global_held: dict, ratio: float) -> dict:
+def _adaptive(ctx, cal: tuple, held: tuple, global_held: dict, ratio: float) -> dict:
     """Per-cluster thresholds, exported only when they beat the global threshold on the calibration pairs
     (cross-fitted: adaptive.decide). The held-out pairs never enter the decision, so their check below stays
     an independent report of whatever was exported."""
     from toolkit.cache import adaptive
 
     cfg = ctx.config
-    res = adaptive.calibrate(sims[cal], y[cal], cached_vecs[cal], cfg.epsilon, cfg.confidence, cfg.clusters,
-                             ctx.recipe.seed, cfg.selection, cfg.bound, ratio)
-    decision = adaptive.decide(sims[cal], y[cal], cached_vecs[cal], cfg.epsilon, cfg.confidence, cfg.clusters,
-                               ctx.recipe.seed, cfg.selection, cfg.bound, ratio)
+    res = adaptive.calibrate(*cal, cfg.epsilon, cfg.confidence, cfg.clusters, ctx.recipe.seed, cfg.selection,
+                             cfg.bound, ratio)
+    decision = adaptive.decide(*cal, cfg.epsilon, cfg.confidence, cfg.clusters, ctx.recipe.seed, cfg.selection,
+                               cfg.bound, ratio)
     exported = bool(res.selection.feasible and decision["exported"])
     reason = decision["reason"] if res.selection.feasible else "not exported: no tau met the bound"
-    held_eval = tune.rates(res.served(sims[held], cached_vecs[held]), y[held], cfg.confidence)
+    held_eval = tune.rates(res.served(held[0], held[2]), held[1], cfg.confidence)
     config = {**res.export(), "exported": exported}
     return {"exported": exported, "reason": reason, "clusters": len(res.thresholds),
             "decision": {k: v for k, v in decision.items() if k not in ("exported", "reason")},
@@ -285,8 +341,8 @@ def _adaptive(ctx, sims, y, cached_vecs, cal, held, global_held: dict, ratio: fl
             "certify": res.selection.to_dict(), "thresholds": res.thresholds, "config": config}
 
 
-def _stress(embedder, threshold: Optional[float]) -> dict:
+def _stress(embedder, threshold: Optional[float], weights: Optional[np.ndarray]) -> dict:
     rows = stress.pairs()
     a = embed_texts(embedder, [r["query"] for r in rows])
     b = embed_texts(embedder, [r["cached_query"] for r in rows])
-    return stress.report(np.sum(a * b, axis=1), threshold)
+    return stress.report(metric.scores(a, b, weights), threshold)

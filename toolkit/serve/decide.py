@@ -25,7 +25,7 @@ EXACT, SEMANTIC = "exact-cache", "semantic-cache"
 class Decision:
     route: str  # EXACT | SEMANTIC | the target the router's choice maps to (a backend or variant name)
     answer: Any = None  # the cached answer on a hit
-    similarity: Optional[float] = None  # cosine of the cache entry that was served
+    similarity: Optional[float] = None  # of the cache entry served (cosine, or the learned metric of cache.json)
     choice: Optional[str] = None  # the router's model name
     score: Optional[float] = None  # two models: predicted quality gain of the strong one
     threshold: Optional[float] = None

@@ -1,0 +1,118 @@
+"""The learned cache similarity (toolkit/cache/metric.py, cache.metric): the fit, the cross-fitted choice against
+the cosine, re-pairing under the metric, and the runtime scoring exactly as the tuner did.
+
+Synthetic vectors here on purpose: they make the right answer known (which dimensions carry reuse). The cache
+stage test (tests/cache/test_stage.py) runs the same code on real MiniLM embeddings of real data."""
+
+import numpy as np
+import pytest
+
+from toolkit.cache import SemanticCache, metric, tune
+from toolkit.cache.pairs import Pairs, nearest_pairs
+from toolkit.cache.runtime import l2_normalize
+from toolkit.cache.stage import choose_metric, pair_fn, split
+from toolkit.config.cache import CacheConfig
+from toolkit.errors import OptkitError
+
+
+def grouped_texts(seed: int = 0, groups: int = 40, per: int = 25, signal: int = 8, dim: int = 48,
+                  topic: float = 2.0, noise: float = 1.2):
+    """Unit vectors whose first `signal` dimensions say which group (= reusable answer) a text belongs to, while
+    the other dimensions carry a topic shared by pairs of groups plus noise. With a strong topic the cosine is
+    dominated by it: its wrong neighbours (the sibling group) are spread over every cosine, so no cosine
+    threshold keeps the false-hit share low."""
+    rng = np.random.default_rng(seed)
+    centres = rng.normal(size=(groups, signal))
+    topics = rng.normal(size=(groups // 2, dim - signal)) * topic
+    rows, labels = [], []
+    for g in range(groups):
+        for _ in range(per):
+            rows.append(np.concatenate([centres[g] + 0.35 * rng.normal(size=signal),
+                                        topics[g // 2] + noise * rng.normal(size=dim - signal)]))
+            labels.append(f"g{g}")
+    return l2_normalize(np.array(rows)), labels
+
+
+def grouped_pairs(vecs, groups):
+    queries = list(range(len(vecs)))
+    cached, labels = nearest_pairs(vecs, groups, queries)
+    return Pairs([f"t{i}" for i in queries], np.array(queries), cached, labels, "synthetic", {}, groups)
+
+
+def test_the_learned_metric_finds_the_dimensions_that_decide_reuse_and_serves_more_within_the_bound():
+    vecs, groups = grouped_texts()
+    pairs = grouped_pairs(vecs, groups)
+    cal, held = split(pairs, 0.3, seed=0)
+    cfg = CacheConfig(epsilon=0.05)  # metric auto, bound realized, selection grid: the defaults
+    weights, (s_cal, y_cal, c_cal), report = choose_metric(cfg, 0, pairs, vecs, cal, len(held) / len(cal))
+    # Cross-fitted on the calibration pairs the learned metric serves more of them within the bound: auto keeps it.
+    served = report["calibration_served"]
+    assert report["kind"] == "diagonal" and served["diagonal_crossfit"] > served["cosine"]
+    assert str(served["diagonal_crossfit"]) in report["reason"] and weights.shape == (vecs.shape[1],)
+    # It learned where reuse lives: the signal dimensions weigh more than the topic / noise ones.
+    assert weights[:8].mean() > 2 * weights[8:].mean() and (weights >= 0).all()
+    # The calibration pairs were re-paired under the fold models: labels are the groups of the new neighbours.
+    g = np.array(groups)
+    assert (y_cal == (g[pairs.query[cal]] == g[c_cal])).all() and (c_cal != pairs.query[cal]).all()
+    assert (pairs.cached[cal] != c_cal).any()  # the metric changed some neighbours
+
+    # Held-out, under the exported weights: the promise holds and more queries are served than by the cosine.
+    sel = tune.select(s_cal, y_cal, 0.05, 0.95, "grid", "realized", len(held) / len(cal))
+    s_held, y_held, _ = pair_fn(pairs, vecs)(weights, held)
+    learned = tune.evaluate(s_held, y_held, sel.threshold, 0.95)
+    sel_cos = tune.select(metric.scores(vecs[pairs.query[cal]], vecs[pairs.cached[cal]], None), pairs.labels[cal],
+                          0.05, 0.95, "grid", "realized", len(held) / len(cal))
+    cosine = tune.evaluate(metric.scores(vecs[pairs.query[held]], vecs[pairs.cached[held]], None),
+                           pairs.labels[held], sel_cos.threshold, 0.95)
+    assert learned["fhr"] <= 0.05 and learned["hit_rate"] > cosine["hit_rate"] + 0.5
+
+
+def test_auto_keeps_the_cosine_when_learning_does_not_serve_more():
+    # A weak topic: the cosine already finds the group's texts and serves as many as the learned metric.
+    vecs, groups = grouped_texts(topic=1.2, noise=0.8)
+    pairs = grouped_pairs(vecs, groups)
+    cal, held = split(pairs, 0.3, seed=0)
+    weights, (s_cal, y_cal, c_cal), report = choose_metric(CacheConfig(), 0, pairs, vecs, cal, len(held) / len(cal))
+    assert report["kind"] == "cosine" and weights is None
+    assert report["calibration_served"]["diagonal_crossfit"] <= report["calibration_served"]["cosine"]
+    assert np.allclose(s_cal, metric.scores(vecs[pairs.query[cal]], vecs[pairs.cached[cal]], None))
+    # cache.metric: cosine skips the fit altogether; diagonal keeps the fit whatever it serves.
+    assert choose_metric(CacheConfig(metric="cosine"), 0, pairs, vecs, cal, 0.4)[2] == {
+        "kind": "cosine", "reason": "cache.metric: cosine"}
+    forced = choose_metric(CacheConfig(metric="diagonal"), 0, pairs, vecs, cal, 0.4)
+    assert forced[0] is not None and forced[2]["kind"] == "diagonal"
+
+
+def test_repairing_takes_the_nearest_other_text_under_the_weights():
+    vecs, groups = grouped_texts(seed=3, groups=6, per=5)
+    pairs = grouped_pairs(vecs, groups)
+    w = np.random.default_rng(0).uniform(0, 3, vecs.shape[1]).astype(np.float32)
+    rows = np.arange(len(vecs))
+    scores, labels, cached = pair_fn(pairs, vecs)(w, rows)
+    brute = (vecs * w) @ vecs.T
+    np.fill_diagonal(brute, -np.inf)
+    assert (cached == brute.argmax(1)).all() and np.allclose(scores, brute.max(1), atol=1e-5)
+    assert (labels == (np.array(groups) == np.array(groups)[cached])).all()
+    # A pairs file's pairs are fixed: only their scores change with the metric.
+    fixed = Pairs(pairs.texts, pairs.query, pairs.cached, pairs.labels, "file", {})
+    s, y, c = pair_fn(fixed, vecs)(w, rows)
+    assert (c == pairs.cached).all() and (y == pairs.labels).all()
+    assert np.allclose(s, np.sum(vecs * w * vecs[pairs.cached], 1), atol=1e-5)
+
+
+def test_the_runtime_scores_with_the_weights_and_checks_them():
+    a, b = np.eye(4, dtype=np.float32)[0], np.eye(4, dtype=np.float32)[1]
+    query = l2_normalize(np.array([0.8, 0.6, 0.0, 0.0]))  # cosine: closer to a (0.8) than to b (0.6)
+    w = np.array([0.5, 2.0, 1.0, 1.0], np.float32)  # learned: dimension 1 matters 4x dimension 0
+    cache = SemanticCache(1.1, weights=w)
+    cache.insert_many(["a", "b"], ["answer a", "answer b"], vectors=np.stack([a, b]))
+    hit = cache.lookup_vector(query)
+    assert hit.answer == "answer b" and hit.similarity == pytest.approx(1.2)  # 2.0 x 0.6 >= 1.1
+    with pytest.raises(OptkitError, match=r"threshold must be a cosine similarity in \[-1, 1\]"):
+        SemanticCache(1.1)  # beyond any cosine
+    with pytest.raises(OptkitError, match=r"threshold must be a similarity in \[-2, 2\]"):
+        SemanticCache(2.5, weights=w)
+    with pytest.raises(OptkitError, match="weights must be a non-empty vector of finite values >= 0"):
+        SemanticCache(0.5, weights=[1.0, -1.0])
+    with pytest.raises(OptkitError, match="embedding dim 3 != the metric's 4"):
+        cache.lookup_vector(np.ones(3, np.float32))
