@@ -335,6 +335,19 @@ def test_load_chooses_the_store_and_configs_that_differ_do_not_share(redis_serve
     assert b.lookup("cancel my order", "t") is not None and c.lookup("cancel my order", "t") is None
     with pytest.raises(Exception, match="JSON"):
         a.insert("not json", {1, 2}, "t")
+    # A learned metric (cache.metric diagonal) scores the same shared unit vectors with its weights: 'a b c' vs
+    # 'a b c d' is ~0.89 by cosine (a hit at 0.8), half that with every weight 0.5 (a miss at 0.47); the replica
+    # shares the entries (same embedder, same vectors) and scores 'a b c' itself 0.5.
+    cfg = json.loads(path.read_text())
+    cfg["similarity"], cfg["threshold"] = {"kind": "diagonal", "weights": [0.5] * DIM}, 0.47
+    path.write_text(json.dumps(cfg))
+    d = SemanticCache.load(path, word_embedder, store="redis", redis_url=redis_server.url, redis_prefix=prefix)
+    a.insert("a b c", {"x": 2}, "w")
+    cosine = a.lookup("a b c d", "w", exact=False).similarity
+    assert 0.8 < cosine < 0.94
+    assert isinstance(d, RedisSemanticCache) and list(d.weights[:2]) == [0.5, 0.5]
+    assert d.lookup("a b c d", "w", exact=False) is None
+    assert d.lookup("a b c", "w", exact=False).similarity == pytest.approx(0.5, abs=1e-5)
     # The memory store stays the default and never imports the redis client.
     code = ("import sys, json; from toolkit.cache import SemanticCache; "
             f"c = SemanticCache.load({str(path)!r}, lambda t: __import__('tests.cache.test_redis_store', "
