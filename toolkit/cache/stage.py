@@ -1,8 +1,9 @@
 """cache stage: tune a semantic-cache threshold with a stated false-hit bound and export `cache.json`.
 
 setup (pairs from a file, or nearest-neighbour pairs built from groups of the recipe's data; embeddings)
--> run (split calibration / held-out, Clopper-Pearson-bounded threshold selection, held-out check, F1 reference,
-optional per-cluster thresholds, stress set) -> save (cache.json, report.json, curves.png, MLflow).
+-> run (split calibration / held-out, the similarity: cosine or learned (cache.metric, toolkit/cache/metric.py),
+bounded threshold selection, held-out check, F1 reference, optional per-cluster thresholds, stress set)
+-> save (cache.json, report.json, curves.png, MLflow).
 Definitions of false-hit rate, hit rate and similarity: see toolkit/cache/tune.py.
 """
 
