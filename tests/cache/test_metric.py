@@ -116,3 +116,13 @@ def test_the_runtime_scores_with_the_weights_and_checks_them():
         SemanticCache(0.5, weights=[1.0, -1.0])
     with pytest.raises(OptkitError, match="embedding dim 3 != the metric's 4"):
         cache.lookup_vector(np.ones(3, np.float32))
+
+
+def test_a_handful_of_calibration_pairs_still_cross_fits():
+    # 4 calibration pairs: fewer folds than metric.FOLDS, none empty; every pair gets an out-of-fold score.
+    vecs, groups = grouped_texts(seed=2, groups=4, per=3)
+    pairs = grouped_pairs(vecs, groups)
+    cal = np.array([0, 3, 6, 9])
+    weights, (s_cal, y_cal, c_cal), report = choose_metric(CacheConfig(metric="diagonal"), 0, pairs, vecs, cal, 1.0)
+    assert weights.shape == (vecs.shape[1],) and len(s_cal) == len(y_cal) == len(c_cal) == 4
+    assert np.isfinite(s_cal).all() and report["kind"] == "diagonal"

@@ -61,6 +61,7 @@ def crossfit(query_vecs: np.ndarray, cached_vecs: np.ndarray, labels: np.ndarray
              pair_fn: PairFn, seed: int, folds: int = FOLDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Out-of-fold (scores, labels, cached rows) of the pairs `rows`: each fold paired and scored by weights
     fitted on the other folds' pairs (their cosine pairs: what the data gives before any metric exists)."""
+    folds = max(2, min(folds, len(rows)))  # a handful of pairs: fewer folds, never an empty one
     parts = np.array_split(np.random.default_rng(seed).permutation(len(rows)), folds)
     s, y, c = np.empty(len(rows)), np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
     for k, part in enumerate(parts):

@@ -143,5 +143,5 @@ def nearest_pairs(vecs: np.ndarray, groups: list[str], queries: list[int],
         sims = q @ vecs.T
         sims[np.arange(len(idx)), idx] = -np.inf
         cached[start:start + len(idx)] = np.argmax(sims, axis=1)
-    q = np.array(queries)
+    q = np.array(queries, dtype=np.int64)
     return cached, (g[q] == g[cached]).astype(np.int64)
