@@ -85,16 +85,16 @@ METRIC_POLICIES = {"metric_auto": ("auto", "grid", "realized"), "diagonal_scan":
 def metric_policy(pairs, vecs, cal, held, eps, conf, batch_ratio, spec, seed=0):
     """(served mask over `held`, labels of the held pairs as served, metric kind) of a cache.metric policy
     calibrated on `cal`."""
-    from toolkit.cache import stage, tune
+    from toolkit.cache import stage
     from toolkit.config.cache import CacheConfig
 
     kind, method, bound = spec
     cfg = CacheConfig(metric=kind, epsilon=eps, confidence=conf, selection=method, bound=bound)
-    weights, (s_cal, y_cal, _), report = stage.choose_metric(cfg, seed, pairs, vecs, cal, batch_ratio)
-    sel = tune.select(s_cal, y_cal, eps, conf, method, bound, batch_ratio)
-    s_held, y_held, _ = stage.pair_fn(pairs, vecs)(weights, held)
+    choice = stage.choose_metric(cfg, seed, pairs, vecs, cal, batch_ratio)
+    s_held, y_held, _ = stage.pair_fn(pairs, vecs)(choice.weights, held)
+    sel = choice.selection
     served = s_held >= sel.threshold if sel.feasible else np.zeros(len(held), bool)
-    return served, y_held, report["kind"]
+    return served, y_held, choice.report["kind"]
 
 
 def parse_args():

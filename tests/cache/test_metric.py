@@ -44,7 +44,8 @@ def test_the_learned_metric_finds_the_dimensions_that_decide_reuse_and_serves_mo
     pairs = grouped_pairs(vecs, groups)
     cal, held = split(pairs, 0.3, seed=0)
     cfg = CacheConfig(epsilon=0.05)  # metric auto, bound realized, selection grid: the defaults
-    weights, (s_cal, y_cal, c_cal), report = choose_metric(cfg, 0, pairs, vecs, cal, len(held) / len(cal))
+    choice = choose_metric(cfg, 0, pairs, vecs, cal, len(held) / len(cal))
+    weights, (s_cal, y_cal, c_cal), report = choice.weights, choice.calibration, choice.report
     # Cross-fitted on the calibration pairs the learned metric serves more of them within the bound: auto keeps it.
     served = report["calibration_served"]
     assert report["kind"] == "diagonal" and served["diagonal_crossfit"] > served["cosine"]
@@ -58,10 +59,12 @@ def test_the_learned_metric_finds_the_dimensions_that_decide_reuse_and_serves_mo
 
     # Held-out, under the exported weights: the promise holds and more queries are served than by the cosine.
     sel = tune.select(s_cal, y_cal, 0.05, 0.95, "grid", "realized", len(held) / len(cal))
+    assert choice.selection == sel  # the threshold the choice was made on is the one exported
     s_held, y_held, _ = pair_fn(pairs, vecs)(weights, held)
     learned = tune.evaluate(s_held, y_held, sel.threshold, 0.95)
     sel_cos = tune.select(metric.scores(vecs[pairs.query[cal]], vecs[pairs.cached[cal]], None), pairs.labels[cal],
                           0.05, 0.95, "grid", "realized", len(held) / len(cal))
+    assert choice.cosine_selection == sel_cos
     cosine = tune.evaluate(metric.scores(vecs[pairs.query[held]], vecs[pairs.cached[held]], None),
                            pairs.labels[held], sel_cos.threshold, 0.95)
     assert learned["fhr"] <= 0.05 and learned["hit_rate"] > cosine["hit_rate"] + 0.5
@@ -72,15 +75,16 @@ def test_auto_keeps_the_cosine_when_learning_does_not_serve_more():
     vecs, groups = grouped_texts(topic=1.2, noise=0.8)
     pairs = grouped_pairs(vecs, groups)
     cal, held = split(pairs, 0.3, seed=0)
-    weights, (s_cal, y_cal, c_cal), report = choose_metric(CacheConfig(), 0, pairs, vecs, cal, len(held) / len(cal))
-    assert report["kind"] == "cosine" and weights is None
+    choice = choose_metric(CacheConfig(), 0, pairs, vecs, cal, len(held) / len(cal))
+    weights, (s_cal, y_cal, c_cal), report = choice.weights, choice.calibration, choice.report
+    assert report["kind"] == "cosine" and weights is None and choice.selection == choice.cosine_selection
     assert report["calibration_served"]["diagonal_crossfit"] <= report["calibration_served"]["cosine"]
     assert np.allclose(s_cal, metric.scores(vecs[pairs.query[cal]], vecs[pairs.cached[cal]], None))
     # cache.metric: cosine skips the fit altogether; diagonal keeps the fit whatever it serves.
-    assert choose_metric(CacheConfig(metric="cosine"), 0, pairs, vecs, cal, 0.4)[2] == {
+    assert choose_metric(CacheConfig(metric="cosine"), 0, pairs, vecs, cal, 0.4).report == {
         "kind": "cosine", "reason": "cache.metric: cosine"}
     forced = choose_metric(CacheConfig(metric="diagonal"), 0, pairs, vecs, cal, 0.4)
-    assert forced[0] is not None and forced[2]["kind"] == "diagonal"
+    assert forced.weights is not None and forced.report["kind"] == "diagonal"
 
 
 def test_repairing_takes_the_nearest_other_text_under_the_weights():
@@ -123,6 +127,7 @@ def test_a_handful_of_calibration_pairs_still_cross_fits():
     vecs, groups = grouped_texts(seed=2, groups=4, per=3)
     pairs = grouped_pairs(vecs, groups)
     cal = np.array([0, 3, 6, 9])
-    weights, (s_cal, y_cal, c_cal), report = choose_metric(CacheConfig(metric="diagonal"), 0, pairs, vecs, cal, 1.0)
+    choice = choose_metric(CacheConfig(metric="diagonal"), 0, pairs, vecs, cal, 1.0)
+    weights, (s_cal, y_cal, c_cal), report = choice.weights, choice.calibration, choice.report
     assert weights.shape == (vecs.shape[1],) and len(s_cal) == len(y_cal) == len(c_cal) == 4
     assert np.isfinite(s_cal).all() and report["kind"] == "diagonal"

@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -172,19 +173,30 @@ def pair_fn(pairs: Pairs, vecs: np.ndarray) -> metric.PairFn:
     return fn
 
 
-def choose_metric(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: np.ndarray, batch_ratio: float):
-    """(weights or None, calibration (scores, labels, cached rows), report). The calibration scores of a learned
-    metric are cross-fitted, so the threshold chosen on them is not chosen on the fit's own optimism; auto keeps
-    the learned metric only if those scores serve more calibration pairs within the bound than the cosine.
+@dataclass
+class MetricChoice:
+    weights: Optional[np.ndarray]  # None = the cosine
+    calibration: tuple  # (scores, labels, cached text rows) of the calibration pairs, cross-fitted when learned
+    selection: tune.Selection  # the threshold chosen on those scores: the promise
+    cosine_selection: tune.Selection  # the cosine's, on the same calibration pairs
+    report: dict
+
+
+def choose_metric(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: np.ndarray,
+                  batch_ratio: float) -> MetricChoice:
+    """The similarity and its threshold. The calibration scores of a learned metric are cross-fitted, so the
+    threshold chosen on them is not chosen on the fit's own optimism; auto keeps the learned metric only if those
+    scores serve more calibration pairs within the bound than the cosine.
     `cfg`: the cache section (metric, epsilon, confidence, selection, bound)."""
     fn = pair_fn(pairs, vecs)
+    args = (cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
     cosine = fn(None, cal)
+    sel_cos = tune.select(*cosine[:2], *args)
     if cfg.metric == "cosine":
-        return None, cosine, {"kind": "cosine", "reason": "cache.metric: cosine"}
+        return MetricChoice(None, cosine, sel_cos, sel_cos, {"kind": "cosine", "reason": "cache.metric: cosine"})
     qv, cv, y = vecs[pairs.query], vecs[pairs.cached], pairs.labels
     crossfit = metric.crossfit(qv, cv, y, cal, fn, seed)
-    args = (cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
-    sel_cos, sel_fit = tune.select(*cosine[:2], *args), tune.select(*crossfit[:2], *args)
+    sel_fit = tune.select(*crossfit[:2], *args)
     served_cos = sel_cos.served if sel_cos.feasible else 0
     served_fit = sel_fit.served if sel_fit.feasible else 0
     learned = cfg.metric == "diagonal" or served_fit > served_cos
@@ -195,11 +207,11 @@ def choose_metric(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: np.ndarra
               "calibration_served": {"cosine": served_cos, "diagonal_crossfit": served_fit},
               "lambda": metric.LAMBDA, "folds": metric.FOLDS}
     if not learned:
-        return None, cosine, report
+        return MetricChoice(None, cosine, sel_cos, sel_cos, report)
     weights = metric.fit(qv[cal], cv[cal], y[cal])
     report["weights"] = {"min": float(weights.min()), "max": float(weights.max()),
                          "zero": int((weights == 0).sum()), "dim": int(len(weights))}
-    return weights, crossfit, report
+    return MetricChoice(weights, crossfit, sel_fit, sel_cos, report)
 
 
 def run(ctx) -> dict:
@@ -226,13 +238,14 @@ def run(ctx) -> dict:
     # held-out check below tests exactly what was promised.
     batch = cfg.batch or len(held)
     batch_ratio = batch / len(cal)
-    # The similarity (cosine or learned), then every number below is on its scores: calibration (cross-fitted
-    # when learned) and held-out pairs, the latter under the metric finally exported.
-    weights, (s_cal, y_cal, c_cal), metric_report = choose_metric(cfg, ctx.recipe.seed, pairs, vecs, cal, batch_ratio)
-    s_held, y_held, c_held = pair_fn(pairs, vecs)(weights, held)
-
-    # The global threshold: the promise.
-    sel = tune.select(s_cal, y_cal, cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
+    # The similarity (cosine or learned) and the global threshold on its scores: the promise. Every number below
+    # is on those scores: calibration (cross-fitted when learned) and held-out pairs, the latter under the metric
+    # finally exported.
+    choice = choose_metric(cfg, ctx.recipe.seed, pairs, vecs, cal, batch_ratio)
+    weights, (s_cal, y_cal, c_cal), sel, metric_report = (choice.weights, choice.calibration, choice.selection,
+                                                          choice.report)
+    fn = pair_fn(pairs, vecs)
+    s_held, y_held, c_held = fn(weights, held)
     if not sel.feasible:
         log.warning("cache: no threshold has a false-hit upper bound <= %.3g on %d calibration pairs (best "
                     "achievable: %.3f at t=%.3f); exporting an exact-match-only cache", cfg.epsilon, sel.n,
@@ -248,10 +261,9 @@ def run(ctx) -> dict:
               "heldout": tune.evaluate(s_held, y_held, f1_t, cfg.confidence)}
     hindsight = tune.hindsight_best(s_held, y_held, held_eval["fhr"])
     if weights is not None:  # what the plain cosine threshold would have done on the same held-out queries
-        s_cos, y_cos, _ = pair_fn(pairs, vecs)(None, held)
-        sel_cos = tune.select(cosine[cal], pairs.labels[cal], cfg.epsilon, cfg.confidence, cfg.selection,
-                              cfg.bound, batch_ratio)
-        metric_report["heldout_cosine"] = tune.evaluate(s_cos, y_cos, sel_cos.threshold, cfg.confidence)
+        s_cos, y_cos, _ = fn(None, held)
+        metric_report["heldout_cosine"] = tune.evaluate(s_cos, y_cos, choice.cosine_selection.threshold,
+                                                        cfg.confidence)
         metric_report["heldout_cosine_hindsight_best"] = tune.hindsight_best(s_cos, y_cos, cfg.epsilon)
 
     adaptive = (_adaptive(ctx, (s_cal, y_cal, vecs[c_cal]), (s_held, y_held, vecs[c_held]), held_eval,
