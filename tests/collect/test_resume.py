@@ -41,6 +41,23 @@ def wait_until(predicate, timeout=120.0, what=""):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+def settle(server, quiet_s=1.0) -> None:
+    """Wait until every request the killed client had sent has reached the server's hold (none still sleeping
+    out its delay) and nothing new arrived for quiet_s. Released earlier, such a request would be answered to
+    the dead client and counted as a success, and the rerun's resend of it as a second one: a harness race (it
+    showed under load, where arrivals stop coming in lockstep), not a repeat by the client."""
+    last, since = None, time.monotonic()
+
+    def quiet():
+        nonlocal last, since
+        now = (len(server.bodies), server.in_flight, server.held)
+        if now != last:
+            last, since = now, time.monotonic()
+        return server.in_flight == server.held and time.monotonic() - since >= quiet_s
+
+    wait_until(quiet, timeout=60.0, what="the killed client's requests to reach the server's hold")
+
+
 def test_kill_9_mid_run_then_rerun_loses_and_repeats_nothing(workdir, fake_openai):
     server = fake_openai(delay_s=0.05, hold_after=KILL_AFTER)
     recipe = write_recipe(workdir, openai_collect(server, concurrency=4, timeout_s=30), data={"limit": N_PROMPTS})
@@ -54,6 +71,7 @@ def test_kill_9_mid_run_then_rerun_loses_and_repeats_nothing(workdir, fake_opena
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=30)
     assert proc.returncode == -signal.SIGKILL
+    settle(server)
     done_before = sum(server.successes.values())
     held_at_kill = server.held  # requests the server had received and not answered: in flight when killed
     assert stored(store_path) == done_before < N_PROMPTS
