@@ -348,6 +348,28 @@ def test_damaged_cache_json_loads_or_raises_one_line(tmp_path):
     assert refused > 200 and loaded > 20, (loaded, refused)
 
 
+def test_cluster_centroids_without_a_direction_refuse_and_large_ones_keep_theirs(tmp_path):
+    """Centroids are normalized in float64: a large finite value (beyond float32) still names a direction; an
+    all-zero row, or one whose norm overflows even float64, refuses (float32 normalizing made NaN or zero
+    centroids that loaded)."""
+    from toolkit.cache import SemanticCache
+
+    good = _good_cache_json()
+    path = tmp_path / "cache.json"
+    big = json.loads(json.dumps(good))
+    big["adaptive"]["centroids"][0] = [1e39] + [0.0] * 15
+    path.write_bytes(_json_bytes(big))
+    cache = SemanticCache.load(path, embedder=_hash_embedder)
+    assert np.array_equal(cache.centroids[0], np.eye(16, dtype=np.float32)[0])
+    for row in ([0.0] * 16, [1e308] * 16):  # no direction; a norm beyond float64 (strict JSON has no inf)
+        bad = json.loads(json.dumps(good))
+        bad["adaptive"]["centroids"][1] = row
+        path.write_bytes(_json_bytes(bad))
+        with pytest.raises(OptkitError, match=r"cache.json: adaptive.centroids must be .* finite, non-zero") as exc:
+            SemanticCache.load(path, embedder=_hash_embedder)
+        _one_line(exc.value, "cache.json")
+
+
 # ------------------------------------------------------------------------------------------ bundle manifests
 
 

@@ -65,6 +65,17 @@ def l2_normalize(x: np.ndarray) -> np.ndarray:
     return x / np.maximum(norms, 1e-12)
 
 
+def _unit_rows(x, what: str) -> np.ndarray:
+    """Rows of a config matrix as float32 unit vectors; refuses what has no direction (inf, NaN, all zeros).
+    Normalized in float64: a float32 norm of large finite values overflows to inf and gives zero rows."""
+    with np.errstate(all="ignore"):
+        x = np.asarray(x, dtype=np.float64)
+        norms = np.linalg.norm(x, axis=-1, keepdims=True) if x.ndim == 2 else None
+    if norms is None or not np.all(np.isfinite(norms)) or not np.all(norms > 0):
+        raise OptkitError(f"{what} must be a matrix of finite, non-zero vectors")
+    return (x / norms).astype(np.float32)
+
+
 def embed_texts(embedder: Any, texts: Sequence[str], batch_size: int = 64) -> np.ndarray:
     """Embeddings of texts, L2-normalized, float32 [n, dim], from a sentence-transformers model or a callable."""
     if hasattr(embedder, "encode"):
@@ -141,7 +152,7 @@ class SemanticCache:
         self.max_entries_per_namespace = max_entries_per_namespace  # a tenant's inserts evict only its own
         self.ann = ann
         self.ann_min_entries = ann_min_entries
-        self.centroids = None if centroids is None else l2_normalize(np.asarray(centroids))
+        self.centroids = None if centroids is None else _unit_rows(centroids, "cache config: centroids")
         # A cluster threshold of None = that cluster never serves semantic hits.
         self.cluster_thresholds = (None if cluster_thresholds is None else
                                    np.array([np.inf if t is None else t for t in cluster_thresholds], np.float64))
@@ -188,7 +199,7 @@ class SemanticCache:
         check_embedder(embedder, cfg["embedder"], source=str(path))
         clusters = spec.adaptive if spec.adaptive is not None and spec.adaptive.exported else None
         parts = {"config": cfg, "weights": spec.similarity.weights,
-                 "centroids": np.array(clusters.centroids, np.float32) if clusters else None,
+                 "centroids": _unit_rows(clusters.centroids, f"{path}: adaptive.centroids") if clusters else None,
                  "cluster_thresholds": clusters.thresholds if clusters else None}
         if store == "redis":  # imported only here: the memory store never loads the redis client
             from toolkit.cache.store_redis import RedisSemanticCache
@@ -391,7 +402,8 @@ def probe_vectors(embedder: Any) -> np.ndarray:
 
 def check_embedder(embedder: Any, recorded: dict, source: str = "cache.json") -> None:
     """Refuse an embedder whose space differs from the one the threshold was tuned in."""
-    want = np.asarray(recorded["probe_vectors"], dtype=np.float32)
+    with np.errstate(all="ignore"):  # a damaged probe like 1e308 becomes inf here and refuses below
+        want = np.asarray(recorded["probe_vectors"], dtype=np.float32)
     got = probe_vectors(embedder)
     if got.shape != want.shape:
         raise OptkitError(f"{source}: the embedder gives {got.shape[1]}-dim vectors but the cache was tuned with "
