@@ -237,6 +237,29 @@ def test_realized_bound_is_the_exact_beta_binomial_quantile():
         assert np.allclose(q, np.round(q))  # whole false hits: "4.5 of 90" is not a share a batch can show
 
 
+def test_realized_bounds_above_the_search_limit_are_skipped_and_the_rest_are_exact():
+    """A large cache.batch makes the exact walk long (~m steps at thresholds serving mostly false hits), so a
+    search computes only the bounds that can pass: `above` leaves every bound <= it exact and the others above it
+    (1 where not computed). select() must give what the full computation gives, best_bound included when nothing
+    passes."""
+    rng = np.random.default_rng(5)
+    s, y = sample(2000, rng)
+    c = tune.curve(s, y)
+    for ratio in (0.43, 10.0):
+        full = tune.bounds(c.false_hits, c.served, 0.95, "realized", ratio)
+        part = tune.bounds(c.false_hits, c.served, 0.95, "realized", ratio, above=0.05)
+        low = full <= 0.05
+        assert low.any() and (~low).any()
+        assert np.array_equal(part[low], full[low]) and np.all(part[~low] > 0.05)
+        assert (part == 1.0).sum() > (full == 1.0).sum()  # some were skipped
+        for eps in (0.05, 0.0005):  # 0.0005: no threshold passes, best_bound must still be the lowest bound
+            sel = tune.select(s, y, eps, 0.95, "scan", "realized", ratio)
+            assert sel.best_bound == pytest.approx(full.min(), rel=1e-12)
+            assert sel.feasible == (eps == 0.05)
+            if sel.feasible:
+                assert sel.bound == full[np.searchsorted(-c.thresholds, -sel.threshold)]
+
+
 def test_grid_selection_tests_label_free_thresholds_and_passes_the_bound():
     rng = np.random.default_rng(2)
     s, y = sample(2000, rng)

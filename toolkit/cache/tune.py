@@ -84,29 +84,34 @@ def upper_bound(k, n, confidence: float):
     return np.where((n <= 0) | (k >= n), 1.0, ub)
 
 
-def realized_bound(k, n, batch_ratio: float, confidence: float):
+def realized_bound(k, n, batch_ratio: float, confidence: float, above: Optional[float] = None):
     """Upper `confidence` quantile of the false-hit share *realized* on a future batch whose served count is
     m = n * batch_ratio, given k false hits among n served now: the exact beta-binomial predictive (Jeffreys
     prior on the rate, then the batch's own binomial noise), as a multiple of 1/m. Wider than the rate bound: it
     adds the future batch's sampling noise, which a held-out check also sees. Exact, not a moment-matched beta
     (which treated the batch's false-hit count as continuous: at epsilon 0.05 and ~90 served, "4.5 false hits"
-    could pass where only 4 keep the share <= epsilon)."""
+    could pass where only 4 keep the share <= epsilon). With `above`, a bound known to exceed it is returned as
+    inf instead of computed (see predictive_quantile)."""
     k, n = np.broadcast_arrays(np.asarray(k, dtype=float), np.asarray(n, dtype=float))
     m = np.maximum(1, np.round(n * batch_ratio))
-    q = predictive_quantile(k + 0.5, np.maximum(n - k, 0) + 0.5, m, confidence)
+    stop = None if above is None else above * m
+    q = predictive_quantile(k + 0.5, np.maximum(n - k, 0) + 0.5, m, confidence, stop)
     return np.where(n <= 0, 1.0, q / m)
 
 
-def predictive_quantile(a, b, m, confidence: float) -> np.ndarray:
+def predictive_quantile(a, b, m, confidence: float, stop=None) -> np.ndarray:
     """Smallest x with P(X <= x) >= confidence for X ~ BetaBinomial(m, a, b), elementwise. Walks the pmf
     upward from x = 0 in log space (pmf(x+1) / pmf(x) = (m - x)(x + a) / ((x + 1)(m - x - 1 + b))), vectorized
     over the elements still below `confidence`: fast where scipy's generic betabinom.ppf takes about a second
-    per thousand thresholds."""
+    per thousand thresholds. The walk is as long as the largest quantile, i.e. ~m at thresholds that serve mostly
+    false hits; with `stop` (a count, per element or one for all) an element whose quantile is known to exceed it
+    leaves the walk as inf, so a batch of a million lookups costs ~epsilon * m steps, not ~m."""
     from scipy.special import betaln
 
     a, b, m = np.broadcast_arrays(*(np.asarray(v, dtype=float) for v in (a, b, m)))
     shape = m.shape
     a, b, m = a.ravel(), b.ravel(), m.ravel()
+    stop = np.full(len(m), np.inf) if stop is None else np.broadcast_to(np.asarray(stop, dtype=float), shape).ravel()
     out = m.copy()  # the quantile never exceeds m
     idx = np.arange(len(m))
     logp = betaln(a, m + b) - betaln(a, b)  # log pmf(0)
@@ -115,7 +120,9 @@ def predictive_quantile(a, b, m, confidence: float) -> np.ndarray:
     while len(idx):
         done = (cdf >= confidence - 1e-12) | (x >= m[idx])
         out[idx[done]] = x
-        keep = ~done
+        beyond = ~done & (x > stop[idx])  # quantile > x > stop: known to exceed it
+        out[idx[beyond]] = np.inf
+        keep = ~done & ~beyond
         idx, logp, cdf = idx[keep], logp[keep], cdf[keep]
         if not len(idx):
             break
@@ -230,8 +237,11 @@ def start_count(epsilon: float, confidence: float, n: int, bound: str = "rate",
 BOUNDS = ("rate", "realized", "audit")
 
 
-def bounds(false_hits, served, confidence: float, bound: str = "rate", batch_ratio: Optional[float] = None):
-    """Per-threshold upper bound of the kind `bound` names (rate / realized / audit, see the module doc)."""
+def bounds(false_hits, served, confidence: float, bound: str = "rate", batch_ratio: Optional[float] = None,
+           above: Optional[float] = None):
+    """Per-threshold upper bound of the kind `bound` names (rate / realized / audit, see the module doc). With
+    `above` (realized only), a bound known to exceed it comes back as 1 without being computed exactly: every
+    bound <= `above` is exact, which is all a search against epsilon needs."""
     ub = upper_bound(false_hits, served, confidence)
     if bound == "rate":
         return ub
@@ -240,8 +250,10 @@ def bounds(false_hits, served, confidence: float, bound: str = "rate", batch_rat
     if not batch_ratio or batch_ratio <= 0:
         raise OptkitError(f"cache.bound={bound} needs the size of the future batch (a held-out fraction > 0)")
     # Never looser than the rate bound (the Jeffreys predictive can be, at k = 0).
-    fn = realized_bound if bound == "realized" else audit_bound
-    out = np.maximum(ub, fn(false_hits, served, batch_ratio, confidence))
+    if bound == "realized":
+        out = np.maximum(ub, realized_bound(false_hits, served, batch_ratio, confidence, above))
+    else:
+        out = np.maximum(ub, audit_bound(false_hits, served, batch_ratio, confidence))
     return np.where(np.isfinite(out), out, 1.0)  # no number is no bound: 1 is the one always true
 
 
@@ -251,7 +263,13 @@ def select(sims: np.ndarray, labels: np.ndarray, epsilon: float, confidence: flo
     `bound`). realized / audit need batch_ratio: the future batch's size relative to the calibration set."""
     check_inputs(sims, labels, epsilon, confidence, "calibration pairs")
     c = curve(sims, labels)
-    ub = bounds(c.false_hits, c.served, confidence, bound, batch_ratio)
+    # Bounds above `above` are not computed exactly (the realized bound's cost grows with the batch); widen it
+    # until some threshold is under it, so the lowest bound (best_bound: what is achievable) is exact.
+    above = epsilon
+    ub = bounds(c.false_hits, c.served, confidence, bound, batch_ratio, above=above)
+    while not (ub <= above).any() and above < 1:
+        above = min(1.0, 2 * above)
+        ub = bounds(c.false_hits, c.served, confidence, bound, batch_ratio, above=above)
     best = int(np.argmin(ub))
     if method == "scan":
         ok = np.nonzero(ub <= epsilon)[0]
