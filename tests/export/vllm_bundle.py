@@ -21,7 +21,7 @@ def main() -> None:
             # Through optkit's evaluate engine (stdlib-only module, importable here with PYTHONPATH=repo).
             from toolkit.evaluate.engines import VLLMEngine
 
-            eng = VLLMEngine(bundle / m["path"], max_new_tokens=8, max_model_len=256)
+            eng = VLLMEngine(bundle / m["path"], max_new_tokens=8, max_model_len=256, enforce_eager=True)
             msgs = [{"role": "user", "content": "I want to cancel my order"}]
             rows, seconds = eng.run_batch([msgs, [{"role": "user", "content": "Where is my parcel?"}]])
             t = eng.timed(msgs)

@@ -73,6 +73,8 @@ def teacher_kwargs(recipe, model_path: str) -> dict[str, Any]:
         kw["max_model_len"] = v.max_model_len
     if v.quantization:
         kw["quantization"] = v.quantization
+    if v.enforce_eager:
+        kw["enforce_eager"] = True
     if t.revision:
         kw["revision"] = t.revision
     return kw
@@ -86,6 +88,9 @@ class VLLMSettings(Section):
     max_model_len: Optional[int] = Field(None, ge=1, description="Context length cap passed to vLLM.")
     dtype: str = Field("auto", description="vLLM dtype.")
     quantization: Optional[str] = Field(None, description="vLLM quantization method, if the teacher is quantized.")
+    enforce_eager: bool = Field(False, description="Skip vLLM's torch.compile (and CUDA graphs): the engine starts "
+                                "in seconds instead of minutes on a CPU (measured: 8 s vs 125 s for SmolLM2-135M "
+                                "on 2 AVX2 cores), at some decode speed; for small collections.")
 
 
 class VLLMEngine:

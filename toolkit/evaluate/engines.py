@@ -73,9 +73,10 @@ def LlamaCppEngine(gguf_path: Path, *, tokenizer_dir: Path, chat_template: bool 
 
 def VLLMEngine(model_dir: Path, *, adapter_dir: Optional[Path] = None, chat_template: bool = True,
                max_new_tokens: int = 64, stop=(), dtype: str = "auto", trust_remote_code: bool = False, seed: int = 0,
-               max_model_len: int = 2048) -> Runner:
+               max_model_len: int = 2048, **llm_kwargs) -> Runner:
+    """llm_kwargs: further vllm.LLM arguments (e.g. enforce_eager=True)."""
     from toolkit.engines.vllm import VLLMEngine as Engine
 
     engine = Engine.load(model_dir, chat_template=chat_template, adapter_dir=adapter_dir, dtype=dtype,
-                         trust_remote_code=trust_remote_code, seed=seed, max_model_len=max_model_len)
+                         trust_remote_code=trust_remote_code, seed=seed, max_model_len=max_model_len, **llm_kwargs)
     return Runner(engine, _settings(max_new_tokens, stop, seed))
