@@ -45,8 +45,8 @@ def load_in_vllm(dirs: list[Path], check: bool = True) -> subprocess.CompletedPr
     env.pop("PYTHONPATH", None)
     proc = subprocess.run([str(VLLM_PY), str(Path(__file__).with_name("vllm_load.py")), *map(str, dirs)],
                           capture_output=True, text=True, env=env, timeout=900)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    if check:  # vllm_load.py prints each model's error on stdout, the engine's log goes to stderr
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return proc
 
 
