@@ -173,13 +173,13 @@ def bench_engines(args, argv: list[str]) -> dict:
     from toolkit.collect.backends import resolve_backend
 
     def make(spec: str):  # name, or llamacpp@THREADS, or vllm@eager (collect.vllm.enforce_eager)
-        name, _, threads = spec.partition("@")
+        name, _, option = spec.partition("@")
         if name == "hf":
             return InProcess(args, "hf", hf={"batch_size": args.hf_batch_size})
         if name == "llamacpp":
-            return InProcess(args, "llamacpp", llamacpp={"threads": int(threads) if threads else args.llama_threads})
-        if name == "vllm" and threads in ("", "eager"):
-            return VLLMWorker(args, argv, eager=threads == "eager")
+            return InProcess(args, "llamacpp", llamacpp={"threads": int(option) if option else args.llama_threads})
+        if name == "vllm" and option in ("", "eager"):
+            return VLLMWorker(args, argv, eager=option == "eager")
         raise SystemExit(f"--engines: unknown engine {spec!r}")
 
     engines = {}
