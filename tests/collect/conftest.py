@@ -24,7 +24,8 @@ def write_recipe(workdir: Path, collect: dict, data: dict | None = None, name: s
     recipe = {"name": name, "teacher": {"model": "smollm2-135m-instruct"},
               "data": {"path": str(BITEXT), "id_column": "id", "prompt_column": "instruction",
                        "reference_column": "category", **(data or {})},
-              "tracking": {"enabled": False}, "collect": collect, **top}
+              "tracking": {"enabled": False}, "collect": {"backend": "hf", **collect}, **top}
+    # hf unless a test names an engine: the default (auto) depends on the machine (resolve_backend has its own tests)
     path = workdir / f"{name}.yaml"
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path

