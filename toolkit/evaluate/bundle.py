@@ -69,7 +69,7 @@ def bundle_variants(bundle, recipe) -> list:
 
     models = {m["name"]: m for m in bundle.models}
     student = bundle.model_path("student") if "student" in models else None
-    # auto runs the recipe's own weights locally (hf on CPU, vLLM on a GPU): re-answered here with transformers.
+    # auto runs the recipe's own weights locally (hf, or vLLM where faster): re-answered here with transformers.
     if recipe.collect is not None and recipe.collect.backend not in ("hf", "auto"):
         raise OptkitError(f"collect.backend {recipe.collect.backend}: optkit evaluate re-runs only a local (hf) "
                           "teacher; score the bundle with a recipe run instead")
