@@ -5,6 +5,7 @@ and engines never share answers in the result store."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -30,6 +31,10 @@ def test_backend_choices_are_the_registry_plus_auto_and_log():
     for name, engine in ENGINES.items():  # one settings section per engine, or one it shares with another engine
         assert name in CollectConfig.model_fields or engine.settings_class is None, name
     assert CollectConfig.model_fields.keys().isdisjoint({"vllm-server"})  # it reads collect.vllm
+    from toolkit.engines import SERVERS
+
+    # the server starters, not a module an engine import put in their name's place on the package
+    assert all(inspect.isfunction(start) for start in SERVERS.values()), SERVERS
     r = recipe_from_dict({**MINIMAL, "collect": {"backend": "llamacpp", "llamacpp": {"n_ctx": 512}}})
     assert r.collect.llamacpp.n_ctx == 512
 

@@ -101,7 +101,7 @@ def test_vllm_server_arguments_follow_the_recipe_and_the_machine():
     """collect.vllm -> `vllm serve` flags: on a CPU eager by default and the model's worker inside the engine
     process (measured 1.8x the default three-process layout on 2 cores); on a GPU compiled, with the GPU memory
     share; explicit enforce_eager wins either way; tensor parallelism keeps vLLM's multiprocess executor."""
-    from toolkit.engines.vllm_server import server_args
+    from toolkit.engines.served_vllm import server_args
 
     base = {"name": "t", "teacher": {"model": "org/teacher", "revision": "abc", "trust_remote_code": True},
             "data": {"path": "x.jsonl"}}

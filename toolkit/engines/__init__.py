@@ -17,7 +17,7 @@ from toolkit.engines.openai import OpenAIEngine
 from toolkit.engines.render import Rendered, Renderer, cut_stop, render_plain
 from toolkit.engines.servers import llamacpp_server, vllm_server
 from toolkit.engines.vllm import VLLMEngine
-from toolkit.engines.vllm_server import VLLMServerEngine
+from toolkit.engines.served_vllm import VLLMServerEngine
 
 ENGINES: dict[str, type] = {
     "hf": HFEngine,
