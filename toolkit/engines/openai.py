@@ -116,6 +116,10 @@ class OpenAIEngine:
     def path(self) -> str:
         return "/chat/completions" if self.api == "chat" else "/completions"
 
+    def completion_prompt(self, messages: list[dict]) -> Any:
+        """What /completions gets as `prompt`: the plain rendering (the server tokenizes it and adds its BOS)."""
+        return render_plain(messages)
+
     def body(self, messages: list[dict], s: Settings) -> dict:
         body: dict[str, Any] = {"model": self.model_name, "max_tokens": s.max_new_tokens,
                                 "temperature": s.temperature, "top_p": s.top_p}
@@ -124,7 +128,7 @@ class OpenAIEngine:
             if s.top_logprobs:
                 body.update(logprobs=True, top_logprobs=s.top_logprobs)
         else:
-            body["prompt"] = render_plain(messages)  # the server tokenizes (and adds its BOS)
+            body["prompt"] = self.completion_prompt(messages)
             if s.top_logprobs:
                 body["logprobs"] = s.top_logprobs
         if s.stop:

@@ -92,8 +92,11 @@ class VLLMServerEngine(OpenAIEngine):
         return {"backend": "vllm-server", "model": t.model, "revision": model_revision(t.model, t.revision),
                 "dtype": v.dtype, "quantization": v.quantization}
 
+    def completion_prompt(self, messages: list[dict]) -> list[int]:
+        return self.prompt_ids(messages)  # vLLM takes token ids: exactly the tokens the other engines see
+
     def body(self, messages: list[dict], s: Settings) -> dict:
-        body: dict[str, Any] = {**super().body(messages, s), "prompt": self.prompt_ids(messages)}
+        body: dict[str, Any] = super().body(messages, s)
         if s.top_logprobs:
             body["return_tokens_as_token_ids"] = True  # "token_id:123", read back by token_id below
         return body
