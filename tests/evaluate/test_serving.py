@@ -225,3 +225,37 @@ def test_a_server_that_starts_but_fails_its_first_request_is_reported_and_the_ru
     assert out["error"].endswith("(server log: (Worker pid=1) ERROR AttributeError: '_OpNamespace' '_C' object has "
                                  "no attribute 'cpu_gemm_wna16')")
     assert server.proc is None and server.log_path is None  # stopped and cleaned up all the same
+
+
+def test_a_server_known_not_to_work_here_is_reported_without_starting(tmp_path):
+    """A 4-bit weight-only model on a CPU whose vLLM kernels lack W4A16: the server is refused before it loads
+    (tests/quantize/test_vllm_ready.py checks the probe against what vLLM does with real artifacts)."""
+    from types import SimpleNamespace
+
+    from toolkit.config import EvaluateConfig
+    from toolkit.engines.base import Settings
+    from toolkit.engines.servers import Server, int4_weights_only
+    from toolkit.evaluate.serving import serve_variant
+    from toolkit.evaluate.variants import Variant
+
+    def model(**group) -> str:
+        d = tmp_path / str(len(list(tmp_path.iterdir())))
+        d.mkdir()
+        qc = {"quant_method": "compressed-tensors", "config_groups": {"group_0": {"targets": ["Linear"], **group}}}
+        (d / "config.json").write_text(json.dumps({"model_type": "llama", "quantization_config": qc}))
+        return str(d)
+
+    w4 = {"num_bits": 4, "type": "int", "strategy": "group", "group_size": 128}
+    assert int4_weights_only(model(weights=w4, input_activations=None))  # GPTQ / AWQ as llm-compressor writes them
+    assert not int4_weights_only(model(weights={**w4, "num_bits": 8}, input_activations=None))  # W8A16
+    assert not int4_weights_only(model(weights=w4, input_activations={"num_bits": 8, "type": "int"}))  # W4A8
+    assert not int4_weights_only(str(tmp_path / "nowhere")) and not int4_weights_only("org/some-hub-id")
+
+    server = Server("vllm", ["false"], 1, "gptq", refused="no W4A16 GEMM on this CPU")
+    msgs = [[{"role": "user", "content": "hello"}]]
+    renderer = SimpleNamespace(prompt=lambda messages: SimpleNamespace(ids=[1, 2, 3], text="hi"))
+    out = serve_variant(Variant("gptq", "quantized", "transformers"), EvaluateConfig(), renderer,
+                        Settings(max_new_tokens=4), msgs, answer_prompts=msgs, server=server.launch())
+    assert out == {"engine": "vllm", "error": "vllm could not serve gptq: vllm server not started: no W4A16 GEMM "
+                                              "on this CPU"}
+    assert server.proc is None and server.log_path is None  # nothing was started

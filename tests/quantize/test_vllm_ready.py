@@ -25,6 +25,11 @@ def test_vllm_loads_and_generates_every_artifact(quantized_run):
     proc = load_in_vllm(dirs, check=HAS_W4A16_KERNEL)
     results = rows(proc)
     assert [r["path"] for r in results] == [str(d) for d in dirs], proc.stderr[-3000:]
+    # What evaluate asks before starting a vLLM server (so it does not spend ~100 s loading a model that can only
+    # answer HTTP 500) agrees with what vLLM then did, artifact by artifact, on this machine whatever its CPU.
+    from toolkit.engines.servers import missing_kernel
+
+    assert [missing_kernel(str(VLLM_PY), str(d)) is not None for d in dirs] == ["error" in r for r in results]
     if HAS_W4A16_KERNEL:
         check_generates(results)
         return

