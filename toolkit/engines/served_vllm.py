@@ -26,27 +26,22 @@ CONCURRENCY = 128
 TIMEOUT_S = 3600.0  # a queued request waits for the batches ahead of it; the server is local and ours
 
 
-def server_args(recipe, on_cpu: bool) -> tuple[Optional[int], tuple[str, ...], dict]:
-    """(max_model_len, further `vllm serve` flags, environment) for the recipe's teacher (collect.vllm, teacher.*)."""
+def server_args(recipe, on_cpu: bool) -> tuple[Optional[int], tuple[str, ...]]:
+    """(max_model_len, further `vllm serve` flags) for the recipe's teacher (collect.vllm, teacher.*); the CPU
+    process layout is servers.vllm_server's, as for every vLLM server optkit starts."""
     v, t = recipe.collect.vllm, recipe.teacher
-    args, env = ["--dtype", v.dtype, "--tensor-parallel-size", str(v.tensor_parallel_size)], {}
+    args = ["--dtype", v.dtype, "--tensor-parallel-size", str(v.tensor_parallel_size)]
     if not on_cpu:  # on CPU servers.vllm_command sets this flag to a share of host memory instead
         args += ["--gpu-memory-utilization", str(v.gpu_memory_utilization)]
     if v.quantization:
         args += ["--quantization", v.quantization]
     if eager(v, on_cpu):
         args.append("--enforce-eager")
-    if on_cpu and v.tensor_parallel_size == 1:
-        # The model's worker inside the engine-core process (vLLM keeps the uni executor on CPU only with
-        # multiprocessing off): by default it is a third process that the engine core polls, which costs a busy
-        # share of a core (measured on 2 AVX2 cores, SmolLM2-135M: 30.6 vs 17.2 tok/s, start 42 s vs 59 s).
-        args += ["--distributed-executor-backend", "uni"]
-        env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     if t.revision:
         args += ["--revision", t.revision]
     if t.trust_remote_code:
         args.append("--trust-remote-code")
-    return v.max_model_len, tuple(args), env
+    return v.max_model_len, tuple(args)
 
 
 class VLLMServerEngine(OpenAIEngine):
@@ -75,9 +70,9 @@ class VLLMServerEngine(OpenAIEngine):
         t = recipe.teacher
         tok = load_tokenizer(t.model, t.revision, t.trust_remote_code)  # before the minutes of server start
         renderer = Renderer(tok, recipe.data.chat_template, f"'{t.model}'")
-        max_len, extra, env = server_args(recipe, on_cpu(python))
+        max_len, extra = server_args(recipe, on_cpu(python))
         server = vllm_server(str(resolve(t.model)), served_name="teacher", max_model_len=max_len, python=python,
-                             extra=extra, env=env).start()
+                             extra=extra).start()
         try:
             return cls(server, renderer, context_length=served_context(server))
         except BaseException:
