@@ -37,7 +37,10 @@ def scored(bundle, tmp_path_factory):
     out = tmp / "out"
     rc = main(["evaluate", str(bundle), "--data", str(data), "--out", str(out), "--set", "evaluate.latency_samples=2",
                "--set", "evaluate.batch_sizes=[1, 4]", "--set", "evaluate.perplexity=false",
-               "--set", "data.dedupe=false", "--set", "data.id_column=id"])
+               "--set", "data.dedupe=false", "--set", "data.id_column=id",
+               # in-process engines only: starting three vLLM servers and llama.cpp's was ~100 s of this test, and
+               # serving measurement is tests/evaluate/test_serving.py's
+               "--set", "evaluate.engine=transformers"])
     assert rc == 0
     return out, rows
 
