@@ -26,6 +26,13 @@ def test_auto_resolved_to_hf_is_re_measured_locally(tmp_path):
     assert _teacher(ctx_for(tmp_path, "hf", None)).engine == "transformers"
 
 
+def test_a_teacher_collected_through_optkits_own_vllm_server_is_re_measured_locally(tmp_path):
+    """Its records' latencies were taken with ~128 requests open at once: queueing, not the model's latency."""
+    for backend, used in (("auto", "vllm-server"), ("vllm-server", "vllm-server"), ("vllm-server", None)):
+        v = _teacher(ctx_for(tmp_path, backend, used))
+        assert v.engine == "transformers" and v.model_dir is not None and (v.model_dir / "config.json").is_file()
+
+
 def test_api_teachers_and_unresolved_auto_keep_collects_records(tmp_path):
     v = _teacher(ctx_for(tmp_path, "auto", "openai"))
     assert v.engine == "records" and v.facts["backend"] == "openai"

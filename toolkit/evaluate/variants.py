@@ -54,7 +54,10 @@ def collect_backend(ctx) -> str:
 def _teacher(ctx) -> Variant:
     recipe = ctx.recipe
     backend = collect_backend(ctx)
-    if backend == "hf":
+    # vllm-server's records hold each request's wall time among ~128 open ones (queueing, not the model's
+    # latency): its teacher is a local model, so it is re-measured like hf's (and swept on a vLLM server when
+    # evaluate measures serving); its answers stay collect's either way (known_answers).
+    if backend in ("hf", "vllm-server"):
         from toolkit.models import resolve
 
         ref = resolve(recipe.teacher.model)
