@@ -18,7 +18,7 @@ from toolkit.engines.base import Settings
 from toolkit.engines.openai import OpenAIEngine
 from toolkit.engines.openai_client import ClientConfig
 from toolkit.engines.render import Renderer
-from toolkit.engines.vllm import eager
+from toolkit.engines.vllm import eager, vllm_teacher_identity
 
 # Requests kept open: vLLM's own scheduler batches them (its API server runs up to 128 sequences at once on CPU,
 # 256+ on GPU); more open requests only queue there, and are what an interrupted run sends again.
@@ -81,11 +81,7 @@ class VLLMServerEngine(OpenAIEngine):
 
     @staticmethod
     def teacher_identity(recipe) -> dict:
-        from toolkit.models import model_revision
-
-        t, v = recipe.teacher, recipe.collect.vllm
-        return {"backend": "vllm-server", "model": t.model, "revision": model_revision(t.model, t.revision),
-                "dtype": v.dtype, "quantization": v.quantization}
+        return vllm_teacher_identity(recipe, "vllm-server")
 
     def completion_prompt(self, messages: list[dict]) -> list[int]:
         return self.prompt_ids(messages)  # vLLM takes token ids: exactly the tokens the other engines see

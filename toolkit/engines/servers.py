@@ -273,9 +273,10 @@ def vllm_server(model: str, *, served_name: str = "model", lora: Optional[tuple[
     port = free_port()
     cmd = vllm_command(python, model, port, served_name=served_name, max_model_len=max_model_len, lora=lora,
                        extra=extra)
-    env = {**({"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if on_cpu(python) else {}),
+    cpu = on_cpu(python)
+    env = {**({"VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")} if cpu else {}),
            **(env or {})}
-    if on_cpu(python) and one_process_fits(extra):
+    if cpu and one_process_fits(extra):
         cmd += ["--distributed-executor-backend", "uni"]
         env["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
     return Server("vllm", cmd, port, lora[0] if lora else served_name, start_timeout_s=start_timeout_s, env=env,

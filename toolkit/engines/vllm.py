@@ -105,6 +105,16 @@ class VLLMSettings(Section):
         "~20% slower (compiling pays off past ~20k output tokens there); compile on a GPU.")
 
 
+def vllm_teacher_identity(recipe, backend: str) -> dict:
+    """The teacher's identity for collect's result keys, for either way of reaching vLLM (in process or served):
+    the model at its revision and collect.vllm's dtype and quantization."""
+    from toolkit.models import model_revision
+
+    t, v = recipe.teacher, recipe.collect.vllm
+    return {"backend": backend, "model": t.model, "revision": model_revision(t.model, t.revision),
+            "dtype": v.dtype, "quantization": v.quantization}
+
+
 class VLLMEngine:
     settings_class = VLLMSettings  # collect.vllm (toolkit.config.collect adds one field per engine)
     name = "vllm"
@@ -151,11 +161,7 @@ class VLLMEngine:
 
     @staticmethod
     def teacher_identity(recipe) -> dict:
-        from toolkit.models import model_revision
-
-        t, v = recipe.teacher, recipe.collect.vllm
-        return {"backend": "vllm", "model": t.model, "revision": model_revision(t.model, t.revision),
-                "dtype": v.dtype, "quantization": v.quantization}
+        return vllm_teacher_identity(recipe, "vllm")
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
         return self.renderer.prompt(messages).ids
