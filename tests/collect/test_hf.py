@@ -67,6 +67,56 @@ def test_batched_left_padded_equals_one_at_a_time(fp32_backend):
         assert r["latency_s"] > 0
 
 
+def test_a_batch_computes_its_shared_prefix_once_with_the_same_answers(fp32_backend):
+    """The system prompt, chat header and template head every prompt starts with go through the model once per
+    batch (batch 1, its KV cache repeated), not once per row: fewer prefill tokens, the same answers and
+    log-probs as the plain left-padded batch (fp32)."""
+    b = backend_with(fp32_backend, generation={"max_new_tokens": 12}, top_logprobs=2)
+    msgs = [[{"role": "system", "content": "You sort customer-support messages. Categories: ACCOUNT, ORDER, REFUND, "
+              "DELIVERY, PAYMENT."}] + m for m in messages(7, short=True)]
+    ids = [b.engine.prompt_ids(m) for m in msgs]
+    shared = b.engine._shared_prefix(ids, 12)
+    assert shared >= 30 and all(x[:shared] == ids[0][:shared] for x in ids)
+
+    seen: list[tuple] = []  # (rows, tokens) of every forward pass that takes more than one token per row
+    hook = b.engine.model.register_forward_pre_hook(
+        lambda mod, args, kw: seen.append(tuple(kw["input_ids"].shape)) if kw["input_ids"].shape[1] > 1 else None,
+        with_kwargs=True)
+    try:
+        with_prefix = run_batch(b, msgs)
+        prefill_shared, seen[:] = list(seen), []
+        b.engine.share_prefix = False
+        plain = run_batch(b, msgs)
+        prefill_plain = list(seen)
+    finally:
+        b.engine.share_prefix = True
+        hook.remove()
+    assert prefill_shared == [(1, shared), (7, max(map(len, ids)) - shared)]
+    assert prefill_plain == [(7, max(map(len, ids)))]
+    for a, p in zip(with_prefix, plain):
+        assert [a[k] for k in ("output", "output_tokens", "input_tokens")] == \
+            [p[k] for k in ("output", "output_tokens", "input_tokens")]
+        assert a["topk"]["ids"] == p["topk"]["ids"]
+        assert max(abs(x - y) for ra, rp in zip(a["topk"]["logprobs"], p["topk"]["logprobs"])
+                   for x, y in zip(ra, rp)) < 1e-3
+
+
+def test_no_shared_prefix_where_padding_would_shift_a_sliding_window(fp32_backend):
+    engine = fp32_backend
+    ids = [engine.prompt_ids(m) for m in messages(4)]
+    assert engine._shared_prefix(ids, 12) >= 16
+    assert engine._shared_prefix(ids[:1], 12) == 0  # a batch of one has nothing to share
+    cfg = engine.model.config
+    old = getattr(cfg, "sliding_window", None)
+    try:
+        cfg.sliding_window = max(map(len, ids)) + 11  # prompt + answer just past the window
+        assert engine._shared_prefix(ids, 12) == 0
+        cfg.sliding_window = max(map(len, ids)) + 12
+        assert engine._shared_prefix(ids, 12) >= 16
+    finally:
+        cfg.sliding_window = old
+
+
 def test_a_timed_request_returns_the_answer_a_batch_of_one_gives(fp32_backend):
     # evaluate's batch-movement check reads the latency run's answers instead of generating them a second time
     b = backend_with(fp32_backend, generation={"max_new_tokens": 10})

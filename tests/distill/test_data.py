@@ -63,7 +63,8 @@ def test_topk_alignment_uses_rows_only_where_our_tokens_are_in_the_teachers_topk
 
 def test_left_pad_collator_aligns_completions_at_the_right_edge(tok):
     examples, _ = build_examples(make_records(bitext_rows(3), outputs=["ORDER", "REFUND please now", "X"]), tok, 256)
-    batch = LeftPadCollator(tok.pad_token_id, with_topk=False)(examples)
+    batch = LeftPadCollator(tok.pad_token_id, with_topk=False, share_prefix=False)(examples)
+    assert batch["shared_prefix"] == 0
     width = batch["input_ids"].shape[1]
     for i, ex in enumerate(examples):
         n = len(ex["input_ids"])
@@ -74,6 +75,27 @@ def test_left_pad_collator_aligns_completions_at_the_right_edge(tok):
     keep = batch["logits_to_keep"]
     assert (batch["labels"][:, : width - keep + 1] == IGNORE).all()
     assert (batch["labels"][:, width - keep + 1:] != IGNORE).any()
+
+
+def test_the_prompt_head_every_example_shares_is_laid_out_once_at_the_left(tok):
+    examples, _ = build_examples(make_records(bitext_rows(3), outputs=["ORDER", "REFUND please now", "X"]), tok, 256)
+    plain = LeftPadCollator(tok.pad_token_id, with_topk=False, share_prefix=False)(examples)
+    batch = LeftPadCollator(tok.pad_token_id, with_topk=False)(examples)
+    p = batch["shared_prefix"]
+    # the chat template's system prompt and the template's head, never a token that carries loss
+    assert p >= 16 and all(ex["input_ids"][:p] == examples[0]["input_ids"][:p] for ex in examples)
+    assert p < min(ex["prompt_len"] for ex in examples)
+    assert batch["input_ids"].shape == plain["input_ids"].shape
+    width = batch["input_ids"].shape[1]
+    for i, ex in enumerate(examples):
+        n = len(ex["input_ids"])
+        assert batch["input_ids"][i, :p].tolist() == ex["input_ids"][:p]
+        assert batch["input_ids"][i, width - (n - p):].tolist() == ex["input_ids"][p:]
+        real = batch["attention_mask"][i].bool()
+        assert batch["input_ids"][i][real].tolist() == ex["input_ids"]
+        assert batch["position_ids"][i][real].tolist() == list(range(n))  # as if unpadded
+    # the completions sit where they sit with plain left padding: same labels, same kept window
+    assert torch.equal(batch["labels"][:, -batch["logits_to_keep"]:], plain["labels"][:, -plain["logits_to_keep"]:])
 
 
 def test_no_end_of_turn_after_an_output_cut_at_max_new_tokens(tok):

@@ -119,6 +119,38 @@ def test_completion_only_loss_equals_plain_cross_entropy_per_example(setup):
     assert float(ours) == pytest.approx(total / count, rel=1e-4)
 
 
+def test_a_shared_prompt_prefix_computed_once_gives_the_same_loss_and_gradients(setup):
+    """collate lays the prompt head every row shares out once and forward runs it at batch 1, its KV cache
+    repeated: loss and LoRA gradients must equal plain left padding's (float tolerance)."""
+    from peft import LoraConfig, get_peft_model
+
+    base, _ = setup
+    tok = AutoTokenizer.from_pretrained(base)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(base),
+                           LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False))
+    examples, _ = build_examples(make_records(bitext_rows(4), outputs=["ORDER", "REFUND me now", "X", "a b c"]),
+                                 tok, 128)
+    trainer = make_trainer_class().__new__(make_trainer_class())
+    trainer.kd = {"loss": "none"}
+    trainer.model_accepts_loss_kwargs = True
+    results = []
+    for share in (True, False):
+        batch = LeftPadCollator(tok.pad_token_id, with_topk=False, share_prefix=share)(examples)
+        assert (batch["shared_prefix"] > 0) == share
+        model.zero_grad()
+        loss = trainer.compute_loss(model, batch)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+        results.append((float(loss.detach()), grads))
+    (loss_shared, g_shared), (loss_plain, g_plain) = results
+    assert loss_shared == pytest.approx(loss_plain, rel=1e-5)
+    assert g_shared.keys() == g_plain.keys() and len(g_plain) > 0
+    for name in g_plain:
+        assert torch.allclose(g_shared[name], g_plain[name], rtol=1e-3, atol=1e-6), name
+    assert any(float(g.abs().sum()) > 0 for g in g_plain.values())
+
+
 def test_max_examples_trains_on_the_first_n_train_answers(setup):
     """training.max_examples (data-size curves) keeps the first N train records (collect's order); the stage
     test checks the recipe → stage → worker path and the examples actually trained on."""

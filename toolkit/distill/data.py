@@ -104,16 +104,18 @@ def attach_topk(ex: dict, topk, stats: BuildStats) -> None:
 
 
 class LeftPadCollator:
-    """Left-pads so completions end at the right edge (toolkit.engines.hf.collate); adds the teacher's top-k."""
+    """Pads so completions end at the right edge, a shared prompt prefix once at the left
+    (toolkit.engines.hf.collate); adds the teacher's top-k."""
 
-    def __init__(self, pad_id: int, with_topk: bool):
+    def __init__(self, pad_id: int, with_topk: bool, share_prefix: bool = True):
         self.pad_id = pad_id
         self.with_topk = with_topk
+        self.share_prefix = share_prefix
 
     def __call__(self, batch: list[dict]) -> dict:
         from toolkit.engines.hf import collate
 
-        out = collate(batch, self.pad_id)
+        out = collate(batch, self.pad_id, self.share_prefix)
         if self.with_topk:
             out.update(self.topk_tensors(batch, out["input_ids"].shape[1]))
         return out

@@ -5,10 +5,11 @@ The same `train(spec)` runs in the stage's own process (one process) or in every
 launcher (`python -m toolkit.distill.train SPEC.json`). The spec is a `TrainSpec` (toolkit.config.distill): the
 parent writes it as JSON, each worker validates it back, so both read the same typed values, each once.
 
-Two choices that matter for speed on CPU: batches are LEFT-padded (with explicit position ids), so every
+Three choices that matter for speed on CPU: batches are LEFT-padded (with explicit position ids), so every
 row's completion ends at the right edge and the LM head runs only on the last K positions
 (`logits_to_keep`); the prompt part, usually most of the tokens, never goes through the 49k-wide vocabulary
-projection.
+projection; and the prompt tokens all rows of a batch start with (system prompt, template head) go through the
+model once per batch, not once per row (toolkit.engines.hf.collate / forward).
 
 Resume: checkpoints go to `work/checkpoints/checkpoint-N` (see checkpoints.py: which ones count, the loss total
 they carry, a full disk).
@@ -84,6 +85,7 @@ def make_trainer_class():
     from transformers import Trainer
 
     from toolkit.distill.losses import LOSSES, mix
+    from toolkit.engines.hf import forward
 
     class DistillTrainer(Trainer):
         """Trainer whose loss is completion-only cross-entropy, optionally mixed with logit KD against
@@ -107,7 +109,7 @@ def make_trainer_class():
             labels = inputs.pop("labels")
             topk = {k: inputs.pop(k) for k in ("topk_ids", "topk_logprobs", "topk_mask") if k in inputs}
             keep = int(inputs.pop("logits_to_keep"))
-            out = model(**inputs, logits_to_keep=keep, use_cache=False)
+            out = forward(model, inputs, keep)
             logits = out.logits[:, :-1]  # position j predicts token j + 1
             target = labels[:, -keep + 1:] if keep > 1 else labels[:, :0]
             mask = target != -100
@@ -141,7 +143,7 @@ def make_trainer_class():
                 tl = topk["topk_logprobs"][:, -keep + 1:][t_mask]
                 return fn(s, tl, t, beta) * rows.sum()
             with torch.no_grad():
-                t_out = self.teacher(**inputs, logits_to_keep=keep, use_cache=False)
+                t_out = forward(self.teacher, inputs, keep)
             t_logits = t_out.logits[:, :-1][mask].float()
             v = min(t_logits.shape[-1], sel_logits.shape[-1])  # embedding padding rows differ, tokens do not
             return fn(sel_logits[:, :v], t_logits[:, :v], t, beta) * mask.sum()
@@ -176,6 +178,13 @@ def avoid_cudnn_attention_backward() -> bool:
         return False
     torch.backends.cuda.enable_cudnn_sdp(False)
     return True
+
+
+def shares_prefix(args) -> bool:
+    """Whether a batch's shared prompt prefix goes through the model once per step (toolkit.engines.hf.forward).
+    Not with gradient checkpointing (it turns the KV cache off) and not across several processes: DDP and FSDP
+    expect one forward call per backward."""
+    return not args.gradient_checkpointing and args.world_size == 1
 
 
 # ----------------------------------------------------------------------------------------- model setup
@@ -298,7 +307,8 @@ def train(spec: TrainSpec, on_log: Optional[Callable[[dict, int], None]] = None)
         loss_total.restore(resume)
     trainer = make_trainer_class()(
         model=model, args=args, train_dataset=ListDataset(examples),
-        data_collator=LeftPadCollator(tok.pad_token_id, with_topk="topk_ids" in examples[0]),
+        data_collator=LeftPadCollator(tok.pad_token_id, with_topk="topk_ids" in examples[0],
+                                      share_prefix=shares_prefix(args)),
         kd=spec.kd.model_dump(), teacher=load_teacher_for_kd(spec), loss_total=loss_total,
         callbacks=[loss_total, make_stop_when_done()] + ([_curve_callback(on_log)] if on_log else []))
     metrics = _run_trainer(trainer, resume, work / CHECKPOINTS)
