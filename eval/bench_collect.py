@@ -177,10 +177,10 @@ def bench_engines(args, argv: list[str]) -> dict:
 
     eager = {"": None, "eager": True, "compiled": False}  # collect.vllm.enforce_eager (null: eager on a CPU)
 
-    def make(spec: str):  # name, or llamacpp@THREADS, or vllm[-server][@eager|@compiled]
+    def make(spec: str):  # name, or hf@plain, or llamacpp@THREADS, or vllm[-server][@eager|@compiled]
         name, _, option = spec.partition("@")
-        if name == "hf":
-            return InProcess(args, "hf", hf={"batch_size": args.hf_batch_size})
+        if name == "hf" and option in ("", "plain"):  # plain: every row's whole prompt, no shared prefix
+            return InProcess(args, "hf", hf={"batch_size": args.hf_batch_size, "share_prefix": option != "plain"})
         if name == "llamacpp":
             return InProcess(args, "llamacpp", llamacpp={"threads": int(option) if option else args.llama_threads})
         if name == "vllm" and option in eager:
@@ -390,7 +390,8 @@ def parse_args(argv=None):
     p.add_argument("--prompts", type=int, default=32)
     p.add_argument("--max-new-tokens", type=int, default=12, help="the quickstart's collect.generation")
     p.add_argument("--engines", type=lambda s: s.split(","), default=["hf", "llamacpp", "vllm"],
-                   help="hf, llamacpp (llamacpp@N: N threads), vllm (offline, in .venv-vllm), vllm-server (a "
+                   help="hf (hf@plain: without collect.hf.share_prefix), llamacpp (llamacpp@N: N threads), "
+                   "vllm (offline, in .venv-vllm), vllm-server (a "
                    "server from .venv-vllm); vllm*@eager / @compiled set collect.vllm.enforce_eager (default: eager "
                    "on a CPU)")
     p.add_argument("--hf-batch-size", type=int, default=16, help="the quickstart's collect.hf.batch_size")

@@ -251,10 +251,10 @@ class HFEngine:
     def _shared_prefix(self, ids: list[list[int]], new_tokens: int) -> int:
         """How many leading tokens the batch computes once (0: none). Prompts rendered from one template share
         its start (a system prompt, the chat header, the template's first words); vLLM's prefix caching skips
-        that work and so does this: the prefix's KV cache is computed at batch 1 and repeated for every row.
-        Measured on the quickstart's 160 prompts (fp32, batch 32): the same 160 answers; on a template whose 100
-        instruction tokens come first, generate took half the time. Only where it is exact: a DynamicCache
-        (not a static, quantized or recurrent cache) and no sliding window the padding could shift."""
+        that work and so does this: the prefix's KV cache is computed at batch 1 and repeated for every row
+        (speed and answers vs. without: `eval/bench_collect.py --engines hf,hf@plain`). Only where the layout
+        is exact: a DynamicCache (not a static, quantized or recurrent cache), no sliding window the padding
+        in the middle could shift."""
         if not self.share_prefix:
             return 0
         n = shared_prefix_len(ids, min(map(len, ids)) - 1)  # each row keeps >= 1 token to start generating from
