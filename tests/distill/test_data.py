@@ -105,3 +105,28 @@ def test_no_end_of_turn_after_an_output_cut_at_max_new_tokens(tok):
     eot = tok.convert_tokens_to_ids("<|im_end|>")
     assert cut["labels"][-1] != eot and tok.decode(cut["labels"][cut["prompt_len"]:]) == "This message is about"
     assert done["labels"][-1] == eot
+
+
+
+def test_a_sliding_window_model_scores_a_shared_prefix_batch_as_it_scores_each_example_alone(tok):
+    """Padding between the shared prefix and a row's own tokens would count inside a sliding attention window, so
+    for a model whose window is narrower than the batch, forward runs the plain left-padded batch instead. A real
+    (tiny, random) Mistral with an 8-token window: the kept logits equal each example's own unpadded forward."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from toolkit.engines.hf import forward
+
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             sliding_window=8, pad_token_id=tok.pad_token_id)).eval()
+    examples, _ = build_examples(make_records(bitext_rows(3), outputs=["ORDER", "REFUND please now", "X"]), tok, 256)
+    batch = LeftPadCollator(tok.pad_token_id, with_topk=False)(examples)
+    assert batch["shared_prefix"] > 8
+    keep = batch["logits_to_keep"]
+    with torch.no_grad():
+        got = forward(model, batch, keep).logits
+        for i, ex in enumerate(examples):
+            alone = model(torch.tensor([ex["input_ids"]])).logits[0]
+            n = min(keep, len(ex["input_ids"]))
+            assert torch.allclose(got[i, keep - n:], alone[-n:], atol=1e-4), i

@@ -80,6 +80,9 @@ def forward(model, batch: dict, keep: int):
 
     ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     p = int(batch.get("shared_prefix") or 0)
+    window = sliding_window(model)
+    if p and window and ids.shape[1] > window:  # the padding in the middle would count inside the window
+        ids, mask, pos, p = (*left_padded(ids, mask), 0)
     if p:
         first = model(input_ids=ids[:1, :p], position_ids=pos[:1, :p], use_cache=True, logits_to_keep=1)
         cache = getattr(first, "past_key_values", None)
@@ -88,6 +91,23 @@ def forward(model, batch: dict, keep: int):
             return model(input_ids=ids[:, p:], attention_mask=mask, position_ids=pos[:, p:], past_key_values=cache,
                          logits_to_keep=keep, use_cache=True)
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
+
+
+def sliding_window(model) -> Optional[int]:
+    """The attention window of a model that has one in use (Mistral, Gemma's local layers), else None."""
+    cfg = model.config
+    return getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+
+
+def left_padded(ids, mask):
+    """(input_ids, attention_mask, position_ids) of a shared-prefix layout moved to plain left padding: a stable
+    sort on the mask puts each row's padding first and keeps its tokens in order, so the right edge (completions,
+    the kept logits) stays where it was."""
+    import torch
+
+    order = torch.argsort(mask, dim=1, stable=True)
+    mask = mask.gather(1, order)
+    return ids.gather(1, order), mask, (mask.cumsum(-1) - 1).clamp(min=0)
 
 
 def batch_nll(model, batch: dict):
@@ -260,8 +280,8 @@ class HFEngine:
         n = shared_prefix_len(ids, min(map(len, ids)) - 1)  # each row keeps >= 1 token to start generating from
         if not n:
             return 0
-        cfg, gen = self.model.config, getattr(self.model, "generation_config", None)
-        window = getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
+        gen = getattr(self.model, "generation_config", None)
+        window = sliding_window(self.model)
         if window and max(map(len, ids)) + new_tokens > window:  # the padding counts inside a window
             return 0
         if gen is not None and getattr(gen, "cache_implementation", None):
