@@ -80,8 +80,8 @@ def forward(model, batch: dict, keep: int):
 
     ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     p = int(batch.get("shared_prefix") or 0)
-    window = sliding_window(model)
-    if p and window and ids.shape[1] > window:  # the padding in the middle would count inside the window
+    window = sliding_window(model) if p else None
+    if window and ids.shape[1] > window:  # the padding in the middle would count inside the window
         ids, mask, pos, p = (*left_padded(ids, mask), 0)
     if p:
         first = model(input_ids=ids[:1, :p], position_ids=pos[:1, :p], use_cache=True, logits_to_keep=1)
@@ -94,8 +94,9 @@ def forward(model, batch: dict, keep: int):
 
 
 def sliding_window(model) -> Optional[int]:
-    """The attention window of a model that has one in use (Mistral, Gemma's local layers), else None."""
-    cfg = model.config
+    """The attention window of a model that has one in use (Mistral, Gemma's local layers), else None. A wrapper
+    without a config (DDP) has none here: several processes never share a prefix (distill.train.shares_prefix)."""
+    cfg = getattr(model, "config", None)
     return getattr(cfg, "sliding_window", None) if getattr(cfg, "use_sliding_window", True) else None
 
 
