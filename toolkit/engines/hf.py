@@ -76,21 +76,29 @@ def forward(model, batch: dict, keep: int):
     """The model's output on a collated batch, logits for the last `keep` positions only. A shared prefix goes
     through the model once at batch 1 and its KV cache is repeated for every row (in training the gradients of
     all rows flow back into that one pass); the rows' own tokens attend to it through the cache."""
-    from transformers import DynamicCache
-
     ids, mask, pos = batch["input_ids"], batch["attention_mask"], batch["position_ids"]
     p = int(batch.get("shared_prefix") or 0)
     window = sliding_window(model) if p else None
     if window and ids.shape[1] > window:  # the padding in the middle would count inside the window
         ids, mask, pos, p = (*left_padded(ids, mask), 0)
-    if p:
-        first = model(input_ids=ids[:1, :p], position_ids=pos[:1, :p], use_cache=True, logits_to_keep=1)
-        cache = getattr(first, "past_key_values", None)
-        if type(cache) is DynamicCache:  # e.g. not under gradient checkpointing, which turns the cache off
-            cache.batch_repeat_interleave(ids.shape[0])
-            return model(input_ids=ids[:, p:], attention_mask=mask, position_ids=pos[:, p:], past_key_values=cache,
-                         logits_to_keep=keep, use_cache=True)
+    cache = prefix_kv(model, ids[:1, :p], ids.shape[0], pos[:1, :p]) if p else None
+    if cache is not None:
+        return model(input_ids=ids[:, p:], attention_mask=mask, position_ids=pos[:, p:], past_key_values=cache,
+                     logits_to_keep=keep, use_cache=True)
     return model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=keep, use_cache=False)
+
+
+def prefix_kv(model, prefix_ids, rows: int, position_ids=None):
+    """The KV cache of a [1, p] prefix, computed once and repeated `rows` times along the batch; None when the
+    model keeps another kind of cache (static, quantized, recurrent) or none (gradient checkpointing turns it off)."""
+    from transformers import DynamicCache
+
+    first = model(input_ids=prefix_ids, position_ids=position_ids, use_cache=True, logits_to_keep=1)
+    cache = getattr(first, "past_key_values", None)
+    if type(cache) is not DynamicCache:
+        return None
+    cache.batch_repeat_interleave(rows)
+    return cache
 
 
 def sliding_window(model) -> Optional[int]:
@@ -293,14 +301,10 @@ class HFEngine:
         """The KV cache of `prefix`, computed once and repeated `rows` times along the batch; None (and no more
         sharing on this engine) when the model keeps another kind of cache."""
         import torch
-        from transformers import DynamicCache
 
-        out = self.model(input_ids=torch.tensor([prefix], device=self.device), use_cache=True, logits_to_keep=1)
-        cache = getattr(out, "past_key_values", None)
-        if type(cache) is not DynamicCache:
+        cache = prefix_kv(self.model, torch.tensor([prefix], device=self.device), rows)
+        if cache is None:
             self.share_prefix = False
-            return None
-        cache.batch_repeat_interleave(rows)
         return cache
 
     @staticmethod
