@@ -35,8 +35,12 @@ CHILD = textwrap.dedent("""
 """)
 
 # The "optkit" process: runs the child through toolkit.procs, as the quantize stage runs the converter.
+# SIGINT as a terminal's Ctrl-C finds it, whatever the test run inherited: a run started in the background by a
+# script (`pytest &`, no job control) ignores SIGINT, every process it starts inherits that through exec, and Python
+# then installs no KeyboardInterrupt handler (one xdist worker failed so; in one process an earlier test had reset it).
 PARENT = textwrap.dedent("""
-    import sys
+    import signal, sys
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     from pathlib import Path
     from toolkit import procs
     record, tmp, pidfile, spawn, child = sys.argv[1:6]
