@@ -28,14 +28,12 @@ def pytest_xdist_auto_num_workers(config):
 @pytest.hookimpl(wrapper=True)  # around every other implementation: xdist's turns the groups into node ids
 def pytest_collection_modifyitems(config, items):
     if WORKER:
-        group = {}
-        for item in items:
-            module = item.nodeid.split("::")[0]
-            shared = next((g for f, g in SHARED_RUNS.items() if f in item.fixturenames), None)
-            if shared or module not in group:
-                group[module] = shared or group.get(module) or module
-        for item in items:
-            item.add_marker(pytest.mark.xdist_group(group[item.nodeid.split("::")[0]]))
+        modules = [item.nodeid.split("::")[0] for item in items]
+        group = {m: m for m in modules}
+        for module, item in zip(modules, items):
+            group[module] = next((g for f, g in SHARED_RUNS.items() if f in item.fixturenames), group[module])
+        for module, item in zip(modules, items):
+            item.add_marker(pytest.mark.xdist_group(group[module]))
     return (yield)
 
 
@@ -49,12 +47,11 @@ def pytest_configure(config):
         # a shared run would be built on every worker and a module's tests would lose their order.
         raise pytest.UsageError(f"pytest {pytest.__version__} breaks pytest-xdist's --dist loadgroup: install the dev "
                                 "extra's pytest (< 9.2), or run with -n 0")
-    from toolkit.models import resolve
-
-    resolve("smollm2-135m-instruct")
     from toolkit.errors import MissingExtraError
+    from toolkit.models import resolve
     from toolkit.quantize import gguf
 
+    resolve("smollm2-135m-instruct")
     try:
         gguf.converter_dir()
     except MissingExtraError:  # no llama-cpp-python: the GGUF tests skip
