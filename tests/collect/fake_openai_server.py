@@ -6,7 +6,8 @@ prompt's first attempts, and COUNTS what it saw: requests and successful answers
 attempt times, the most requests in flight at once (`gather=N` holds each request until N are in flight,
 bounded by a timeout). `hold_after=N` makes it stop answering after N
 successful replies (requests wait until `release()`, then get 503) so a test can kill a client at a known
-point. Stdlib only; runs in a daemon thread of the test process.
+point. `max_prompt_chars` answers a longer prompt 400 (a context-length refusal); a request with `tools` gets a
+tool call; `stream: true` gets the reply as SSE chunks (`cut_streams`: the connection drops after the first). Stdlib only; runs in a daemon thread of the test process.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ class FakeOpenAI:
     def __init__(self, api_key: Optional[str] = None, faults: Optional[dict] = None, fault_attempts: int = 2,
                  retry_after: Optional[str] = "0.05", delay_s: float = 0.0, timeout_sleep_s: float = 2.0,
                  always_fail: tuple = (), hold_after: Optional[int] = None, logprob_tokens: Optional[list] = None,
-                 gather: int = 0, gather_timeout_s: float = 5.0):
+                 gather: int = 0, gather_timeout_s: float = 5.0, max_prompt_chars: Optional[int] = None,
+                 cut_streams: bool = False):
         self.api_key = api_key
         self.faults = faults or {}  # kind -> probability per attempt (within the first fault_attempts)
         self.fault_attempts = fault_attempts
@@ -48,6 +50,7 @@ class FakeOpenAI:
         # Hold each request until `gather` are in flight at once (or gather_timeout_s passed): concurrency
         # is then observed without depending on how fast a loaded machine schedules the client.
         self.gather, self.gather_timeout_s = gather, gather_timeout_s
+        self.max_prompt_chars, self.cut_streams = max_prompt_chars, cut_streams
         self.arrived = threading.Condition()
         self.lock = threading.Lock()
         self.released = threading.Event()
@@ -125,6 +128,8 @@ class FakeOpenAI:
         route = h.path.split("?", 1)[0]  # a query string (api-version=, a key) does not change the route
         chat = route.endswith("/chat/completions")
         prompt = body["messages"][-1]["content"] if chat else body.get("prompt", "")
+        if not isinstance(prompt, str):  # content parts (text + images): the answer depends on all of them
+            prompt = json.dumps(prompt, sort_keys=True)
         with self.lock:
             self.bodies.append(body)
             self.auth_seen.append(h.headers.get("Authorization"))
@@ -153,6 +158,9 @@ class FakeOpenAI:
                 return self.send_json(h, 401, {"error": {"message": f"Incorrect API key provided: {given}"}})
         if self.delay_s:
             time.sleep(self.delay_s)
+        if self.max_prompt_chars is not None and len(prompt) > self.max_prompt_chars:
+            return self.send_json(h, 400, {"error": {"message": "This model's maximum context length is exceeded",
+                                                     "type": "BadRequestError"}})
         if any(s in prompt for s in self.always_fail):
             self.count_fault("500")
             return self.send_json(h, 500, {"error": {"message": "internal error"}})
@@ -176,7 +184,34 @@ class FakeOpenAI:
         if hold:
             self.released.wait()
             return self.send_json(h, 503, {"error": {"message": "server going away"}})
-        self.send_json(h, 200, self.reply(body, chat, prompt))
+        reply = self.reply(body, chat, prompt)
+        if body.get("stream"):
+            return self.send_stream(h, reply, chat)
+        self.send_json(h, 200, reply)
+
+    def send_stream(self, h, reply: dict, chat: bool) -> None:
+        """The reply as an OpenAI stream: the text in two pieces, the finish, [DONE]; cut_streams: only the first
+        event, then the connection closes short of the length it announced (a server dying mid-stream)."""
+        c = reply["choices"][0]
+        text = c["message"]["content"] if chat else c["text"]
+        pieces = [text[: len(text) // 2], text[len(text) // 2:]]
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        events = [{"index": 0, "delta": {"content": t}, "finish_reason": None} if chat else
+                  {"index": 0, "text": t, "finish_reason": None} for t in pieces]
+        events.append({"index": 0, "delta": {}, "finish_reason": "stop"} if chat else
+                      {"index": 0, "text": "", "finish_reason": "stop"})
+        data = b"".join(b"data: " + json.dumps({"id": reply["id"], "object": obj, "model": reply["model"],
+                                                "choices": [e]}).encode() + b"\n\n" for e in events)
+        data += b"data: [DONE]\n\n"
+        try:
+            h.send_response(200)
+            h.send_header("Content-Type", "text/event-stream")
+            h.send_header("Content-Length", str(len(data)))
+            h.end_headers()
+            h.wfile.write(data[:data.index(b"\n\n") + 2] if self.cut_streams else data)
+            h.close_connection = True
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _must_hold(self) -> bool:
         return self.hold_after is not None and sum(self.successes.values()) >= self.hold_after
@@ -200,7 +235,13 @@ class FakeOpenAI:
         text = answer_for(prompt)
         usage = {"prompt_tokens": len(prompt.split()) + 3, "completion_tokens": 2}
         choice: dict = {"index": 0, "finish_reason": "stop"}
-        if chat:
+        if chat and body.get("tools"):
+            name = body["tools"][0]["function"]["name"]
+            call = {"id": "call_1", "type": "function",
+                    "function": {"name": name, "arguments": json.dumps({"q": text})}}
+            choice.update(message={"role": "assistant", "content": None, "tool_calls": [call]},
+                          finish_reason="tool_calls")
+        elif chat:
             choice["message"] = {"role": "assistant", "content": text}
             if body.get("logprobs") and self.logprob_tokens:
                 k = body.get("top_logprobs") or 1

@@ -32,12 +32,16 @@ class BackendConfig(Section):
                              "failure (falls back when `fallback` is set).")
     max_concurrency: int = Field(16, ge=1, description="Requests in flight to this backend at once; the rest wait "
                                  "(within the request deadline).")
+    queue_timeout_s: float = Field(2.0, gt=0, description="With a fallback: the longest a request waits for a free "
+                                   "slot here before the fallback takes it (reason busy); without one it waits "
+                                   "within the request deadline.")
     retries: int = Field(2, ge=0, le=10, description="Retries on 429 / 5xx / dropped connections, honouring "
                          "Retry-After, never past the request deadline.")
     backoff_s: float = Field(0.25, ge=0, description="First retry wait when the backend sends no Retry-After "
                              "(doubles per retry).")
-    fallback: Optional[str] = Field(None, description="Backend that takes a request this one failed (down, 5xx "
-                                    "after retries, over its deadline, circuit open).")
+    fallback: Optional[str] = Field(None, description="Backend that takes a request this one failed or refused "
+                                    "(down, 5xx after retries, over its deadline, circuit open, slots busy past "
+                                    "queue_timeout_s, a 400 such as a prompt over its context).")
     breaker_failures: int = Field(3, ge=1, description="Consecutive failures that open the circuit breaker.")
     breaker_cooldown_s: float = Field(10.0, gt=0, description="Seconds an open breaker sends traffic straight to "
                                       "the fallback before one trial request is let through.")
@@ -186,6 +190,12 @@ class ServeConfig(Section):
     tenant_header: Optional[str] = Field(None, description="Trusted header naming the tenant (set it only behind a "
                                          "proxy that authenticates it); default: tenant = hash of the client's API "
                                          "key.")
+    api_keys_env: Optional[str] = Field(None, min_length=1, description="Environment variable holding the API "
+                                        "keys clients must send (comma-separated; checked on /v1/*, never logged). "
+                                        "None = no client authentication: put the gateway behind a proxy that "
+                                        "authenticates.")
+    passthrough: bool = Field(True, description="A client naming a backend's own model reaches that backend "
+                              "directly (no cache, no router); false = only model_name is served.")
     decision_text: Optional[DecisionTextConfig] = Field(None, description="How to read the decision text out of "
                                                         "a user turn (export writes the recipe's template and "
                                                         "prompt column). None = the whole last user turn.")

@@ -101,6 +101,7 @@ class Gateway:
 
             self.decision_text = DecisionText(cfg.decision_text.template, cfg.decision_text.column)
         self.pool: Optional[Pool] = None
+        self.clients = P.ClientKeys(cfg.api_keys_env)
         self.auditor = Auditor(cfg.audit, targets or {}, self.metrics)
         self.traffic = TrafficLog(cfg.traffic_log, cfg, self.metrics)  # opt-in; writes on its own thread
 
@@ -126,28 +127,49 @@ class Gateway:
     async def handle(self, kind: str, request: Request) -> Response:
         started, route = time.perf_counter(), "none"
         try:
+            self.clients.check(request.headers)
             body = await read_json(request, self.cfg.max_body_bytes)
             resp = await self.serve(kind, validate(kind, body), body, request.headers)
             route = resp.headers.get("x-optkit-route", "none")
             resp = self.traffic.observe(kind, body, request.headers, resp, started)
         except P.ApiError as exc:
             resp = self.error(exc)
-        self.metrics.requests.labels(kind, route, f"{resp.status_code // 100}xx").inc()
+        except Exception:  # a bug: counted here, answered by the app's crash handler
+            self.count(kind, route, "5xx", started)
+            raise
+        if isinstance(resp, StreamingResponse):  # counted when the stream ends: its outcome and whole duration
+            resp.body_iterator = self.counted(resp.body_iterator, kind, route, started, getattr(resp, "cut", None))
+        else:
+            self.count(kind, route, f"{resp.status_code // 100}xx", started)
+        return resp
+
+    def count(self, kind: str, route: str, status: str, started: float) -> None:
+        self.metrics.requests.labels(kind, route, status).inc()
         self.metrics.latency.labels(kind, route).observe(time.perf_counter() - started)
         for name, b in self.pool.backends.items():
             self.metrics.breaker_open.labels(name).set(float(b.breaker.state == "open"))
-        return resp
+
+    async def counted(self, iterator, kind: str, route: str, started: float, cut: Optional[asyncio.Event]):
+        """A stream, counted at its end: 2xx when it completed, 5xx when the backend cut it (the client got the
+        error in-band), 4xx when the client went away first (nginx's 499)."""
+        status = "4xx"
+        try:
+            async for chunk in iterator:
+                yield chunk
+            status = "5xx" if cut is not None and cut.is_set() else "2xx"
+        finally:
+            self.count(kind, route, status, started)
 
     def error(self, exc: P.ApiError) -> JSONResponse:
         self.metrics.errors.labels(exc.code or exc.type).inc()
         return JSONResponse(exc.body(), status_code=exc.status)
 
     async def serve(self, kind: str, req, body: dict, headers) -> Response:
-        passthrough = self.pool.by_model(req.model)
+        passthrough = self.pool.by_model(req.model) if self.cfg.passthrough else None
         if passthrough is not None:  # a concrete backend model: not cached, not routed, not re-routed on failure
             return await self.forward(kind, req, body, Decision(passthrough.name), None, fallback=False)
         if req.model != self.cfg.model_name:
-            known = [self.cfg.model_name] + [b.cfg.model for b in self.pool.backends.values()]
+            known = [m["id"] for m in self.models()["data"]]
             raise P.ApiError(404, f"model '{req.model[:100]}' does not exist (served: {', '.join(known)})",
                              param="model", code="model_not_found")
         no_cache, no_store = P.cache_control(headers)
@@ -173,16 +195,23 @@ class Gateway:
         rid = P.new_id(kind)
         self.audit(kind, body, decision, decision.route, rid, text_of(decision.answer))
         if req.stream:
-            chunks = P.cached_chunks(kind, decision.answer, self.cfg.model_name, rid)
+            chunks = P.cached_chunks(kind, decision.answer, self.cfg.model_name, rid, P.include_usage(body))
             return StreamingResponse(iter(chunks), media_type="text/event-stream", headers=headers)
         return JSONResponse(P.cached_reply(kind, decision.answer, self.cfg.model_name, rid), headers=headers)
 
-    async def remember(self, key: Optional[P.Keyed], answer: Optional[dict], decision: Decision) -> None:
-        # Stored before the reply goes out: the next request of the same client sees it (no race), and it costs
-        # no embedding when the request's vector is shared.
-        if key is not None and answer is not None:
-            await asyncio.to_thread(self.decider.remember, key.query, answer, key.namespace, decision)
-            self.metrics.cache_entries.set(len(self.decider.exact) if self.decider.exact is not None else 0)
+    async def remember(self, key: Optional[P.Keyed], answer: Optional[dict], decision: Decision,
+                       falls: list[str]) -> None:
+        """Store the answer the decision meant to get. Stored before the reply goes out: the next request of the
+        same client sees it (no race), and it costs no embedding when the request's vector is shared. Never an
+        answer a fallback gave (a student standing in for a failed teacher would be served for the whole TTL)."""
+        if key is None or answer is None or falls:
+            return
+
+        def store() -> int:  # on a thread, count included: with Redis that is a network call
+            self.decider.remember(key.query, answer, key.namespace, decision)
+            return len(self.decider.exact) if self.decider.exact is not None else 0
+
+        self.metrics.cache_entries.set(await asyncio.to_thread(store))
 
     async def forward(self, kind: str, req, body: dict, decision: Decision, key: Optional[P.Keyed],
                       fallback: bool = True) -> Response:
@@ -194,8 +223,8 @@ class Gateway:
         if req.stream:
             return await self.forward_stream(kind, body, decision, key, deadline, fallback)
 
-        async def call(backend):
-            return await backend.post(PATHS[kind], {**body, "model": backend.cfg.model}, deadline)
+        async def call(backend, queue_s):
+            return await backend.post(PATHS[kind], {**body, "model": backend.cfg.model}, deadline, queue_s)
 
         try:
             (reply, seconds), served, falls = await self.pool.run(decision.route, call, deadline, fallback)
@@ -203,7 +232,7 @@ class Gateway:
             raise upstream_error(exc) from None
         self.metrics.backend.labels(served).observe(seconds)
         answer = P.answer_of(kind, reply)
-        await self.remember(key, answer, decision)
+        await self.remember(key, answer, decision, falls)
         self.audit(kind, body, decision, served, reply.get("id") if isinstance(reply, dict) else None,
                    text_of(answer))
         return JSONResponse(reply, headers=route_headers(decision, served, falls, seconds))
@@ -215,9 +244,9 @@ class Gateway:
         stack = AsyncExitStack()
         started = time.monotonic()
 
-        async def call(backend):
+        async def call(backend, queue_s):
             return await stack.enter_async_context(
-                backend.stream(PATHS[kind], {**body, "model": backend.cfg.model}, deadline))
+                backend.stream(PATHS[kind], {**body, "model": backend.cfg.model}, deadline, queue_s))
 
         try:
             resp, served, falls = await self.pool.run(decision.route, call, deadline, fallback)
@@ -226,12 +255,15 @@ class Gateway:
             raise upstream_error(exc) from None
         first_byte = time.monotonic() - started
         self.metrics.backend.labels(served).observe(first_byte)
-        return StreamingResponse(self.relay(kind, resp, stack, key, decision, body, served),
-                                 media_type="text/event-stream",
-                                 headers=route_headers(decision, served, falls, first_byte))
+        cut = asyncio.Event()
+        out = StreamingResponse(self.relay(kind, resp, stack, key, decision, body, served, falls, cut),
+                                media_type="text/event-stream",
+                                headers=route_headers(decision, served, falls, first_byte))
+        out.cut = cut  # read by handle's count at the stream's end
+        return out
 
     async def relay(self, kind: str, resp, stack, key: Optional[P.Keyed], decision: Decision, body: dict,
-                    served: str):
+                    served: str, falls: list[str], cut: asyncio.Event):
         """The backend's SSE bytes unchanged; the answer is cached only if the stream completed."""
         collected, pending, stored = P.StreamAnswer(kind), "", False
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")  # a character split across chunks
@@ -243,10 +275,12 @@ class Gateway:
                     collected.feed(line.rstrip("\r"))
                 if collected.done and not stored:  # stored before [DONE] reaches the client: no race
                     stored = True
-                    await self.remember(key, collected.answer(), decision)
+                    await self.remember(key, collected.answer(), decision, falls)
                     self.audit(kind, body, decision, served, collected.id, text_of(collected.answer()))
                 yield chunk
         except Exception as exc:  # the backend died mid-stream: tell the client in-band, cache nothing
+            cut.set()
+            self.pool.backends[served].breaker.failure()  # its headers had counted as a success
             self.metrics.errors.labels("stream_cut").inc()
             log.warning("serve: stream from %s cut: %s", decision.route, type(exc).__name__)
             yield P.sse(P.ApiError(502, "the backend stream was cut", "upstream_error", code="stream_cut").body())
@@ -257,15 +291,30 @@ class Gateway:
     # ------------------------------------------------------------------ other endpoints
 
     def models(self) -> dict:
-        ids = [(self.cfg.model_name, "optkit")] + [(b.cfg.model, name) for name, b in self.pool.backends.items()]
+        ids = [(self.cfg.model_name, "optkit")]
+        if self.cfg.passthrough:
+            ids += [(b.cfg.model, name) for name, b in self.pool.backends.items()]
         return {"object": "list", "data": [{"id": i, "object": "model", "created": 0, "owned_by": o}
                                            for i, o in ids]}
 
     async def ready(self) -> JSONResponse:
+        """Ready while every backend's requests have somewhere to go: it, or a backend on its fallback chain, is
+        reachable. A dead student behind a live teacher keeps the gateway ready -- requests succeed through the
+        fallback, and a readiness probe failing on every replica at once would turn that into an outage."""
         names = list(self.pool.backends)
-        ok = await asyncio.gather(*(self.pool.backends[n].reachable() for n in names))
-        status = dict(zip(names, ok))
-        return JSONResponse({"ready": all(ok), "backends": status}, status_code=200 if all(ok) else 503)
+        up = dict(zip(names, await asyncio.gather(*(self.pool.backends[n].reachable() for n in names))))
+
+        def served(name: str) -> bool:
+            seen = set()
+            while name is not None and name not in seen:
+                if up[name]:
+                    return True
+                seen.add(name)
+                name = self.pool.backends[name].cfg.fallback
+            return False
+
+        ok = all(served(n) for n in names)
+        return JSONResponse({"ready": ok, "backends": up}, status_code=200 if ok else 503)
 
 
 def create_app(cfg: ServeConfig, decider: Decider, targets: Optional[dict] = None) -> FastAPI:
@@ -293,6 +342,7 @@ def create_app(cfg: ServeConfig, decider: Decider, targets: Optional[dict] = Non
     @app.post("/v1/feedback")
     async def feedback(request: Request):
         try:
+            gw.clients.check(request.headers)  # verdicts move the audit's gauges: only from clients
             fb = P.Feedback.model_validate(await read_json(request, 4096))
             result = gw.auditor.feedback(fb.id, fb.correct)
             if result is None:
@@ -305,7 +355,11 @@ def create_app(cfg: ServeConfig, decider: Decider, targets: Optional[dict] = Non
         return result
 
     @app.get("/v1/models")
-    async def models():
+    async def models(request: Request):
+        try:
+            gw.clients.check(request.headers)
+        except P.ApiError as exc:
+            return gw.error(exc)
         return gw.models()
 
     @app.get("/health")

@@ -23,13 +23,15 @@ from toolkit.runtime import register_secret
 
 
 class BackendError(Exception):
-    """A backend call failed. `fallback_ok`: another backend may answer it (the request itself was fine)."""
+    """A backend call failed. `fallback_ok`: another backend may answer it. `health`: what the failure says about
+    the backend, for its breaker: False = it failed, True = it answered (refusing the request), None = nothing
+    (its own slots were all busy)."""
 
     def __init__(self, backend: str, reason: str, message: str, status: Optional[int] = None,
-                 retry_after: Optional[float] = None, fallback_ok: bool = True):
+                 retry_after: Optional[float] = None, fallback_ok: bool = True, health: Optional[bool] = False):
         super().__init__(message)
         self.backend, self.reason, self.status = backend, reason, status
-        self.retry_after, self.fallback_ok = retry_after, fallback_ok
+        self.retry_after, self.fallback_ok, self.health = retry_after, fallback_ok, health
 
 
 class Breaker:
@@ -72,10 +74,10 @@ def _classify(name: str, resp: httpx.Response) -> Optional[BackendError]:
     if code == 429 or code >= 500 or code == 408:
         return BackendError(name, "http_429" if code == 429 else f"http_{code // 100}xx", f"HTTP {code}: {body}",
                             code, parse_retry_after(resp.headers.get("retry-after")))
-    # 400/413/422: the request itself was refused (another model would refuse it too); 401/403/404: this
-    # backend's configuration is wrong, so another backend may still answer.
-    return BackendError(name, f"http_{code}", f"HTTP {code}: {body}", code,
-                        fallback_ok=code in (401, 403, 404))
+    # 400/413/422: this backend refused the request, yet another may take it -- the commonest 400 is a prompt
+    # longer than a small student's context, which the teacher accepts; the backend itself is alive. 401/403/404:
+    # this backend's configuration is wrong. Either way the fallback may still answer.
+    return BackendError(name, f"http_{code}", f"HTTP {code}: {body}", code, health=code in (400, 413, 422))
 
 
 class Backend:
@@ -91,11 +93,15 @@ class Backend:
         n = cfg.max_concurrency
         self.client = httpx.AsyncClient(headers=headers, limits=httpx.Limits(max_connections=n,
                                                                              max_keepalive_connections=n))
+        # Readiness probes get their own connection: on a backend whose slots are all busy (it is working) a probe
+        # through the request pool would wait for one, time out and call the backend down.
+        self.probe = httpx.AsyncClient(headers=headers, limits=httpx.Limits(max_connections=1))
         self.slots = asyncio.Semaphore(n)
         self.breaker = Breaker(cfg.breaker_failures, cfg.breaker_cooldown_s)
 
     async def aclose(self) -> None:
         await self.client.aclose()
+        await self.probe.aclose()
 
     def _timeout(self, deadline: float) -> float:
         left = deadline - time.monotonic()
@@ -138,14 +144,18 @@ class Backend:
             with attempt:
                 return await self._attempt(send, deadline)
 
-    async def _slot(self, deadline: float) -> None:
+    async def _slot(self, deadline: float, queue_s: Optional[float]) -> None:
+        """A free slot, waiting at most queue_s (a fallback can take the request sooner) and never past the
+        deadline."""
+        wait = deadline - time.monotonic() if queue_s is None else min(queue_s, deadline - time.monotonic())
         try:
-            await asyncio.wait_for(self.slots.acquire(), max(deadline - time.monotonic(), 0.001))
+            await asyncio.wait_for(self.slots.acquire(), max(wait, 0.001))
         except asyncio.TimeoutError:
-            raise BackendError(self.name, "busy", f"all {self.cfg.max_concurrency} slots busy until the "
-                               "deadline") from None
+            raise BackendError(self.name, "busy", f"all {self.cfg.max_concurrency} slots stayed busy for "
+                               f"{wait:.3g}s", health=None) from None
 
-    async def post(self, path: str, body: dict, deadline: float) -> tuple[dict, float]:
+    async def post(self, path: str, body: dict, deadline: float, queue_s: Optional[float] = None
+                   ) -> tuple[dict, float]:
         """(reply JSON, seconds) of a non-streaming call."""
         async def send(timeout: float):
             resp = await self.client.post(self.url + path, json=body, timeout=timeout)
@@ -157,7 +167,7 @@ class Backend:
             except ValueError:
                 raise BackendError(self.name, "http_5xx", "malformed reply (not JSON)") from None
 
-        await self._slot(deadline)
+        await self._slot(deadline, queue_s)
         started = time.monotonic()
         try:
             return await self._retrying(send, deadline), time.monotonic() - started
@@ -165,7 +175,8 @@ class Backend:
             self.slots.release()
 
     @asynccontextmanager
-    async def stream(self, path: str, body: dict, deadline: float) -> AsyncIterator[httpx.Response]:
+    async def stream(self, path: str, body: dict, deadline: float, queue_s: Optional[float] = None
+                     ) -> AsyncIterator[httpx.Response]:
         """An open streaming reply whose status was 2xx; errors before the first byte raise BackendError (so the
         caller can still fall back), later ones surface while reading."""
         async def send(timeout: float):
@@ -177,7 +188,7 @@ class Backend:
                 raise _classify(self.name, resp)
             return resp
 
-        await self._slot(deadline)
+        await self._slot(deadline, queue_s)
         try:
             resp = await self._retrying(send, deadline)
             try:
@@ -189,7 +200,7 @@ class Backend:
 
     async def reachable(self, timeout: float = 2.0) -> bool:
         try:
-            resp = await self.client.get(self.url + "/models", timeout=timeout)
+            resp = await self.probe.get(self.url + "/models", timeout=timeout)
         except httpx.HTTPError:
             return False
         return resp.status_code < 500
@@ -209,9 +220,10 @@ class Pool:
     def by_model(self, model: str) -> Optional[Backend]:
         return next((b for b in self.backends.values() if b.cfg.model == model), None)
 
-    async def run(self, name: str, call: Callable[[Backend], Awaitable[Any]], deadline: float,
+    async def run(self, name: str, call: Callable[[Backend, Optional[float]], Awaitable[Any]], deadline: float,
                   fallback: bool = True) -> tuple[Any, str, list[str]]:
-        """(call's result, backend that answered, fallbacks taken as 'from->to:reason')."""
+        """(call's result, backend that answered, fallbacks taken as 'from->to:reason'). `call(backend, queue_s)`
+        waits at most queue_s for one of the backend's slots (None: within the deadline)."""
         taken: list[str] = []
         seen: set[str] = set()
         while True:
@@ -223,10 +235,12 @@ class Pool:
                 name = nxt
                 continue
             try:
-                result = await call(backend)
+                result = await call(backend, None if nxt is None else backend.cfg.queue_timeout_s)
             except BackendError as exc:
-                # A refused request (400) still shows a live backend: only real failures count against it.
-                (backend.breaker.failure if exc.fallback_ok else backend.breaker.success)()
+                # A refused request (400) still shows a live backend, busy slots show nothing: only real failures
+                # count against it.
+                if exc.health is not None:
+                    (backend.breaker.success if exc.health else backend.breaker.failure)()
                 if nxt is None or not exc.fallback_ok or time.monotonic() >= deadline:
                     raise
                 taken.append(self._fall(name, nxt, exc.reason))

@@ -4,8 +4,9 @@ to the teacher (Decider.escalates: the rule evaluate's replay prices). The reply
 x-optkit-route: <student backend> | teacher-escalated, with x-optkit-cascade-confidence / -threshold.
 
 The student's answer must be complete before the decision, so a streaming request is answered as one stream of
-the final answer (role, content, finish, [DONE]). A failing teacher after an escalation serves the student's
-answer (x-optkit-fallback says so); a failing student falls back as its backend config says, unscored.
+the final reply (role, content or tool calls, finish, the usage chunk when asked, [DONE]). A failing teacher after
+an escalation serves the student's answer (x-optkit-fallback says so; not cached); a failing student falls back
+as its backend config says, unscored.
 """
 
 from __future__ import annotations
@@ -50,8 +51,8 @@ async def forward_cascade(gw, kind: str, req, body: dict, decision, key) -> obje
     cascade = gw.decider.cascade
 
     def call_with(payload: dict):
-        async def call(backend):
-            return await backend.post(PATHS[kind], {**payload, "model": backend.cfg.model}, deadline)
+        async def call(backend, queue_s):
+            return await backend.post(PATHS[kind], {**payload, "model": backend.cfg.model}, deadline, queue_s)
         return call
 
     try:
@@ -77,11 +78,11 @@ async def forward_cascade(gw, kind: str, req, body: dict, decision, key) -> obje
                 falls = falls + [f"{ESCALATED}->{decision.route}:{exc.reason}"]
     reply = _strip_logprobs(kind, body, reply)
     answer = P.answer_of(kind, reply)
-    await gw.remember(key, answer, decision)
+    await gw.remember(key, answer, decision, falls)
     rid: Optional[str] = reply.get("id") if isinstance(reply, dict) else None
     gw.audit(kind, body, decision, served, rid, text_of(answer))
     headers = {**route_headers(decision, served, falls, seconds), **extra}
-    if req.stream and answer is not None:
-        chunks = P.cached_chunks(kind, answer, gw.cfg.model_name, rid)
+    if req.stream:
+        chunks = P.reply_chunks(kind, reply, P.include_usage(body))
         return StreamingResponse(iter(chunks), media_type="text/event-stream", headers=headers)
     return JSONResponse(reply, headers=headers)

@@ -14,7 +14,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Literal, Optional, Union
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictFloat, StrictInt, model_validator
 
 # Fields that do not change the answer; every other field of the body is part of the cache key space, so an
 # unknown parameter can only split the cache, never make two different requests share an answer.
@@ -47,22 +47,37 @@ class Message(_Open):
     content: Optional[Union[str, list[TextPart]]] = None
 
 
-class ChatRequest(_Open):
+class _Request(_Open):
+    """What both endpoints share. Strict types: a string where a number or a boolean belongs is refused (as the
+    OpenAI API does), never coerced here and then forwarded upstream as the string."""
     model: str = Field(min_length=1)
+    stream: StrictBool = False
+    temperature: Optional[StrictFloat] = Field(None, ge=0, le=2)
+    top_p: Optional[StrictFloat] = Field(None, ge=0, le=1)
+    max_tokens: Optional[StrictInt] = Field(None, ge=1)
+    n: StrictInt = Field(1, ge=1, le=16)
+    seed: Optional[StrictInt] = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _null_is_default(cls, data: Any) -> Any:
+        # The API documents `stream` and `n` as "or null": null means the default, not a type error.
+        if isinstance(data, dict) and any(data.get(k, 0) is None for k in ("stream", "n")):
+            data = {k: v for k, v in data.items() if not (k in ("stream", "n") and v is None)}
+        return data
+
+
+class ChatRequest(_Request):
     messages: list[Message] = Field(min_length=1)
-    stream: bool = False
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=16)
+    max_completion_tokens: Optional[StrictInt] = Field(None, ge=1)
+    logprobs: Optional[StrictBool] = None
+    top_logprobs: Optional[StrictInt] = Field(None, ge=0, le=20)
 
 
-class CompletionRequest(_Open):
-    model: str = Field(min_length=1)
+class CompletionRequest(_Request):
     prompt: str = Field(min_length=1)  # batched prompts (a list) are not routed one by one: refused
-    stream: bool = False
-    temperature: Optional[float] = Field(None, ge=0, le=2)
-    max_tokens: Optional[int] = Field(None, ge=1)
-    n: int = Field(1, ge=1, le=16)
+    logprobs: Optional[StrictInt] = Field(None, ge=0)
+    echo: Optional[StrictBool] = None
 
 
 def message_text(m: Message) -> str:
@@ -83,6 +98,24 @@ class Keyed:
     templated: Optional[bool] = None
 
 
+def _beside_text(m: Message) -> dict:
+    """The query turn without its text: images, audio, files and fields such as `name`. They join the key space,
+    so a question about one image is never answered from the cache with the answer about another (the cache and
+    the router judge the text; the namespace keeps the rest apart)."""
+    rest = m.model_dump(exclude_none=True)
+    content = rest.pop("content", None)
+    if isinstance(content, list):
+        rest["parts"] = [p for p in content if p.get("type") != "text"]
+    return rest
+
+
+def wants_logprobs(kind: str, req) -> bool:
+    """A request for log-probs is never served from the cache: a cached answer has none to give."""
+    if kind == "chat":
+        return bool(req.logprobs) or bool(req.top_logprobs)
+    return req.logprobs is not None or bool(req.echo)
+
+
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:24]
 
@@ -98,7 +131,7 @@ def keyed(kind: str, req: Union[ChatRequest, CompletionRequest], body: dict, ten
         last = users[-1] if users else len(req.messages) - 1
         query = message_text(req.messages[last])
         context = [m.model_dump(exclude_none=True) for i, m in enumerate(req.messages) if i != last]
-        context.append({"query_at": last})
+        context.append({"query_at": last, "rest": _beside_text(req.messages[last])})
     else:
         query, context = req.prompt, []
     templated = None
@@ -113,7 +146,7 @@ def keyed(kind: str, req: Union[ChatRequest, CompletionRequest], body: dict, ten
     params["temperature"] = temperature  # absent and the default are the same request
     namespace = {"tenant": tenant, "model": model_name, "kind": kind, "context": _digest(context),
                  "params": _digest(params)}
-    cacheable = (policy.enabled and req.n == 1 and bool(query.strip())
+    cacheable = (policy.enabled and req.n == 1 and bool(query.strip()) and not wants_logprobs(kind, req)
                  and (temperature == 0 or policy.cache_sampled))
     return Keyed(query, namespace, cacheable and not no_cache, cacheable and not no_store, templated)
 
@@ -126,6 +159,40 @@ def tenant_of(headers, tenant_header: Optional[str]) -> str:
     if auth:
         return "k:" + hashlib.sha256(auth.encode()).hexdigest()[:16]
     return "anonymous"
+
+
+class ClientKeys:
+    """The API keys clients must send (`api_keys_env`: comma-separated, in the environment, never in a file),
+    kept as digests and compared in constant time. None configured = an open gateway (behind a proxy that
+    authenticates)."""
+
+    def __init__(self, env: Optional[str]):
+        self.digests: list[bytes] = []
+        if env is None:
+            return
+        import os
+
+        from toolkit.errors import OptkitError
+        from toolkit.runtime import register_secret
+
+        keys = [k.strip() for k in os.environ.get(env, "").split(",") if k.strip()]
+        if not keys:  # fail closed: a typo in the variable's name must not open the gateway
+            raise OptkitError(f"serve config: api_keys_env is {env}, but ${env} holds no key (comma-separated)")
+        for k in keys:
+            register_secret(k)
+        self.digests = [hashlib.sha256(k.encode()).digest() for k in keys]
+
+    def check(self, headers) -> None:
+        if not self.digests:
+            return
+        import hmac
+
+        scheme, _, token = headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise ApiError(401, "no API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
+        digest = hashlib.sha256(token.strip().encode()).digest()
+        if not any(hmac.compare_digest(digest, d) for d in self.digests):  # the key is never echoed
+            raise ApiError(401, "incorrect API key", code="invalid_api_key")
 
 
 def cache_control(headers) -> tuple[bool, bool]:
@@ -180,19 +247,44 @@ def sse(obj: Any) -> bytes:
 DONE = b"data: [DONE]\n\n"
 
 
-def cached_chunks(kind: str, answer: dict, model: str, rid: Optional[str] = None) -> list[bytes]:
-    """A cached answer as an OpenAI stream: role, content, finish, [DONE]."""
-    rid, now = rid or new_id(kind), int(time.time())
-    if kind == "chat":
-        head = {"id": rid, "object": "chat.completion.chunk", "created": now, "model": model}
-        deltas = [({"role": "assistant", "content": ""}, None), ({"content": answer["text"]}, None),
-                  ({}, answer["finish_reason"])]
-        events = [{**head, "choices": [{"index": 0, "delta": d, "finish_reason": f}]} for d, f in deltas]
-    else:
-        head = {"id": rid, "object": "text_completion", "created": now, "model": model}
-        events = [{**head, "choices": [{"index": 0, "text": t, "finish_reason": f, "logprobs": None}]}
-                  for t, f in ((answer["text"], None), ("", answer["finish_reason"]))]
-    return [sse(e) for e in events] + [DONE]
+def include_usage(body: dict) -> bool:
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True
+
+
+def reply_chunks(kind: str, reply: dict, usage: bool = False) -> list[bytes]:
+    """A complete reply as the OpenAI stream of it: per choice its role, its content (with tool calls and
+    log-probs when it has them) and its finish; the usage chunk when the client asked for one; [DONE]. Used for
+    cache hits and for cascade replies, whose answer is complete before the first byte goes out."""
+    head = {"id": reply.get("id") or new_id(kind), "created": reply.get("created") or int(time.time()),
+            "model": reply.get("model")}
+    events: list[dict] = []
+    for i, c in enumerate(reply.get("choices") or []):
+        index, finish = c.get("index", i), c.get("finish_reason")
+        if kind == "chat":
+            msg = c.get("message") or {}
+            delta = {k: v for k, v in msg.items() if k not in ("role", "tool_calls") and v is not None}
+            if msg.get("tool_calls"):
+                delta["tool_calls"] = [{"index": j, **tc} for j, tc in enumerate(msg["tool_calls"])]
+            chunk = {"index": index, "delta": delta, "finish_reason": None}
+            if c.get("logprobs") is not None:
+                chunk["logprobs"] = c["logprobs"]
+            events += [{"index": index, "delta": {"role": msg.get("role") or "assistant", "content": ""},
+                        "finish_reason": None}, chunk, {"index": index, "delta": {}, "finish_reason": finish}]
+        else:
+            events += [{"index": index, "text": c.get("text") or "", "finish_reason": None,
+                        "logprobs": c.get("logprobs")},
+                       {"index": index, "text": "", "finish_reason": finish, "logprobs": None}]
+    obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
+    out = [sse({**head, "object": obj, "choices": [e]}) for e in events]
+    if usage:
+        out.append(sse({**head, "object": obj, "choices": [], "usage": reply.get("usage")}))
+    return out + [DONE]
+
+
+def cached_chunks(kind: str, answer: dict, model: str, rid: Optional[str] = None, usage: bool = False) -> list[bytes]:
+    """A cached answer as an OpenAI stream: role, content, finish, [usage], [DONE]."""
+    return reply_chunks(kind, cached_reply(kind, answer, model, rid), usage)
 
 
 class StreamAnswer:
