@@ -49,9 +49,11 @@ VARIANTS: dict[str, tuple[str, list[str]]] = {
     "full_ft_seed_1": ("full fine-tune, lr 1e-4, training seed 1",
                        FIXED + ["distill.method=full", "distill.training.learning_rate=1e-4",
                                 "distill.training.seed=1"]),
-    "layers_10": ("layer count: 10 (searched)", ["distill.student.from_teacher.num_layers=10"]),
+    # the quickstart pins its 14 layers: unpin them, so these are searched
+    "layers_10": ("layer count: 10 (searched)", ["distill.student.from_teacher.num_layers=10",
+                                                 "distill.student.from_teacher.layers=null"]),
     "layers_20": ("layer count: 20 (searched; 67% of parameters, over the 60% limit)",
-                  ["distill.student.from_teacher.num_layers=20"]),
+                  ["distill.student.from_teacher.num_layers=20", "distill.student.from_teacher.layers=null"]),
     "teacher_as_student": ("all 30 layers: the teacher itself trained on its own answers (the ceiling)",
                            ["distill.student.from_teacher=null", "distill.student.model=smollm2-135m-instruct"]),
 }

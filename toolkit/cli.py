@@ -9,6 +9,18 @@ import sys
 EXIT_USER_ERROR = 2
 
 
+def _port(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 65535:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a port (1-65535)")
+    return int(text)
+
+
+def _sha256(text: str) -> str:
+    if len(text) != 64 or any(c not in "0123456789abcdefABCDEF" for c in text):
+        raise argparse.ArgumentTypeError("want the 64 hex digits export printed")
+    return text.lower()
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="optkit", description="LLM optimization pipeline: collect → distill → "
                                 "quantize → route → cache → evaluate → export, from one YAML recipe.")
@@ -38,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_b")
     ver = sub.add_parser("verify", help="check an exported bundle against its manifest (exit 1 on any mismatch)")
     ver.add_argument("bundle", help="bundle directory (artifacts/<name>/export/bundle)")
-    ver.add_argument("--manifest-sha256", metavar="HEX", help="also require manifest.json to have this sha256 "
+    ver.add_argument("--manifest-sha256", metavar="HEX", type=_sha256, help="also require manifest.json to have this sha256 "
                      "(printed at export)")
     ev = sub.add_parser("evaluate", help="score a bundle's variants and system on a new labeled file (quality with "
                         "95%% intervals, agreement, latency, cost)")
@@ -53,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("bundle", help="bundle directory (artifacts/<name>/export/bundle)")
     srv.add_argument("--config", metavar="serve.yaml", help="backends and policy (default: the bundle's serve.yaml)")
     srv.add_argument("--host", default="127.0.0.1")
-    srv.add_argument("--port", type=int, default=8080)
+    srv.add_argument("--port", type=_port, default=8080)
     return p
 
 
@@ -126,9 +138,15 @@ def _cmd_compare(args) -> int:
 
 
 def _cmd_verify(args) -> int:
-    from toolkit.bundle import verify_bundle
+    from toolkit.bundle import BundleIntegrityError, verify_bundle
 
-    problems = verify_bundle(args.bundle, args.manifest_sha256)
+    try:
+        problems = verify_bundle(args.bundle, args.manifest_sha256)
+    except BundleIntegrityError as exc:  # a corrupt manifest is a failed check (exit 1), not a usage error
+        from toolkit.runtime import redact
+
+        print(f"error: {redact(str(exc))}", file=sys.stderr)
+        return 1
     for p in problems:
         print(f"MISMATCH {p}")
     if problems:
@@ -144,7 +162,12 @@ COMMANDS = {"run": _cmd_run, "validate": _cmd_validate, "schema": _cmd_schema, "
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:  # `run r.yaml --only collect seed=3`: overrides after an option are still overrides
+        if args.command not in ("run", "validate") or any(t.startswith("-") or "=" not in t for t in extra):
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
+        args.overrides += extra
     if args.version:
         from toolkit import __version__
 

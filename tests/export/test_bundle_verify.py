@@ -54,7 +54,7 @@ def test_manifest_paths_must_stay_inside(tmp_path, rel):
     with pytest.raises(BundleIntegrityError, match="leaves the bundle"):
         verify_bundle(b)
     p = cli("verify", str(b))
-    assert p.returncode == 2 and "leaves the bundle" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 1 and "leaves the bundle" in p.stderr and "Traceback" not in p.stderr  # a failed check
 
 
 def test_symlink_that_escapes_is_refused(tmp_path):
@@ -84,7 +84,7 @@ def test_malformed_entry_is_one_line_not_a_traceback(tmp_path, entry, msg):
     with pytest.raises(BundleIntegrityError, match=msg):
         verify_bundle(b)
     p = cli("verify", str(b))
-    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.returncode == 1 and "Traceback" not in p.stderr
     assert p.stderr.startswith("error: ") and "cache.json" in p.stderr and len(p.stderr.splitlines()) == 1
 
 
@@ -92,7 +92,7 @@ def test_files_as_a_list_gets_a_bundle_format_message(tmp_path):
     b = make_bundle(tmp_path / "b")
     write_manifest(b, ["cache.json", "route/router.json"])
     p = cli("verify", str(b))
-    assert p.returncode == 2 and "wants 'files' to be an object" in p.stderr and "got list" in p.stderr
+    assert p.returncode == 1 and "wants 'files' to be an object" in p.stderr and "got list" in p.stderr
 
 
 def test_unlisted_files_and_directories_are_reported(tmp_path):
@@ -180,3 +180,10 @@ def test_cache_refuses_tampered_static_embedder_vectors(tmp_path):
     (b / "cache-embedder" / "vectors.safetensors").write_bytes(b"other vectors")
     with pytest.raises(BundleIntegrityError, match="cache-embedder/vectors.safetensors"):
         Bundle.open(b).cache()
+
+
+def test_a_manifest_that_is_not_json_fails_the_check(tmp_path):
+    b = make_bundle(tmp_path / "b")
+    (b / "manifest.json").write_text('{"format": ')
+    p = cli("verify", str(b))
+    assert p.returncode == 1 and p.stderr.startswith("error: ") and "not valid JSON" in p.stderr

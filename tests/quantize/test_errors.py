@@ -70,10 +70,11 @@ def test_missing_extra_is_named(monkeypatch):
         gguf.llama_cpp_version()
 
 
-def test_no_method_enabled(pruned_dir, workdir):
-    fake_run(workdir, pruned_dir)
-    with pytest.raises(OptkitError, match="no method enabled"):
-        run_pipeline(recipe({"gptq": {"enabled": False}}), only="quantize")
+def test_no_method_enabled():
+    """Refused by the recipe itself (so `optkit validate` says it), not after collect and distill have run."""
+    for section in ({"gptq": {"enabled": False}}, {}):
+        with pytest.raises(OptkitError, match="quantize: no method enabled; add one of .*gptq"):
+            recipe(section)
 
 
 def test_schema_refuses_unknown_gguf_type():

@@ -156,3 +156,26 @@ def test_only_complete_streams_are_answers():
     assert feed([part, end], done=False) is None  # cut before [DONE]
     assert feed([part], done=True) is None  # no finish_reason: cut mid-answer
     assert feed([part, {"choices": [{"index": 0, "delta": {}, "finish_reason": "content_filter"}]}]) is None
+
+
+def test_an_edited_serve_yaml_is_served_and_said(tmp_path, caplog):
+    """serve.yaml is the bundle file meant to be edited (backend URLs), so it is served; but it decides where
+    requests and API keys go, so a copy that is not the exported one is said in the log (verify flags it too)."""
+    import json
+
+    from toolkit.bundle import FORMAT
+    from toolkit.export.build import file_table
+    from toolkit.serve.system import load_config
+
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump({"backends": BACKENDS}))
+    (tmp_path / "manifest.json").write_text(json.dumps({"format": FORMAT, "models": [],
+                                                        "files": file_table(tmp_path)}))
+    with caplog.at_level("WARNING", logger="optkit.serve"):
+        load_config(tmp_path, None)
+    assert not caplog.records
+    edited = {"backends": {**BACKENDS, "teacher": {**BACKENDS["teacher"], "base_url": "https://elsewhere/v1"}}}
+    (tmp_path / "serve.yaml").write_text(yaml.safe_dump(edited))
+    with caplog.at_level("WARNING", logger="optkit.serve"):
+        cfg = load_config(tmp_path, None)
+    assert cfg.backends["teacher"].base_url == "https://elsewhere/v1"
+    assert any("serve.yaml is not the exported one" in r.getMessage() for r in caplog.records)

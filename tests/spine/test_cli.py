@@ -1,5 +1,6 @@
 """The command line: fast start-up, one-line errors with exit code 2, validate, schema."""
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,48 @@ def test_evaluate_refuses_a_non_bundle_without_loading_anything(tmp_path):
     assert p.returncode == 2 and "not an optkit bundle" in p.stderr and "Traceback" not in p.stderr
     p = optkit("evaluate", str(tmp_path))  # --data and --out are required
     assert p.returncode == 2 and "--data" in p.stderr
+
+
+def test_overrides_after_an_option_and_malformed_option_values(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("name: t\nteacher: {model: x/y}\ndata: {path: d.jsonl}\ncollect: {}\n")
+    p = optkit("run", str(r), "--only", "collect", "collect.generation.max_new_tokens=zero", cwd=tmp_path)
+    assert p.returncode == 2 and p.stderr.startswith("error: override 'collect.generation.max_new_tokens=zero'")
+    p = optkit("validate", str(r), "--bogus", "seed=3")
+    assert p.returncode == 2 and "unrecognized arguments: --bogus" in p.stderr
+    p = optkit("serve", str(tmp_path), "--port", "99999")
+    assert p.returncode == 2 and "'99999' is not a port (1-65535)" in p.stderr and "Traceback" not in p.stderr
+    p = optkit("verify", str(tmp_path), "--manifest-sha256", "abc")
+    assert p.returncode == 2 and "64 hex digits" in p.stderr
+    p = optkit("serve", str(tmp_path / "nope"))
+    assert p.returncode == 2 and p.stderr.strip() == f"error: {tmp_path / 'nope'}: no such bundle directory"
+    assert not list(tmp_path.rglob("manifest.json"))
+
+
+def test_evaluate_out_that_cannot_be_written_is_named_and_old_results_never_look_current(tmp_path):
+    from toolkit.evaluate.bundle import RESULTS, prepare_out
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for name in RESULTS:
+        (old / name).write_text("from an earlier evaluation")
+    (old / "work").mkdir()
+    (old / "work" / "answers.jsonl").write_text("{}\n")
+    prepare_out(old)  # what a run does once its inputs passed their checks
+    assert [p.name for p in old.iterdir()] == ["work"] and (old / "work" / "answers.jsonl").exists()
+
+    bundle = tmp_path / "b"
+    bundle.mkdir()
+    from toolkit.bundle import FORMAT
+
+    recipe = {"name": "t", "teacher": {"model": "smollm2-135m-instruct"},
+              "data": {"path": "x.jsonl", "prompt_column": "text", "reference_column": "label"}, "collect": {}}
+    (bundle / "manifest.json").write_text(json.dumps({"format": FORMAT, "models": [], "files": {},
+                                                      "recipe": recipe}))
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"id": 1, "text": "hi", "label": "A"}\n')
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    p = optkit("evaluate", str(bundle), "--data", str(data), "--out", str(blocker))
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert p.stderr.startswith(f"error: --out: cannot write results to {blocker}")

@@ -139,3 +139,46 @@ def test_import_is_cheap():
             "bad=[m for m in ('torch','transformers','mlflow','sklearn') if m in sys.modules];"
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_key_repeated_in_one_mapping_is_refused_with_its_line(tmp_path):
+    p = write(tmp_path, "name: t\nteacher: {model: x}\ndata:\n  path: d.jsonl\n  prompt_column: q\ncollect: {}\n"
+                        "data:\n  path: other.jsonl\n")
+    with pytest.raises(OptkitError, match=r"r\.yaml:7:1: invalid YAML: duplicate key 'data'"):
+        load_recipe(p)
+    p = write(tmp_path, "name: t\nteacher: {model: x, model: y}\ndata: {path: d.jsonl}\n")
+    with pytest.raises(OptkitError, match=r"r\.yaml:2:\d+: invalid YAML: duplicate key 'model'"):
+        load_recipe(p)
+    # YAML's own merge key may set a key again
+    p = write(tmp_path, "name: t\nteacher: {model: x}\ndata: {path: d.jsonl}\ncollect:\n  generation:\n"
+                        "    <<: {max_new_tokens: 3, temperature: 0.5}\n    max_new_tokens: 5\n")
+    r = load_recipe(p)
+    assert (r.collect.generation.max_new_tokens, r.collect.generation.temperature) == (5, 0.5)
+
+
+def test_an_override_error_names_the_override_not_the_file(tmp_path):
+    p = write(tmp_path, "name: t\nteacher: {model: x}\ndata: {path: d.jsonl}\ncollect: {}\n")
+    with pytest.raises(OptkitError) as e:
+        load_recipe(p, ["data.limit=0"])
+    assert str(e.value).startswith("override 'data.limit=0': data.limit:") and str(p) not in str(e.value)
+    write(tmp_path, "name: t\nteacher: {model: x}\ndata: {path: d.jsonl}\ncollect: {backnd: hf}\n")
+    with pytest.raises(OptkitError, match=r"r\.yaml: collect\.backnd: unknown key"):
+        load_recipe(p, ["data.limit=3"])  # the file's own mistake is still the file's
+
+
+@pytest.mark.parametrize("section, message", [
+    ({"evaluate": {"batch_sizes": [1, 0]}}, r"evaluate\.batch_sizes\.1: Input should be greater than 0"),
+    ({"evaluate": {"concurrency": [-1]}}, r"evaluate\.concurrency\.0: Input should be greater than 0"),
+    ({"evaluate": {"slo": {"e2e_p99_s": -1}}}, r"evaluate\.slo\.e2e_p99_s: Input should be greater than 0"),
+    ({"distill": {"student": {"model": "x"}, "training": {"max_steps": 0}}}, r"max_steps: 0 would train nothing"),
+    ({"distill": {"student": {"model": "x"}, "training": {"max_steps": -7}}}, r"max_steps: .*greater than or equal"),
+    ({"distill": {"student": {"from_teacher": {"num_layers": 3, "layers": [0, 0, 9]}}}}, r"distinct and >= 0"),
+    ({"distill": {"student": {"from_teacher": {"num_layers": 2, "layers": [0, 5, 9]}}}}, r"3 indices for num_la"),
+    ({"collect": {"splits": []}}, r"collect\.splits: List should have at least 1 item"),
+    ({"export": {"include": []}}, r"export\.include: List should have at least 1 item"),
+    ({"route": {"labels": {"source": "file", "path": "l.jsonl"}, "costs": {"a": -1, "b": 0}}},
+     r"route\.costs\.a: Input should be greater than or equal to 0"),
+])
+def test_values_no_run_could_use_are_refused_up_front(section, message):
+    with pytest.raises(OptkitError, match=message):
+        recipe_from_dict({**MINIMAL, **section})

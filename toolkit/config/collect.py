@@ -54,7 +54,7 @@ class CollectSettings(Section):
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Decoding settings.")
     top_logprobs: int = Field(0, ge=0, le=20, description="Keep this many top log-probs per output token "
                               "(for logit KD); 0 = none.")
-    splits: list[Literal["train", "val", "test"]] = Field(["train", "val", "test"],
+    splits: list[Literal["train", "val", "test"]] = Field(["train", "val", "test"], min_length=1,
                                                           description="Which splits to send to the teacher.")
     log: LogBackendConfig = Field(default_factory=LogBackendConfig, description="Settings of the log backend.")
     context: Literal["error", "skip", "truncate"] = Field(

@@ -18,6 +18,15 @@ class PruneConfig(Section):
         "keep the best (default).")
     score_batches: int = Field(4, ge=1, description="Batches of teacher outputs used to score each candidate.")
 
+    @model_validator(mode="after")
+    def _layers(self) -> "PruneConfig":
+        if self.layers is not None:  # refused here, not after the teacher has loaded
+            if len(self.layers) != self.num_layers:
+                raise ValueError(f"layers: {len(self.layers)} indices for num_layers {self.num_layers}")
+            if len(set(self.layers)) != len(self.layers) or min(self.layers) < 0:
+                raise ValueError("layers: teacher layer indices must be distinct and >= 0")
+        return self
+
 
 class StudentConfig(Section):
     model: Optional[str] = Field(None, description="A causal LM (HF id / dir / built-in) to use as the student.")
@@ -53,7 +62,13 @@ class KDConfig(Section):
 
 class TrainConfig(Section):
     epochs: float = Field(1.0, gt=0, description="Passes over the training split.")
-    max_steps: int = Field(-1, description="Stop after this many optimizer steps (-1 = use epochs).")
+    max_steps: int = Field(-1, ge=-1, description="Stop after this many optimizer steps (-1 = use epochs).")
+
+    @model_validator(mode="after")
+    def _steps(self) -> "TrainConfig":
+        if self.max_steps == 0:
+            raise ValueError("max_steps: 0 would train nothing; -1 = use epochs, or at least 1")
+        return self
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     batch_size: int = Field(8, ge=1, description="Per-device batch size.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional, Union
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, model_validator
 
 from toolkit.config.base import Section
 
@@ -63,11 +63,11 @@ class EvaluateConfig(Section):
         "this environment, else the project's .venv-vllm), GGUF behind llama.cpp's server, each under the "
         "concurrency sweep; transformers = in-process figures only; auto = vllm when a vLLM environment exists. "
         "Answers, quality and perplexity come from the in-process engines either way (transformers, llama.cpp).")
-    concurrency: list[int] = Field([1, 4, 16], min_length=1, description="Concurrent requests at which each "
+    concurrency: list[PositiveInt] = Field([1, 4, 16], min_length=1, description="Concurrent requests at which each "
                                    "served variant is measured (TTFT, TPOT/ITL, e2e p50/p95/p99, tok/s, req/s).")
     requests_per_level: int = Field(16, ge=1, description="Requests per concurrency level (at least 2 x the "
                                     "level), cycling through the latency prompts.")
-    slo: dict[Literal["e2e_p99_s", "ttft_p99_s", "e2e_p95_s"], float] = Field(
+    slo: dict[Literal["e2e_p99_s", "ttft_p99_s", "e2e_p95_s"], PositiveFloat] = Field(
         default_factory=dict, description="Latency bounds a serving level must meet to set the self-hosted cost, "
         "e.g. {e2e_p99_s: 2.0}: $/1M requests = per_hour / the best req/s meeting them ('SLO not met' when no "
         "level does). Empty = the best req/s measured.")
@@ -84,7 +84,7 @@ class EvaluateConfig(Section):
     latency_samples: int = Field(8, ge=1, description="Prompts timed one request at a time (batch 1) for TTFT, "
                                  "TPOT and end-to-end latency percentiles.")
     warmup: int = Field(1, ge=0, description="Untimed requests before timing each variant.")
-    batch_sizes: list[int] = Field([1, 8], min_length=1, description="Batch sizes at which throughput (output "
+    batch_sizes: list[PositiveInt] = Field([1, 8], min_length=1, description="Batch sizes at which throughput (output "
                                    "tokens/s, requests/s) is measured; the largest sets the self-hosted cost.")
     answer_batch_size: Optional[int] = Field(None, ge=1, description="Prompts per batch when a local variant "
                                              "answers the evaluated prompts (untimed); null = distill.eval_batch_size, "

@@ -11,7 +11,7 @@ from toolkit.config.base import Section
 
 class ExportConfig(Section):
     include: list[Literal["student", "adapter", "quantized", "gguf", "route", "cache"]] = Field(
-        ["student", "adapter", "quantized", "gguf", "route", "cache"],
+        ["student", "adapter", "quantized", "gguf", "route", "cache"], min_length=1,
         description="What goes into the bundle: student = merged student model dir; adapter = the LoRA adapter "
         "and its base; quantized = the compressed-tensors dirs; gguf = GGUF files + Ollama Modelfile; route = "
         "router weights; cache = cache.json. Parts whose stage did not run are left out with a note.")

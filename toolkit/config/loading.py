@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import difflib
 from pathlib import Path
-from typing import Any, Optional, get_args
+from typing import Any, Optional, Sequence, get_args
 
 from pydantic import BaseModel, ValidationError
 
@@ -35,13 +35,18 @@ def _first_model(tp: Any) -> Optional[type[BaseModel]]:
     return None
 
 
-def format_validation_error(err: ValidationError, source: str, root: type[BaseModel] = None) -> str:
-    """One readable line per problem: `file: key.path: message (did you mean 'x'?)`."""
+def format_validation_error(err: ValidationError, source: str, root: type[BaseModel] = None,
+                            overrides: Sequence[str] = ()) -> str:
+    """One readable line per problem: `file: key.path: message (did you mean 'x'?)` -- or `override 'k=v'` in
+    place of the file when the value came from the command line."""
     root = root or Recipe
+    given = {".".join(parse_override(o)[0]): o for o in overrides}
     lines = []
     for e in err.errors():
         loc = tuple(e["loc"])
         path = ".".join(str(p) for p in loc) or "(top level)"
+        origin = next((f"override '{o[:80]}'" for k, o in given.items()  # at, below or (a model check) above it
+                       if path == k or path.startswith(k + ".") or (loc and k.startswith(path + "."))), source)
         msg = e["msg"]
         if e["type"] == "extra_forbidden":
             parent = _model_at(root, loc[:-1])
@@ -53,7 +58,7 @@ def format_validation_error(err: ValidationError, source: str, root: type[BaseMo
             msg = "required key is missing"
         elif e["type"] == "value_error":
             msg = msg.removeprefix("Value error, ")
-        lines += [f"{source}: {path}: {part}" for part in msg.splitlines() or [msg]]
+        lines += [f"{origin}: {path}: {part}" for part in msg.splitlines() or [msg]]
     return "\n".join(lines)
 
 
@@ -97,14 +102,38 @@ def read_utf8(path: Path) -> str:
         raise OptkitError(f"{path}:{line}: not UTF-8 (byte 0x{raw[exc.start]:02x}); save the file as UTF-8") from None
 
 
+def _strict_loader():
+    """yaml.SafeLoader refusing a key repeated in one mapping: PyYAML keeps the last silently, so a second `data:`
+    section would replace the first whole and the run would use settings nobody wrote."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        def construct_mapping(self, node, deep=False):
+            seen = set()
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *anchor` merges are YAML's own way to set keys again
+                key = self.construct_object(key_node, deep=True)
+                if isinstance(key, (str, int, float, bool)) or key is None:
+                    if key in seen:
+                        raise yaml.constructor.ConstructorError(
+                            None, None, f"duplicate key '{key}' (the earlier one would be ignored)",
+                            key_node.start_mark)
+                    seen.add(key)
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
 def read_yaml(path: Path, what: str) -> Any:
-    """A YAML file's data; a missing file, non-UTF-8 bytes or bad YAML is one OptkitError naming file:line:column."""
+    """A YAML file's data; a missing file, non-UTF-8 bytes, bad YAML or a key repeated in one mapping is one
+    OptkitError naming file:line:column."""
     import yaml
 
     if not path.is_file():
         raise OptkitError(f"{what} file not found: {path}")
     try:
-        return yaml.safe_load(read_utf8(path))
+        return yaml.load(read_utf8(path), Loader=_strict_loader())  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
@@ -121,13 +150,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(data, dict):
         raise OptkitError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     data = apply_overrides(data, list(overrides))
-    recipe = recipe_from_dict(data, source=str(path))
+    recipe = recipe_from_dict(data, source=str(path), overrides=list(overrides))
     recipe._base_dir = path.resolve().parent
     return recipe
 
 
-def recipe_from_dict(data: dict, source: str = "recipe") -> Recipe:
+def recipe_from_dict(data: dict, source: str = "recipe", overrides: Sequence[str] = ()) -> Recipe:
     try:
         return Recipe.model_validate(data)
     except ValidationError as err:
-        raise OptkitError(format_validation_error(err, source)) from None
+        raise OptkitError(format_validation_error(err, source, overrides=overrides)) from None

@@ -16,7 +16,7 @@ from toolkit.config.common import DataConfig, ModelSpec, Price, RuntimeConfig, T
 from toolkit.config.distill import DistillConfig
 from toolkit.config.evaluate import EvaluateConfig
 from toolkit.config.export import ExportConfig
-from toolkit.config.quantize import QuantizeConfig
+from toolkit.config.quantize import QuantizeConfig, QuantizeSettings
 from toolkit.config.route import RouteConfig
 from toolkit.redact import redact_data
 
@@ -70,6 +70,10 @@ class Recipe(Section):
              "needs both sections (or use route.labels.source: file)"),
             (self.evaluate is not None and self.collect is None,
              "evaluate: scores variants on the collected held-out prompts, so the recipe needs a collect section"),
+            (self.quantize is not None and not self.quantize.enabled_methods(),
+             "quantize: no method enabled; add one of "
+             + ", ".join(n for n in QuantizeConfig.model_fields if n not in QuantizeSettings.model_fields)
+             + " to the quantize section"),
         ) if cond]
         if problems:
             raise ValueError("\n".join(problems))  # one line each (toolkit.config.loading prefixes every line)

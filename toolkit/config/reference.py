@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 from pydantic import BaseModel
 
@@ -12,6 +12,12 @@ from toolkit.config.recipe import Recipe
 
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
+    if origin is Annotated:  # PositiveInt & co: the base type and its bounds
+        base, *meta = get_args(tp)
+        bounds = [f"{op} {getattr(m, attr)}" for m in meta
+                  for attr, op in (("gt", ">"), ("ge", ">="), ("lt", "<"), ("le", "<="))
+                  if getattr(m, attr, None) is not None]
+        return _type_name(base) + (f" ({', '.join(bounds)})" if bounds else "")
     if origin is Literal:
         return " | ".join(repr(a) for a in get_args(tp))
     if origin is Union:

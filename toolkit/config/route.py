@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, NonNegativeFloat, SecretStr, model_validator
 
 from toolkit.config.base import Section
 from toolkit.route import routers  # names only (imports nothing): the choices below come from the registry
@@ -119,10 +119,10 @@ class RouteConfig(Section):
     l2: Optional[float] = Field(None, gt=0, description="L2 penalty on the mean training loss (logreg, mlp, mf); "
                                 "default per model (its module's L2: logreg 1.0, mlp 1.5e-3, mf 0.01), tuned on MMLU "
                                 "routing labels.")
-    costs: dict[str, float] = Field(default_factory=dict, description="Model name -> relative cost per query "
-                                    "(every model must be listed). Default: from recipe pricing (input + output "
-                                    "price per 1M tokens) when every model has one; else strong = 1, others 0 "
-                                    "(two models only).")
+    costs: dict[str, NonNegativeFloat] = Field(
+        default_factory=dict, description="Model name -> relative cost per query (every model must be listed). "
+        "Default: from recipe pricing (input + output price per 1M tokens) when every model has one; else strong = "
+        "1, others 0 (two models only).")
     strong: Optional[str] = Field(None, description="Name of the strong model (default: the costliest; for "
                                   "source = pipeline: teacher).")
     target: RouteTargetConfig = Field(default_factory=lambda: RouteTargetConfig(min_quality=0.95),

@@ -26,7 +26,6 @@ class BundleContext:
     def __init__(self, bundle, recipe, out: Path):
         self.bundle, self.recipe, self.config = bundle, recipe, recipe.evaluate
         self.dir = self.run_dir = Path(out)
-        self.work_dir.mkdir(parents=True, exist_ok=True)
 
     @property
     def work_dir(self) -> Path:
@@ -47,6 +46,20 @@ class BundleContext:
             yield advance
 
 
+# What a finished evaluation writes into --out; an earlier one's are removed first, so a failed run never leaves
+# a report that reads as this data's (work/ stays: answers already made are reused when the command is re-run).
+RESULTS = ("report.md", "variants.json", "variants.csv", "pareto.json", "quality_vs_cost.png", "latency.png")
+
+
+def prepare_out(out: Path) -> None:
+    try:
+        (out / "work").mkdir(parents=True, exist_ok=True)
+        for name in RESULTS:
+            (out / name).unlink(missing_ok=True)
+    except OSError as exc:
+        raise OptkitError(f"--out: cannot write results to {out} ({exc.strerror or type(exc).__name__})") from None
+
+
 def bundle_recipe(bundle, data_file: Path, out: Path, overrides: list[str]):
     """The bundle's recipe with data.path = FILE, every row kept, in-process engines, no warm-up traffic (the
     cache starts empty: there are no earlier requests for a new file), then the user's overrides."""
@@ -60,7 +73,8 @@ def bundle_recipe(bundle, data_file: Path, out: Path, overrides: list[str]):
     ev.update(engine="transformers", system={**(ev.get("system") or {}), "warm_split": None})
     ev.pop("split", None)  # every row of FILE is held out
     data.update(evaluate=ev, artifacts_dir=str(out), tracking={"enabled": False})
-    return recipe_from_dict(apply_overrides(data, list(overrides)), source=f"{bundle.root}/manifest.json recipe")
+    return recipe_from_dict(apply_overrides(data, list(overrides)), source=f"{bundle.root}/manifest.json recipe",
+                            overrides=list(overrides))
 
 
 def bundle_variants(bundle, recipe) -> list:
@@ -133,10 +147,11 @@ def evaluate_bundle(bundle_dir: str, data_file: str, out: str, overrides: list[s
     to `out`. Returns the report's path."""
     from toolkit.bundle import Bundle
 
-    bundle = Bundle.open(bundle_dir, verify=True)  # a tampered or incomplete bundle stops here, before any load
     data_path, out_dir = Path(data_file).resolve(), Path(out).resolve()
+    bundle = Bundle.open(bundle_dir, verify=True)  # a tampered or incomplete bundle stops here, before any load
     recipe = bundle_recipe(bundle, data_path, out_dir, list(overrides))
     records = load_rows(recipe, data_path)  # bad input (file, column) is refused before a model loads
+    prepare_out(out_dir)
     from toolkit.evaluate import measure
     from toolkit.evaluate.stage import score_all, write_all
     from toolkit.evaluate.variants import select

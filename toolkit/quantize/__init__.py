@@ -62,9 +62,8 @@ def run(ctx) -> dict:
 
 
 def enabled_methods(cfg) -> list[tuple[str, object]]:
-    methods = [(name, getattr(cfg, name)) for name in METHODS if getattr(cfg, name) is not None]
-    methods = [(name, m) for name, m in methods if m.enabled]
-    if not methods:
+    methods = cfg.enabled_methods()
+    if not methods:  # the recipe refuses this already (toolkit.config.recipe); a config built in code may not
         raise OptkitError(f"quantize: no method enabled; add one of {', '.join(METHODS)} to the quantize section")
     return methods
 

@@ -18,11 +18,27 @@ SERVE_YAML = "serve.yaml"
 
 
 def load_config(bundle_dir: Path, config: Optional[Path]) -> ServeConfig:
+    if not Path(bundle_dir).is_dir():
+        raise OptkitError(f"{bundle_dir}: no such bundle directory")
     path = Path(config) if config else Path(bundle_dir) / SERVE_YAML
     if config is None and not path.is_file():
         raise OptkitError(f"{bundle_dir}: the bundle has no {SERVE_YAML}; pass --config serve.yaml (backends: "
                           "student/teacher base_url + model)")
+    if config is None:
+        _say_if_edited(Path(bundle_dir))
     return load_serve_config(path)
+
+
+def _say_if_edited(bundle_dir: Path) -> None:
+    """serve.yaml is the one bundle file meant to be edited (backend URLs): served as it is, but said in the log,
+    because it decides where requests -- and the backends' API keys -- go, and `optkit verify` will flag it."""
+    from toolkit.bundle import Bundle
+
+    try:
+        Bundle.open(bundle_dir).checked([SERVE_YAML])
+    except OptkitError as exc:
+        log.warning("serve: %s is not the exported one (%s); serving with it as it is now", SERVE_YAML,
+                    str(exc).split(": ", 1)[-1][:200])
 
 
 def _same_truncation(router, bundle) -> bool:
