@@ -29,7 +29,8 @@ def _parser() -> argparse.ArgumentParser:
 
     run = sub.add_parser("run", help="run a recipe (finished stages with unchanged inputs are skipped)")
     run.add_argument("recipe", help="path to the recipe YAML")
-    run.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe values")
+    run.add_argument("overrides", nargs="*", metavar="key.path=value", help="override recipe values (a relative "
+                     "path resolves against the recipe's folder, as in the file)")
     g = run.add_mutually_exclusive_group()
     g.add_argument("--only", metavar="STAGE", help="run only this stage")
     g.add_argument("--from", dest="from_stage", metavar="STAGE", help="re-run this stage and all after it")
@@ -37,7 +38,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--verify", action="store_true", help="hash every finished output before trusting it (default:"
                      " hash only files whose size or mtime differ from the manifest)")
 
-    val = sub.add_parser("validate", help="check a recipe without running it")
+    val = sub.add_parser("validate", help="check a recipe (and the prompts file collect reads) without running it")
     val.add_argument("recipe")
     val.add_argument("overrides", nargs="*", metavar="key.path=value")
 
@@ -94,8 +95,26 @@ def _cmd_validate(args) -> int:
     from toolkit.config import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    print(f"{args.recipe}: ok — run '{recipe.name}', stages: {', '.join(recipe.stages()) or '(none)'}")
+    print(f"{args.recipe}: ok — run '{recipe.name}', stages: {', '.join(recipe.stages()) or '(none)'}"
+          f"{_prompts_line(recipe)}")
     return 0
+
+
+def _prompts_line(recipe) -> str:
+    """The data file read as collect will read it (columns, template, ids, splits): its mistakes surface now,
+    not after `run` has started. A traffic-log collect reads its log instead, at run time."""
+    if recipe.collect is None or recipe.collect.backend == "log":
+        return ""
+    from collections import Counter
+
+    from toolkit.collect.prompts import load_prompts
+    from toolkit.errors import OptkitError
+
+    path = recipe.resolve_path(recipe.data.path)
+    if not path.exists():
+        raise OptkitError(f"data.path: file not found: {path}")
+    n = Counter(p.split for p in load_prompts(recipe.data, path, recipe.seed))
+    return f"; {sum(n.values())} prompts (train {n['train']}, val {n['val']}, test {n['test']})"
 
 
 def _cmd_run(args) -> int:

@@ -40,6 +40,7 @@ def test_help_and_validate_import_nothing_heavy(tmp_path):
 def test_validate_ok_and_errors(tmp_path, capsys):
     good = tmp_path / "r.yaml"
     good.write_text("name: t\nteacher: {model: x/y}\ndata: {path: d.jsonl}\ncollect: {}\n")
+    (tmp_path / "d.jsonl").write_text('{"prompt": "p"}\n')
     assert main(["validate", str(good)]) == 0
     assert "ok" in capsys.readouterr().out
     bad = tmp_path / "bad.yaml"
@@ -177,3 +178,16 @@ def test_evaluate_out_that_cannot_be_written_is_named_and_old_results_never_look
     p = optkit("evaluate", str(bundle), "--data", str(data), "--out", str(blocker))
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert p.stderr.startswith(f"error: --out: cannot write results to {blocker}")
+
+
+def test_validate_reads_the_prompts_file_as_collect_will(tmp_path):
+    r = tmp_path / "r.yaml"
+    r.write_text("name: t\nteacher: {model: x/y}\ndata: {path: d.jsonl, prompt_column: q}\ncollect: {}\n")
+    p = optkit("validate", str(r))
+    assert p.returncode == 2 and p.stderr.strip() == f"error: data.path: file not found: {tmp_path / 'd.jsonl'}"
+    (tmp_path / "d.jsonl").write_text('{"q": "a"}\n{"q": "b"}\n{"text": "c"}\n')
+    p = optkit("validate", str(r))
+    assert p.returncode == 2 and "d.jsonl: row 3: empty prompt in column 'q'" in p.stderr
+    (tmp_path / "d.jsonl").write_text("".join(f'{{"q": "question {i}"}}\n' for i in range(40)))
+    p = optkit("validate", str(r), "data.splits={train: 0.5, val: 0.25, test: 0.25}")
+    assert p.returncode == 0 and "; 40 prompts (train " in p.stdout, p.stderr
