@@ -184,7 +184,7 @@ def test_refusals_and_busy_slots_fall_back_and_fallback_answers_are_not_cached()
 def test_ready_while_a_fallback_serves_and_while_the_backend_is_busy():
     dead = f"http://127.0.0.1:{free_port()}/v1"  # nothing listens
     with FakeOpenAI(delay_s=1.5) as fake:
-        backends = {"student": {"base_url": dead, "model": "s", "fallback": "teacher"},
+        backends = {"student": {"base_url": dead, "model": "s", "fallback": "teacher", "timeout_s": 5},
                     "teacher": backend(fake, "t", max_concurrency=1)}
         with live(backends) as url:
             ready = httpx.get(url + "/ready", timeout=10)

@@ -30,6 +30,8 @@ def write(tmp_path, data) -> str:
     ({"backends": {"exact-cache": BACKENDS["student"]}}, "reserved"),
     ({"backends": {**BACKENDS, "teacher": {**BACKENDS["teacher"], "timeout_s": -1}}}, "timeout_s"),
     ({"backends": {**BACKENDS, "teacher": {**BACKENDS["teacher"], "base_url": "ftp://x"}}}, "http"),
+    ({"backends": {**BACKENDS, "student": {**BACKENDS["student"], "timeout_s": 60}}, "request_timeout_s": 60},
+     "backends.student.timeout_s: 60s leaves its fallback no time"),
     ({"backends": {}}, "at least one"),
 ])
 def test_serve_yaml_refuses_mistakes(tmp_path, data, message):

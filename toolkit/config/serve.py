@@ -214,6 +214,9 @@ class ServeConfig(Section):
                 raise ValueError(f"backends.{name}.fallback: no backend '{b.fallback}'")
             if b.fallback == name:
                 raise ValueError(f"backends.{name}.fallback: a backend cannot fall back to itself")
+            if b.fallback is not None and b.timeout_s >= self.request_timeout_s:  # a slow one would eat it all
+                raise ValueError(f"backends.{name}.timeout_s: {b.timeout_s:g}s leaves its fallback no time within "
+                                 f"request_timeout_s {self.request_timeout_s:g}s; make it shorter")
         for model, backend in self.routes.items():
             if backend not in self.backends:
                 raise ValueError(f"routes.{model}: no backend '{backend}'")
