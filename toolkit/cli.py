@@ -51,8 +51,8 @@ def _parser() -> argparse.ArgumentParser:
     cmp_.add_argument("run_b")
     ver = sub.add_parser("verify", help="check an exported bundle against its manifest (exit 1 on any mismatch)")
     ver.add_argument("bundle", help="bundle directory (artifacts/<name>/export/bundle)")
-    ver.add_argument("--manifest-sha256", metavar="HEX", type=_sha256, help="also require manifest.json to have this sha256 "
-                     "(printed at export)")
+    ver.add_argument("--manifest-sha256", metavar="HEX", type=_sha256, help="also require manifest.json to have "
+                     "this sha256 (printed at export)")
     ev = sub.add_parser("evaluate", help="score a bundle's variants and system on a new labeled file (quality with "
                         "95%% intervals, agreement, latency, cost)")
     ev.add_argument("bundle", help="bundle directory (artifacts/<name>/export/bundle)")

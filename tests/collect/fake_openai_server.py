@@ -7,7 +7,8 @@ attempt times, the most requests in flight at once (`gather=N` holds each reques
 bounded by a timeout). `hold_after=N` makes it stop answering after N
 successful replies (requests wait until `release()`, then get 503) so a test can kill a client at a known
 point. `max_prompt_chars` answers a longer prompt 400 (a context-length refusal); a request with `tools` gets a
-tool call; `stream: true` gets the reply as SSE chunks (`cut_streams`: the connection drops after the first). Stdlib only; runs in a daemon thread of the test process.
+tool call; `stream: true` gets the reply as SSE chunks (`cut_streams`: the connection drops after the first).
+Stdlib only; runs in a daemon thread of the test process.
 """
 
 from __future__ import annotations
