@@ -122,6 +122,14 @@ def test_system_replay_serves_repeats_from_the_cache_and_routes_the_rest(evaluat
         if r["served_by"] == "student":
             assert r["output"] == student[rid]
     assert row["overhead_p50_s"] > 0
+    # A routed request takes one of its model's timed latencies (not their mean): the system keeps their spread.
+    rows = _rows(root)
+    for model in ("teacher", "student"):
+        took = [r["e2e_s"] - r["overhead_s"] for r in log.values() if r["served_by"] == model]
+        timed = rows[model]["e2e_samples_s"]
+        assert all(min(abs(t - x) for x in timed) < 1e-9 for t in took), (model, took, timed)
+        if len(took) >= 4 and len(set(timed)) > 1:
+            assert len({round(t, 9) for t in took}) > 1
 
 
 def test_report_table_and_plots(evaluated):

@@ -95,6 +95,9 @@ def test_vllm_server_sweep_matches_transformers_and_prices_the_slo(built_root, t
     # The main latency columns are the server's (concurrency 1); transformers' stay as inproc_*.
     assert row["latency_engine"] == "vllm" and row["e2e_p50_s"] == levels[0]["e2e_p50_s"]
     assert row["inproc_e2e_p50_s"] is not None
+    # ... and so are the mean and the timed requests the system replay draws a routed request's latency from.
+    assert row["e2e_samples_s"] == levels[0]["e2e_samples_s"] and len(row["e2e_samples_s"]) == 4
+    assert row["e2e_mean_s"] == pytest.approx(sum(levels[0]["e2e_samples_s"]) / 4)
     # No level meets a 1 microsecond p99: the cost says so instead of a number, and the variant is off the front.
     assert row["cost_per_1m_requests"] is None and row["cost_status"] == "SLO not met" and not row["pareto"]
     report = (run / "evaluate" / "report.md").read_text()

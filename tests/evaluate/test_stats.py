@@ -66,6 +66,32 @@ def test_pairing_matters():
     assert stats.paired([1, 0, None], [1, None, 0])["n"] == 1  # pairs with a missing score are dropped
 
 
+def test_few_differing_prompts_are_never_a_finding():
+    """4 of 153 prompts differ, all in the variant's favour: the bootstrap interval excludes 0, the exact McNemar
+    test does not (p = 0.125), and the verdict follows McNemar; 10 vs 0 is a finding (p = 0.002)."""
+    few = stats.paired(*_pairs(153, a_only=4, b_only=0, both=76))
+    assert few["diff_lo"] > 0 and few["mcnemar_p"] == pytest.approx(0.125)
+    assert stats.verdict(few["diff_lo"], few["diff_hi"], 153, few) == (
+        "not distinguishable at n=153 (right alone: 4 vs 0 prompts, exact McNemar p=0.12)")
+    many = stats.paired(*_pairs(153, a_only=10, b_only=0, both=70))
+    assert many["mcnemar_p"] < 0.01 and stats.verdict(many["diff_lo"], many["diff_hi"], 153, many) == "better"
+
+
+def test_difference_and_ratio_intervals_agree_on_the_sign():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        n = int(rng.integers(20, 160))
+        a, b = (rng.random(n) < rng.uniform(0.2, 0.8)).astype(float), (rng.random(n) < 0.5).astype(float)
+        c = stats.paired(list(a), list(b))
+        if c["ratio_lo"] is None or c["diff_lo"] == c["diff_hi"]:
+            continue
+        assert (c["diff_lo"] > 0) == (c["ratio_lo"] > 1) and (c["diff_hi"] < 0) == (c["ratio_hi"] < 1), c
+    assert stats.paired([1], [0])["diff_lo"] is None  # one prompt: a difference, no interval
+    assert stats.verdict(None, None, 1) == "n/a"
+
+
 def test_bootstrap_of_a_non_binary_mean_and_determinism():
     x = [0.1, 0.9, 0.5, 0.4, 0.7, 0.2, 0.3, 0.8] * 5
     lo, hi = stats.mean_ci(x)
@@ -117,7 +143,8 @@ def test_report_says_worse_only_when_the_interval_does(tmp_path):
     assert "not distinguishable at n=60" in student and "worse" not in student
     assert ": worse" in q4 and f"[{rows[2]['quality_lo']:.3g}" in q4
     assert "0.333 [0.227, 0.459]" in next(line for line in text.splitlines() if line.startswith("| teacher |"))
-    assert "paired bootstrap" in text and "excludes 0" in text
+    assert "paired bootstrap" in text and "excludes 0" in text and "exact McNemar test agrees" in text
+    assert "Latency p95 and p99 of 8 timed requests lie between the two slowest" in text
 
 
 def test_card_and_report_command_show_the_intervals(tmp_path, capsys):

@@ -178,6 +178,8 @@ def test_an_override_error_names_the_override_not_the_file(tmp_path):
     ({"export": {"include": []}}, r"export\.include: List should have at least 1 item"),
     ({"route": {"labels": {"source": "file", "path": "l.jsonl"}, "costs": {"a": -1, "b": 0}}},
      r"route\.costs\.a: Input should be greater than or equal to 0"),
+    ({"route": {"labels": {"source": "file", "path": "l.jsonl"}, "mode": "cascade"},
+      "evaluate": {"system": {"student": "gptq"}}}, r"evaluate\.system\.student: route\.mode cascade escalates"),
 ])
 def test_values_no_run_could_use_are_refused_up_front(section, message):
     with pytest.raises(OptkitError, match=message):

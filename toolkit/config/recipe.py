@@ -70,6 +70,10 @@ class Recipe(Section):
              "needs both sections (or use route.labels.source: file)"),
             (self.evaluate is not None and self.collect is None,
              "evaluate: scores variants on the collected held-out prompts, so the recipe needs a collect section"),
+            (self.route is not None and self.route.mode == "cascade" and self.evaluate is not None
+             and self.evaluate.system.student != "student",
+             "evaluate.system.student: route.mode cascade escalates on the distilled student's confidence in its own "
+             "answers (route/cascade_confidence.jsonl), so the system's student must be 'student'"),
             (self.quantize is not None and not self.quantize.enabled_methods(),
              "quantize: no method enabled; add one of "
              + ", ".join(n for n in QuantizeConfig.model_fields if n not in QuantizeSettings.model_fields)

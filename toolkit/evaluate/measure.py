@@ -72,7 +72,8 @@ def quality_summary(scored: list[dict]) -> dict:
 def add_intervals(rows: list[dict], scored: dict[str, dict[str, dict]], teacher: str = "teacher") -> None:
     """95% intervals on every row with per-prompt scores (scored[variant][id] = {score, agree}): Wilson on its
     quality and agreement, and, on the same prompts as the teacher, the paired bootstrap difference and ratio of
-    quality against the teacher with the verdict it allows (toolkit.evaluate.stats)."""
+    quality against the teacher (with the exact McNemar test for 0/1 scores) and the verdict they allow
+    (toolkit.evaluate.stats)."""
     from toolkit.evaluate import stats
 
     ref = scored.get(teacher)
@@ -89,7 +90,7 @@ def add_intervals(rows: list[dict], scored: dict[str, dict[str, dict]], teacher:
         cmp = stats.paired([mine[i]["score"] for i in ids], [ref[i]["score"] for i in ids])
         row.update({f"quality_{k}": v for k, v in cmp.items() if k != "n"})
         row["quality_paired_n"] = cmp["n"]
-        row["quality_vs_teacher"] = stats.verdict(cmp["diff_lo"], cmp["diff_hi"], cmp["n"])
+        row["quality_vs_teacher"] = stats.verdict(cmp["diff_lo"], cmp["diff_hi"], cmp["n"], cmp)
 
 
 # ------------------------------------------------------------------------------------------ latency
@@ -97,6 +98,12 @@ def add_intervals(rows: list[dict], scored: dict[str, dict[str, dict]], teacher:
 
 def pct(values: list[float], q: float) -> Optional[float]:
     return float(np.percentile(values, q)) if values else None
+
+
+def samples(e2e: list[float], ttft: list[float]) -> dict:
+    """The timed requests themselves: the system replay draws each routed request's latency from them, so the
+    system's tail is its models' measured tail, not their means."""
+    return {"e2e_samples_s": [float(x) for x in e2e], "ttft_samples_s": [float(x) for x in ttft]}
 
 
 def latency_summary(timed: list) -> dict:
@@ -112,6 +119,7 @@ def latency_summary(timed: list) -> dict:
             "e2e_p50_s": pct(e2e, 50), "e2e_p95_s": pct(e2e, 95), "e2e_p99_s": pct(e2e, 99),
             "e2e_mean_s": float(np.mean(e2e)) if e2e else None,
             "ttft_mean_s": float(np.mean(ttft)) if ttft else None,
+            **samples(e2e, ttft),
             "tokens_per_s_b1": tokens / sum(e2e) if sum(e2e) > 0 else None,
             "requests_per_s_b1": len(e2e) / sum(e2e) if sum(e2e) > 0 else None}
 
@@ -163,7 +171,7 @@ def records_latency(records: list[dict]) -> dict:
     e2e = [float(r["latency_s"]) for r in records if r.get("latency_s") is not None]
     tokens = sum(int(r.get("output_tokens") or 0) for r in records)
     return {"latency_n": len(e2e), "e2e_p50_s": pct(e2e, 50), "e2e_p95_s": pct(e2e, 95), "e2e_p99_s": pct(e2e, 99),
-            "e2e_mean_s": float(np.mean(e2e)) if e2e else None,
+            "e2e_mean_s": float(np.mean(e2e)) if e2e else None, **samples(e2e, []),
             "tokens_per_s_b1": tokens / sum(e2e) if e2e and sum(e2e) > 0 else None,
             # collect's latency_s is a batch share for batched backends (vLLM): 1 / mean = its throughput.
             "requests_per_s_collect": len(e2e) / sum(e2e) if e2e and sum(e2e) > 0 else None}

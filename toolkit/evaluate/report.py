@@ -25,8 +25,9 @@ DEFINITIONS = """\
   interval in brackets (Wilson for a 0/1 score; bootstrap of the mean otherwise). **vs teacher**: the variant's
   quality minus the teacher's, and their ratio, on the same prompts, with paired-bootstrap 95% intervals
   (prompts resampled with both answers kept together). A variant is called **better** or **worse** only when
-  the interval of the difference excludes 0; otherwise it is *not distinguishable at n=...* whatever the point
-  estimates say.
+  the interval of the difference excludes 0 and, for a 0/1 score, the exact McNemar test on the prompts where
+  only one of the two is right agrees (p < 0.05); otherwise it is *not distinguishable at n=...* whatever the
+  point estimates say.
 - **agreement**: the answer names the same label as the teacher's (normalized exact match without labels);
   **agreement_f1**: token F1 with the teacher's answer. **perplexity**: of the variant on the teacher's answers
   (teacher-forced, answer tokens incl. end-of-turn; transformers variants only).
@@ -72,7 +73,8 @@ def vs_teacher(row: dict) -> str:
         return "-"
     d = f"{row['quality_diff']:+.3f} [{row['quality_diff_lo']:+.3f}, {row['quality_diff_hi']:+.3f}]"
     if row.get("quality_ratio") is not None and row.get("quality_ratio_lo") is not None:
-        d += f", x{row['quality_ratio']:.2f} [{row['quality_ratio_lo']:.2f}, {row['quality_ratio_hi']:.2f}]"
+        hi = row.get("quality_ratio_hi")
+        d += f", x{row['quality_ratio']:.2f} [{row['quality_ratio_lo']:.2f}, {'inf' if hi is None else f'{hi:.2f}'}]"
     return f"{d}: {row.get('quality_vs_teacher')}"
 
 
@@ -160,6 +162,17 @@ def _table(rows: list[dict], cols: list[tuple[str, str]]) -> list[str]:
     return lines
 
 
+def tail_line(n: int) -> list[str]:
+    """Percentiles of a few timed requests are their largest ones, interpolated (numpy's linear rule): say so."""
+    if not n or n > 100:
+        return []
+    which = "p95 and p99" if n <= 21 else "p99"  # 0.95 (n - 1) >= n - 2 up to n = 21
+    w = 0.99 * (n - 1) % 1
+    return [f"Latency {which} of {n} timed requests lie between the two slowest of them (p99 = {w:.2f} x the "
+            f"slowest + {1 - w:.2f} x the second slowest): read them as the maximum seen, not as a tail estimate. "
+            "The system row draws each routed request's latency from its model's timed requests."]
+
+
 def write_report(out_dir: Path, rows: list[dict], setup: dict, plots: dict[str, bool], notes: list[str]) -> None:
     import torch
 
@@ -199,7 +212,9 @@ def write_report(out_dir: Path, rows: list[dict], setup: dict, plots: dict[str, 
         *_table(table_rows, main),
         "",
         "Quality intervals are 95%: Wilson (rates), paired bootstrap against the teacher on the same prompts; "
-        "better/worse only where the paired interval of the difference excludes 0.",
+        "better/worse only where the paired interval of the difference excludes 0 and, for 0/1 scores, the exact "
+        "McNemar test agrees.",
+        *tail_line(setup["latency_n"]),
         "",
         *batch_line(rows),
         "Size and throughput:",

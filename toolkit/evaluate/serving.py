@@ -26,7 +26,7 @@ import httpx
 
 from toolkit.engines.base import Settings, Timed
 from toolkit.engines.servers import telling_line
-from toolkit.evaluate.measure import pct
+from toolkit.evaluate.measure import pct, samples
 
 
 class ServedEngine:
@@ -123,6 +123,8 @@ def level_summary(concurrency: int, timed: list[Timed], wall_s: float) -> dict:
             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
             "tpot_p50_s": pct(tpot, 50), "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
             "e2e_p50_s": pct(e2e, 50), "e2e_p95_s": pct(e2e, 95), "e2e_p99_s": pct(e2e, 99),
+            "e2e_mean_s": sum(e2e) / len(e2e) if e2e else None, "ttft_mean_s": sum(ttft) / len(ttft) if ttft else None,
+            **samples(e2e, ttft),
             "output_tokens_per_s": tokens / wall_s if wall_s > 0 else None,
             "requests_per_s": len(timed) / wall_s if wall_s > 0 else None}
 
@@ -193,6 +195,8 @@ def serve_variant(v, cfg, renderer, settings: Settings, prompts: list[list[dict]
 # Row keys the serving engine's concurrency-1 level replaces; the in-process figures stay as inproc_<key>.
 REPLACED = {"ttft_p50_s": "ttft_p50_s", "tpot_p50_s": "tpot_p50_s", "itl_p50_s": "itl_p50_s",
             "e2e_p50_s": "e2e_p50_s", "e2e_p95_s": "e2e_p95_s", "e2e_p99_s": "e2e_p99_s",
+            "e2e_mean_s": "e2e_mean_s", "ttft_mean_s": "ttft_mean_s",  # what the system replay reads
+            "e2e_samples_s": "e2e_samples_s", "ttft_samples_s": "ttft_samples_s",
             "tokens_per_s_b1": "output_tokens_per_s", "requests_per_s_b1": "requests_per_s"}
 
 

@@ -3,10 +3,12 @@
 - A rate (gold accuracy, agreement: one 0/1 score per prompt): Wilson score interval (scipy's binomtest).
   Scores that are not 0/1 (token F1, ROUGE-L, a judge's 0-1 score): bootstrap interval of the mean.
 - A variant against the teacher on the same prompts: paired bootstrap (prompts resampled with both answers kept
-  together) of the difference of means and of their ratio, drawn from one set of resamples so that the two
-  intervals agree on the sign.
-- "better"/"worse" only when the paired interval of the difference excludes 0; otherwise "not distinguishable
-  at n=...". A point estimate alone never decides.
+  together), percentile intervals of the difference of means and of their ratio from one set of resamples, so
+  that the two agree on the sign.
+- "better"/"worse" only when the paired interval of the difference excludes 0 -- and, for 0/1 scores, when the
+  exact McNemar test on the prompts where only one of the two is right agrees (p < 0.05): with few such prompts a
+  bootstrap interval can exclude 0 on 4 of 153 prompts all one way, where McNemar's p is 0.125. Otherwise "not
+  distinguishable at n=...". A point estimate alone never decides; fewer than 2 paired prompts give no interval.
 """
 
 from __future__ import annotations
@@ -83,22 +85,48 @@ def paired(variant: Sequence[float], teacher: Sequence[float], level: float = LE
         out.update(diff_lo=0.0, diff_hi=0.0, ratio_lo=1.0 if out["ratio"] else None,
                    ratio_hi=1.0 if out["ratio"] else None)
         return out
-
-    def stat(x, y, axis):
-        mx, my = np.mean(x, axis=axis), np.mean(y, axis=axis)
-        return np.stack([mx - my, np.where(my > 0, mx / np.where(my > 0, my, 1), np.inf)])
-
-    low, high = _bootstrap((a, b), stat, level, True, seed)
-    out.update(diff_lo=float(low[0]), diff_hi=float(high[0]))
-    if out["ratio"] is not None and math.isfinite(low[1]) and math.isfinite(high[1]):
-        out.update(ratio_lo=float(low[1]), ratio_hi=float(high[1]))
+    if len(pairs) < 2:
+        return out
+    out.update(_percentile(a, b, level, seed))
+    if np.all(np.isin(a, (0.0, 1.0))) and np.all(np.isin(b, (0.0, 1.0))):
+        out.update(mcnemar(int(np.sum((a == 1) & (b == 0))), int(np.sum((a == 0) & (b == 1)))))
+    if out["ratio"] is None:
+        out.update(ratio_lo=None, ratio_hi=None)
     return out
 
 
-def verdict(diff_lo: Optional[float], diff_hi: Optional[float], n: int) -> str:
-    """What may be said about a variant against the teacher, from the paired interval of the difference."""
+def mcnemar(wins: int, losses: int) -> dict:
+    """Exact McNemar test (two-sided binomial on the discordant prompts: the variant right alone on `wins`, the
+    teacher right alone on `losses`)."""
+    from scipy.stats import binomtest
+
+    p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
+    return {"wins": wins, "losses": losses, "mcnemar_p": float(p)}
+
+
+def _percentile(a: np.ndarray, b: np.ndarray, level: float, seed: int) -> dict:
+    """Percentile intervals of the difference and of the ratio of means, from the same resamples."""
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, len(a), size=(RESAMPLES, len(a)))
+    ma, mb = a[idx].mean(axis=1), b[idx].mean(axis=1)
+    tail = (1 - level) / 2 * 100
+    d_lo, d_hi = np.percentile(ma - mb, [tail, 100 - tail])
+    out = {"diff_lo": float(d_lo), "diff_hi": float(d_hi), "ratio_lo": None, "ratio_hi": None}
+    if np.all(mb > 0):
+        r_lo, r_hi = np.percentile(ma / mb, [tail, 100 - tail])
+        out.update(ratio_lo=float(r_lo), ratio_hi=float(r_hi))
+    return out
+
+
+def verdict(diff_lo: Optional[float], diff_hi: Optional[float], n: int, cmp: Optional[dict] = None) -> str:
+    """What may be said about a variant against the teacher, from the paired interval of the difference (and, for
+    0/1 scores, the exact McNemar test in `cmp`, paired()'s result)."""
     if diff_lo is None or diff_hi is None:
         return "n/a"
+    p = (cmp or {}).get("mcnemar_p")
+    if (diff_lo > 0 or diff_hi < 0) and p is not None and p >= 0.05:
+        return (f"not distinguishable at n={n} (right alone: {cmp['wins']} vs {cmp['losses']} prompts, "
+                f"exact McNemar p={p:.2g})")
     if diff_lo > 0:
         return "better"
     if diff_hi < 0:

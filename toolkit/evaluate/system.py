@@ -12,6 +12,7 @@ student's) plus, on a miss, the chosen model's cost for that prompt (its own tok
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from typing import Callable, Optional
 
@@ -59,6 +60,15 @@ def load_cascade(ctx) -> tuple[Optional[object], dict]:
     return Cascade.load(route_dir), conf
 
 
+def timed(row: dict, what: str, rid: str) -> Optional[float]:
+    """A latency of the model that answered: one of its timed requests, picked by the prompt's id (stable across
+    runs), so the system's percentiles carry its models' measured spread; the mean when no samples were kept."""
+    xs = row.get(f"{what}_samples_s")
+    if xs:
+        return xs[int(hashlib.sha256(str(rid).encode()).hexdigest()[:8], 16) % len(xs)]
+    return row.get(f"{what}_mean_s")
+
+
 def replay(ctx, records: list[dict], warm: list[dict], answers: dict[str, dict[str, dict]],
            rows: dict[str, dict], cost_of: Callable[[str, dict], Optional[float]], overhead_per_hour: float,
            metric: str, labels: Optional[list[str]], cascade=None, confidence: Optional[dict] = None
@@ -89,7 +99,7 @@ def replay(ctx, records: list[dict], warm: list[dict], answers: dict[str, dict[s
             conf = (confidence or {}).get(rec["id"])
             if decider.escalates(float("nan") if conf is None else conf):
                 first = answers[served][rec["id"]]
-                first_cost, first_e2e = cost_of(served, first), rows[served].get("e2e_mean_s") or 0.0
+                first_cost, first_e2e = cost_of(served, first), timed(rows[served], "e2e", rec["id"]) or 0.0
                 served = "teacher-escalated"
         if served == "teacher-escalated":
             model_row = answers["teacher"][rec["id"]]
@@ -104,8 +114,8 @@ def replay(ctx, records: list[dict], warm: list[dict], answers: dict[str, dict[s
         if model_row is not None:
             name = "teacher" if served == "teacher-escalated" else served
             model_cost = cost_of(name, model_row)
-            model_e2e = rows[name].get("e2e_mean_s") or 0.0
-            model_ttft = rows[name].get("ttft_mean_s") or model_e2e  # API teachers: no TTFT, use e2e
+            model_e2e = timed(rows[name], "e2e", rec["id"]) or 0.0
+            model_ttft = timed(rows[name], "ttft", rec["id"]) or model_e2e  # API teachers: no TTFT, use e2e
             if served == "teacher-escalated":  # the student's whole answer came first
                 model_cost = None if model_cost is None or first_cost is None else model_cost + first_cost
                 model_e2e, model_ttft = model_e2e + first_e2e, model_ttft + first_e2e

@@ -67,7 +67,8 @@ def _limits(manifest: dict, rows: list[dict]) -> list[str]:
         f"- Quality is measured on {n} held-out prompts of the `{ev.get('split', 'test')}` split of "
         f"`{recipe['data']['path']}`: the numbers hold for traffic like that data, not for other "
         f"tasks. Brackets are 95% intervals (Wilson; paired bootstrap against the teacher): {_widest(rows)} A "
-        "variant is called better or worse than the teacher only where its paired interval excludes 0.",
+        "variant is called better or worse than the teacher only where its paired interval excludes 0 (and, for "
+        "0/1 scores, the exact McNemar test agrees).",
         "- Latency and throughput were measured on the machine that ran the evaluation, with the engine named "
         "per row (transformers / llama.cpp), one process at a time; on a shared or different machine they "
         "change. They are not vLLM numbers unless the engine says vllm.",
