@@ -33,6 +33,10 @@ def test_bundle_holds_every_part_with_hashes(exported):
         assert rel in m["files"], rel
         assert m["files"][rel]["sha256"] == hashlib.sha256((bundle / rel).read_bytes()).hexdigest()
     assert not (bundle / "gguf" / "model-Q4_1.gguf").is_symlink()  # a real copy: the bundle stands alone
+    # The adapter names its base inside the bundle, not the build machine's path (peft's template README dropped).
+    adapter = json.loads((bundle / "adapters/student-lora/adapter_config.json").read_text())
+    assert adapter["base_model_name_or_path"] == "models/student-base"
+    assert not (bundle / "adapters/student-lora/README.md").exists()
     assert json.loads((bundle / "models/int8/config.json").read_text())["quantization_config"]["quant_method"] \
         == "compressed-tensors"
     assert all(not x.get("missing") for x in m["models"])
@@ -206,6 +210,43 @@ def test_serve_sh_starts_vllm_cpu_and_serves_the_adapter_on_its_base(exported, t
         assert b"VLLM_ENABLE_V1_MULTIPROCESSING=0" in environ
     finally:
         kill_group(proc.pid, 10.0, child=proc)
+
+
+@pytest.mark.server
+def test_serve_sh_serves_the_gguf_with_llama_cpp_python_when_llama_server_is_missing(exported, tmp_path):
+    """No `llama-server` binary on PATH (pip installs have none): serve.sh starts llama-cpp-python's server from
+    $LLAMA_CPP_PYTHON on the same port; with neither it says what is missing and exits 127."""
+    import shutil
+    import time
+
+    import httpx
+    pytest.importorskip("llama_cpp.server")
+
+    from toolkit.engines.servers import free_port
+    from toolkit.procs import kill_group
+
+    bundle, _ = exported
+    port = free_port()
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "llama-server").exists())
+    env = {**os.environ, "PATH": path, "LLAMA_CPP_PYTHON": sys.executable}
+    assert shutil.which("llama-server", path=path) is None
+    with open(tmp_path / "serve.log", "w") as log:
+        proc = subprocess.Popen(["bash", str(bundle / "serve.sh"), "gguf-Q4_1", "--port", str(port), "--n_threads",
+                                 "1"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline, models = time.monotonic() + 120, None
+        while proc.poll() is None and time.monotonic() < deadline and models is None:
+            try:
+                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+            except httpx.HTTPError:
+                time.sleep(0.3)
+        assert models and models["data"], (tmp_path / "serve.log").read_text()[-2000:]
+        assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", b"llama_cpp.server"]
+    finally:
+        kill_group(proc.pid, 10.0, child=proc)
+    bare = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    none = subprocess.run(["bash", str(bundle / "serve.sh"), "gguf-Q4_1"], env=bare, capture_output=True, text=True)
+    assert none.returncode == 127 and "neither llama-server nor llama-cpp-python[server]" in none.stderr
 
 
 def test_bundle_is_registered_in_mlflow(exported, evaluated):

@@ -38,7 +38,12 @@ def test_every_method_on_a_pruned_smollm2(quantized_run):
 
     # GGUF files + a Modelfile pointing at the first type
     assert (q / "gguf/model-Q8_0.gguf").is_file() and (q / "gguf/model-Q4_K_M.gguf").is_file()
-    assert (q / "gguf/Modelfile").read_text().splitlines()[1] == "FROM ./model-Q8_0.gguf"
+    modelfile = (q / "gguf/Modelfile").read_text()
+    assert modelfile.splitlines()[1] == "FROM ./model-Q8_0.gguf"
+    # Ollama runs no Jinja: SmolLM2's ChatML template and the system turn it adds by itself are spelled out
+    assert 'TEMPLATE """{{ if .System }}<|im_start|>system' in modelfile
+    assert 'SYSTEM """You are a helpful AI assistant named SmolLM, trained by Hugging Face"""' in modelfile
+    assert 'PARAMETER stop "<|im_end|>"' in modelfile and 'PARAMETER stop "<|im_start|>"' in modelfile
     assert summary["gguf-Q4_K_M"]["size_bytes"] < summary["gguf-Q8_0"]["size_bytes"]
 
     # one interface for every method (GGUF included): each artifact carries its method and its build time

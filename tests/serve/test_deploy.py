@@ -24,15 +24,13 @@ MODELS = [
 ]
 
 
-@pytest.fixture
-def bundle(tmp_path):
+def make_bundle(root, api_teacher: bool = True):
     """A bundle directory with the model paths in MODELS, serve.sh, serve.yaml and the deployment files, written
-    by export's own functions (teacher: an external API whose key is in OPENAI_API_KEY)."""
+    by export's own functions (teacher: an external API whose key is in OPENAI_API_KEY, or a local one)."""
     from toolkit.export.build import write_deploy
     from toolkit.export.serve import serve_script
     from toolkit.serve.bundle_config import serve_yaml
 
-    root = tmp_path / "bundle"
     for m in MODELS:
         path = root / m["path"]
         if m["kind"] == "gguf":
@@ -42,7 +40,7 @@ def bundle(tmp_path):
             path.mkdir(parents=True)
             (path / "config.json").write_text("{}")
     openai = SimpleNamespace(base_url="https://api.example.com/v1", model="gpt-x", api_key_env="OPENAI_API_KEY")
-    recipe = SimpleNamespace(collect=SimpleNamespace(backend="openai", openai=openai),
+    recipe = SimpleNamespace(collect=SimpleNamespace(backend="openai" if api_teacher else "hf", openai=openai),
                              teacher=SimpleNamespace(model="gpt-x"), evaluate=None)
     (root / "serve.sh").write_text(serve_script(MODELS, PREFIX, PORT, ["--max-model-len", "2048"]))
     (root / "serve.yaml").write_text(serve_yaml(MODELS, PREFIX, PORT, recipe))
@@ -50,12 +48,19 @@ def bundle(tmp_path):
     return root
 
 
+@pytest.fixture
+def bundle(tmp_path):
+    return make_bundle(tmp_path / "bundle")
+
+
 def serve_sh_lines(root) -> dict[str, list[str]]:
     """serve.sh case name -> the argv it execs."""
     text = (root / "serve.sh").read_text()
     # each model line ends in "${@:2}" (flags after the name reach the server): not part of the command itself
+    # (a GGUF's case tries llama-server first, then llama-cpp-python: its llama-server line is the one compared)
     return {name: [a for a in shlex.split(line) if a != "${@:2}"]
-            for name, line in re.findall(r"^  ([\w.-]+)\)\n    exec (.+)$", text, re.M)}
+            for name, line in re.findall(r"^  ([\w.-]+)\)\n(?:    if .*\n)?\s+exec ((?:vllm|llama-server) .+)$",
+                                         text, re.M)}
 
 
 def test_compose_runs_serve_sh_commands_and_the_gateway(bundle):
@@ -83,7 +88,10 @@ def test_compose_runs_serve_sh_commands_and_the_gateway(bundle):
     gw = services["gateway"]
     assert gw["ports"] == ["8080:8080"] and gw["volumes"] == ["./:/bundle:ro"]
     assert gw["command"][:5] == ["optkit", "serve", "/bundle", "--config", "/bundle/serve.compose.yaml"]
-    assert set(gw["depends_on"]) == set(services) - {"gateway"}
+    # The gateway waits for the one model server its config calls; the others (each claiming a GPU) are opt-in.
+    assert set(gw["depends_on"]) == {"vllm-student"} and compose["name"] == "optkit-evtest"
+    assert {n: s.get("profiles") for n, s in services.items() if n != "gateway"} == {
+        "vllm-student": None, "vllm-student-base": ["all-models"], "llama-gguf-q4-1": ["all-models"]}
     assert gw["environment"] == {"OPENAI_API_KEY": "${OPENAI_API_KEY:?set OPENAI_API_KEY to the teacher's key}"}
 
     cfg = load_serve_config(bundle / "serve.compose.yaml")  # what the gateway will load, validated
@@ -125,6 +133,28 @@ def test_kubernetes_gateway_manifests(bundle):
     assert svc["ports"] == [{"name": "http", "port": 8080, "targetPort": "http"}]
     text = (bundle / "k8s/gateway.yaml").read_text()
     assert "sk-" not in text and "&id0" not in text  # no key, no YAML anchors
+
+
+def test_a_local_teacher_is_reached_outside_the_gateway_container(tmp_path):
+    """serve.yaml's local teacher (127.0.0.1:8100) would be the gateway's own loopback inside a container: compose
+    reaches it on the Docker host, Kubernetes as a Service; its optional key variable is passed, not required."""
+    root = make_bundle(tmp_path / "bundle", api_teacher=False)
+    assert load_serve_config(root / "serve.yaml").backends["teacher"].base_url == "http://127.0.0.1:8100/v1"
+    compose = yaml.safe_load((root / "docker-compose.yaml").read_text())
+    gw = compose["services"]["gateway"]
+    assert load_serve_config(root / "serve.compose.yaml").backends["teacher"].base_url == \
+        "http://host.docker.internal:8100/v1"
+    assert gw["extra_hosts"] == ["host.docker.internal:host-gateway"]
+    assert gw["environment"] == {"OPTKIT_TEACHER_API_KEY": "${OPTKIT_TEACHER_API_KEY:-}"}
+    assert "Not started here: teacher" in (root / "docker-compose.yaml").read_text()
+    text = (root / "k8s/gateway.yaml").read_text()
+    docs = {d["kind"]: d for d in yaml.safe_load_all(text)}
+    cfg = ServeConfig.model_validate(yaml.safe_load(docs["ConfigMap"]["data"]["serve.yaml"]))
+    assert cfg.backends["teacher"].base_url == "http://evtest-teacher:8100/v1"
+    assert "evtest-vllm-student:8000, evtest-teacher:8100" in text and "127.0.0.1" not in text
+    (c,) = docs["Deployment"]["spec"]["template"]["spec"]["containers"]
+    assert c["env"] == [{"name": "OPTKIT_TEACHER_API_KEY", "valueFrom": {"secretKeyRef": {
+        "name": "evtest-gateway-keys", "key": "OPTKIT_TEACHER_API_KEY", "optional": True}}}]
 
 
 def test_summary_ends_with_the_serve_command(tmp_path, capsys):

@@ -135,8 +135,21 @@ def copy_part(part: Part, root: Path) -> None:
     elif part.src.is_dir():
         # Stage-internal litter (hidden temp files, work/) never goes to a deployment.
         shutil.copytree(part.src, dest, ignore=shutil.ignore_patterns(".*", "work"))
+        if part.kind == "lora":
+            _rebase_adapter(dest, part.facts["base"])
     else:
         shutil.copy2(part.src, dest)
+
+
+def _rebase_adapter(adapter: Path, base: str) -> None:
+    """peft wrote the build machine's path of the base into the adapter (and a template README naming it): point it
+    at the base inside the bundle (relative to the bundle root: AutoPeftModelForCausalLM from there, or
+    PeftModel.from_pretrained on models/student-base), and drop that README (the bundle's card documents it)."""
+    cfg_path = adapter / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    cfg["base_model_name_or_path"] = base
+    cfg_path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    (adapter / "README.md").unlink(missing_ok=True)
 
 
 def model_entries(parts: list[Part], root: Path, prefix: str) -> list[dict]:
@@ -191,7 +204,7 @@ def write_deploy(root: Path, models: list[dict], prefix: str, cfg) -> None:
     from toolkit.io import atomic_write_text
 
     serve = yaml.safe_load((root / "serve.yaml").read_text())
-    text, serve_compose = deploy.compose(models, cfg.port, serve, cfg.vllm_args)
+    text, serve_compose = deploy.compose(prefix, models, cfg.port, serve, cfg.vllm_args)
     atomic_write_text(root / "docker-compose.yaml", text)
     atomic_write_text(root / deploy.COMPOSE_SERVE, serve_compose)
     (root / deploy.K8S).parent.mkdir(parents=True, exist_ok=True)

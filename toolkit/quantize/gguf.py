@@ -168,13 +168,48 @@ def quantize_file(f16: Path, out_file: Path, qtype: str, threads: int) -> None:
     os.replace(tmp, out_file)
 
 
-def modelfile(gguf_name: str, stop: str | None) -> str:
-    """An Ollama Modelfile. Ollama takes the chat template from the GGUF's own metadata."""
+# Ollama does not run the model's Jinja chat template: for a ChatML model the Modelfile spells it out, with the
+# system turn the template adds by itself (SmolLM2's names the assistant), so Ollama sends the prompts evaluate
+# scored. The same template as LLaMA-Factory's ChatML Modelfiles; the system message from .System only.
+CHATML = ('TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end|>\n{{ end }}{{ range .Messages }}'
+          '{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n<|im_start|>assistant\n'
+          '{{ else if eq .Role "assistant" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}"""')
+
+
+def modelfile(gguf_name: str, stop: str | None, chatml_system: str | None = None) -> str:
+    """An Ollama Modelfile: the ChatML template and default system turn when the model uses ChatML
+    (`chatml_system`: its default system text, "" for none); otherwise Ollama takes the template it recognises
+    in the GGUF's metadata."""
     lines = ["# Ollama: ollama create <name> -f Modelfile && ollama run <name>", f"FROM ./{gguf_name}",
              "PARAMETER temperature 0"]
-    if stop:
-        lines.append(f'PARAMETER stop "{stop}"')
+    stops = [stop] if stop else []
+    if chatml_system is not None:
+        lines.append(CHATML)
+        if chatml_system:
+            lines.append(f'SYSTEM """{chatml_system}"""')
+        stops += [t for t in ("<|im_end|>", "<|im_start|>") if t not in stops]
+    lines += [f'PARAMETER stop "{t}"' for t in stops]
     return "\n".join(lines) + "\n"
+
+
+def chatml_system(src: Path) -> str | None:
+    """The default system text of a ChatML chat template ("" = none), None when the template is not ChatML."""
+    import re
+
+    from toolkit.models import load_tokenizer
+
+    try:
+        tok = load_tokenizer(str(src))
+        text = tok.apply_chat_template([{"role": "user", "content": "@@Q@@"}], tokenize=False,
+                                       add_generation_prompt=True)
+    except Exception:  # no template, or one that refuses this conversation: let Ollama decide
+        return None
+    tail = "<|im_start|>user\n@@Q@@<|im_end|>\n<|im_start|>assistant\n"
+    if not isinstance(text, str) or not text.endswith(tail):
+        return None
+    head = text[:-len(tail)]
+    m = re.fullmatch(r"<\|im_start\|>system\n(.*)<\|im_end\|>\n", head, re.S)
+    return m.group(1) if m else ("" if head == "" else None)
 
 
 def run(cfg: GGUFConfig, job) -> list[Artifact]:
@@ -196,7 +231,7 @@ def run(cfg: GGUFConfig, job) -> list[Artifact]:
         quantize_file(f16, target, qtype, job.threads)
         files[qtype] = target.name
     chosen = cfg.modelfile_type or cfg.types[0]  # the config checked it is one of types
-    atomic_write_text(job.out / "Modelfile", modelfile(files[chosen], _eos_token(job.src)))
+    atomic_write_text(job.out / "Modelfile", modelfile(files[chosen], _eos_token(job.src), chatml_system(job.src)))
     converter = f"llama.cpp via llama-cpp-python {version} sdist (MIT)"
     return [Artifact(f"gguf-{q}", "gguf", f, {"type": q, "converter": converter}) for q, f in files.items()]
 
