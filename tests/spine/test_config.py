@@ -72,8 +72,9 @@ def test_splits_must_sum_to_one():
 
 
 def test_overrides_parse_yaml_values_and_create_sections():
-    d = apply_overrides({"a": {"b": 1}}, ["a.b=7", "a.c=[1, 2]", "x.y=true", "s=hello"])
-    assert d == {"a": {"b": 7, "c": [1, 2]}, "x": {"y": True}, "s": "hello"}
+    d = apply_overrides({"a": {"b": 1}}, ["a.b=7", "a.c=[1, 2]", "x.y=true", "s=hello", "t=Note: be brief",
+                                          "m={k: v}"])
+    assert d == {"a": {"b": 7, "c": [1, 2]}, "x": {"y": True}, "s": "hello", "t": "Note: be brief", "m": {"k": "v"}}
     with pytest.raises(OptkitError, match="key.path=value"):
         apply_overrides({}, ["novalue"])
     with pytest.raises(OptkitError, match="not a section"):

@@ -75,6 +75,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         value = yaml.safe_load(raw) if raw != "" else ""
     except yaml.YAMLError as exc:
         raise OptkitError(f"override '{text}': value is not valid YAML ({exc})") from None
+    if isinstance(value, dict) and not raw.lstrip().startswith("{"):
+        value = raw  # `data.system_prompt=Note: be brief` is text; a mapping is written {k: v}
     return key.split("."), value
 
 
