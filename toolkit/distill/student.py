@@ -151,10 +151,7 @@ def choose_layers(teacher, prune, batches_fn: Callable[[], list[dict]]) -> tuple
     if prune.num_layers >= n_total:
         raise OptkitError(f"distill.student.from_teacher.num_layers: {prune.num_layers} must be below the "
                           f"teacher's {n_total} layers")
-    if prune.layers is not None:
-        if len(prune.layers) != prune.num_layers:
-            raise OptkitError(f"distill.student.from_teacher.layers: {len(prune.layers)} indices given but "
-                              f"num_layers is {prune.num_layers}")
+    if prune.layers is not None:  # as many as num_layers and distinct (PruneConfig); in range: set_layers checks
         return sorted(prune.layers), {"selection": "explicit"}
     if prune.selection == "search":
         best, scores = search_layers(teacher, prune.num_layers, batches_fn())
