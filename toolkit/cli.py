@@ -107,13 +107,9 @@ def _prompts_line(recipe) -> str:
         return ""
     from collections import Counter
 
-    from toolkit.collect.prompts import load_prompts
-    from toolkit.errors import OptkitError
+    from toolkit.collect.prompts import data_file, load_prompts
 
-    path = recipe.resolve_path(recipe.data.path)
-    if not path.exists():
-        raise OptkitError(f"data.path: file not found: {path}")
-    n = Counter(p.split for p in load_prompts(recipe.data, path, recipe.seed))
+    n = Counter(p.split for p in load_prompts(recipe.data, data_file(recipe), recipe.seed))
     return f"; {sum(n.values())} prompts (train {n['train']}, val {n['val']}, test {n['test']})"
 
 

@@ -71,7 +71,7 @@ class Collector:
 
 def run(ctx) -> dict:
     from toolkit.collect.backends import generation_params, make_backend, resolve_backend
-    from toolkit.collect.prompts import load_prompts
+    from toolkit.collect.prompts import data_file, load_prompts
     from toolkit.collect.store import InFlightLog, ResultStore, result_key
 
     recipe, cfg = ctx.recipe, ctx.config
@@ -80,9 +80,7 @@ def run(ctx) -> dict:
 
         return run_log(ctx)
     # ---- setup
-    data_path = recipe.resolve_path(recipe.data.path)
-    if not data_path.exists():
-        raise OptkitError(f"data.path: file not found: {data_path}")
+    data_path = data_file(recipe)
     ctx.add_input(data_path)
     prompts = load_prompts(recipe.data, data_path, recipe.seed)
     write_jsonl(ctx.dir / PROMPTS, (p.to_dict() for p in prompts))

@@ -160,6 +160,14 @@ def _row_columns(data: DataConfig) -> list[tuple[str, str]]:
     return [(field, column) for field, column in wanted if column is not None]
 
 
+def data_file(recipe) -> Path:
+    """The recipe's prompts file (data.path against the recipe's folder); refused when it is not there."""
+    path = recipe.resolve_path(recipe.data.path)
+    if not path.exists():
+        raise OptkitError(f"data.path: file not found: {path}")
+    return path
+
+
 def load_prompts(data: DataConfig, path, seed: int) -> list[Prompt]:
     """All prompts of the data file, deduped, sampled to data.limit, each with its split. File order kept."""
     rows = read_data(path, data.format, data.split_name)

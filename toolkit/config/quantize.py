@@ -50,10 +50,15 @@ class QuantizeSettings(Section):
         "head tied to them, norms, ignored layers, scales). auto = the source config's 16-bit dtype, bfloat16 when "
         "it says float32; float32 only to debug (it doubles the embeddings' share of the artifact).")
 
+    @classmethod
+    def method_names(cls) -> list[str]:
+        """The method sections (one per registered method), in the registry's order."""
+        return [n for n in cls.model_fields if n not in QuantizeSettings.model_fields]
+
     def enabled_methods(self) -> list[tuple[str, QuantMethodConfig]]:
         """(name, settings) of every method section present and enabled, in the registry's order."""
-        extra = [n for n in type(self).model_fields if n not in QuantizeSettings.model_fields]
-        return [(n, getattr(self, n)) for n in extra if getattr(self, n) is not None and getattr(self, n).enabled]
+        return [(n, getattr(self, n)) for n in self.method_names()
+                if getattr(self, n) is not None and getattr(self, n).enabled]
 
 
 def _method_field(cls: type[QuantMethodConfig]):

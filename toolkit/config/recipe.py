@@ -16,7 +16,7 @@ from toolkit.config.common import DataConfig, ModelSpec, Price, RuntimeConfig, T
 from toolkit.config.distill import DistillConfig
 from toolkit.config.evaluate import EvaluateConfig
 from toolkit.config.export import ExportConfig
-from toolkit.config.quantize import QuantizeConfig, QuantizeSettings
+from toolkit.config.quantize import QuantizeConfig
 from toolkit.config.route import RouteConfig
 from toolkit.redact import redact_data
 
@@ -75,9 +75,8 @@ class Recipe(Section):
              "evaluate.system.student: route.mode cascade escalates on the distilled student's confidence in its own "
              "answers (route/cascade_confidence.jsonl), so the system's student must be 'student'"),
             (self.quantize is not None and not self.quantize.enabled_methods(),
-             "quantize: no method enabled; add one of "
-             + ", ".join(n for n in QuantizeConfig.model_fields if n not in QuantizeSettings.model_fields)
-             + " to the quantize section"),
+             f"quantize: no method enabled; add one of {', '.join(QuantizeConfig.method_names())} to the quantize "
+             "section"),
         ) if cond]
         if problems:
             raise ValueError("\n".join(problems))  # one line each (toolkit.config.loading prefixes every line)

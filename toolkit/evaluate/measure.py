@@ -101,9 +101,10 @@ def pct(values: list[float], q: float) -> Optional[float]:
 
 
 def samples(e2e: list[float], ttft: list[float]) -> dict:
-    """The timed requests themselves: the system replay draws each routed request's latency from them, so the
-    system's tail is its models' measured tail, not their means."""
-    return {"e2e_samples_s": [float(x) for x in e2e], "ttft_samples_s": [float(x) for x in ttft]}
+    """The timed requests' means and the requests themselves: the system replay draws each routed request's
+    latency from them, so the system's tail is its models' measured tail, not their means."""
+    return {"e2e_mean_s": float(np.mean(e2e)) if e2e else None, "ttft_mean_s": float(np.mean(ttft)) if ttft else None,
+            "e2e_samples_s": [float(x) for x in e2e], "ttft_samples_s": [float(x) for x in ttft]}
 
 
 def latency_summary(timed: list) -> dict:
@@ -117,8 +118,6 @@ def latency_summary(timed: list) -> dict:
             "tpot_p50_s": pct(tpot, 50), "tpot_mean_s": float(np.mean(tpot)) if tpot else None,
             "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
             "e2e_p50_s": pct(e2e, 50), "e2e_p95_s": pct(e2e, 95), "e2e_p99_s": pct(e2e, 99),
-            "e2e_mean_s": float(np.mean(e2e)) if e2e else None,
-            "ttft_mean_s": float(np.mean(ttft)) if ttft else None,
             **samples(e2e, ttft),
             "tokens_per_s_b1": tokens / sum(e2e) if sum(e2e) > 0 else None,
             "requests_per_s_b1": len(e2e) / sum(e2e) if sum(e2e) > 0 else None}
@@ -171,7 +170,7 @@ def records_latency(records: list[dict]) -> dict:
     e2e = [float(r["latency_s"]) for r in records if r.get("latency_s") is not None]
     tokens = sum(int(r.get("output_tokens") or 0) for r in records)
     return {"latency_n": len(e2e), "e2e_p50_s": pct(e2e, 50), "e2e_p95_s": pct(e2e, 95), "e2e_p99_s": pct(e2e, 99),
-            "e2e_mean_s": float(np.mean(e2e)) if e2e else None, **samples(e2e, []),
+            **samples(e2e, []),
             "tokens_per_s_b1": tokens / sum(e2e) if e2e and sum(e2e) > 0 else None,
             # collect's latency_s is a batch share for batched backends (vLLM): 1 / mean = its throughput.
             "requests_per_s_collect": len(e2e) / sum(e2e) if e2e and sum(e2e) > 0 else None}

@@ -123,7 +123,6 @@ def level_summary(concurrency: int, timed: list[Timed], wall_s: float) -> dict:
             "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
             "tpot_p50_s": pct(tpot, 50), "itl_p50_s": pct(itl, 50), "itl_p99_s": pct(itl, 99),
             "e2e_p50_s": pct(e2e, 50), "e2e_p95_s": pct(e2e, 95), "e2e_p99_s": pct(e2e, 99),
-            "e2e_mean_s": sum(e2e) / len(e2e) if e2e else None, "ttft_mean_s": sum(ttft) / len(ttft) if ttft else None,
             **samples(e2e, ttft),
             "output_tokens_per_s": tokens / wall_s if wall_s > 0 else None,
             "requests_per_s": len(timed) / wall_s if wall_s > 0 else None}

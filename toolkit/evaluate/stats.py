@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import math
 from typing import Optional, Sequence
 
 import numpy as np
@@ -37,7 +36,7 @@ def wilson(k: int, n: int, level: float = LEVEL) -> Optional[tuple[float, float]
     return float(ci.low), float(ci.high)
 
 
-def _bootstrap(data: tuple, statistic, level: float, paired: bool, seed: int):
+def _bootstrap(data: tuple, statistic, level: float, seed: int):
     """scipy's bootstrap, BCa where it is defined, the percentile interval where BCa is not (degenerate data)."""
     import warnings
 
@@ -46,7 +45,7 @@ def _bootstrap(data: tuple, statistic, level: float, paired: bool, seed: int):
     for method in ("BCa", "percentile"):
         with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
             warnings.simplefilter("ignore")  # DegenerateDataWarning: handled by the fallback below
-            res = bootstrap(data, statistic, paired=paired, vectorized=True, n_resamples=RESAMPLES,
+            res = bootstrap(data, statistic, vectorized=True, n_resamples=RESAMPLES,
                             confidence_level=level, method=method, rng=np.random.default_rng(seed))
         low, high = np.atleast_1d(res.confidence_interval.low), np.atleast_1d(res.confidence_interval.high)
         if np.all(np.isfinite(low)) and np.all(np.isfinite(high)):
@@ -64,7 +63,7 @@ def mean_ci(scores: Sequence[Optional[float]], level: float = LEVEL, seed: int =
         return wilson(int(x.sum()), int(x.size), level)
     if np.all(x == x[0]):
         return float(x[0]), float(x[0])
-    low, high = _bootstrap((x,), lambda a, axis: np.mean(a, axis=axis), level, False, seed)
+    low, high = _bootstrap((x,), lambda a, axis: np.mean(a, axis=axis), level, seed)
     return float(low[0]), float(high[0])
 
 

@@ -23,15 +23,15 @@ from toolkit.runtime import register_secret
 
 
 class BackendError(Exception):
-    """A backend call failed. `fallback_ok`: another backend may answer it. `health`: what the failure says about
-    the backend, for its breaker: False = it failed, True = it answered (refusing the request), None = nothing
-    (its own slots were all busy)."""
+    """A backend call failed (another backend may still answer it). `health`: what the failure says about the
+    backend, for its breaker: False = it failed, True = it answered (refusing the request), None = nothing (its own
+    slots were all busy)."""
 
     def __init__(self, backend: str, reason: str, message: str, status: Optional[int] = None,
-                 retry_after: Optional[float] = None, fallback_ok: bool = True, health: Optional[bool] = False):
+                 retry_after: Optional[float] = None, health: Optional[bool] = False):
         super().__init__(message)
         self.backend, self.reason, self.status = backend, reason, status
-        self.retry_after, self.fallback_ok, self.health = retry_after, fallback_ok, health
+        self.retry_after, self.health = retry_after, health
 
 
 class Breaker:
@@ -241,7 +241,7 @@ class Pool:
                 # count against it.
                 if exc.health is not None:
                     (backend.breaker.success if exc.health else backend.breaker.failure)()
-                if nxt is None or not exc.fallback_ok or time.monotonic() >= deadline:
+                if nxt is None or time.monotonic() >= deadline:
                     raise
                 taken.append(self._fall(name, nxt, exc.reason))
                 name = nxt

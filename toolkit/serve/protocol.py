@@ -8,7 +8,9 @@ gateway looks at, and they are passed through unchanged).
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
+import os
 import time
 import uuid
 from dataclasses import dataclass
@@ -170,8 +172,6 @@ class ClientKeys:
         self.digests: list[bytes] = []
         if env is None:
             return
-        import os
-
         from toolkit.errors import OptkitError
         from toolkit.runtime import register_secret
 
@@ -185,8 +185,6 @@ class ClientKeys:
     def check(self, headers) -> None:
         if not self.digests:
             return
-        import hmac
-
         scheme, _, token = headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not token.strip():
             raise ApiError(401, "no API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")
