@@ -217,3 +217,23 @@ def load_embedder(ref: str, device: str = "cpu"):
         return SentenceTransformer(str(path), device=device)
     except OSError as exc:
         raise OptkitError(f"cannot load embedder '{ref}': {exc}") from None
+
+
+def set_truncation(embedder, max_seq_length: int, field: str) -> None:
+    """Truncate the embedder's inputs at max_seq_length tokens; an error naming `field` when the model has fewer
+    positions (it would embed short prompts and then fail on the first long one, e.g. in the gateway)."""
+    limit = embedder_positions(embedder)
+    if limit is not None and max_seq_length > limit:
+        raise OptkitError(f"{field}={max_seq_length}: the embedder takes at most {limit} tokens; set it to {limit} "
+                          "or less")
+    embedder.max_seq_length = max_seq_length
+
+
+def embedder_positions(embedder) -> Optional[int]:
+    """How many tokens a sentence-transformers model can embed (its position table), when it says."""
+    try:
+        config = embedder[0].auto_model.config
+    except (AttributeError, IndexError, KeyError, TypeError):
+        return None
+    limit = getattr(config, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None

@@ -175,3 +175,23 @@ def test_smaller_eval_batch_means_stricter_threshold():
     big = calibrate(P, S, TWO, 1, RouteTargetConfig(min_quality=0.9, eval_size=100_000))
     small = calibrate(P, S, TWO, 1, RouteTargetConfig(min_quality=0.9, eval_size=50))
     assert small.strong_fraction > big.strong_fraction and small.lower_bound >= 0.9
+
+
+@pytest.mark.parametrize("weak_right", [50, 148])
+def test_routing_at_a_threshold_agrees_with_calibration_when_every_score_ties(weak_right):
+    """A constant router scores every prompt P_s - P_w in float32; with the weak model below half the strong one's
+    quality, P_s - threshold >= P_w rounds the other way from that difference, and the shipped threshold that
+    calibration counted as "all strong" routed every prompt weak (cost 0 while the report said the goal held).
+    Routing now compares the same difference, so a router with no signal is reported infeasible instead."""
+    from toolkit.route.calibrate import candidate_thresholds
+    from toolkit.route.routers import constant, logreg
+
+    n = 400
+    S = np.zeros((n, 2))
+    S[:weak_right, 0], S[:360, 1] = 1, 1
+    x = np.zeros((n, 8), np.float32)
+    P = logreg.predict(constant.fit(x, None, S, None, 0), x, None)
+    for lam in candidate_thresholds(P, TWO, 1):
+        assert ((decide(P, TWO, lam) == 1) == ((P[:, 1] - P[:, 0]) >= lam)).all()
+    with pytest.raises(OptkitError, match="infeasible"):
+        calibrate(P, S, TWO, 1, RouteTargetConfig(min_quality=0.95, confidence=0.95))

@@ -81,3 +81,25 @@ print(names, name, new)
     line = _run(code)
     assert "'mixtral_8x7b'" in line or "'gpt4_1106'" in line
     assert line.endswith("[]"), line  # routing imported nothing beyond the embedder's own modules
+
+
+def test_truncation_beyond_the_embedders_positions_is_refused_before_a_long_prompt_arrives(tmp_path):
+    """MiniLM has 512 positions: route.max_seq_length 1024 used to embed every short prompt and then crash (a
+    torch size mismatch) on the first long one, in the stage or in the gateway."""
+    import uuid
+
+    import pytest
+
+    from toolkit.errors import OptkitError
+    from toolkit.route.stage import embed_cached
+
+    cfg = RouteConfig(max_seq_length=1024)
+    with pytest.raises(OptkitError, match=r"route.max_seq_length=1024: the embedder takes at most 512 tokens"):
+        embed_cached(cfg, [f"a short prompt {uuid.uuid4()}"])
+    spec = {"models": ["weak", "strong"], "strong": "strong", "costs": {"weak": 0.0, "strong": 1.0},
+            "cost_norm": [0.0, 1.0], "threshold": 0.0, "head": "linear", "model": "logreg",
+            "features": {"embedding": "transformer", "embedder": cfg.embedder, "max_seq_length": 1024}}
+    router = Router(spec, {})
+    with pytest.raises(OptkitError, match=r"features.max_seq_length=1024"):
+        router.embedder
+    assert embed_cached(RouteConfig(max_seq_length=512), ["word " * 900]).shape == (1, 384)

@@ -66,6 +66,11 @@ def text_features(texts: Sequence[str]) -> np.ndarray:
 def decide(P: np.ndarray, cost_norm: np.ndarray, threshold: float) -> np.ndarray:
     """Index of the chosen model per row: argmax of P - threshold * cost; ties go to the costlier model
     (so with two models: strong iff P_strong - P_weak >= threshold)."""
+    if P.shape[1] == 2 and cost_norm[0] != cost_norm[1]:
+        # The calibrated threshold is one of the scores P_s - P_w: compare that same difference, not
+        # P_s - threshold >= P_w, which rounds differently (a constant router tied at its threshold went all weak).
+        s = int(np.argmax(cost_norm))
+        return np.where(P[:, s] - P[:, 1 - s] >= threshold, s, 1 - s)
     order = np.argsort(-cost_norm, kind="stable")  # costliest first: argmax keeps the first maximum
     utility = P[:, order] - threshold * cost_norm[order]
     return order[np.argmax(utility, axis=1)]
@@ -153,10 +158,11 @@ class Router:
             if feats.get("embedding") == "static":
                 self._embedder = StaticEmbedder(self.directory)
                 return self._embedder
-            from toolkit.models import load_embedder  # sentence-transformers (and its torch) load only here
+            from toolkit.models import load_embedder, set_truncation  # sentence-transformers, torch: only here
 
-            self._embedder = load_embedder(feats["embedder"])
-            self._embedder.max_seq_length = feats["max_seq_length"]
+            embedder = load_embedder(feats["embedder"])
+            set_truncation(embedder, feats["max_seq_length"], "router.json features.max_seq_length")
+            self._embedder = embedder
         return self._embedder
 
     # --- features

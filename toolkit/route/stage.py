@@ -199,7 +199,7 @@ def normalized(costs: dict, models: list[str]) -> np.ndarray:
 def embed_cached(cfg, prompts: list[str], work_dir: Optional[Path] = None) -> np.ndarray:
     """Unit-norm embeddings [n, dim] float32, cached across runs per (embedder, revision, truncation, text)
     in the optkit cache (toolkit/route/embcache.py). `work_dir` is unused (kept for callers)."""
-    from toolkit.models import load_embedder, model_revision
+    from toolkit.models import load_embedder, model_revision, set_truncation
 
     if cfg.embedding == "static":  # fast enough to need no cache; the vectors themselves are cached
         from toolkit.route.runtime import StaticEmbedder
@@ -210,7 +210,7 @@ def embed_cached(cfg, prompts: list[str], work_dir: Optional[Path] = None) -> np
 
     def encode(texts: list[str]) -> np.ndarray:
         model = load_embedder(cfg.embedder)
-        model.max_seq_length = cfg.max_seq_length
+        set_truncation(model, cfg.max_seq_length, "route.max_seq_length")
         return model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True,
                             show_progress_bar=False)
 
