@@ -142,8 +142,32 @@ def model_revision(ref: str, revision: Optional[str] = None) -> str:
     if ref in BUILTINS:
         return builtin_revision(ref)
     if Path(ref).exists():
-        return revision or "local"
+        return local_fingerprint(Path(ref))
     return revision or "main"
+
+
+def local_fingerprint(path: Path, sample: int = 1 << 16, samples: int = 16) -> str:
+    """A local model's identity from its content: every file's name and size, small files whole and large ones
+    (weights) sampled at evenly spaced offsets. A checkpoint saved over the same directory (or another project's
+    `./model`) gets a new identity, so answers and embeddings cached under the old one are not reused; a copied
+    or moved directory keeps it. Reads about 1 MB per weight file."""
+    import hashlib
+
+    path = Path(path).expanduser()
+    files = [path] if path.is_file() else sorted(
+        f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))
+    digest = hashlib.sha256()
+    for f in files:
+        size = f.stat().st_size
+        digest.update(f"{f.name if f == path else f.relative_to(path).as_posix()}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if size <= sample * samples:
+                digest.update(fh.read())
+                continue
+            for i in range(samples):
+                fh.seek((size - sample) * i // (samples - 1))
+                digest.update(fh.read(sample))
+    return "local-" + digest.hexdigest()[:16]
 
 
 def torch_dtype(name: str):

@@ -90,6 +90,14 @@ def stage_config_hash(recipe: Recipe, stage: str) -> str:
     return config_hash({"stage": public[stage], **shared, "optkit": __version__})
 
 
+def input_digest(path: Path) -> str:
+    """A file's sha256; a directory's (a saved dataset, a local model) content identity, so rows or weights
+    saved over the same path make the stage run again."""
+    from toolkit.models import local_fingerprint
+
+    return sha256_file(path) if path.is_file() else local_fingerprint(path)
+
+
 @dataclass
 class StageContext:
     """What a stage gets: its config, its directory, upstream outputs, and somewhere to log."""
@@ -132,7 +140,7 @@ class StageContext:
         path = Path(path)
         if not path.exists():
             raise OptkitError(f"{self.name}: input file not found: {path}")
-        self.inputs[str(path.resolve())] = sha256_file(path) if path.is_file() else "dir"
+        self.inputs[str(path.resolve())] = input_digest(path)
         return path
 
     def log_metrics(self, metrics: dict[str, Any], step: Optional[int] = None) -> None:
@@ -175,7 +183,7 @@ def _is_fresh(run_dir: Path, stage: str, expected_hash: str, upstream_fps: dict[
         return False, "upstream outputs changed"
     for path, digest in (manifest.get("inputs") or {}).items():
         p = Path(path)
-        if not p.exists() or (digest != "dir" and sha256_file(p) != digest):
+        if not p.exists() or input_digest(p) != digest:
             return False, f"input changed: {path}"
     changed = changed_output(run_dir / stage, manifest.get("outputs"), verify)
     if changed:

@@ -62,3 +62,26 @@ def test_converted_cache_is_written_atomically(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         models.resolve("smollm2-135m-instruct")
     assert not list((tmp_path / "models").glob("smollm2*/config.json"))
+
+
+def test_a_local_models_identity_follows_its_content_not_its_path(tmp_path):
+    """A checkpoint saved over the same directory kept the identity "local", so collect reused the old model's
+    answers (even with --force) and route/cache their embeddings; another project's `./model` shared them too."""
+    import shutil
+
+    from toolkit.models import model_revision, resolve
+
+    src = tmp_path / "minilm"
+    shutil.copytree(resolve("minilm-l6"), src)
+    before = model_revision(str(src))
+    assert before.startswith("local-") and model_revision(str(src)) == before
+    moved = tmp_path / "elsewhere"
+    shutil.copytree(src, moved)
+    assert model_revision(str(moved)) == before  # a copy is the same model: nothing to redo
+    weights = src / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 3] ^= 0xFF  # retrained in place: same names, same size, other values
+    weights.write_bytes(bytes(data))
+    assert model_revision(str(src)) != before
+    (moved / "config.json").write_text((moved / "config.json").read_text().replace("384", "385", 1))
+    assert model_revision(str(moved)) != before

@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
 from toolkit.collect.backends import Request
@@ -82,6 +83,8 @@ def run(ctx) -> dict:
     # ---- setup
     data_path = data_file(recipe)
     ctx.add_input(data_path)
+    if Path(recipe.teacher.model).expanduser().exists():  # a local teacher saved over in place runs again
+        ctx.add_input(Path(recipe.teacher.model).expanduser())
     prompts = load_prompts(recipe.data, data_path, recipe.seed)
     write_jsonl(ctx.dir / PROMPTS, (p.to_dict() for p in prompts))
     selected = [p for p in prompts if p.split in cfg.splits]
@@ -136,6 +139,8 @@ def run(ctx) -> dict:
     write_jsonl(ctx.dir / FAILURES, failures)
     if cfg.top_logprobs:
         write_topk(ctx.dir / TOPK, records, results)
+    else:  # an earlier run's top-k must not reach distill's kd.source: precomputed
+        (ctx.dir / TOPK).unlink(missing_ok=True)
     summary = summarize(records, failures, new_results, wall, len(prompts), backend.stats)
     summary.update(backend={"requested": cfg.backend, "used": name, "why": why}, teacher=identity, context=context,
                    resent_after_interrupt=resent)
@@ -148,6 +153,11 @@ def run(ctx) -> dict:
     ctx.log_artifact(ctx.dir / SUMMARY)
     check_failures(len(failures) - len(skipped), len(selected), cfg.max_failures,
                    [f for f in failures if f["id"] not in skipped])
+    if not records:
+        raise OptkitError(f"collect: none of the {len(selected)} prompts was answered ({len(skipped)} skipped by "
+                          f"the context guard, collect.context: {cfg.context}; {len(failures) - len(skipped)} "
+                          f"failed, see {ctx.dir / FAILURES}): check collect.generation.max_new_tokens against the "
+                          "teacher's context")
     return metrics
 
 
