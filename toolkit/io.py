@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -53,7 +54,21 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
+    """Strict JSON: an undefined figure (NaN, infinity) is written as null, never a token other parsers reject."""
+    atomic_write_text(path, json.dumps(finite_or_null(obj), indent=2, sort_keys=False, allow_nan=False,
+                                       default=str) + "\n")
+
+
+def finite_or_null(obj: Any) -> Any:
+    """obj with every non-finite float (NaN, +-inf, numpy's too) replaced by None, recursively."""
+    if isinstance(obj, float) or (type(obj).__module__ == "numpy" and getattr(obj, "dtype", None) is not None
+                                  and getattr(obj, "ndim", None) == 0 and obj.dtype.kind == "f"):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_or_null(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_or_null(v) for v in obj]
+    return obj
 
 
 @contextlib.contextmanager
@@ -116,7 +131,7 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     n = 0
     lines = []
     for row in rows:
-        lines.append(json.dumps(row, ensure_ascii=False, default=str))
+        lines.append(json.dumps(finite_or_null(row), ensure_ascii=False, allow_nan=False, default=str))
         n += 1
     atomic_write_text(path, "\n".join(lines) + ("\n" if lines else ""))
     return n

@@ -175,3 +175,24 @@ def test_jsonl_error_names_line_and_column_without_at_at(tmp_path):
     with pytest.raises(OptkitError) as err:
         read_jsonl(f)
     assert str(err.value) == f"{f}:2: invalid JSON (Unterminated string starting at column 7)"
+
+
+def test_json_outputs_are_strict_an_undefined_figure_is_null(tmp_path):
+    """quantize's summary.json, distill's train_result.json and collect's outputs.jsonl went through json.dumps'
+    default allow_nan=True: a NaN perplexity or grad_norm became the token NaN, which strict parsers reject."""
+    import numpy as np
+
+    from toolkit.io import atomic_write_json, read_jsonl, write_jsonl
+
+    obj = {"perplexity": float("nan"), "grad_norm": np.float32("inf"), "rows": [1.5, np.float64(-np.inf)],
+           "score": np.float32(0.25), "n": 3, "ok": True}
+    atomic_write_json(tmp_path / "s.json", obj)
+    write_jsonl(tmp_path / "r.jsonl", [obj])
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+
+    want = {"perplexity": None, "grad_norm": None, "rows": [1.5, None], "score": 0.25, "n": 3, "ok": True}
+    assert strict((tmp_path / "s.json").read_text()) == want
+    assert [strict(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()] == [want]
+    assert read_jsonl(tmp_path / "r.jsonl") == [want]

@@ -204,7 +204,7 @@ def run_cascade(ctx, table, s_idx: int, costs: dict, router_at_test: dict) -> di
     """Calibrate the cascade on the cal part, report it on the test part beside the router, write cascade.json
     and cascade_confidence.jsonl into the stage dir; returns the report section."""
     from toolkit.io import write_jsonl
-    from toolkit.route.stage import write_strict_json
+    from toolkit.io import atomic_write_json
 
     cfg = ctx.config
     if cfg.labels.source != "pipeline" or len(table.models) != 2:
@@ -227,5 +227,5 @@ def run_cascade(ctx, table, s_idx: int, costs: dict, router_at_test: dict) -> di
     check_cascade(spec, CASCADE_JSON)
     write_jsonl(ctx.dir / CONFIDENCE_JSONL, [{"id": i, "part": str(p), "confidence": c if math.isfinite(c) else None}
                                              for i, p, c in zip(table.ids, table.part, conf) if p != "fit"])
-    write_strict_json(ctx.dir / CASCADE_JSON, spec)
+    atomic_write_json(ctx.dir / CASCADE_JSON, spec)
     return section

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional
@@ -10,7 +9,7 @@ from typing import Optional
 import numpy as np
 
 from toolkit.errors import OptkitError
-from toolkit.io import atomic_write_bytes, write_jsonl
+from toolkit.io import atomic_write_bytes, atomic_write_json, finite_or_null, write_jsonl
 from toolkit.route import labels as L
 from toolkit.route.calibrate import calibrate, check_enough
 from toolkit.route.models import contiguous
@@ -81,7 +80,7 @@ def run(ctx) -> dict:
         for name in spec["features"]["static_files"]:
             shutil.copy(cached_vectors(cfg.embedder) / name, ctx.dir / name)
     save_router(ctx.dir, spec, router.weights)
-    write_strict_json(ctx.dir / "report.json", report)
+    atomic_write_json(ctx.dir / "report.json", report)
     write_jsonl(ctx.dir / "labels.jsonl", table.rows())
     png = plot_curves(report, ctx.dir / "curve.png")
     _log(ctx, report, png)
@@ -273,24 +272,9 @@ def save_router(directory: Path, spec: dict, weights: dict[str, np.ndarray]) -> 
     spec = dict(spec)
     spec["features"] = {**spec["features"], "dim": int(weights["feat.mean"].shape[0])}
     spec["tensors"] = {k: {"shape": list(v.shape), "dtype": str(v.dtype)} for k, v in weights.items()}
-    check_router(_nan_to_null(spec), weights, Path(directory) / ROUTER_JSON)  # never write what load refuses
+    check_router(finite_or_null(spec), weights, Path(directory) / ROUTER_JSON)  # never write what load refuses
     atomic_write_bytes(Path(directory) / ROUTER_WEIGHTS, save(weights))
-    write_strict_json(Path(directory) / ROUTER_JSON, spec)
-
-
-def write_strict_json(path: Path, obj) -> None:
-    atomic_write_bytes(path, (json.dumps(_nan_to_null(obj), indent=2, allow_nan=False, default=str) + "\n").encode())
-
-
-def _nan_to_null(obj):
-    """Strict JSON: an undefined metric (APGR when both models score the same) is written as null, not NaN."""
-    if isinstance(obj, float) and not np.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _nan_to_null(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_null(v) for v in obj]
-    return obj
+    atomic_write_json(Path(directory) / ROUTER_JSON, spec)
 
 
 def _log(ctx, report: dict, png: Path) -> None:
