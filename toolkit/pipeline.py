@@ -29,7 +29,7 @@ from toolkit import __version__
 from toolkit.config import STAGE_ORDER, Recipe, config_hash
 from toolkit.errors import OptkitError
 from toolkit.io import atomic_write_text, sha256_file
-from toolkit.redact import redact_text
+from toolkit.runtime import redact
 from toolkit.stagedir import (MANIFEST, WORK, changed_output, disk_full, fingerprint, hash_outputs,  # noqa: F401
                               is_done, read_manifest, recover, write_manifest)
 from toolkit.tracking import NullTracker, Tracker, flatten  # noqa: F401
@@ -349,7 +349,7 @@ def _run_stage(recipe: Recipe, stage: str, run_dir: Path, tracker: Tracker, forc
 
 def _record_failure(stage_dir: Path, manifest: dict, ctx: StageContext, exc: BaseException) -> None:
     status = "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed"
-    manifest.update(status=status, error=redact_text(f"{type(exc).__name__}: {exc}")[:2000], outputs={},
+    manifest.update(status=status, error=redact(f"{type(exc).__name__}: {exc}")[:2000], outputs={},
                     finished_at=time.time(), inputs=ctx.inputs, metrics=ctx.metrics)
     try:
         write_manifest(stage_dir, manifest)

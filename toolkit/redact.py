@@ -31,7 +31,7 @@ def redact_url(url: str) -> str:
         parts = urlsplit(url)
         port = parts.port  # raises on a malformed port; then fall back to the regex below
     except ValueError:
-        return re.sub(r"://[^@/\s]*@", f"://{MASK}@", url)
+        return re.sub(r"://\S*@", f"://{MASK}@", url)  # up to the last '@': a password may hold '/', '#', '?'
     netloc = parts.netloc
     if "@" in netloc:
         host = parts.hostname or ""

@@ -387,3 +387,16 @@ def test_serve_yaml_store_settings(tmp_path, monkeypatch):
         load({"store": "redis"}).store_settings()
     with pytest.raises(OptkitError, match="redis_prefix"):
         load({"store": "redis", "redis_prefix": "a{b}"})
+
+
+@pytest.mark.parametrize("password", ["ab+/cdPASS=", "S3cr3t#pw", "xyz?y=z/wvu"])
+def test_a_malformed_redis_url_never_shows_its_password(password):
+    """A base64-style password with '/' (or '#', '?') unencoded: redis-py's error quoted a piece of it as the
+    'port' and the URL fallback mask stopped at the '/'."""
+    from toolkit.cache.store_redis import connect
+    from toolkit.errors import OptkitError
+
+    with pytest.raises(OptkitError, match="bad URL") as err:
+        connect(f"redis://:{password}@127.0.0.1:6391/0", "optkit")
+    for piece in {password, *password.replace("#", "/").replace("?", "/").split("/")}:
+        assert len(piece) < 3 or piece not in str(err.value)

@@ -77,3 +77,49 @@ def test_url_credentials_stay_out_of_the_manifest_and_error_lines(workdir, fake_
                                          name="dead"))])
     err = capsys.readouterr().err
     assert code == 2 and "cannot reach the endpoint" in err and "pw-0c0ffee1" not in err and "***@127.0.0.1:9" in err
+
+
+def test_a_key_with_a_line_break_is_used_trimmed_or_refused_never_echoed(workdir, fake_openai):
+    """Keys read from secret files end in a newline: httpx refused the header and its error, which quotes the
+    header, went to stderr and into the failed stage's manifest."""
+    server = fake_openai(api_key=GOOD)
+    recipe = write_recipe(workdir, openai_collect(server, api_key_env="OPTKIT_TEST_KEY"), data={"limit": 2})
+    trailing = optkit(workdir, recipe, OPTKIT_TEST_KEY=GOOD + "\n")
+    assert trailing.returncode == 0, trailing.stderr
+    assert server.auth_seen and set(server.auth_seen) == {f"Bearer {GOOD}"}
+    inner = GOOD[:8] + "\n" + GOOD[8:]
+    other = write_recipe(workdir, openai_collect(server, api_key_env="OPTKIT_TEST_KEY"), data={"limit": 3})
+    broken = optkit(workdir, other, OPTKIT_TEST_KEY=inner)
+    assert broken.returncode == 2 and "contains a control character" in broken.stderr
+    for text in (broken.stdout + broken.stderr, *(p.read_text(errors="replace")
+                                                 for p in (workdir / "artifacts").rglob("*.json"))):
+        assert GOOD[8:] not in text and GOOD[:8] + "\\n" not in text
+
+
+def test_an_address_that_never_answers_fails_fast_not_once_per_prompt(workdir):
+    """A connect timeout before any reply (wrong private IP, firewall) was retried per prompt: 10k prompts x 6
+    attempts x timeout_s. Now it is the same one-line error as a refused connection."""
+    import socket
+    import time
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(0)  # a full accept queue: connections hang in SYN like a black-holed address
+    fillers = []
+    for _ in range(8):
+        s = socket.socket()
+        s.setblocking(False)
+        s.connect_ex(listener.getsockname())
+        fillers.append(s)
+    port = listener.getsockname()[1]
+    collect = {"backend": "openai", "generation": {"max_new_tokens": 4},
+               "openai": {"base_url": f"http://127.0.0.1:{port}/v1", "model": "m", "timeout_s": 1.0,
+                          "max_retries": 3, "concurrency": 2, "backoff_base_s": 0.01, "backoff_max_s": 0.02}}
+    started = time.monotonic()
+    try:
+        out = optkit(workdir, write_recipe(workdir, collect, data={"limit": 12}))
+    finally:
+        for s in [*fillers, listener]:
+            s.close()
+    assert out.returncode == 2 and "cannot reach the endpoint" in out.stderr and "no connection within 1s" in out.stderr
+    assert time.monotonic() - started < 60

@@ -68,7 +68,9 @@ def connect(url: Optional[str], prefix: str, client: Any = None, timeout_s: floa
             client = redis.Redis.from_url(url, socket_timeout=timeout_s, socket_connect_timeout=timeout_s,
                                           retry=Retry(NoBackoff(), 1))
         except ValueError as exc:
-            raise OptkitError(f"cache store redis: bad URL {shown}: {redact_text(str(exc))}") from None
+            # redis-py's message quotes parts of the URL (a password cut at '/', '#' or '?' reads as the port)
+            raise OptkitError(f"cache store redis: bad URL {shown}: {type(exc).__name__} (percent-encode '/', '#', "
+                              "'?' and '@' in the password)") from None
     return client, shown, (redis.RedisError, OSError)
 
 

@@ -93,6 +93,10 @@ class ClientConfig:
         """From a recipe section with base_url, api_key_env (and optionally api_key, retries, backoff...)."""
         secret = getattr(section, "api_key", None)
         key = secret.get_secret_value() if secret else os.environ.get(section.api_key_env)
+        key = (key or "").strip()  # a key from a secret file or .env often ends in a newline
+        if any(not c.isprintable() for c in key):  # never echoed: httpx's error would quote it
+            raise OptkitError(f"{where}: the API key (${section.api_key_env} or {where}.api_key) contains a "
+                              "control character (a line break inside it?); an HTTP header cannot carry it")
         fields = {f: getattr(section, f) for f in ("timeout_s", "max_retries", "backoff_base_s", "backoff_max_s",
                                                    "concurrency") if hasattr(section, f)}
         return cls(base_url=section.base_url.rstrip("/"), where=where, api_key=key or None,
@@ -117,6 +121,11 @@ class OpenAIClient:
         started = time.perf_counter()
         try:
             resp = await client.post(endpoint(self.cfg.base_url, path), json=body)
+        except httpx.ConnectTimeout:
+            if not self.reached:  # nothing ever answered: a wrong address or a firewall, not a slow reply
+                raise OptkitError(f"{self.cfg.where}.base_url: cannot reach the endpoint {self.url}: no connection "
+                                  f"within {self.cfg.timeout_s:g}s ({self.cfg.where}.timeout_s)") from None
+            raise Retryable(f"connect timed out after {self.cfg.timeout_s:g}s", "timeout") from None
         except httpx.TimeoutException:
             raise Retryable(f"timed out after {self.cfg.timeout_s:g}s ({self.cfg.where}.timeout_s)", "timeout") \
                 from None
