@@ -216,3 +216,41 @@ def test_qlora_on_cpu_fails_the_stage_with_the_reason(workdir, tiny_teacher):
     with pytest.raises(OptkitError, match="qlora needs a CUDA GPU"):
         run_distill(workdir, tiny_teacher, {"student": {"from_teacher": {"num_layers": 2}}, "method": "qlora",
                                             "training": TRAIN})
+
+
+def test_new_teacher_answers_train_a_new_student_instead_of_reusing_the_finished_one(workdir, tiny_teacher):
+    """collect re-ran with other answers (new teacher, new data): distill said "training already finished for this
+    spec; reusing it" and published a student trained on the old answers (the spec named collect by its path)."""
+    spec = {"student": {"from_teacher": {"num_layers": 2, "selection": "first"}}, "method": "lora",
+            "training": {"max_steps": 2, "batch_size": 4, "save_steps": 1, "logging_steps": 1}}
+    rows = bitext_rows(20)
+    recipe, outcome, d = run_distill(workdir, tiny_teacher, spec, make_records(rows))
+    first = json.loads((d / "work" / "train_result.json").read_text())
+    c = write_collect(run_dir_for(recipe), make_records(rows, outputs=["I cannot help with that."] * len(rows)))
+    manifest = json.loads((c / "manifest.json").read_text())
+    (c / "manifest.json").write_text(json.dumps({**manifest, "config_hash": "collect-ran-again"}))
+    outcome, = run_pipeline(recipe, only="distill")
+    second = json.loads((d / "work" / "train_result.json").read_text())
+    assert outcome.status == "ran" and second["spec_hash"] != first["spec_hash"]
+    assert second["spec"]["data_hash"] != first["spec"]["data_hash"] and second["train_loss"] != first["train_loss"]
+
+
+def test_two_training_processes_report_and_train_at_the_loss_one_process_does(workdir, tiny_teacher):
+    """The token count behind the loss is summed over the ranks, and DDP averages gradients across them: without
+    scaling back (as transformers' own compute_loss does) 2 processes logged half the loss and took half-size
+    steps. Same 24 examples, one epoch, a learning rate too small to move the weights: 1 x 4 vs 2 x 2 per step."""
+    records = make_records(bitext_rows(30), val_every=10)
+    losses = {}
+    for n, batch in ((1, 4), (2, 2)):
+        run = workdir / f"p{n}"
+        run.mkdir()
+        os.chdir(run)
+        _, outcome, d = run_distill(run, tiny_teacher, {
+            "student": {"from_teacher": {"num_layers": 2, "selection": "first"}}, "method": "lora",
+            "launcher": {"num_processes": n},
+            "training": {"epochs": 1, "batch_size": batch, "learning_rate": 1e-9, "save_steps": 100,
+                         "logging_steps": 1}}, records)
+        result = json.loads((d / "work" / "train_result.json").read_text())
+        assert outcome.status == "ran" and result["world_size"] == n
+        losses[n] = result["train_loss"]
+    assert losses[2] == pytest.approx(losses[1], rel=0.02)

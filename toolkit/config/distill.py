@@ -135,6 +135,10 @@ class TrainSpec(Section):
     chat_template: bool = Field(description="Render prompts with the tokenizer's chat template.")
     teacher: ModelSpec = Field(description="For online logit KD.")
     base_hash: str = Field("", description="Content hash of student_dir: ties checkpoints to this exact student.")
+    data_hash: str = Field("", description="Content hash of the collect outputs trained on (teacher answers, "
+                           "top-k): new teacher answers never resume old checkpoints.")
+    world_size: int = Field(1, ge=1, description="Training processes: the effective batch is per-device batch x "
+                            "accumulation x world_size, so checkpoints of another world size are not resumed.")
 
     @model_validator(mode="after")
     def _resolved(self) -> "TrainSpec":

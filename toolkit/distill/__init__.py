@@ -158,7 +158,18 @@ def _train_spec(ctx):
         work_dir=str(ctx.work_dir.resolve()), method=cfg.method, lora=cfg.lora, kd=cfg.kd, training=resolved,
         chat_template=_chat_template(recipe), teacher=recipe.teacher,
         # base/ is rebuilt on every run: its hash ties checkpoints to this exact student
-        base_hash=_dir_hash(ctx.dir / "base"))
+        base_hash=_dir_hash(ctx.dir / "base"), data_hash=_data_hash(ctx.upstream("collect")),
+        world_size=cfg.launcher.num_processes)
+
+
+def _data_hash(collect_dir: Path) -> str:
+    """The collect outputs training reads (teacher answers, top-k log-probs), by content."""
+    from toolkit.config import config_hash
+    from toolkit.io import sha256_file
+    from toolkit.records import OUTPUTS, TOPK
+
+    files = {name: collect_dir / name for name in (OUTPUTS, TOPK)}
+    return config_hash({name: sha256_file(f) if f.is_file() else None for name, f in files.items()})
 
 
 def _dir_hash(path: Path) -> str:

@@ -121,6 +121,10 @@ def make_trainer_class():
             if kind != "none":
                 kd_sum = self._kd_sum(kind, sel_logits, inputs, keep, mask, topk)
                 loss = mix(kd_sum / n_tokens, sft, self.kd["ratio"])
+            if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+                # n_tokens counts every rank's tokens and DDP averages the ranks' gradients: scale back, as the
+                # Trainer's own compute_loss does, or N processes train (and log) at 1/N of the loss
+                loss = loss * self.accelerator.num_processes
             if not torch.isfinite(loss.detach()).all():
                 last = [p.name for p in complete_checkpoints(Path(self.args.output_dir))]
                 raise NonFiniteLoss(
