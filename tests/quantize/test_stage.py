@@ -114,3 +114,36 @@ def test_calibration_falls_back_to_prompts(pruned_dir, workdir):
     texts = calibration_texts(examples, tok, CalibrationConfig(num_samples=64))
     assert len(texts) == 40  # the whole train split; no test prompt leaks into calibration
     assert texts[0].endswith("<|im_start|>assistant\n")
+
+
+def test_settings_changed_and_back_or_new_data_rebuild_and_rescore(pruned_dir, workdir):
+    """quantize/<method>/ is shared by every settings key: W8A8 -> W8A16 -> W8A8 reused the first run's record
+    and scores for the W8A16 files on disk. And the key ignored the data: a new split was scored (and calibrated)
+    with the old artifact's numbers."""
+    run = fake_run(workdir, pruned_dir, n_train=16, n_test=4)
+    base = {"calibration": {"num_samples": 16, "max_length": 64}, "eval_samples": 4, "agreement_samples": 1,
+            "max_new_tokens": 2}
+    q = run / "quantize"
+
+    def once(scheme, force=False):
+        outcome, = run_pipeline(recipe({**base, "int8": {"scheme": scheme}}, artifacts_dir=str(workdir / "artifacts")),
+                                only="quantize", force=force)
+        group = json.loads((q / "int8" / "config.json").read_text())["quantization_config"]["config_groups"]
+        on_disk = "W8A8" if group["group_0"].get("input_activations") else "W8A16"
+        return outcome.status, json.loads((q / "summary.json").read_text()), on_disk
+
+    _, first, _ = once("W8A8")
+    assert once("W8A16")[2] == "W8A16"
+    status, summary, on_disk = once("W8A8")
+    assert status == "ran" and summary["int8"]["scheme"].startswith("W8A8") and on_disk == "W8A8"
+    assert summary["int8"]["perplexity"] == pytest.approx(first["int8"]["perplexity"])
+    assert len(list((q / "work" / "verified").iterdir())) == 1  # older keys (and their F16 GGUFs) go
+
+    outputs = run / "collect" / "outputs.jsonl"  # collect ran again: the held-out prompts are other ones now
+    rows = [json.loads(line) for line in outputs.read_text().splitlines()]
+    for r in rows[-4:]:
+        r["messages"][-1]["content"] = r["prompt"] = r["prompt"][::-1]
+    outputs.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    _, summary, _ = once("W8A8", force=True)  # (no collect section here: the pipeline cannot see collect change)
+    assert summary["fp32"]["perplexity"] != pytest.approx(first["fp32"]["perplexity"])
+    assert summary["int8"]["perplexity"] != pytest.approx(first["int8"]["perplexity"])

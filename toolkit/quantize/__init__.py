@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -90,8 +91,14 @@ def prepare(ctx) -> Setup:
     probe = build_probe(held, tok, cfg.eval_samples, cfg.agreement_samples, cfg.calibration.max_length,
                         cfg.max_new_tokens, params=parameter_count(src))
     threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
-    # Keyed by the source weights and the settings, so a changed student or recipe never reuses a stale artifact.
-    done = ctx.work_dir / "verified" / _source_key(src, cfg)
+    # Keyed by the source weights, the settings, the calibration texts and what every artifact is scored on, so a
+    # changed student, recipe or data split never reuses a stale artifact or score. Other keys' folders go: they
+    # hold an F16 GGUF each and the artifacts they describe have been rebuilt since.
+    key = _source_key(src, cfg, texts, probe)
+    done = ctx.work_dir / "verified" / key
+    for old in (ctx.work_dir / "verified").glob("*"):
+        if old.name != key:
+            shutil.rmtree(old, ignore_errors=True)
     done.mkdir(parents=True, exist_ok=True)
     return Setup(src, texts, probe, threads, done)
 
@@ -100,8 +107,6 @@ def clean_stale(ctx) -> None:
     """After a kill -9: kill child processes still running for the dead run and delete their temporaries, and
     the half-built method directories atomic_dir leaves (quantize/.<method>.tmp-*). The pipeline's run lock
     means nothing else writes here now."""
-    import shutil
-
     from toolkit import procs
 
     procs.reap_stale(ctx.work_dir / CHILDREN)
@@ -114,12 +119,15 @@ def clean_stale(ctx) -> None:
 def quantize_once(ctx, setup: Setup, name: str, mcfg) -> dict:
     """Run the method into quantize/<name>/ unless a finished run of it (same source and settings) is there.
     Returns its record: {quantize_seconds, artifacts: [Artifact as dict]}."""
-    from toolkit.io import atomic_dir, atomic_write_json
+    from toolkit.io import atomic_dir, atomic_write_json, atomic_write_text
 
     record_file, out = setup.done / f"{name}.run.json", ctx.dir / name
-    if record_file.is_file() and out.exists():
+    # quantize/<name>/ is shared by every key: reuse it only if this key built it (settings A -> B -> A rebuilds)
+    built_by = ctx.work_dir / "built" / f"{name}.key"
+    if record_file.is_file() and out.exists() and built_by.is_file() and built_by.read_text() == setup.done.name:
         return json.loads(record_file.read_text())
     _config_cls, run_method = METHODS[name]
+    built_by.unlink(missing_ok=True)
     started = time.perf_counter()
     with atomic_dir(out) as tmp:
         job = Job(src=setup.src, out=tmp, work=setup.done / name, children=ctx.work_dir / CHILDREN,
@@ -131,6 +139,8 @@ def quantize_once(ctx, setup: Setup, name: str, mcfg) -> dict:
     for a in artifacts:  # new files: an earlier verification of the same name no longer applies
         (setup.done / f"{a.name}.json").unlink(missing_ok=True)
     atomic_write_json(record_file, record)
+    built_by.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(built_by, setup.done.name)
     return record
 
 
@@ -194,11 +204,13 @@ def source_model(ctx) -> Path:
     return src
 
 
-def _source_key(src: Path, cfg) -> str:
+def _source_key(src: Path, cfg, texts: list[str], probe) -> str:
     from toolkit.config import config_hash
 
     weights = sorted((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in src.iterdir() if p.is_file())
-    return config_hash({"weights": weights, "quantize": cfg.model_dump()})
+    scored_on = {k: getattr(probe, k) for k in ("eval_ids", "answer_starts", "prompts", "teacher", "gold", "labels",
+                                                 "max_new_tokens")}
+    return config_hash({"weights": weights, "quantize": cfg.model_dump(), "calibration": texts, "probe": scored_on})
 
 
 def _cached(path: Path, compute, must_exist: Path | None = None) -> dict:
