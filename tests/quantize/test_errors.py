@@ -25,6 +25,32 @@ def test_indivisible_group_size_names_the_layer(pruned_dir, workdir):
     assert manifest["status"] == "failed"
 
 
+def test_an_ignore_entry_llm_compressor_would_not_match_is_refused(pruned_dir, workdir):
+    """'down_proj' passed our group-size check as ignored but llm-compressor matches full names only: those
+    layers were quantized anyway (and group 72, which does not divide them, failed inside llm-compressor)."""
+    fake_run(workdir, pruned_dir)
+    with pytest.raises(OptkitError, match=r"quantize\.gptq\.ignore: 'down_proj' matches no module"):
+        run_pipeline(recipe({"gptq": {"group_size": 72, "ignore": ["lm_head", "down_proj"]}}), only="quantize")
+    assert not (workdir / "artifacts/qtest/quantize/gptq").exists()
+
+
+def test_an_ignore_pattern_keeps_those_layers_out_of_the_check_and_the_artifact(pruned_dir, workdir):
+    # group 72 divides the 576-wide inputs, not down_proj's 1536: leaving down_proj unquantized makes it valid
+    fake_run(workdir, pruned_dir, n_train=16, n_test=4)
+    run_pipeline(recipe({"calibration": {"num_samples": 16, "max_length": 64}, "eval_samples": 4,
+                         "agreement_samples": 1, "max_new_tokens": 2,
+                         "gptq": {"group_size": 72, "ignore": ["lm_head", "re:.*down_proj$"]}}), only="quantize")
+    config = json.loads((workdir / "artifacts/qtest/quantize/gptq/config.json").read_text())
+    assert set(config["quantization_config"]["ignore"]) == {"lm_head", "model.layers.0.mlp.down_proj",
+                                                             "model.layers.1.mlp.down_proj"}
+
+
+def test_min_samples_above_num_samples_is_refused_with_the_recipe(workdir):
+    with pytest.raises(OptkitError, match=r"quantize\.calibration: min_samples \(16\) is more than "
+                                          r"calibration\.num_samples \(8\)"):
+        recipe({"gptq": {}, "calibration": {"num_samples": 8}})
+
+
 def test_too_little_calibration_data(pruned_dir, workdir):
     fake_run(workdir, pruned_dir, n_train=5)
     with pytest.raises(OptkitError, match=r"only 5 calibration texts.*quantize\.calibration\.min_samples = 16"):

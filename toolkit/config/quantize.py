@@ -10,7 +10,7 @@ from __future__ import annotations
 import inspect
 from typing import Literal, Optional
 
-from pydantic import Field, create_model
+from pydantic import Field, create_model, model_validator
 
 from toolkit.config.base import Section
 from toolkit.quantize.awq import AWQConfig
@@ -33,6 +33,14 @@ class CalibrationConfig(Section):
     source: Literal["prompts", "prompts+outputs"] = Field(
         "prompts+outputs", description="Calibrate on the recipe's prompts, optionally followed by teacher outputs "
         "(falls back to the prompts alone when there are no teacher outputs).")
+
+    @model_validator(mode="after")
+    def _enough_asked(self) -> "CalibrationConfig":
+        if self.min_samples > self.num_samples:
+            raise ValueError(f"min_samples ({self.min_samples}) is more than calibration.num_samples "
+                             f"({self.num_samples}): the stage could never calibrate; lower min_samples or raise "
+                             "num_samples")
+        return self
 
 
 class QuantizeSettings(Section):

@@ -51,5 +51,6 @@ def run(cfg: AWQConfig, job) -> list:
                                    ignore=list(cfg.ignore))]
     with _no_pin_memory_without_accelerator():
         run_oneshot(job.src, job.out, recipe, job.texts, job.max_length, dtype=job.unquantized_dtype,
+                    ignore=(cfg.ignore, "quantize.awq.ignore"),
                     check=lambda m: check_group_size(m, cfg.group_size, cfg.ignore, "quantize.awq.group_size"))
     return [artifact("awq", f"W4A16 group {cfg.group_size} {'sym' if cfg.symmetric else 'asym'} (AWQ scales)", job)]

@@ -37,6 +37,7 @@ def run(cfg: GPTQConfig, job) -> list:
                            actorder="weight" if cfg.act_order else None,
                            ignore=list(cfg.ignore), dampening_frac=cfg.dampening_frac)]
     run_oneshot(job.src, job.out, recipe, job.texts, job.max_length, dtype=job.unquantized_dtype,
+                ignore=(cfg.ignore, "quantize.gptq.ignore"),
                 check=lambda m: check_group_size(m, cfg.group_size, cfg.ignore, "quantize.gptq.group_size"))
     scheme = (f"W4A16 group {cfg.group_size} {'sym' if cfg.symmetric else 'asym'}"
               f"{' act-order' if cfg.act_order else ''}")

@@ -70,7 +70,7 @@ def run(cfg: Int8Config, job) -> list:
         quant = {"config_groups": int_weight_scheme(8, None, symmetric=True)}  # per channel, like W8A8's weights
     recipe.append(GPTQModifier(**quant, ignore=list(cfg.ignore), dampening_frac=cfg.dampening_frac))
     run_oneshot(job.src, job.out, recipe, job.texts, job.max_length,
-                dtype=job.unquantized_dtype)
+                dtype=job.unquantized_dtype, ignore=(cfg.ignore, "quantize.int8.ignore"))
     what = ("W8A8 (int8 per-channel weights, dynamic per-token int8 activations)" if cfg.scheme == "W8A8" else
             "W8A16 (int8 per-channel weights, 16-bit activations)")
     return [artifact("int8", what, job)]

@@ -8,7 +8,6 @@ with the tokenizer and generation config next to it.
 from __future__ import annotations
 
 import logging
-import re
 from pathlib import Path
 from typing import Optional
 
@@ -35,22 +34,26 @@ def int_weight_scheme(bits: int, group_size: Optional[int], symmetric: bool):
     return {"group_0": QuantizationScheme(targets=["Linear"], weights=weights)}
 
 
-def _ignored(name: str, ignore: list[str]) -> bool:
-    for pattern in ignore:
-        if pattern.startswith("re:"):
-            if re.match(pattern[3:], name):
-                return True
-        elif name == pattern or name.endswith("." + pattern):
-            return True
-    return False
+def check_ignore(model, ignore: list[str], field: str) -> None:
+    """Every ignore entry must name a module the way llm-compressor matches it (a full name, a class name or a
+    're:' pattern): a short name such as 'down_proj' matched nothing there, and those layers were quantized."""
+    from compressed_tensors.utils.match import is_match
+
+    modules = list(model.named_modules())
+    for entry in ignore:
+        if not any(is_match(name, module, entry) for name, module in modules):
+            raise OptkitError(f"{field}: '{entry}' matches no module of the model; give full module names (e.g. "
+                              "model.layers.0.mlp.down_proj), a class name, or a 're:' pattern (e.g. "
+                              "'re:.*down_proj$')")
 
 
 def check_group_size(model, group_size: int, ignore: list[str], field: str) -> None:
     """Fail before calibration, naming the layer, when a group does not divide a layer's input width."""
     import torch
+    from compressed_tensors.utils.match import is_match
 
     for name, module in model.named_modules():
-        if not isinstance(module, torch.nn.Linear) or _ignored(name, ignore):
+        if not isinstance(module, torch.nn.Linear) or (ignore and is_match(name, module, ignore)):
             continue
         if module.in_features % group_size:
             raise OptkitError(f"{field} = {group_size} does not divide layer '{name}' (input width "
@@ -86,13 +89,15 @@ def artifact(name: str, scheme: str, job):
 
 
 def run_oneshot(src: Path, out: Path, recipe, texts: list[str], max_length: int, check=None,
-                dtype: str = "auto") -> None:
+                dtype: str = "auto", ignore: tuple[list[str], str] = ((), "")) -> None:
     """Quantize src with the given modifiers and write a compressed-tensors dir to out; every floating tensor
-    it writes (embeddings, norms, the ignored layers, quantization scales) in `dtype` (toolkit.quantize.dtype)."""
+    it writes (embeddings, norms, the ignored layers, quantization scales) in `dtype` (toolkit.quantize.dtype).
+    ignore: (the modifiers' ignore list, its recipe field), checked against the model before calibration."""
     require_llmcompressor()
     from llmcompressor import oneshot
 
     model, tok = load_source(src)
+    check_ignore(model, list(ignore[0]), ignore[1])
     if check is not None:
         check(model)
     ds = calibration_dataset(texts, tok, max_length)
