@@ -147,3 +147,18 @@ def test_settings_changed_and_back_or_new_data_rebuild_and_rescore(pruned_dir, w
     _, summary, _ = once("W8A8", force=True)  # (no collect section here: the pipeline cannot see collect change)
     assert summary["fp32"]["perplexity"] != pytest.approx(first["fp32"]["perplexity"])
     assert summary["int8"]["perplexity"] != pytest.approx(first["int8"]["perplexity"])
+
+
+def test_a_plain_text_recipe_gets_a_modelfile_without_a_chat_wrapper(pruned_dir, tmp_path):
+    """data.chat_template: false means the student was trained and scored on raw prompts; the Modelfile still
+    wrapped them in ChatML with SmolLM's system turn, a conversation it never saw."""
+    pytest.importorskip("llama_cpp")
+    from toolkit.quantize.gguf import GGUFConfig, run
+    from toolkit.quantize.method import Job
+
+    job = Job(src=pruned_dir, out=tmp_path / "out", work=tmp_path / "work", children=tmp_path / "children",
+              chat_template=False)
+    run(GGUFConfig(types=["Q8_0"]), job)
+    modelfile = (tmp_path / "out" / "Modelfile").read_text()
+    assert 'TEMPLATE """{{ .Prompt }}"""' in modelfile
+    assert "<|im_start|>system" not in modelfile and "SYSTEM" not in modelfile

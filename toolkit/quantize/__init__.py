@@ -132,7 +132,7 @@ def quantize_once(ctx, setup: Setup, name: str, mcfg) -> dict:
     with atomic_dir(out) as tmp:
         job = Job(src=setup.src, out=tmp, work=setup.done / name, children=ctx.work_dir / CHILDREN,
                   texts=setup.texts, max_length=ctx.config.calibration.max_length, threads=setup.threads,
-                  unquantized_dtype=ctx.config.unquantized_dtype)
+                  unquantized_dtype=ctx.config.unquantized_dtype, chat_template=ctx.recipe.data.chat_template)
         artifacts = run_method(mcfg, job)
     record = {"quantize_seconds": round(time.perf_counter() - started, 1),
               "artifacts": [asdict(a) for a in artifacts]}

@@ -176,14 +176,17 @@ CHATML = ('TEMPLATE """{{ if .System }}<|im_start|>system\n{{ .System }}<|im_end
           '{{ else if eq .Role "assistant" }}{{ .Content }}<|im_end|>\n{{ end }}{{ end }}"""')
 
 
-def modelfile(gguf_name: str, stop: str | None, chatml_system: str | None = None) -> str:
+def modelfile(gguf_name: str, stop: str | None, chatml_system: str | None = None, raw: bool = False) -> str:
     """An Ollama Modelfile: the ChatML template and default system turn when the model uses ChatML
     (`chatml_system`: its default system text, "" for none); otherwise Ollama takes the template it recognises
-    in the GGUF's metadata."""
+    in the GGUF's metadata. raw: the recipe renders prompts as plain text (data.chat_template: false), so Ollama
+    must send the prompt as it is, not wrapped in a chat template the student never saw."""
     lines = ["# Ollama: ollama create <name> -f Modelfile && ollama run <name>", f"FROM ./{gguf_name}",
              "PARAMETER temperature 0"]
     stops = [stop] if stop else []
-    if chatml_system is not None:
+    if raw:
+        lines.append('TEMPLATE """{{ .Prompt }}"""')
+    elif chatml_system is not None:
         lines.append(CHATML)
         if chatml_system:
             lines.append(f'SYSTEM """{chatml_system}"""')
@@ -231,7 +234,9 @@ def run(cfg: GGUFConfig, job) -> list[Artifact]:
         quantize_file(f16, target, qtype, job.threads)
         files[qtype] = target.name
     chosen = cfg.modelfile_type or cfg.types[0]  # the config checked it is one of types
-    atomic_write_text(job.out / "Modelfile", modelfile(files[chosen], _eos_token(job.src), chatml_system(job.src)))
+    system = chatml_system(job.src) if job.chat_template else None
+    atomic_write_text(job.out / "Modelfile", modelfile(files[chosen], _eos_token(job.src), system,
+                                                       raw=not job.chat_template))
     converter = f"llama.cpp via llama-cpp-python {version} sdist (MIT)"
     return [Artifact(f"gguf-{q}", "gguf", f, {"type": q, "converter": converter}) for q, f in files.items()]
 

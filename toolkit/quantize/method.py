@@ -38,6 +38,7 @@ class Job:
     max_length: int = 256  # tokens per calibration sequence
     threads: int = 1
     unquantized_dtype: str = "auto"  # what compressed-tensors artifacts keep unquantized (toolkit.quantize.dtype)
+    chat_template: bool = True  # the recipe's data.chat_template: prompts were rendered with it (or as raw text)
 
 
 @dataclass
