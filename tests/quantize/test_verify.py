@@ -42,3 +42,16 @@ def test_probe_answer_starts_point_at_the_teacher_answer(smollm2_dir):
     first, second = probe.eval_ids
     assert tok.decode(first[probe.answer_starts[0]:]) == "DELIVERY" + tok.eos_token
     assert probe.answer_starts[1] == len(second)  # no teacher answer: nothing is an answer token
+
+
+def test_a_broken_artifact_scores_null_not_nan_and_does_not_crash():
+    """A NaN score went into summary.json as the token NaN; a mean loss beyond ~709 nats raised OverflowError."""
+    from toolkit.quantize.verify import add_increases
+
+    for total in (float("nan"), 800.0 * 5):
+        nll = NLL()
+        nll.add_nll([total / 5] * 5, 3)
+        res = nll.result()
+        assert res["perplexity"] is None and res["answer_perplexity"] is None and res["eval_tokens"] == 5
+        add_increases(res, {"perplexity": 3.0, "answer_perplexity": 2.0})
+        assert "ppl_increase_pct" not in res and "answer_ppl_increase_pct" not in res

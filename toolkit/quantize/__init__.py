@@ -230,7 +230,7 @@ def _headline(summary: dict) -> dict:
         if name == "fp32":
             continue
         key = name.replace("-", "_")
-        out[f"{key}_ppl_increase_pct"] = entry["ppl_increase_pct"]
+        out[f"{key}_ppl_increase_pct"] = entry.get("ppl_increase_pct")  # None: no perplexity (a broken artifact)
         if "answer_ppl_increase_pct" in entry:
             out[f"{key}_answer_ppl_increase_pct"] = entry["answer_ppl_increase_pct"]
         out[f"{key}_size_mb"] = round(entry["size_bytes"] / 1e6, 2)

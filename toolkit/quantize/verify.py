@@ -78,11 +78,20 @@ class NLL:
         # Answer perplexity = the teacher's answers given their prompts: what a distilled student is trained on
         # (a student that never learned to model prompts has a huge whole-text perplexity that hides the
         # quantization error).
-        out = {"perplexity": round(math.exp(self.total / max(self.tokens, 1)), 4), "eval_tokens": self.tokens}
+        out = {"perplexity": _perplexity(self.total, max(self.tokens, 1)), "eval_tokens": self.tokens}
         if self.answer_tokens:
-            out.update(answer_perplexity=round(math.exp(self.answer_total / self.answer_tokens), 4),
+            out.update(answer_perplexity=_perplexity(self.answer_total, self.answer_tokens),
                        answer_tokens=self.answer_tokens)
         return out
+
+
+def _perplexity(nll_sum: float, tokens: int) -> float | None:
+    """exp(mean NLL); None (null in summary.json) when it is not a number: a broken artifact scores NaN or a
+    mean NLL beyond ~709 nats, where exp overflows; add_increases then reports no increase for it."""
+    mean = nll_sum / tokens
+    if not math.isfinite(mean) or mean > 700:
+        return None
+    return round(math.exp(mean), 4)
 
 
 def add_increases(entry: dict, base: dict) -> None:
