@@ -86,3 +86,40 @@ def test_export_decision_never_sees_the_heldout_pairs(monkeypatch):
     second = run(wrong)
     assert second["heldout"]["fhr"] == 1.0  # the independent check sees the damage ...
     assert second["exported"] and second["decision"] == first["decision"]  # ... the decision cannot
+
+
+def test_a_flat_clusters_threshold_stays_in_the_similarity_range_so_cache_json_loads():
+    """Where reuse barely depends on similarity the curve is nearly flat and its threshold landed at 3.8: the
+    stage wrote it and cachefile (the gateway, evaluate) refused the file it had just produced."""
+    from toolkit.cache import cachefile
+    from toolkit.cache.runtime import PROBES
+
+    rng = np.random.default_rng(0)
+    n, dim = 1200, 16
+    vecs = rng.normal(0, 0.3, (n, dim))
+    vecs[: n // 2, 0] += 3
+    vecs[n // 2:, 0] -= 3
+    sims = rng.uniform(0.5, 0.95, n)
+    y = np.empty(n, int)
+    y[: n // 2] = rng.random(n // 2) < 0.15 + 0.1 * (sims[: n // 2] - 0.5)  # reuse rare, hardly by similarity
+    y[n // 2:] = sims[n // 2:] + rng.normal(0, 0.05, n // 2) > 0.7
+    res = adaptive.calibrate(sims, y, vecs, 0.05, 0.95, k=2, method="grid", bound="rate")
+    assert res.selection.feasible and None in res.thresholds  # the flat cluster never serves
+    assert all(-1 <= t <= 1 for t in res.thresholds if t is not None)
+    spec = {"format": "optkit-cache/1", "similarity": {"kind": "cosine"}, "threshold": 0.8,
+            "embedder": {"model": "m", "dim": dim, "probe_vectors": [[1.0] + [0.0] * (dim - 1)] * len(PROBES)},
+            "adaptive": {**res.export(), "exported": True}}
+    cachefile.validate(spec, "cache.json")
+
+
+def test_too_few_pairs_or_one_label_is_a_reason_not_an_sklearn_traceback():
+    rng = np.random.default_rng(1)
+    sims, y, vecs = world(60, rng)
+    decision = adaptive.decide(sims, y, vecs, 0.05, 0.95, k=32)
+    assert decision["exported"] is False and "cannot be split into 32 clusters" in decision["reason"]
+    try:
+        adaptive.calibrate(sims, np.ones_like(y), vecs, 0.05, 0.95, k=2)
+    except adaptive.Unfit as exc:
+        assert "one label" in str(exc)
+    else:
+        raise AssertionError("one label class was fitted")

@@ -46,7 +46,10 @@ class ClusterModel:
         logit = np.log(tau / (1 - tau)) if 0 < tau < 1 else (np.inf if tau >= 1 else -np.inf)
         out = []
         for a, b in zip(self.intercepts, self.slopes):
-            out.append(float(self.mean + self.std * (logit - a) / b) if b > 0 and np.isfinite(logit) else None)
+            t = float(self.mean + self.std * (logit - a) / b) if b > 0 and np.isfinite(logit) else None
+            # A flat curve puts the threshold past the similarity's range [-1, 1]: above it nothing is served
+            # (None); below it everything is (-1). cache.json accepts only that range.
+            out.append(None if t is None or t > 1 else max(t, -1.0))
         return out
 
 
@@ -54,9 +57,18 @@ def default_clusters(n_fit: int) -> int:
     return int(np.clip(n_fit // 150, 2, 32))
 
 
+class Unfit(ValueError):
+    """Too few pairs, or one label class, to fit per-cluster curves."""
+
+
 def fit(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, k: int, seed: int = 0) -> ClusterModel:
     from sklearn.cluster import KMeans
     from sklearn.linear_model import LogisticRegression
+
+    if len(sims) < k:
+        raise Unfit(f"{len(sims)} pairs cannot be split into {k} clusters")
+    if len(np.unique(labels)) < 2:
+        raise Unfit(f"all {len(sims)} pairs have one label")
 
     vecs = l2_normalize(cached_vecs)
     km = KMeans(n_clusters=k, n_init=4, random_state=seed).fit(vecs)
@@ -151,8 +163,11 @@ def decide(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilo
         ratio = batch_ratio * len(sims) / tr.sum() if batch_ratio else None
         g = tune.select(sims[tr], labels[tr], epsilon, confidence, method, bound, ratio)
         served["global"][te] = sims[te] >= g.threshold if g.feasible else False
-        res = calibrate(sims[tr], labels[tr], cached_vecs[tr], epsilon, confidence, k, seed, method, bound,
-                        ratio)
+        try:
+            res = calibrate(sims[tr], labels[tr], cached_vecs[tr], epsilon, confidence, k, seed, method, bound,
+                            ratio)
+        except Unfit as exc:
+            return {"exported": False, "reason": f"not exported: fold {f}: {exc}", "folds": folds}
         served["cluster"][te] = res.served(sims[te], cached_vecs[te])
     rates = {name: tune.rates(mask, labels, confidence) for name, mask in served.items()}
     better = rates["cluster"]["hit_rate"] > rates["global"]["hit_rate"]

@@ -345,8 +345,13 @@ def _adaptive(ctx, cal: tuple, held: tuple, global_held: dict, ratio: float) -> 
     from toolkit.cache import adaptive
 
     cfg = ctx.config
-    res = adaptive.calibrate(*cal, cfg.epsilon, cfg.confidence, cfg.clusters, ctx.recipe.seed, cfg.selection,
-                             cfg.bound, ratio)
+    try:
+        res = adaptive.calibrate(*cal, cfg.epsilon, cfg.confidence, cfg.clusters, ctx.recipe.seed, cfg.selection,
+                                 cfg.bound, ratio)
+    except adaptive.Unfit as exc:
+        raise OptkitError(f"cache.adaptive: cluster: per-cluster curves cannot be fitted on half of the "
+                          f"{len(cal[0])} calibration pairs ({exc}); lower cache.clusters or set cache.adaptive: "
+                          "none") from None
     decision = adaptive.decide(*cal, cfg.epsilon, cfg.confidence, cfg.clusters, ctx.recipe.seed, cfg.selection,
                                cfg.bound, ratio)
     exported = bool(res.selection.feasible and decision["exported"])
