@@ -181,3 +181,38 @@ def test_an_edited_serve_yaml_is_served_and_said(tmp_path, caplog):
         cfg = load_config(tmp_path, None)
     assert cfg.backends["teacher"].base_url == "https://elsewhere/v1"
     assert any("serve.yaml is not the exported one" in r.getMessage() for r in caplog.records)
+
+
+def test_the_gateway_keeps_the_recipes_cache_limits_unless_serve_yaml_sets_its_own(tmp_path):
+    """serve.yaml's defaults (100,000 entries, no per-tenant quota) always overrode cache.json's runtime limits:
+    a recipe's cache.max_entries_per_namespace was silently dropped in the gateway."""
+    import json
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from toolkit.cache import SemanticCache
+    from toolkit.cache.runtime import PROBES, embed_texts
+    from toolkit.serve.system import _cache
+
+    def embedder(texts):  # one fixed random vector per word (no model needed for the limits)
+        out = np.zeros((len(texts), 16), np.float32)
+        for i, text in enumerate(texts):
+            for word in text.lower().split():
+                out[i] += np.random.default_rng(sum(map(ord, word))).standard_normal(16).astype(np.float32)
+        return out
+
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps({"format": "optkit-cache/1", "similarity": {"kind": "cosine"}, "threshold": 0.9,
+                                "embedder": {"model": "words", "dim": 16,
+                                             "probe_vectors": embed_texts(embedder, PROBES).tolist()},
+                                "runtime": {"max_entries": 50, "max_entries_per_namespace": 3}}))
+    bundle = SimpleNamespace(cache=lambda **overrides: SemanticCache.load(path, embedder=embedder, **overrides))
+    default = _cache(bundle, ServeConfig.model_validate({"backends": BACKENDS}), None)
+    assert (default.max_entries, default.max_entries_per_namespace) == (50, 3)
+    for i in range(10):
+        default.insert(f"tenant question number {i}", i, {"tenant": "a"})
+    assert len(default) == 3
+    own = _cache(bundle, ServeConfig.model_validate({"backends": BACKENDS, "cache": {
+        "max_entries": 7, "max_entries_per_tenant": 5}}), None)
+    assert (own.max_entries, own.max_entries_per_namespace) == (7, 5)

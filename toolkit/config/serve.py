@@ -61,9 +61,11 @@ class CachePolicy(Section):
                                 "by design, so by default they are neither served from nor stored in the cache).")
     default_temperature: float = Field(1.0, ge=0, description="Temperature assumed when a request sends none "
                                        "(the OpenAI API default is 1).")
-    max_entries: int = Field(100_000, ge=1, description="Entries kept (oldest evicted first).")
+    max_entries: Optional[int] = Field(None, ge=1, description="Entries kept (oldest evicted first); default = "
+                                       "cache.json's max_entries (100,000 without a cache.json).")
     max_entries_per_tenant: Optional[int] = Field(None, ge=1, description="One tenant's inserts evict only its own "
-                                                  "entries beyond this many.")
+                                                  "entries beyond this many; default = cache.json's "
+                                                  "max_entries_per_namespace.")
     ttl_s: Optional[float] = Field(None, gt=0, description="Entry lifetime; default = cache.json's ttl_s.")
     store: Literal["memory", "redis"] = Field(
         "memory", description="Where cache entries live, exact and semantic layers alike: memory = this gateway "

@@ -57,14 +57,19 @@ def _same_truncation(router, bundle) -> bool:
     return st.get("max_seq_length") == feats.get("max_seq_length")
 
 
+EXACT_MAX_ENTRIES = 100_000  # the exact layer's limit when neither serve.yaml nor a cache.json sets one
+
+
 def _cache(bundle, cfg: ServeConfig, router):
     """The semantic cache, sharing the router's embedder when the cache's own probe check accepts it (then a
     request is embedded once); else the embedder cache.json names."""
     policy = cfg.cache
-    overrides = {"max_entries": policy.max_entries, "max_entries_per_namespace": policy.max_entries_per_tenant,
-                 **policy.store_settings()}  # store: memory | redis (shared by replicas: toolkit/cache/store_redis)
-    if policy.ttl_s is not None:
-        overrides["ttl_s"] = policy.ttl_s
+    overrides = dict(policy.store_settings())  # store: memory | redis (shared by replicas: toolkit/cache/store_redis)
+    # serve.yaml's limits where it sets them; cache.json's (the recipe's cache section) otherwise
+    for key, value in (("max_entries", policy.max_entries), ("max_entries_per_namespace",
+                                                            policy.max_entries_per_tenant), ("ttl_s", policy.ttl_s)):
+        if value is not None:
+            overrides[key] = value
     if router is not None and _same_truncation(router, bundle):
         try:
             return bundle.cache(embedder=router.embedder, **overrides)
@@ -105,7 +110,8 @@ def load_decider(bundle_dir: Path, cfg: ServeConfig) -> Decider:
         cache = _cache(bundle, cfg, router)
     ttl = cfg.cache.ttl_s if cfg.cache.ttl_s is not None else getattr(cache, "ttl_s", None)
     # The one exact layer, in the configured store (redis: shared by replicas, also with no cache.json).
-    exact = exact_store(cfg.cache.max_entries, ttl, **cfg.cache.store_settings()) if cfg.cache.enabled else None
+    limit = cfg.cache.max_entries or getattr(cache, "max_entries", None) or EXACT_MAX_ENTRIES
+    exact = exact_store(limit, ttl, **cfg.cache.store_settings()) if cfg.cache.enabled else None
     cascade, escalate_to = _cascade(bundle, cfg, router)
     decider = Decider(cache, router, exact, target=lambda c: target_for(router, c, cfg.default_backend, cfg.routes),
                       default=cfg.default_backend, cascade=cascade, escalate_to=escalate_to)
