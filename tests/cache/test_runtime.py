@@ -165,3 +165,40 @@ def test_import_pulls_no_heavy_module():
             "print(heavy)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_many_small_namespaces_and_quota_churn_keep_memory_near_the_live_entries():
+    """A gateway keys a namespace per tenant, context and parameters: 20k one-entry namespaces held 2 GB of
+    preallocated rows (64 each), and a per-namespace quota left up to 1,024 dead rows in every namespace."""
+    rng = np.random.default_rng(0)
+    dim = 384
+    cache = SemanticCache(threshold=0.99, ann="numpy", ttl_s=3600.0)
+    for i in range(3000):
+        cache.insert_many([f"q{i}"], [i], vectors=rng.standard_normal((1, dim)).astype(np.float32),
+                          namespace={"conversation": i})
+    held = sum(s.vectors.nbytes for s in cache._spaces.values())
+    assert len(cache) == 3000 and held <= 3000 * 4 * dim * 4  # a few rows each, not 64
+
+    churn = SemanticCache(threshold=0.99, ann="numpy", max_entries_per_namespace=5)
+    vecs = rng.standard_normal((300, 32)).astype(np.float32)
+    for tenant in range(40):
+        for i in range(300):
+            churn.insert_many([f"t{tenant}-q{i}"], [i], vectors=vecs[i:i + 1], namespace={"tenant": tenant})
+    assert len(churn) == 40 * 5
+    assert sum(s.size for s in churn._spaces.values()) <= 40 * (5 + 32 + 1)  # dead rows reclaimed as they pile up
+    for tenant in (0, 39):  # and the quota kept each tenant's five newest
+        hits = [churn.lookup_vector(vecs[i], namespace={"tenant": tenant}) for i in (294, 295, 299)]
+        assert [h.answer if h else None for h in hits] == [None, 295, 299]
+
+
+def test_expiry_and_eviction_follow_insertion_order_across_namespaces():
+    clock = Clock()
+    vecs = np.eye(8, dtype=np.float32)
+    cache = SemanticCache(threshold=0.99, ann="numpy", ttl_s=10.0, max_entries=3, clock=clock)
+    for i, ns in enumerate(["a", "b", "c"]):
+        cache.insert_many([f"q{i}"], [i], vectors=vecs[i:i + 1], namespace=ns)
+        clock.now += 1
+    cache.insert_many(["q3"], [3], vectors=vecs[3:4], namespace="b")  # full: the oldest (a's) goes
+    assert cache.namespaces() == [namespace_key("b"), namespace_key("c")]
+    clock.now += 9.5  # now 1012.5: q1 (t=1001) and q2 (t=1002) are past 10 s, q3 (t=1003) is not
+    assert len(cache) == 1 and cache.lookup_vector(vecs[3], namespace="b").answer == 3

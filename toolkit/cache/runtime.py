@@ -15,6 +15,7 @@ namespace value can name another namespace.
 
 from __future__ import annotations
 
+import heapq
 import threading
 import time
 import unicodedata
@@ -162,6 +163,10 @@ class SemanticCache:
         self.clock = clock
         self._lock = threading.RLock()
         self._spaces: dict[str, Space] = {}  # only namespaces with live entries
+        # (created, seq, namespace) of every entry, oldest first: expiry and eviction pop from here instead of
+        # visiting every namespace on every insert (O(namespaces) under the lock: quadratic as namespaces grew).
+        # Entries killed otherwise stay until popped, or until a rebuild when they outnumber the live ones.
+        self._order: list[tuple[float, int, str]] = []
         self._live = 0
         self._seq = 0
         self._faiss = None
@@ -300,9 +305,16 @@ class SemanticCache:
         if space is None:
             space = self._spaces[ns] = Space(len(vec))
         self._seq += 1
-        space.add(vec, key, answer, self.clock(), cluster, self._seq)
-        self._live += 1
+        self._added(ns, space, space.add(vec, key, answer, self.clock(), cluster, self._seq))
         return space
+
+    def _added(self, ns: str, space: Space, row: int) -> None:
+        self._live += 1
+        heapq.heappush(self._order, (float(space.created[row]), int(space.seq[row]), ns))
+        if len(self._order) > 2 * self._live + 1024:
+            self._order = [(float(s.created[r]), int(s.seq[r]), n) for n, s in self._spaces.items()
+                           for r in np.nonzero(s.alive[: s.size])[0]]
+            heapq.heapify(self._order)
 
     def _kill(self, ns: str, space: Space, row: int) -> None:
         if space.kill(row):
@@ -329,20 +341,27 @@ class SemanticCache:
         return space
 
     def _expire_all(self) -> None:
-        if self.ttl_s is not None:
-            for ns in list(self._spaces):
-                self._fresh_space(ns)
+        if self.ttl_s is None:
+            return
+        limit = self.clock() - self.ttl_s
+        while self._order and self._order[0][0] <= limit:
+            self._kill_entry(*heapq.heappop(self._order)[1:])
 
     def _evict_oldest(self) -> None:
-        """Evict the oldest live entry of any namespace (O(namespaces): each space knows its own oldest)."""
-        best = None
-        for ns, space in self._spaces.items():
-            row = space.oldest()
-            if row >= 0 and (best is None or space.seq[row] < best[2]):
-                best = (ns, row, space.seq[row])
-        if best is None:
-            raise RuntimeError("cache bookkeeping: live count above zero but no live entry")  # a bug, not input
-        self._kill(best[0], self._spaces[best[0]], best[1])
+        """Evict the oldest live entry of any namespace."""
+        while self._order:
+            if self._kill_entry(*heapq.heappop(self._order)[1:]):
+                return
+        raise RuntimeError("cache bookkeeping: live count above zero but no live entry")  # a bug, not input
+
+    def _kill_entry(self, seq: int, ns: str) -> bool:
+        """Kill the entry with this insertion number if it is still live; whether it was."""
+        space = self._spaces.get(ns)
+        row = -1 if space is None else space.row_of(seq)
+        if row < 0:
+            return False
+        self._kill(ns, space, row)
+        return True
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:
         if self.embedder is None:

@@ -39,12 +39,14 @@ class Space:
     and an optional faiss HNSW index. Rows are appended in time order, so the oldest live entry is the first
     live row at or after `head`, and TTL expiry removes a prefix."""
 
-    def __init__(self, dim: int):
-        self.vectors = np.zeros((64, dim), dtype=np.float32)
-        self.alive = np.zeros(64, dtype=bool)
-        self.created = np.zeros(64, dtype=np.float64)
-        self.seq = np.zeros(64, dtype=np.int64)  # global insertion number: orders entries across namespaces
-        self.cluster = np.zeros(64, dtype=np.int32)
+    def __init__(self, dim: int, capacity: int = 4):
+        # Small at first: a gateway keys a namespace per tenant, conversation context and parameters, most of
+        # which hold one entry (64 rows each cost ~100 KB at dim 384: 20k namespaces took 2 GB)
+        self.vectors = np.zeros((capacity, dim), dtype=np.float32)
+        self.alive = np.zeros(capacity, dtype=bool)
+        self.created = np.zeros(capacity, dtype=np.float64)
+        self.seq = np.zeros(capacity, dtype=np.int64)  # global insertion number: orders entries across namespaces
+        self.cluster = np.zeros(capacity, dtype=np.int32)
         self.queries: list[str] = []
         self.answers: list[Any] = []
         self.exact: dict[str, int] = {}
@@ -87,6 +89,11 @@ class Space:
             del self.exact[key]
         self.answers[row] = None  # free the payload now; the row is reclaimed at the next compaction
         return True
+
+    def row_of(self, seq: int) -> int:
+        """Row of the live entry with this insertion number, -1 when it is gone (rows are in seq order)."""
+        row = int(np.searchsorted(self.seq[: self.size], seq))
+        return row if row < self.size and self.seq[row] == seq and self.alive[row] else -1
 
     def oldest(self) -> int:
         """Row of the oldest live entry, -1 when none."""
@@ -140,11 +147,13 @@ class Space:
         self._sync_index()
 
     def sparse(self) -> bool:
-        return self.size > 1024 and self.live < self.size // 2
+        """More dead rows than live ones (and than a few): a quota, TTL or replaced answers leave dead rows in
+        every namespace, and each costs memory and a scan on lookup until compaction."""
+        return self.size - self.live > max(self.live, 32)
 
     def compacted(self) -> "Space":
         """A copy with dead rows dropped (order, and so TTL/eviction order, kept)."""
-        new = Space(self.dim)
+        new = Space(self.dim, capacity=max(4, self.live))
         for row in np.nonzero(self.alive[: self.size])[0]:
             new.add(self.vectors[row], self.queries[row], self.answers[row], float(self.created[row]),
                     int(self.cluster[row]), int(self.seq[row]))

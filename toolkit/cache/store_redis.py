@@ -276,8 +276,7 @@ class RedisSemanticCache(SemanticCache):
             space = self._spaces.get(ns)
         if space is None:
             space = self._spaces[ns] = Space(len(vec))
-        space.add(vec, query, answer, created, cluster, eid)
-        self._live += 1
+        self._added(ns, space, space.add(vec, query, answer, created, cluster, eid))
         self._maybe_index(space)
 
     def _remove(self, ns: str, eid: int) -> None:
