@@ -8,6 +8,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -137,16 +138,40 @@ def write_jsonl(path: Path, rows: Iterable[dict]) -> int:
     return n
 
 
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+
+def without_surrogates(text: str) -> str:
+    """A lone UTF-16 surrogate (half an emoji, from a JSON "\\ud83d" escape) as U+FFFD: it cannot be written as
+    UTF-8, so one in a prompt or a reply stopped every run at the same record."""
+    return _SURROGATE.sub("\ufffd", text) if _SURROGATE.search(text) else text
+
+
+def strings_without_surrogates(obj: Any) -> Any:
+    """Every string of parsed JSON through without_surrogates."""
+    if isinstance(obj, str):
+        return without_surrogates(obj)
+    if isinstance(obj, dict):
+        return {strings_without_surrogates(k): strings_without_surrogates(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [strings_without_surrogates(v) for v in obj]
+    return obj
+
+
 def read_jsonl(path: Path) -> list[dict]:
-    """Every line a JSON object; a bad line is an error naming file and line number."""
+    """Every line a JSON object; a bad line is an error naming file and line number. Lone surrogates (only a
+    JSON escape can make one) become U+FFFD."""
     rows = []
     path = Path(path)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:  # -sig: a byte-order mark (Windows editors) is not data
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
+                if _SURROGATE_ESCAPE.search(line):
+                    obj = strings_without_surrogates(obj)
             except json.JSONDecodeError as exc:
                 # json's own messages may end in "at" ("Unterminated string starting at"): no "at at column"
                 msg = exc.msg.removesuffix(" at")
@@ -175,7 +200,7 @@ def read_table(path: Path, fmt: str = "auto", split_name: str | None = None) -> 
     if fmt == "csv":
         import csv
 
-        with open(path, newline="", encoding="utf-8") as f:
+        with open(path, newline="", encoding="utf-8-sig") as f:  # Excel's "CSV UTF-8" starts with a BOM
             reader = csv.DictReader(f)
             if reader.fieldnames is None:
                 raise OptkitError(f"{path}: empty CSV file (no header line)")

@@ -52,3 +52,31 @@ def test_a_plain_directory_is_not_a_labels_file(tmp_path):
     recipe = load_recipe(file_recipe(tmp_path, labels=labels))
     with pytest.raises(OptkitError, match=r"route.labels.path is a directory but not one saved by datasets"):
         from_file(recipe.route, recipe, 0)
+
+
+def test_no_held_out_prompts_is_an_error_not_a_guarantee_that_holds_everywhere():
+    """With an empty test part the report said the goal held on 100% of bootstrap resamples (of nothing)."""
+    import numpy as np
+
+    from toolkit.route.labels import LabelTable, check_learnable
+    from toolkit.route.metrics import bootstrap_guarantee
+
+    parts = np.array(["fit"] * 6 + ["cal"] * 4, dtype=object)
+    scores = np.array([[0.0, 1.0], [1.0, 1.0]] * 5)
+    table = LabelTable([str(i) for i in range(10)], ["p"] * 10, scores, ["weak", "strong"], parts)
+    with pytest.raises(OptkitError, match=r"no labeled prompts fall in the 'test' part"):
+        check_learnable(table, 1)
+    assert bootstrap_guarantee(np.zeros(0), np.zeros(0), 0.9, 200, 0)["holds_fraction"] is None
+
+
+def test_copies_of_one_prompt_under_other_ids_share_a_part(tmp_path):
+    rows = read_jsonl(EXTRACT)[:200]
+    rows += [{**r, "id": f"copy-{i}-{r['id']}", "prompt": f"  {r['prompt']} "} for i, r in enumerate(rows[:60])]
+    path = tmp_path / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = load_recipe(file_recipe(tmp_path, labels={"source": "file", "path": str(path),
+                                                       "score_columns": dict(MODELS)}))
+    table, _ = from_file(recipe.route, recipe, recipe.seed)
+    part = dict(zip(table.ids, table.part))
+    assert all(part[f"copy-{i}-{r['id']}"] == part[r["id"]] for i, r in enumerate(rows[:60]))
+    assert {"fit", "cal", "test"} == set(table.part)

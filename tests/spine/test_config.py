@@ -185,3 +185,9 @@ def test_an_override_error_names_the_override_not_the_file(tmp_path):
 def test_values_no_run_could_use_are_refused_up_front(section, message):
     with pytest.raises(OptkitError, match=message):
         recipe_from_dict({**MINIMAL, **section})
+
+
+def test_an_empty_stop_string_is_refused():
+    """stop: [""] was accepted and hf answers stopped after one token, recorded as finish_reason "length"."""
+    with pytest.raises(OptkitError, match=r"collect\.generation\.stop\.1: String should have at least 1 character"):
+        recipe_from_dict({**MINIMAL, "collect": {"generation": {"stop": ["\n", ""]}}})

@@ -19,12 +19,14 @@ from __future__ import annotations
 import glob
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from toolkit.errors import OptkitError
+from toolkit.io import strings_without_surrogates
 
 log = logging.getLogger("optkit.collect")
 
@@ -82,6 +84,8 @@ def read_log(paths: list[Path], fmt: str, bad_lines: str, counts: dict) -> list[
             counts["lines"] += 1
             try:
                 obj = json.loads(raw.decode("utf-8"), parse_constant=_reject_constant)
+                if b"\\u" in raw:  # only an escape makes a lone surrogate, which no file can hold
+                    obj = strings_without_surrogates(obj)
                 entries.append((parse(obj, fmt), order))
                 order += 1
             except Skip as skip:
@@ -123,7 +127,7 @@ def _optkit(obj: dict) -> Entry:
     usage = obj.get("usage") if isinstance(obj.get("usage"), dict) else {}
     return Entry(kind, messages, obj["answer"], str(obj.get("finish_reason")), obj.get("route"),
                  obj.get("served_model") or obj.get("reply_model"), _temperature(params), usage,
-                 obj.get("backend_latency_s") or obj.get("latency_s"), str(obj.get("time") or ""))
+                 _latency(obj.get("backend_latency_s") or obj.get("latency_s")), str(obj.get("time") or ""))
 
 
 def _openai(obj: dict) -> Entry:
@@ -155,13 +159,28 @@ def _openai(obj: dict) -> Entry:
     usage = resp.get("usage") if isinstance(resp.get("usage"), dict) else {}
     latency = obj.get("latency_s", obj.get("response_time"))
     return Entry(kind, messages, text, str(c.get("finish_reason")), None, resp.get("model") or req.get("model"),
-                 _temperature(req), usage, latency if isinstance(latency, (int, float)) else None,
+                 _temperature(req), usage, _latency(latency),
                  str(obj.get("time") or resp.get("created") or ""))
 
 
 def _temperature(params: dict) -> float:
     t = params.get("temperature")
-    return 1.0 if t is None else float(t)
+    if t is None:
+        return 1.0
+    try:
+        value = None if isinstance(t, bool) else float(t)
+    except (TypeError, ValueError):
+        value = None
+    if value is None or not math.isfinite(value) or value < 0:
+        raise BadLine(f"temperature must be a number >= 0, got {str(t)[:40]!r}")
+    return value
+
+
+def _latency(value) -> Optional[float]:
+    """A logged latency when it is a finite number >= 0; anything else (a string, NaN, a dict) is unknown."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        return None
+    return float(value)
 
 
 def _prompt(prompt) -> list:

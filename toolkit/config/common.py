@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Annotated, Literal, Optional
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 
@@ -88,4 +88,5 @@ class GenerationConfig(Section):
     max_new_tokens: int = Field(64, ge=1, description="Maximum tokens generated per prompt.")
     temperature: float = Field(0.0, ge=0, description="0 = greedy decoding.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass (ignored when greedy).")
-    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(default_factory=list, description="Stop strings "
+                                                            "(non-empty: an empty one stops at the first token).")

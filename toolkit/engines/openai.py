@@ -22,6 +22,7 @@ from toolkit.engines.base import OnResult, Settings, Timed
 from toolkit.engines.openai_client import ClientConfig, OpenAIClient, PromptFailed, Retryable
 from toolkit.engines.render import Renderer, cut_stop, render_plain
 from toolkit.errors import OptkitError
+from toolkit.io import without_surrogates
 from toolkit.settings import Section
 
 
@@ -137,21 +138,24 @@ class OpenAIEngine:
             body["seed"] = s.seed
         return body
 
-    def parse(self, data: Any, latency: float, s: Settings) -> dict:
-        """A reply body -> result dict; anything unexpected is a malformed reply (retried)."""
+    def parse(self, data: Any, latency: float, s: Settings, messages: Optional[list[dict]] = None) -> dict:
+        """A reply body -> result dict; anything unexpected is a malformed reply (retried). `messages`: what was
+        sent, for a token estimate when the server reports no usage."""
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] if self.api == "chat" else choice["text"]
             usage = data.get("usage") or {}
         except (KeyError, IndexError, TypeError) as exc:
             raise Retryable(f"malformed reply (no {exc} in the JSON)", "malformed") from None
-        text, cut = cut_stop(text or "", s.stop)
+        text, cut = cut_stop(without_surrogates(text or ""), s.stop)
         result = {"output": text, "finish_reason": "stop" if cut else (choice.get("finish_reason") or "stop"),
                   "input_tokens": usage.get("prompt_tokens"), "output_tokens": usage.get("completion_tokens"),
                   "latency_s": round(latency, 6)}
         if result["input_tokens"] is None or result["output_tokens"] is None:
-            # No usage block (some servers): a rough 4-characters-per-token estimate, flagged as such.
-            result.update(input_tokens=result["input_tokens"] or 0,
+            # No usage block (some servers): a rough 4-characters-per-token estimate, flagged as such. Input tokens
+            # too: they usually dominate the bill, and 0 made evaluate's teacher cost look cheap.
+            sent = sum(len(str(m.get("content") or "")) for m in messages or [])
+            result.update(input_tokens=result["input_tokens"] or max(1, sent // 4),
                           output_tokens=result["output_tokens"] or max(1, len(text) // 4), tokens_estimated=True)
             self.stats["tokens_estimated"] += 1
         if s.top_logprobs:
@@ -194,7 +198,7 @@ class OpenAIEngine:
                 on_start(i)
             try:
                 results[i], _ = await self.client.call(http, self.path(), self.body(prompts[i], s),
-                                                       lambda data, sec: self.parse(data, sec, s))
+                                                       lambda data, sec: self.parse(data, sec, s, prompts[i]))
             except (Retryable, PromptFailed) as exc:
                 if on_failed:
                     on_failed(i, str(exc), exc.attempts)

@@ -100,8 +100,10 @@ def bootstrap_guarantee(routed: np.ndarray, strong: np.ndarray, min_quality: flo
                         seed: int) -> dict:
     """Fraction of bootstrap resamples of held-out prompts on which the routed quality stays >= the goal
     (quality relative to always-strong on the same resample)."""
-    rng = np.random.default_rng(seed)
     n = len(routed)
+    if n == 0:  # nothing held out: no evidence either way (it read "holds on 100% of resamples")
+        return {"resamples": 0, "holds_fraction": None, "ratio_p05": None, "ratio_median": None}
+    rng = np.random.default_rng(seed)
     idx = rng.integers(0, n, size=(resamples, n))
     r, s = routed[idx].sum(1), strong[idx].sum(1)
     ratio = np.divide(r, s, out=np.ones_like(r), where=s > 0)
