@@ -26,7 +26,8 @@ def test_loss_only_on_the_completion_which_ends_with_end_of_turn(tok):
     assert all(label == IGNORE for label in ex["labels"][:len(prompt)])
     completion = ex["labels"][len(prompt):]
     assert tok.decode(completion[:-1]) == rec["output"] and completion[-1] == tok.convert_tokens_to_ids("<|im_end|>")
-    assert stats.as_dict() == {"examples": 1, "skipped_short_completions": 0, "truncated": 0, "topk_misaligned": 0}
+    assert stats.as_dict() == {"examples": 1, "skipped_short_completions": 0, "truncated": 0, "topk_misaligned": 0,
+                               "topk_partial": 0}
 
 
 def test_empty_and_short_completions_are_skipped_with_a_count(tok, caplog):
@@ -59,6 +60,20 @@ def test_topk_alignment_uses_rows_only_where_our_tokens_are_in_the_teachers_topk
     examples, stats = build_examples(recs, tok, 256, topk={recs[0]["id"]: good, recs[1]["id"]: bad})
     assert examples[0]["topk_ids"].shape == (len(ids0), 3)
     assert examples[1]["topk_ids"] is None and stats.topk_misaligned == 1
+
+
+def test_topk_is_used_up_to_the_first_token_that_re_tokenizes_differently(tok, caplog):
+    """One differing token (the teacher generated "ĊĊ", the text re-encodes as "Ċ", "Ċ") dropped the example's
+    whole top-k, silently: with stop strings most examples trained without KD and nothing said so."""
+    recs = make_records(bitext_rows(1), outputs=["ORDER please now"])
+    ids = tok("ORDER please now", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    rows = [[t, 7, 8] for t in ids]
+    rows[2] = [5, 6, 7]  # the teacher's third token was another one
+    topk = (torch.tensor(rows, dtype=torch.int32), torch.full((len(ids), 3), -1.0).half())
+    with caplog.at_level(logging.WARNING, logger="optkit.distill"):
+        examples, stats = build_examples(recs, tok, 256, topk={recs[0]["id"]: topk})
+    assert examples[0]["topk_ids"].shape == (2, 3) and stats.topk_partial == 1 and stats.topk_misaligned == 0
+    assert "cover 1 of 1 training examples only in part and 0 not at all" in caplog.text
 
 
 def test_left_pad_collator_aligns_completions_at_the_right_edge(tok):

@@ -254,3 +254,34 @@ def test_two_training_processes_report_and_train_at_the_loss_one_process_does(wo
         assert outcome.status == "ran" and result["world_size"] == n
         losses[n] = result["train_loss"]
     assert losses[2] == pytest.approx(losses[1], rel=0.02)
+
+
+def test_a_two_process_cpu_run_resumes_from_its_checkpoint(workdir, tiny_teacher):
+    """transformers restores the optimizer state to args.device, which a gloo worker names "cpu:0": torch could not
+    restore to it, so every interrupted multi-process CPU training failed on the re-run."""
+    spec = {"student": {"from_teacher": {"num_layers": 2, "selection": "first"}}, "method": "lora",
+            "launcher": {"num_processes": 2},
+            "training": {"max_steps": 4, "batch_size": 2, "save_steps": 2, "logging_steps": 1}}
+    recipe, outcome, d = run_distill(workdir, tiny_teacher, spec)
+    ckpts = d / "work" / "checkpoints"
+    assert outcome.status == "ran" and sorted(p.name for p in ckpts.glob("checkpoint-*")) == ["checkpoint-2",
+                                                                                            "checkpoint-4"]
+    import shutil
+
+    shutil.rmtree(ckpts / "checkpoint-4")  # as if killed between the two saves
+    shutil.rmtree(d / "work" / "final")
+    (d / "work" / "train_result.json").unlink()
+    outcome, = run_pipeline(recipe, only="distill", force=True)
+    training = json.loads((d / "student.json").read_text())["training"]
+    assert outcome.status == "ran" and training["resumed_from"] == "checkpoint-2" and training["global_step"] == 4
+
+
+def test_weights_that_are_not_finite_are_never_published(tmp_path):
+    from toolkit.distill.train import NonFiniteLoss, check_finite_weights
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+    check_finite_weights(model, tmp_path)
+    with torch.no_grad():
+        model[1].weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLoss, match=r"1 weight tensors are not finite after training \(first: 1\.weight\)"):
+        check_finite_weights(model, tmp_path)

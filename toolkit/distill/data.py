@@ -25,12 +25,14 @@ class BuildStats:
     used: int = 0
     skipped_short: int = 0
     truncated: int = 0
-    topk_misaligned: int = 0
+    topk_misaligned: int = 0  # no usable top-k row: the example trains on the answer alone
+    topk_partial: int = 0  # top-k used up to the first token that re-tokenizes differently
     skipped_ids: list = field(default_factory=list)
 
     def as_dict(self) -> dict:
         return {"examples": self.used, "skipped_short_completions": self.skipped_short,
-                "truncated": self.truncated, "topk_misaligned": self.topk_misaligned}
+                "truncated": self.truncated, "topk_misaligned": self.topk_misaligned,
+                "topk_partial": self.topk_partial}
 
 
 def build_example(rec: dict, renderer, max_length: int, stats: BuildStats) -> dict:
@@ -74,6 +76,11 @@ def build_examples(records: list[dict], tok, max_length: int, min_completion_tok
     if stats.truncated:
         log.warning("distill: truncated %d %s examples longer than training.max_length=%d tokens",
                     stats.truncated, what, max_length)
+    if topk is not None and (stats.topk_misaligned or stats.topk_partial):
+        log.warning("distill: the teacher's top-k log-probs cover %d of %d %s examples only in part and %d not at "
+                    "all (re-tokenized answers differ from the tokens the teacher generated, or a stop string cut "
+                    "them): logit KD applies to the aligned prefix, the rest trains on the answer alone",
+                    stats.topk_partial, len(examples), what, stats.topk_misaligned)
     if not examples:
         raise OptkitError(f"distill: no usable {what} examples: all {len(records)} teacher outputs are empty or "
                           f"shorter than training.min_completion_tokens={min_completion_tokens}")
@@ -83,8 +90,9 @@ def build_examples(records: list[dict], tok, max_length: int, min_completion_tok
 def attach_topk(ex: dict, topk, stats: BuildStats) -> None:
     """Align the teacher's top-k (one row per generated token) with our completion positions.
 
-    Re-tokenizing the output text can differ from the tokens the teacher generated; a row is used only
-    while our token is among the teacher's top-k at that position, otherwise KD is off for the example.
+    Re-tokenizing the output text can differ from the tokens the teacher generated (SmolLM2 generates "ĊĊ", the
+    text re-encodes as "Ċ", "Ċ"); rows are used while our token is among the teacher's top-k at that position,
+    up to the first position where it is not (after that the positions no longer correspond).
     """
     labels = ex["labels"]
     start = ex["prompt_len"]
@@ -96,11 +104,13 @@ def attach_topk(ex: dict, topk, stats: BuildStats) -> None:
     ids, lps = topk
     m = min(n, ids.shape[0])
     ours = labels[start:start + m]
-    if m == 0 or any(int(t) not in set(ids[j].tolist()) for j, t in enumerate(ours)):
+    aligned = next((j for j, t in enumerate(ours) if int(t) not in set(ids[j].tolist())), m)
+    if aligned == 0:
         stats.topk_misaligned += 1
         return
-    ex["topk_ids"] = ids[:m].long()
-    ex["topk_logprobs"] = lps[:m].float()
+    stats.topk_partial += aligned < m
+    ex["topk_ids"] = ids[:aligned].long()
+    ex["topk_logprobs"] = lps[:aligned].float()
 
 
 class LeftPadCollator:

@@ -98,6 +98,19 @@ def make_trainer_class():
             self.loss_total = loss_total  # run-wide loss sum that survives a resume (checkpoints.py)
             self.model_accepts_loss_kwargs = True  # we normalize by num_items_in_batch ourselves
 
+        def _load_optimizer_and_scheduler(self, checkpoint):
+            # transformers maps the optimizer state to args.device, which a gloo (CPU) worker names "cpu:0", and
+            # torch cannot restore storage to that: every resumed multi-process CPU run crashed here
+            cpu_ddp = self.args.device.type == "cpu" and self.args.world_size > 1
+            if checkpoint is None or not cpu_ddp or self.is_fsdp_enabled or self.is_deepspeed_enabled:
+                return super()._load_optimizer_and_scheduler(checkpoint)
+            from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+
+            optimizer, scheduler = Path(checkpoint) / OPTIMIZER_NAME, Path(checkpoint) / SCHEDULER_NAME
+            if optimizer.is_file() and scheduler.is_file():
+                self.optimizer.load_state_dict(torch.load(optimizer, map_location="cpu", weights_only=True))
+                self.lr_scheduler.load_state_dict(torch.load(scheduler, map_location="cpu", weights_only=True))
+
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
             if self.loss_total is not None:
@@ -221,7 +234,8 @@ def load_student_for_training(student_dir: str, method: str, lora: LoraSettings,
     return get_peft_model(model, config)
 
 
-def load_teacher_for_kd(spec: TrainSpec):
+def load_teacher_for_kd(spec: TrainSpec, device=None):
+    """The online-KD teacher on the training device (the Trainer moves only the student and the batches)."""
     if spec.kd.loss == "none" or spec.kd.source != "online":
         return None
     from toolkit.models import load_causal_lm
@@ -229,7 +243,7 @@ def load_teacher_for_kd(spec: TrainSpec):
     t = spec.teacher
     teacher, _ = load_causal_lm(t.model, t.revision, t.trust_remote_code, dtype="float32")
     teacher.requires_grad_(False)
-    return teacher
+    return teacher if device is None else teacher.to(device)
 
 
 def load_examples(spec: TrainSpec, tok) -> tuple[list[dict], dict]:
@@ -313,12 +327,13 @@ def train(spec: TrainSpec, on_log: Optional[Callable[[dict, int], None]] = None)
         model=model, args=args, train_dataset=ListDataset(examples),
         data_collator=LeftPadCollator(tok.pad_token_id, with_topk="topk_ids" in examples[0],
                                       share_prefix=shares_prefix(args)),
-        kd=spec.kd.model_dump(), teacher=load_teacher_for_kd(spec), loss_total=loss_total,
+        kd=spec.kd.model_dump(), teacher=load_teacher_for_kd(spec, args.device), loss_total=loss_total,
         callbacks=[loss_total, make_stop_when_done()] + ([_curve_callback(on_log)] if on_log else []))
     metrics = _run_trainer(trainer, resume, work / CHECKPOINTS)
     loss_total.fold(args.device)  # no-op unless steps ran after the last fold
     facts = _facts(spec, args, trainer, metrics, resume, data_stats, loss_total.total)
     if trainer.is_world_process_zero():
+        check_finite_weights(trainer.model, work / CHECKPOINTS)
         with disk_full_is_user_error(work / FINAL, work / CHECKPOINTS):
             save_final(trainer.model, tok, spec, work / FINAL, atomic_dir)
             atomic_write_json(work / "train_result.json", facts)
@@ -357,6 +372,19 @@ def _process_group() -> tuple[int, Optional[str]]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), str(dist.get_backend())
     return 1, None
+
+
+def check_finite_weights(model, ckpt_dir: Path) -> None:
+    """The loss is checked each step, but a non-finite gradient on the last step ruins the weights after the last
+    loss was computed: never publish such a model as the student."""
+    import torch
+
+    bad = [name for name, p in model.named_parameters() if not torch.isfinite(p.detach()).all()]
+    if bad:
+        last = [p.name for p in complete_checkpoints(ckpt_dir)]
+        raise NonFiniteLoss(f"distill: {len(bad)} weight tensors are not finite after training (first: {bad[0]}); "
+                            f"not saved. Last checkpoint: {last[-1] if last else 'none'} in {ckpt_dir}. Lower "
+                            "distill.training.learning_rate or distill.training.max_grad_norm")
 
 
 def save_final(model, tok, spec: TrainSpec, final: Path, atomic_dir) -> None:
