@@ -15,45 +15,57 @@ from toolkit.io import read_table
 HALF_EMOJI = '{"choices": [{"message": {"role": "assistant", "content": "thanks \\ud83d"}, "finish_reason": "stop"}]}'
 
 
-@pytest.fixture
-def no_usage_server():
-    """A loopback OpenAI-style server whose replies end in half an emoji and carry no usage block."""
+def serve(body: str):
+    """A loopback OpenAI-style server answering every request with this JSON body; returns (base_url, server)."""
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
-            body = HALF_EMOJI.encode()
+            data = body.encode()
             self.send_response(200)
             self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Content-Length", str(len(data)))
             self.end_headers()
-            self.wfile.write(body)
+            self.wfile.write(data)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    return f"http://127.0.0.1:{server.server_address[1]}/v1", server
+
+
+@pytest.fixture
+def no_usage_server():
+    """Replies that end in half an emoji and carry no usage block."""
+    url, server = serve(HALF_EMOJI)
+    yield url
     server.shutdown()
     server.server_close()
+
+
+def collect_recipe(workdir, base_url: str, data_lines: str, **openai):
+    import yaml
+
+    data = workdir / "prompts.jsonl"
+    data.write_text(data_lines)
+    recipe = {"name": "t", "teacher": {"model": "smollm2-135m-instruct"}, "tracking": {"enabled": False},
+              "data": {"path": str(data), "id_column": "id"},
+              "collect": {"backend": "openai", "generation": {"max_new_tokens": 8},
+                          "openai": {"base_url": base_url, "model": "m", "max_retries": 0, **openai}}}
+    path = workdir / "t.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    return path
 
 
 def test_half_an_emoji_in_a_prompt_or_a_reply_is_replaced_not_fatal(workdir, no_usage_server):
     """A lone surrogate cannot be written as UTF-8: the result store raised on the reply, every re-run got the
     same reply and crashed again; one in a data row stopped validate and run with a traceback. And a reply
     without usage recorded 0 input tokens (the larger part of a bill)."""
-    import yaml
-
     from toolkit.cli import main
 
-    data = workdir / "prompts.jsonl"
-    data.write_text('{"id": "a", "prompt": "my order \\ud83d is late"}\n{"id": "b", "prompt": "refund please"}\n')
-    recipe = {"name": "t", "teacher": {"model": "smollm2-135m-instruct"}, "tracking": {"enabled": False},
-              "data": {"path": str(data), "id_column": "id"},
-              "collect": {"backend": "openai", "generation": {"max_new_tokens": 8},
-                          "openai": {"base_url": no_usage_server, "model": "m", "max_retries": 0}}}
-    path = workdir / "t.yaml"
-    path.write_text(yaml.safe_dump(recipe))
+    path = collect_recipe(workdir, no_usage_server,
+                          '{"id": "a", "prompt": "my order \\ud83d is late"}\n{"id": "b", "prompt": "refund please"}\n')
     assert main(["validate", str(path)]) == 0
     assert main(["run", str(path)]) == 0
     records = {r["id"]: r for r in read_jsonl(workdir / "artifacts" / "t" / "collect" / "outputs.jsonl")}
@@ -89,3 +101,27 @@ def test_a_traffic_logs_odd_temperature_is_a_bad_line_not_a_traceback():
             "answer": "hello", "params": {"temperature": [1]}}
     with pytest.raises(BadLine, match="temperature must be a number"):
         parse(line, "auto")
+
+
+@pytest.mark.parametrize("body, failure", [
+    ('{"choices": [{"message": {"role": "assistant", "content": null}, "finish_reason": "content_filter"}]}',
+     "no text in the reply (finish_reason 'content_filter')"),
+    ('{"choices": [{"message": {"role": "assistant", "content": "ok"}}], "usage": [1, 2]}', None)])
+def test_a_reply_with_no_text_fails_that_prompt_and_odd_usage_is_ignored(workdir, body, failure):
+    """content: null (a content filter, tool calls) was stored as a successful empty answer; a usage block that
+    is not an object raised AttributeError and killed the whole concurrent run."""
+    from toolkit.cli import main
+
+    url, server = serve(body)
+    try:
+        path = collect_recipe(workdir, url, '{"id": "a", "prompt": "hi"}\n{"id": "b", "prompt": "hello"}\n')
+        assert main(["run", str(path)]) == (2 if failure else 0)  # failure: none of the prompts was answered
+    finally:
+        server.shutdown()
+        server.server_close()
+    out = workdir / "artifacts" / "t" / "collect"
+    if failure:
+        assert read_jsonl(out / "outputs.jsonl") == []
+        assert {f["error"] for f in read_jsonl(out / "failures.jsonl")} == {failure}
+    else:
+        assert [r["output"] for r in read_jsonl(out / "outputs.jsonl")] == ["ok", "ok"]

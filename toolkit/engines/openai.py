@@ -144,9 +144,11 @@ class OpenAIEngine:
         try:
             choice = data["choices"][0]
             text = choice["message"]["content"] if self.api == "chat" else choice["text"]
-            usage = data.get("usage") or {}
-        except (KeyError, IndexError, TypeError) as exc:
+            usage = data.get("usage") if isinstance(data.get("usage"), dict) else {}
+        except (KeyError, IndexError, TypeError, AttributeError) as exc:
             raise Retryable(f"malformed reply (no {exc} in the JSON)", "malformed") from None
+        if not isinstance(text, str):  # null content: a content filter, a refusal or tool calls, not an answer
+            raise PromptFailed(f"no text in the reply (finish_reason {choice.get('finish_reason')!r})")
         text, cut = cut_stop(without_surrogates(text or ""), s.stop)
         result = {"output": text, "finish_reason": "stop" if cut else (choice.get("finish_reason") or "stop"),
                   "input_tokens": usage.get("prompt_tokens"), "output_tokens": usage.get("completion_tokens"),
