@@ -15,7 +15,7 @@ from toolkit.io import read_table
 HALF_EMOJI = '{"choices": [{"message": {"role": "assistant", "content": "thanks \\ud83d"}, "finish_reason": "stop"}]}'
 
 
-def serve(body: str):
+def serve(body: str, status: int = 200):
     """A loopback OpenAI-style server answering every request with this JSON body; returns (base_url, server)."""
     class Handler(BaseHTTPRequestHandler):
         def log_message(self, *args):
@@ -24,7 +24,7 @@ def serve(body: str):
         def do_POST(self):
             self.rfile.read(int(self.headers.get("Content-Length", 0)))
             data = body.encode()
-            self.send_response(200)
+            self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
@@ -125,3 +125,21 @@ def test_a_reply_with_no_text_fails_that_prompt_and_odd_usage_is_ignored(workdir
         assert {f["error"] for f in read_jsonl(out / "failures.jsonl")} == {failure}
     else:
         assert [r["output"] for r in read_jsonl(out / "outputs.jsonl")] == ["ok", "ok"]
+
+
+def test_an_account_out_of_quota_stops_the_run_at_once(workdir, capsys):
+    """OpenAI answers 429 insufficient_quota for an unpaid account: it was retried like a rate limit, every prompt
+    spending all its retries and backoff on a bill."""
+    from toolkit.cli import main
+
+    quota = ('{"error": {"message": "You exceeded your current quota", "type": "insufficient_quota", '
+             '"code": "insufficient_quota"}}')
+    url, server = serve(quota, status=429)
+    try:
+        path = collect_recipe(workdir, url, "".join(f'{{"id": "{i}", "prompt": "q{i}"}}\n' for i in range(20)),
+                              max_retries=5, backoff_base_s=1.0)
+        assert main(["run", str(path)]) == 2
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "refused for billing (HTTP 429" in capsys.readouterr().err

@@ -146,6 +146,10 @@ class OpenAIClient:
         if code in (401, 403):
             raise OptkitError(f"{where}: {url} rejected the API key (HTTP {code}: {snippet(resp.text)}); "
                               f"check ${self.cfg.api_key_env} or {where}.api_key")
+        if code == 402 or (code == 429 and "insufficient_quota" in resp.text):
+            # no amount of retrying pays the bill: every prompt would spend all its retries on it
+            raise OptkitError(f"{where}: {url} refused for billing (HTTP {code}: {snippet(resp.text)}); check the "
+                              "account's quota or credits")
         if code == 404:
             raise OptkitError(f"{where}: {url} answered HTTP 404 ({snippet(resp.text)}): check {where}.base_url "
                               "(usually ends in /v1) and the model name")
