@@ -61,10 +61,12 @@ def atomic_write_json(path: Path, obj: Any) -> None:
 
 
 def finite_or_null(obj: Any) -> Any:
-    """obj with every non-finite float (NaN, +-inf, numpy's too) replaced by None, recursively."""
-    if isinstance(obj, float) or (type(obj).__module__ == "numpy" and getattr(obj, "dtype", None) is not None
-                                  and getattr(obj, "ndim", None) == 0 and obj.dtype.kind == "f"):
-        return float(obj) if math.isfinite(obj) else None
+    """obj with every non-finite float (NaN, +-inf, numpy's too) replaced by None, recursively; numpy scalars and
+    arrays as plain numbers and lists (not their str())."""
+    if type(obj).__module__ == "numpy" and hasattr(obj, "tolist"):
+        obj = obj.tolist()  # a scalar becomes a Python number or bool, an array nested lists
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
     if isinstance(obj, dict):
         return {k: finite_or_null(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):

@@ -146,28 +146,48 @@ def model_revision(ref: str, revision: Optional[str] = None) -> str:
     return revision or "main"
 
 
-def local_fingerprint(path: Path, sample: int = 1 << 16, samples: int = 16) -> str:
-    """A local model's identity from its content: every file's name and size, small files whole and large ones
-    (weights) sampled at evenly spaced offsets. A checkpoint saved over the same directory (or another project's
-    `./model`) gets a new identity, so answers and embeddings cached under the old one are not reused; a copied
-    or moved directory keeps it. Reads about 1 MB per weight file."""
+def local_fingerprint(path: Path) -> str:
+    """A local model's (or dataset directory's) identity from its content: every file's name, size and sha256.
+    A checkpoint saved over the same directory (or another project's `./model`) gets a new identity, so answers
+    and embeddings cached under the old one are not reused; a copied or moved directory keeps it. Each file is
+    read once: its digest is kept in the optkit cache under its path, size, mtime and inode."""
     import hashlib
 
     path = Path(path).expanduser()
-    files = [path] if path.is_file() else sorted(
-        f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))
-    digest = hashlib.sha256()
-    for f in files:
-        size = f.stat().st_size
-        digest.update(f"{f.name if f == path else f.relative_to(path).as_posix()}\0{size}\0".encode())
-        with open(f, "rb") as fh:
-            if size <= sample * samples:
-                digest.update(fh.read())
-                continue
-            for i in range(samples):
-                fh.seek((size - sample) * i // (samples - 1))
-                digest.update(fh.read(sample))
+    try:
+        files = [path] if path.is_file() else sorted(
+            f for f in path.rglob("*") if f.is_file() and not any(p.startswith(".") for p in f.relative_to(path).parts))
+        digest = hashlib.sha256()
+        for f in files:
+            name = f.name if f == path else f.relative_to(path).as_posix()
+            digest.update(f"{name}\0{f.stat().st_size}\0{file_digest(f)}\0".encode())
+    except OSError as exc:
+        raise OptkitError(f"cannot read {exc.filename or path} to identify {path}: {exc.strerror or exc}") from None
     return "local-" + digest.hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file, remembered under (resolved path, size, mtime, inode): a file that did not change is
+    not read again."""
+    import hashlib
+
+    from toolkit.io import atomic_write_text, sha256_file
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}".encode()).hexdigest()
+    memo = cache_root() / "file-digests" / key[:2] / key[2:34]
+    try:
+        known = memo.read_text().strip()
+        if len(known) == 64:
+            return known
+    except OSError:
+        pass
+    value = sha256_file(path)
+    try:
+        atomic_write_text(memo, value)
+    except OSError:  # a read-only cache only costs the next run a re-read
+        pass
+    return value
 
 
 def torch_dtype(name: str):

@@ -74,7 +74,7 @@ def test_export_decision_never_sees_the_heldout_pairs(monkeypatch):
     def run(labels):
         glob = tune.select(sims[cal], labels[cal], 0.05, 0.95, bound="rate")
         return stage._adaptive(ctx, (sims[cal], labels[cal], vecs[cal]), (sims[held], labels[held], vecs[held]),
-                               tune.evaluate(sims[held], labels[held], glob.threshold), len(held) / len(cal))
+                               tune.evaluate(sims[held], labels[held], glob.threshold), len(held) / len(cal), 1.0)
 
     ctx.config.bound = "rate"
     first = run(y)
@@ -123,3 +123,14 @@ def test_too_few_pairs_or_one_label_is_a_reason_not_an_sklearn_traceback():
         assert "one label" in str(exc)
     else:
         raise AssertionError("one label class was fitted")
+
+
+def test_with_a_learned_similarity_the_thresholds_range_is_its_own():
+    """A learned diagonal metric scores in [-max(w), max(w)]: clamping to the cosine's [-1, 1] dropped valid
+    thresholds above 1 (those clusters never served) and kept invalid ones below max(w) < 1."""
+    model = adaptive.ClusterModel(np.eye(2), np.array([-10.0, -10.0]), np.array([8.0, 8.0]), 1.0, 0.1)
+    wide = model.thresholds(0.5, limit=1.5)
+    assert all(t is not None and 1.0 < t <= 1.5 for t in wide)
+    assert model.thresholds(0.5, limit=1.0) == [None, None]
+    narrow = adaptive.ClusterModel(np.eye(2), np.array([5.0, 5.0]), np.array([0.5, 0.5]), 0.0, 1.0)
+    assert narrow.thresholds(0.5, limit=0.8) == [-0.8, -0.8]

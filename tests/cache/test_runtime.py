@@ -202,3 +202,18 @@ def test_expiry_and_eviction_follow_insertion_order_across_namespaces():
     assert cache.namespaces() == [namespace_key("b"), namespace_key("c")]
     clock.now += 9.5  # now 1012.5: q1 (t=1001) and q2 (t=1002) are past 10 s, q3 (t=1003) is not
     assert len(cache) == 1 and cache.lookup_vector(vecs[3], namespace="b").answer == 3
+
+
+def test_a_clock_stepped_back_does_not_make_the_newest_entries_look_oldest():
+    """Eviction goes by insertion order: ordered by wall-clock time, every insert after an NTP step back evicted
+    the insert just before it and kept the stale entries."""
+    clock = Clock()
+    rng = np.random.default_rng(0)
+    cache = SemanticCache(threshold=0.9, ann="numpy", max_entries=5, clock=clock)
+    for name in ("old", "new"):
+        for i in range(5):
+            cache.insert_many([f"{name}{i}"], [f"{name}{i}"], vectors=rng.normal(size=(1, 8)))
+            clock.now += 1
+        clock.now -= 3600
+    space = cache._spaces[DEFAULT]
+    assert [space.queries[r] for r in np.nonzero(space.alive[: space.size])[0]] == [f"new{i}" for i in range(5)]

@@ -185,14 +185,15 @@ def test_json_outputs_are_strict_an_undefined_figure_is_null(tmp_path):
     from toolkit.io import atomic_write_json, read_jsonl, write_jsonl
 
     obj = {"perplexity": float("nan"), "grad_norm": np.float32("inf"), "rows": [1.5, np.float64(-np.inf)],
-           "score": np.float32(0.25), "n": 3, "ok": True}
+           "score": np.float32(0.25), "n": np.int64(3), "ok": np.bool_(True), "curve": np.array([1.0, np.nan])}
     atomic_write_json(tmp_path / "s.json", obj)
     write_jsonl(tmp_path / "r.jsonl", [obj])
 
     def strict(text):
         return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
 
-    want = {"perplexity": None, "grad_norm": None, "rows": [1.5, None], "score": 0.25, "n": 3, "ok": True}
+    want = {"perplexity": None, "grad_norm": None, "rows": [1.5, None], "score": 0.25, "n": 3, "ok": True,
+            "curve": [1.0, None]}
     assert strict((tmp_path / "s.json").read_text()) == want
     assert [strict(line) for line in (tmp_path / "r.jsonl").read_text().splitlines()] == [want]
     assert read_jsonl(tmp_path / "r.jsonl") == [want]

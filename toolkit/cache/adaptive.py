@@ -41,15 +41,16 @@ class ClusterModel:
         p = 1 / (1 + np.exp(-(self.intercepts[clusters] + slope * z)))
         return np.where(slope > 0, p, -np.inf)
 
-    def thresholds(self, tau: float) -> list[Optional[float]]:
-        """Per-cluster similarity thresholds equivalent to 'score >= tau' (None = the cluster never serves)."""
+    def thresholds(self, tau: float, limit: float = 1.0) -> list[Optional[float]]:
+        """Per-cluster similarity thresholds equivalent to 'score >= tau' (None = the cluster never serves).
+        limit: the similarity's range is [-limit, limit] (1 for the cosine, the largest weight of a learned one)."""
         logit = np.log(tau / (1 - tau)) if 0 < tau < 1 else (np.inf if tau >= 1 else -np.inf)
         out = []
         for a, b in zip(self.intercepts, self.slopes):
             t = float(self.mean + self.std * (logit - a) / b) if b > 0 and np.isfinite(logit) else None
-            # A flat curve puts the threshold past the similarity's range [-1, 1]: above it nothing is served
-            # (None); below it everything is (-1). cache.json accepts only that range.
-            out.append(None if t is None or t > 1 else max(t, -1.0))
+            # A flat curve puts the threshold past the similarity's range: above it nothing is served (None),
+            # below it everything is (-limit). cache.json accepts only that range.
+            out.append(None if t is None or t > limit else max(t, -limit))
         return out
 
 
@@ -107,7 +108,7 @@ class AdaptiveResult:
 
 def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilon: float, confidence: float,
               k: Optional[int] = None, seed: int = 0, method: str = "scan", bound: str = "rate",
-              batch_ratio: Optional[float] = None, crossfit: bool = True) -> AdaptiveResult:
+              batch_ratio: Optional[float] = None, crossfit: bool = True, limit: float = 1.0) -> AdaptiveResult:
     """Per-cluster curves and one tau, chosen with the same kind of bound as the global threshold. batch_ratio is
     relative to the whole calibration set.
 
@@ -138,7 +139,7 @@ def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, eps
     sel = tune.select(scores, labels[cert_idx], epsilon, confidence, method, bound, ratio)
     if sel.feasible and sel.threshold <= 0:  # the sequence reached never-served pairs: cap tau inside (0, 1)
         sel.threshold = 1e-9
-    thresholds = model.thresholds(sel.threshold) if sel.feasible else [None] * k
+    thresholds = model.thresholds(sel.threshold, limit) if sel.feasible else [None] * k
     return AdaptiveResult(model, sel, thresholds, n_fit, len(cert_idx))
 
 
@@ -147,7 +148,7 @@ DECISION_FOLDS = 3
 
 def decide(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilon: float, confidence: float,
            k: Optional[int] = None, seed: int = 0, method: str = "scan", bound: str = "rate",
-           batch_ratio: Optional[float] = None, folds: int = DECISION_FOLDS) -> dict:
+           batch_ratio: Optional[float] = None, folds: int = DECISION_FOLDS, limit: float = 1.0) -> dict:
     """Should per-cluster thresholds replace the global one? Judged on these (calibration) pairs only, by
     cross-fitting: each fold is served by both policies calibrated on the other folds, and per-cluster wins when
     its out-of-fold hit rate is higher with an out-of-fold false-hit share <= epsilon. Whatever pairs the stage
@@ -165,7 +166,7 @@ def decide(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilo
         served["global"][te] = sims[te] >= g.threshold if g.feasible else False
         try:
             res = calibrate(sims[tr], labels[tr], cached_vecs[tr], epsilon, confidence, k, seed, method, bound,
-                            ratio)
+                            ratio, limit=limit)
         except Unfit as exc:
             return {"exported": False, "reason": f"not exported: fold {f}: {exc}", "folds": folds}
         served["cluster"][te] = res.served(sims[te], cached_vecs[te])

@@ -163,10 +163,12 @@ class SemanticCache:
         self.clock = clock
         self._lock = threading.RLock()
         self._spaces: dict[str, Space] = {}  # only namespaces with live entries
-        # (created, seq, namespace) of every entry, oldest first: expiry and eviction pop from here instead of
-        # visiting every namespace on every insert (O(namespaces) under the lock: quadratic as namespaces grew).
-        # Entries killed otherwise stay until popped, or until a rebuild when they outnumber the live ones.
-        self._order: list[tuple[float, int, str]] = []
+        # (seq, created, namespace) of every entry in insertion order: expiry and eviction pop from here instead
+        # of visiting every namespace on every insert (O(namespaces) under the lock: quadratic as namespaces
+        # grew). By seq, not time: a clock stepped back must not make the newest entries look oldest (expiry then
+        # waits for the older ones in front, as it did per namespace). Entries killed otherwise stay until popped,
+        # or until a rebuild when they outnumber the live ones.
+        self._order: list[tuple[int, float, str]] = []
         self._live = 0
         self._seq = 0
         self._faiss = None
@@ -310,9 +312,9 @@ class SemanticCache:
 
     def _added(self, ns: str, space: Space, row: int) -> None:
         self._live += 1
-        heapq.heappush(self._order, (float(space.created[row]), int(space.seq[row]), ns))
+        heapq.heappush(self._order, (int(space.seq[row]), float(space.created[row]), ns))
         if len(self._order) > 2 * self._live + 1024:
-            self._order = [(float(s.created[r]), int(s.seq[r]), n) for n, s in self._spaces.items()
+            self._order = [(int(s.seq[r]), float(s.created[r]), n) for n, s in self._spaces.items()
                            for r in np.nonzero(s.alive[: s.size])[0]]
             heapq.heapify(self._order)
 
@@ -344,13 +346,15 @@ class SemanticCache:
         if self.ttl_s is None:
             return
         limit = self.clock() - self.ttl_s
-        while self._order and self._order[0][0] <= limit:
-            self._kill_entry(*heapq.heappop(self._order)[1:])
+        while self._order and self._order[0][1] <= limit:
+            seq, _, ns = heapq.heappop(self._order)
+            self._kill_entry(seq, ns)
 
     def _evict_oldest(self) -> None:
-        """Evict the oldest live entry of any namespace."""
+        """Evict the oldest live entry of any namespace (the first inserted)."""
         while self._order:
-            if self._kill_entry(*heapq.heappop(self._order)[1:]):
+            seq, _, ns = heapq.heappop(self._order)
+            if self._kill_entry(seq, ns):
                 return
         raise RuntimeError("cache bookkeeping: live count above zero but no live entry")  # a bug, not input
 

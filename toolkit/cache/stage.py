@@ -271,8 +271,9 @@ def run(ctx) -> dict:
                                                         cfg.confidence)
         metric_report["heldout_cosine_hindsight_best"] = tune.hindsight_best(s_cos, y_cos, cfg.epsilon)
 
+    limit = 1.0 if weights is None else float(np.max(weights))  # the similarity's range, as cachefile checks it
     adaptive = (_adaptive(ctx, (s_cal, y_cal, vecs[c_cal]), (s_held, y_held, vecs[c_held]), held_eval,
-                          batch_ratio) if cfg.adaptive == "cluster" else None)
+                          batch_ratio, limit) if cfg.adaptive == "cluster" else None)
     stress_report = _stress(embedder, sel.threshold, weights) if cfg.stress else None
 
     report = {
@@ -338,7 +339,7 @@ def _headline(sel: tune.Selection, held: dict, f1_ref: dict, adaptive: Optional[
     return m
 
 
-def _adaptive(ctx, cal: tuple, held: tuple, global_held: dict, ratio: float) -> dict:
+def _adaptive(ctx, cal: tuple, held: tuple, global_held: dict, ratio: float, limit: float) -> dict:
     """Per-cluster thresholds, exported only when they beat the global threshold on the calibration pairs
     (cross-fitted: adaptive.decide). The held-out pairs never enter the decision, so their check below stays
     an independent report of whatever was exported."""
@@ -347,13 +348,13 @@ def _adaptive(ctx, cal: tuple, held: tuple, global_held: dict, ratio: float) -> 
     cfg = ctx.config
     try:
         res = adaptive.calibrate(*cal, cfg.epsilon, cfg.confidence, cfg.clusters, ctx.recipe.seed, cfg.selection,
-                                 cfg.bound, ratio)
+                                 cfg.bound, ratio, limit=limit)
     except adaptive.Unfit as exc:
         raise OptkitError(f"cache.adaptive: cluster: per-cluster curves cannot be fitted on half of the "
                           f"{len(cal[0])} calibration pairs ({exc}); lower cache.clusters or set cache.adaptive: "
                           "none") from None
     decision = adaptive.decide(*cal, cfg.epsilon, cfg.confidence, cfg.clusters, ctx.recipe.seed, cfg.selection,
-                               cfg.bound, ratio)
+                               cfg.bound, ratio, limit=limit)
     exported = bool(res.selection.feasible and decision["exported"])
     reason = decision["reason"] if res.selection.feasible else "not exported: no tau met the bound"
     held_eval = tune.rates(res.served(held[0], held[2]), held[1], cfg.confidence)
