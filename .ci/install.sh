@@ -38,7 +38,8 @@ fi
 pip install -q -e ".[${extras}]"
 if [ -n "${no_amx:-}" ]; then
   # An AMX build already here (an earlier install, or pip's wheel cache, which ignores CMAKE_ARGS): rebuild it.
-  lib="$(python -c 'import importlib.util as u, pathlib as p; print(p.Path(u.find_spec("llama_cpp").origin).parent)')/lib"
+  where='import importlib.util as u, pathlib as p; print(p.Path(u.find_spec("llama_cpp").origin).parent)'
+  lib="$(python -c "$where")/lib"
   if grep -qs ggml_backend_amx_mul_mat "$lib"/libggml-cpu.so*; then
     echo "install: the installed llama.cpp uses AMX: rebuilding it without"
     pip install -q --no-cache-dir --force-reinstall --no-deps \
