@@ -195,10 +195,16 @@ def test_serve_sh_starts_vllm_cpu_and_serves_the_adapter_on_its_base(exported, t
     from toolkit.engines.servers import free_port
     from toolkit.procs import kill_group
 
+    import shutil
+    import tempfile
+
     bundle, _ = exported
     port = free_port()
+    # serve.sh's shim lands in $TMPDIR, and so do vLLM's zmq IPC sockets, whose paths may not exceed 107 bytes: a
+    # pytest tmp_path (pytest-of-<user>/pytest-<N>/popen-gw0/<test>/) is too long on a machine with many runs
+    short_tmp = tempfile.mkdtemp(prefix="optkit-")
     env = {**os.environ, "VLLM_PYTHON": str(VLLM_PY), "VLLM_CPU_KVCACHE_SPACE": "1", "HF_HUB_OFFLINE": "1",
-           "VLLM_NO_USAGE_STATS": "1", "TMPDIR": str(tmp_path)}
+           "VLLM_NO_USAGE_STATS": "1", "TMPDIR": short_tmp}
     env.pop("PYTHONPATH", None)
     env["PATH"] = os.pathsep.join(p for p in env["PATH"].split(os.pathsep) if not (Path(p) / "vllm").exists())
     flags = ["--port", str(port), "--max-model-len", "256", "--enforce-eager", "--gpu-memory-utilization", "0.2"]
@@ -219,6 +225,7 @@ def test_serve_sh_starts_vllm_cpu_and_serves_the_adapter_on_its_base(exported, t
         assert b"VLLM_ENABLE_V1_MULTIPROCESSING=0" in environ
     finally:
         kill_group(proc.pid, 10.0, child=proc)
+        shutil.rmtree(short_tmp, ignore_errors=True)
 
 
 @pytest.mark.server
