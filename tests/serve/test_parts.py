@@ -70,6 +70,9 @@ def test_key_space_splits_on_everything_that_changes_the_answer():
     assert not keyed("chat", absent, {"model": "m"}, "a", "m", policy, False, False).lookup  # default T = 1
     bypass = key(no_cache=True)
     assert not bypass.lookup and bypass.store
+    # 0 and 0.0, 1 and 1.0 are one request (json spelled them apart and split the cache)
+    assert key(temperature=0.0, top_p=1).namespace == key(temperature=0, top_p=1.0).namespace
+    assert key(top_p=0.5).namespace != key(top_p=1).namespace
 
 
 def test_tenant_from_key_hash_or_trusted_header():
@@ -109,6 +112,23 @@ def test_exact_store_namespaces_ttl_and_bound():
     assert len(s) == 2 and s.get("Hello world", {"tenant": "a"}) is None  # oldest evicted
     now[0] = 11.0
     assert s.get("x", "n") is None  # expired
+
+
+def test_both_cache_layers_expire_an_entry_at_the_same_age():
+    """The exact layer served an entry aged exactly ttl_s that the semantic layer had expired (> vs >=)."""
+    import numpy as np
+
+    from toolkit.cache import SemanticCache
+
+    now = [0.0]
+    exact = ExactStore(max_entries=10, ttl_s=10, clock=lambda: now[0])
+    semantic = SemanticCache(threshold=0.9, ann="numpy", ttl_s=10, clock=lambda: now[0])
+    exact.put("q", "A", "n")
+    semantic.insert_many(["q"], ["A"], "n", vectors=np.ones((1, 4), np.float32))
+    now[0] = 9.999
+    assert exact.get("q", "n") == "A" and semantic.lookup_vector(np.ones(4, np.float32), "n").answer == "A"
+    now[0] = 10.0
+    assert exact.get("q", "n") is None and semantic.lookup_vector(np.ones(4, np.float32), "n") is None
 
 
 def test_export_writes_a_serve_yaml_that_serve_accepts(tmp_path):

@@ -52,7 +52,7 @@ class ExactStore:
             item = self._items.get(key)
             if item is None:
                 return None
-            if self.ttl_s is not None and self.clock() - item[1] > self.ttl_s:
+            if self.ttl_s is not None and self.clock() - item[1] >= self.ttl_s:  # as the semantic layer: age >= ttl
                 del self._items[key]
                 return None
             return item[0]

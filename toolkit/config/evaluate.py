@@ -32,7 +32,8 @@ class SystemEvalConfig(Section):
     warm_split: Optional[Literal["train", "val"]] = Field(
         "val", description="Fill the cache with this split's teacher answers before the replay (traffic seen "
         "earlier); null = start from an empty cache.")
-    exact_cache: bool = Field(True, description="Serve exact repeats (after whitespace/case normalization) first.")
+    exact_cache: bool = Field(True, description="Serve exact repeats (after Unicode and whitespace normalization; "
+                              "case is kept) first.")
     semantic_cache: bool = Field(True, description="Use the tuned semantic cache (needs the cache stage).")
 
 

@@ -119,7 +119,19 @@ def wants_logprobs(kind: str, req) -> bool:
 
 
 def _digest(obj: Any) -> str:
-    return hashlib.sha256(json.dumps(obj, sort_keys=True, ensure_ascii=False, default=str).encode()).hexdigest()[:24]
+    return hashlib.sha256(json.dumps(_same_number(obj), sort_keys=True, ensure_ascii=False,
+                                     default=str).encode()).hexdigest()[:24]
+
+
+def _same_number(obj: Any) -> Any:
+    """0 and 0.0 (1 and 1.0) are one value to the model: one spelling in the key, or the cache splits."""
+    if isinstance(obj, float) and obj.is_integer():
+        return int(obj)
+    if isinstance(obj, dict):
+        return {k: _same_number(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_same_number(v) for v in obj]
+    return obj
 
 
 def keyed(kind: str, req: Union[ChatRequest, CompletionRequest], body: dict, tenant: str, model_name: str,
