@@ -318,3 +318,17 @@ def test_a_larger_traffic_batch_keeps_its_promise_with_more_hits():
     rate = tune.bounds(k, n, 0.95, "rate")
     huge = tune.bounds(k, n, 0.95, "realized", 1e4)
     assert np.all(huge >= rate - 1e-12) and np.allclose(huge, rate, atol=2e-3)
+
+
+def test_the_audit_bound_stops_its_walk_at_epsilon_and_agrees_where_it_matters():
+    """The audit bound walked the predictive to ~m at every threshold (a million-lookup batch: 12 s a selection,
+    200 selections in the stage's bootstrap). Below epsilon its values must stay exact; above, only 'above'."""
+    import numpy as np
+
+    from toolkit.cache import tune
+
+    k, n = np.arange(0, 120), np.full(120, 1500.0)
+    full = tune.bounds(k, n, 0.95, "audit", 40.0)
+    fast = tune.bounds(k, n, 0.95, "audit", 40.0, above=0.05)
+    assert (full <= 0.05).any() and (full > 0.05).any()
+    assert np.array_equal(full <= 0.05, fast <= 0.05) and np.allclose(full[full <= 0.05], fast[full <= 0.05])
