@@ -236,3 +236,18 @@ def test_the_gateway_keeps_the_recipes_cache_limits_unless_serve_yaml_sets_its_o
     own = _cache(bundle, ServeConfig.model_validate({"backends": BACKENDS, "cache": {
         "max_entries": 7, "max_entries_per_tenant": 5}}), None)
     assert (own.max_entries, own.max_entries_per_namespace) == (7, 5)
+
+
+def test_a_recipe_whose_prompts_come_from_a_traffic_log_decides_on_the_whole_user_turn():
+    """Prompts imported from a log are whole user turns (route and cache were fit on those); reading the template's
+    column back out of the turn in the gateway would route on another text than the one calibrated."""
+    from toolkit.config import recipe_from_dict
+    from toolkit.serve.bundle_config import _decision_text
+
+    base = {"name": "t", "teacher": {"model": "smollm2-135m-instruct"},
+            "data": {"path": "d.jsonl", "prompt_template": 'Customer message: "{prompt}"\n\nWhich category?'}}
+    assert _decision_text(recipe_from_dict(base))["column"] == "prompt"
+    logged = {**base, "collect": {"backend": "log", "log": {"paths": ["traffic.jsonl"]}}}
+    assert _decision_text(recipe_from_dict(logged)) is None
+    from_data = {**base, "collect": {"backend": "log", "log": {"paths": ["traffic.jsonl"], "prompts": "data"}}}
+    assert _decision_text(recipe_from_dict(from_data)) is not None  # data prompts: the template's column again

@@ -29,9 +29,10 @@ class LogBackendConfig(Section):
                                             "(id = hash of its messages, split by hash as for data prompts); data = "
                                             "only data.path's prompts, answered from the log (the others go to "
                                             "failures.jsonl as not_in_log, not counted by max_failures).")
-    routes: list[str] = Field(["teacher"], min_length=1, description="x-optkit-route values whose answers count "
-                              "(optkit format): teacher by default; add student, exact-cache, semantic-cache to "
-                              "keep those too. openai-format lines have no route and always count.")
+    routes: list[str] = Field(["teacher", "teacher-escalated"], min_length=1, description="x-optkit-route values "
+                              "whose answers count (optkit format): the teacher's by default, routed or escalated "
+                              "by a cascade; add student, exact-cache, semantic-cache to keep those too. "
+                              "openai-format lines have no route and always count.")
     models: Optional[list[str]] = Field(None, description="Only answers served by these models (the backend's "
                                         "model name, or the response's model); null = any.")
     finish_reasons: list[str] = Field(["stop"], min_length=1, description="Only answers that ended this way: "

@@ -62,6 +62,9 @@ def _decision_text(recipe) -> Optional[dict]:
     that never writes the column plainly)."""
     data = getattr(recipe, "data", None)
     template = getattr(data, "prompt_template", None)
+    collect = getattr(recipe, "collect", None)
+    if collect is not None and collect.backend == "log" and collect.log.prompts == "log":
+        return None  # prompts imported from a traffic log are whole user turns: route and cache were fit on those
     if not template:
         return None
     from toolkit.serve.decision_text import compile_template

@@ -11,6 +11,8 @@ as its backend config says, unscored.
 
 from __future__ import annotations
 
+import json
+import logging
 import time
 from typing import Optional
 
@@ -20,6 +22,8 @@ from toolkit.serve import protocol as P
 from toolkit.serve.backends import BackendError
 
 ESCALATED = "teacher-escalated"
+log = logging.getLogger("optkit.serve")
+_warned: dict[str, bool] = {}  # backends already reported as returning no log-probs (once per process)
 
 
 def _student_body(kind: str, body: dict) -> dict:
@@ -63,7 +67,14 @@ async def forward_cascade(gw, kind: str, req, body: dict, decision, key) -> obje
     gw.metrics.backend.labels(served).observe(seconds)
     extra: dict[str, str] = {}
     if served == decision.route:  # the student answered: score it
-        confidence, escalate = cascade.decide(token_logprobs_of(reply))
+        logprobs = token_logprobs_of(reply)
+        if not logprobs and not _warned.get(served):
+            # No confidence means every request escalates: student + teacher, dearer than the teacher alone
+            _warned[served] = True
+            log.warning("serve: backend '%s' returned no token log-probs; in cascade mode every request escalates "
+                        "to the teacher (serve it with log-probs enabled, e.g. vLLM, or llama.cpp's server with "
+                        "n_probs)", served)
+        confidence, escalate = cascade.decide(logprobs)
         extra = {"x-optkit-cascade-confidence": f"{confidence:.6g}",
                  "x-optkit-cascade-threshold": f"{cascade.threshold:.6g}"}
         if escalate:
@@ -73,6 +84,11 @@ async def forward_cascade(gw, kind: str, req, body: dict, decision, key) -> obje
                 (t_reply, t_seconds), t_served, t_falls = await gw.pool.run(
                     decision.escalate_to, call_with(plain), deadline, False)
                 gw.metrics.backend.labels(t_served).observe(t_seconds)
+                # Both models ran: the reply's usage is the teacher's; the student's travels beside it (traffic log)
+                student_usage = reply.get("usage") if isinstance(reply, dict) else None
+                extra["x-optkit-served-backend"] = t_served
+                if isinstance(student_usage, dict):
+                    extra["x-optkit-student-usage"] = json.dumps(student_usage, separators=(",", ":"))
                 reply, seconds, served, falls = t_reply, seconds + t_seconds, ESCALATED, falls + t_falls
             except BackendError as exc:  # the student's answer is still an answer
                 falls = falls + [f"{ESCALATED}->{decision.route}:{exc.reason}"]

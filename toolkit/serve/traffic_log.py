@@ -186,10 +186,16 @@ class TrafficLog:
                 "time": datetime.fromtimestamp(item["time"], timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ"),
                 "tenant": item["tenant"], "kind": kind, "model": body.get("model"), **request, "params": params,
                 "stream": "chunks" in item, "route": route, "decision": h.get("x-optkit-decision"),
-                "served_model": self.backend_models.get(route), "reply_model": reply_model,
+                "served_model": self.backend_models.get(h.get("x-optkit-served-backend") or route),
+                "reply_model": reply_model,
                 "answer": answer["text"], "finish_reason": answer["finish_reason"],
                 "usage": _usage(usage), "latency_s": round(item["ended"] - item["started"], 6),
                 "backend_latency_s": round(float(backend_ms) / 1000, 6) if backend_ms else None}
+        if h.get("x-optkit-student-usage"):  # a cascade escalation: the student ran first, its tokens are paid too
+            try:
+                line["student_usage"] = _usage(json.loads(h["x-optkit-student-usage"]))
+            except ValueError:
+                pass
         return self.clean(line)
 
     @staticmethod
