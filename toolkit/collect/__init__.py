@@ -83,8 +83,9 @@ def run(ctx) -> dict:
     # ---- setup
     data_path = data_file(recipe)
     ctx.add_input(data_path)
-    if Path(recipe.teacher.model).expanduser().exists():  # a local teacher saved over in place runs again
-        ctx.add_input(Path(recipe.teacher.model).expanduser())
+    teacher_dir = Path(recipe.teacher.model).expanduser()
+    if teacher_dir.exists():  # a local teacher saved over in place runs again
+        ctx.add_input(teacher_dir)
     prompts = load_prompts(recipe.data, data_path, recipe.seed)
     write_jsonl(ctx.dir / PROMPTS, (p.to_dict() for p in prompts))
     selected = [p for p in prompts if p.split in cfg.splits]

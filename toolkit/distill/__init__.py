@@ -147,7 +147,7 @@ def _build_student(ctx, teacher, teacher_tok, records: list[dict]) -> dict:
 def _train_spec(ctx):
     """The one typed spec training reads (here or in every worker): resolved now, each value once."""
     from toolkit.config.distill import TrainSpec
-    from toolkit.models import bf16_supported
+    from toolkit.models import bf16_supported, local_fingerprint
 
     cfg, recipe = ctx.config, ctx.recipe
     t = cfg.training
@@ -158,7 +158,7 @@ def _train_spec(ctx):
         work_dir=str(ctx.work_dir.resolve()), method=cfg.method, lora=cfg.lora, kd=cfg.kd, training=resolved,
         chat_template=_chat_template(recipe), teacher=recipe.teacher,
         # base/ is rebuilt on every run: its hash ties checkpoints to this exact student
-        base_hash=_dir_hash(ctx.dir / "base"), data_hash=_data_hash(ctx.upstream("collect")),
+        base_hash=local_fingerprint(ctx.dir / "base"), data_hash=_data_hash(ctx.upstream("collect")),
         world_size=cfg.launcher.num_processes)
 
 
@@ -170,18 +170,6 @@ def _data_hash(collect_dir: Path) -> str:
 
     files = {name: collect_dir / name for name in (OUTPUTS, TOPK)}
     return config_hash({name: sha256_file(f) if f.is_file() else None for name, f in files.items()})
-
-
-def _dir_hash(path: Path) -> str:
-    from toolkit.io import sha256_file
-
-    import hashlib
-
-    h = hashlib.sha256()
-    for p in sorted(path.rglob("*")):
-        if p.is_file():
-            h.update(p.name.encode() + sha256_file(p).encode())
-    return h.hexdigest()[:16]
 
 
 def _train(ctx) -> dict:

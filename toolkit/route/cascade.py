@@ -203,8 +203,7 @@ def student_confidences(ctx, table, kind: str) -> dict[str, float]:
 def run_cascade(ctx, table, s_idx: int, costs: dict, router_at_test: dict) -> dict:
     """Calibrate the cascade on the cal part, report it on the test part beside the router, write cascade.json
     and cascade_confidence.jsonl into the stage dir; returns the report section."""
-    from toolkit.io import write_jsonl
-    from toolkit.io import atomic_write_json
+    from toolkit.io import atomic_write_json, write_jsonl
 
     cfg = ctx.config
     if cfg.labels.source != "pipeline" or len(table.models) != 2:
