@@ -110,6 +110,11 @@ def test_route_run_reports_selection_and_shift(mmlu_run):
     assert shifted["with_guard"]["strong_fraction"] >= max(shifted["flagged"], shifted["without_guard"]["strong_fraction"])
     assert shifted["with_guard"]["quality_ratio"] >= shifted["without_guard"]["quality_ratio"]
     assert outcomes[-1].metrics["shift_flagged_eval"] == shifted["flagged"]
+    # the headline test figures are what the runtime routes: the guard's in-domain escalations included
+    guarded, m = sh["in_domain"]["with_guard"], outcomes[-1].metrics
+    assert sh["action"] == "strong" and report["at_threshold"]["with_shift_guard"] == guarded
+    assert (m["test_cost"], m["test_strong_fraction"]) == (guarded["cost"], guarded["strong_fraction"])
+    assert m["test_cost_without_guard"] == report["at_threshold"]["cost"] <= m["test_cost"]
 
 
 def test_loaded_router_guard_and_reasons(mmlu_run):

@@ -62,11 +62,13 @@ def run(ctx) -> dict:
     if guard_flags is not None:
         report["shift"] = _shift_section(ctx, cfg, router, table, P, guard_flags, cost_norm, s_idx, test_idx)
         spec["shift"]["report"] = {k: v for k, v in report["shift"].items() if k != "reading"}
+        if router.shift_guard.action == "strong":  # what the runtime pays: flagged prompts go to the strong model
+            report["at_threshold"]["with_shift_guard"] = report["shift"]["in_domain"]["with_guard"]
     spec["metrics"] = report["router"]
     if cfg.mode == "cascade":  # the student answers first; its confidence decides (toolkit/route/cascade.py)
         from toolkit.route.cascade import run_cascade
 
-        report["cascade"] = run_cascade(ctx, table, s_idx, costs, report["at_threshold"])
+        report["cascade"] = run_cascade(ctx, table, s_idx, costs, _runtime_at(report))
     else:  # a cascade file left by an earlier cascade-mode run must not ship with this router
         for name in ("cascade.json", "cascade_confidence.jsonl"):
             (ctx.dir / name).unlink(missing_ok=True)
@@ -285,11 +287,22 @@ def _log(ctx, report: dict, png: Path) -> None:
     ctx.log_artifact(ctx.dir / ROUTER_JSON)
 
 
+def _runtime_at(report: dict) -> dict:
+    """The router's test figures as the runtime routes: with the shift guard's escalations when it acts."""
+    at = report["at_threshold"]
+    if "with_shift_guard" not in at:
+        return at
+    alone = {k: v for k, v in at.items() if k not in ("model_share", "with_shift_guard")}  # shares: router alone
+    return {**alone, **at["with_shift_guard"], "shift_guard": "included"}
+
+
 def _headline(report: dict, cal) -> dict:
-    r, at = report["router"], report["at_threshold"]
+    r, at = report["router"], _runtime_at(report)
     out = {"apgr": r["apgr"], "cpt50": r["cpt50"], "cpt80": r["cpt80"], "threshold": cal.threshold,
            "test_quality_ratio": at["quality_ratio"], "test_strong_fraction": at["strong_fraction"],
            "test_cost": at["cost"]}
+    if "with_shift_guard" in report["at_threshold"]:  # the router alone, without the guard's escalations
+        out["test_cost_without_guard"] = report["at_threshold"]["cost"]
     if "bootstrap" in report:
         out["guarantee_holds_fraction"] = report["bootstrap"]["holds_fraction"]
     if "cascade" in report and "test" in report["cascade"]:  # route.mode = cascade, beside the router's test_*
