@@ -129,3 +129,28 @@ def test_redis_down_is_a_miss_and_the_password_is_never_logged(tmp_path, caplog)
 
 def test_memory_store_is_the_default():
     assert isinstance(exact_store(10, 5.0), ExactStore)
+
+
+@pytest.mark.parametrize("store", ["memory", pytest.param("redis", marks=pytest.mark.server)])
+def test_a_tenant_quota_spans_its_contexts_and_spares_other_tenants(store, request):
+    """The gateway's exact layer had no quota: one tenant's traffic (each conversation context its own namespace)
+    evicted every other tenant's exact entries through max_entries. With a quota per tenant (quota_by="tenant",
+    as the semantic layer counts it) its inserts evict only its own oldest entries, in memory and in Redis."""
+    kw = dict(max_entries=20, quota=3, quota_by="tenant", ttl_s=60.0)
+    if store == "redis":
+        server = request.getfixturevalue("redis_server")
+        a, b = pair(server.url, **kw)
+    else:
+        a = b = ExactStore(**kw)
+    a.put("keep me", {"v": "u"}, {"tenant": "u", "context": "0"})
+    for i in range(30):
+        (a if i % 2 else b).put(f"q{i}", {"v": i}, {"tenant": "t", "context": str(i)})
+    assert len(a) == 4 and b.get("keep me", {"tenant": "u", "context": "0"}) == {"v": "u"}
+    assert [i for i in range(30) if a.get(f"q{i}", {"tenant": "t", "context": str(i)})] == [27, 28, 29]
+    b.put("q28", {"v": "newer"}, {"tenant": "t", "context": "28"})  # a replacement is not a fourth entry
+    assert len(a) == 4 and a.get("q27", {"tenant": "t", "context": "27"}) == {"v": 27}
+    unbounded = ExactStore(max_entries=20)  # no quota: the flood evicts the other tenant
+    unbounded.put("keep me", {"v": "u"}, {"tenant": "u", "context": "0"})
+    for i in range(30):
+        unbounded.put(f"q{i}", {"v": i}, {"tenant": "t", "context": str(i)})
+    assert unbounded.get("keep me", {"tenant": "u", "context": "0"}) is None

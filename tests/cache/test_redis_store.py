@@ -274,6 +274,22 @@ def test_quota_and_max_entries_hold_across_replicas(redis_server, replicas):
         assert all(r.lookup(f"z{i} gamma", "z") is not None for i in range(5))
 
 
+def test_quota_by_tenant_holds_across_replicas_and_namespaces(redis_server, replicas):
+    """The gateway counts the quota per tenant across its conversation contexts (quota_by="tenant"), in Redis as
+    in memory: tenant t's five contexts written through both replicas keep its 3 newest entries, tenant u's entry
+    is never evicted by them."""
+    a, b = replicas
+    _open(replicas, redis_server.url, max_entries_per_namespace=3, max_entries=40, quota_by="tenant")
+    u = {"tenant": "u", "context": "0"}
+    b("insert", items=[["kept question here", {"u": 1}, u]])
+    for i in range(5):
+        (a if i % 2 else b)("insert", items=[[f"q{i} alpha", {"i": i}, {"tenant": "t", "context": str(i)}]])
+    assert a("len") == 4
+    for r in replicas:
+        assert [i for i in range(5) if r.lookup(f"q{i} alpha", {"tenant": "t", "context": str(i)})] == [2, 3, 4]
+        assert r.lookup("kept question here", u)["answer"] == {"u": 1}
+
+
 def test_a_replica_behind_the_trimmed_log_rereads_the_namespace(redis_server, monkeypatch):
     from toolkit.cache import store_redis
 

@@ -191,6 +191,36 @@ def test_many_small_namespaces_and_quota_churn_keep_memory_near_the_live_entries
         assert [h.answer if h else None for h in hits] == [None, 295, 299]
 
 
+def test_quota_by_tenant_spans_every_namespace_of_the_tenant():
+    """The gateway's namespaces are tenant x conversation context x parameters. Counted per namespace, each of a
+    tenant's contexts got a fresh quota, so one tenant's traffic filled max_entries and evicted everyone else's;
+    with quota_by="tenant" its inserts evict only its own oldest entries, across its contexts."""
+    clock = Clock()
+    vecs = np.eye(256, dtype=np.float32)
+    victim = {"tenant": "a", "context": "c0"}
+
+    def flood(cache):
+        cache.insert_many(["victim q"], ["kept"], vectors=vecs[:1], namespace=victim)
+        for i in range(1, 201):
+            cache.insert_many([f"q{i}"], [i], vectors=vecs[i:i + 1], namespace={"tenant": "b", "context": f"c{i}"})
+
+    per_namespace = SemanticCache(threshold=0.99, ann="numpy", max_entries=50, max_entries_per_namespace=10)
+    flood(per_namespace)
+    assert len(per_namespace) == 50 and per_namespace.lookup_vector(vecs[0], victim) is None
+    cache = SemanticCache(threshold=0.99, ann="numpy", max_entries=50, max_entries_per_namespace=10,
+                          quota_by="tenant", ttl_s=100.0, clock=clock)
+    flood(cache)
+    assert len(cache) == 11 and cache.lookup_vector(vecs[0], victim).answer == "kept"
+    got = [cache.lookup_vector(vecs[i], {"tenant": "b", "context": f"c{i}"}) for i in range(189, 201)]
+    assert [h.answer if h else None for h in got] == [None, None] + list(range(191, 201))  # its 10 newest
+    clock.now += 101  # expired entries leave the tenant's count: ten fresh ones all stay
+    for i in range(201, 211):
+        cache.insert_many([f"q{i}"], [i], vectors=vecs[i:i + 1], namespace={"tenant": "b", "context": "new"})
+    assert len(cache) == 10 and cache.lookup_vector(vecs[201], {"tenant": "b", "context": "new"}).answer == 201
+    with pytest.raises(OptkitError, match="quota_by"):
+        SemanticCache(threshold=0.5, quota_by="")
+
+
 def test_expiry_and_eviction_follow_insertion_order_across_namespaces():
     clock = Clock()
     vecs = np.eye(8, dtype=np.float32)

@@ -230,12 +230,30 @@ def test_the_gateway_keeps_the_recipes_cache_limits_unless_serve_yaml_sets_its_o
     bundle = SimpleNamespace(cache=lambda **overrides: SemanticCache.load(path, embedder=embedder, **overrides))
     default = _cache(bundle, ServeConfig.model_validate({"backends": BACKENDS}), None)
     assert (default.max_entries, default.max_entries_per_namespace) == (50, 3)
-    for i in range(10):
-        default.insert(f"tenant question number {i}", i, {"tenant": "a"})
-    assert len(default) == 3
+    for i in range(10):  # every conversation context is its own namespace; the quota counts the tenant's
+        default.insert(f"tenant question number {i}", i, {"tenant": "a", "context": str(i)})
+    default.insert("another tenant's question", -1, {"tenant": "b", "context": "0"})
+    assert len(default) == 4 and default.quota_by == "tenant"
     own = _cache(bundle, ServeConfig.model_validate({"backends": BACKENDS, "cache": {
         "max_entries": 7, "max_entries_per_tenant": 5}}), None)
     assert (own.max_entries, own.max_entries_per_namespace) == (7, 5)
+
+
+def test_the_gateways_exact_layer_counts_the_tenant_quota_too(bundle):
+    """The exact layer (in front of the semantic one) had no quota: a tenant flooding it through many conversation
+    contexts evicted every other tenant's exact entries. It takes serve.yaml's max_entries_per_tenant (else
+    cache.json's) per tenant, like the semantic layer."""
+    from toolkit.serve.system import load_decider
+
+    cfg = ServeConfig.model_validate({"backends": BACKENDS, "cache": {"max_entries_per_tenant": 2}})
+    decider = load_decider(bundle, cfg)
+    exact, semantic = decider.exact, decider.cache
+    assert (exact.quota, exact.quota_by, semantic.max_entries_per_namespace, semantic.quota_by) == (
+        2, "tenant", 2, "tenant")
+    exact.put("mine", {"v": 0}, {"tenant": "b", "context": "0"})
+    for i in range(5):
+        exact.put(f"q{i}", {"v": i}, {"tenant": "a", "context": str(i)})
+    assert len(exact) == 3 and exact.get("mine", {"tenant": "b", "context": "0"}) == {"v": 0}
 
 
 def test_a_recipe_whose_prompts_come_from_a_traffic_log_decides_on_the_whole_user_turn():

@@ -90,6 +90,7 @@ class RuntimeSpec(_Model):
     ttl_s: Optional[Annotated[float, Field(gt=0)]] = None
     max_entries: int = Field(100_000, ge=1)
     max_entries_per_namespace: Optional[Annotated[int, Field(ge=1)]] = None
+    quota_by: Optional[Annotated[str, Field(min_length=1)]] = None  # the gateway counts the quota per tenant
     ann: Literal["auto", "numpy", "faiss"] = "auto"
     ann_min_entries: int = Field(20_000, ge=1)
 

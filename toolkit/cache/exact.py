@@ -6,10 +6,15 @@ for its nearest neighbour only. It works without a semantic cache (a bundle with
 Keys are (canonical namespace key, normalized text), the semantic cache's own rules (space.namespace_key,
 runtime.normalize_text): namespaces (tenant, model, system prompt, parameters) never share an entry.
 
-Redis layout (under one hash tag `{prefix:exact:fingerprint}`; the fingerprint hashes ttl_s and max_entries, so
-replicas share entries only when they expire and evict alike):
-  k:<sha(namespace)>:<sha(text)>   strict JSON {"n": namespace key, "q": text, "a": answer}, PEXPIRE ttl
+A quota (the gateway: per tenant, `quota_by="tenant"`, the semantic layer's rule) makes an insert evict the
+oldest entry of its own quota key first, so one tenant's traffic never evicts another tenant's exact entries.
+
+Redis layout (under one hash tag `{prefix:exact:fingerprint}`; the fingerprint hashes ttl_s, max_entries and the
+quota, so replicas share entries only when they expire and evict alike):
+  k:<sha(quota key)>:<sha(namespace)>:<sha(text)>   strict JSON {"n": namespace key, "q": text, "a": answer},
+                                   PEXPIRE ttl
   all                              sorted set of live keys by insertion number (max_entries evicts its front)
+  g:<sha(quota key)>               the quota key's live keys by insertion number (the quota evicts its front)
   seq                              insertion counter
 Values are checked on read (namespace and text must match the request), so even a hash collision cannot serve
 another namespace's answer. Nothing is pickled.
@@ -25,7 +30,7 @@ import time
 from collections import OrderedDict
 from typing import Any, Callable, Optional
 
-from toolkit.cache.space import Namespace, namespace_key
+from toolkit.cache.space import Namespace, namespace_key, quota_key
 from toolkit.errors import OptkitError
 
 log = logging.getLogger("optkit.cache")
@@ -38,13 +43,17 @@ def exact_key(text: str, namespace: Namespace) -> tuple[str, str]:
 
 
 class ExactStore:
-    """Memory store: thread-safe and bounded (oldest evicted first); entries older than ttl_s are never served."""
+    """Memory store: thread-safe and bounded (oldest evicted first; with a quota, the quota key's oldest first);
+    entries older than ttl_s are never served."""
 
     def __init__(self, max_entries: int = 100_000, ttl_s: Optional[float] = None,
-                 clock: Callable[[], float] = time.time):
+                 clock: Callable[[], float] = time.time, quota: Optional[int] = None,
+                 quota_by: Optional[str] = None):
         self.max_entries, self.ttl_s, self.clock = max_entries, ttl_s, clock
+        self.quota, self.quota_by = quota, quota_by
         self._lock = threading.Lock()
-        self._items: OrderedDict[tuple[str, str], tuple[Any, float]] = OrderedDict()
+        self._items: OrderedDict[tuple[str, str], tuple[Any, float, str]] = OrderedDict()
+        self._groups: dict[str, OrderedDict[tuple[str, str], None]] = {}  # quota key -> its keys, oldest first
 
     def get(self, text: str, namespace: Namespace = "default") -> Optional[Any]:
         key = exact_key(text, namespace)
@@ -53,17 +62,28 @@ class ExactStore:
             if item is None:
                 return None
             if self.ttl_s is not None and self.clock() - item[1] >= self.ttl_s:  # as the semantic layer: age >= ttl
-                del self._items[key]
+                self._drop(key)
                 return None
             return item[0]
 
     def put(self, text: str, answer: Any, namespace: Namespace = "default") -> None:
-        key = exact_key(text, namespace)
+        key, group = exact_key(text, namespace), quota_key(namespace, self.quota_by)
         with self._lock:
-            self._items.pop(key, None)  # a newer answer replaces the old one and becomes the youngest
-            self._items[key] = (answer, self.clock())
-            while len(self._items) > self.max_entries:
-                self._items.popitem(last=False)
+            self._drop(key)  # a newer answer replaces the old one and becomes the youngest
+            while self.quota is not None and len(self._groups.get(group, ())) >= self.quota:
+                self._drop(next(iter(self._groups[group])))  # only this quota key's own entries
+            while len(self._items) >= self.max_entries:
+                self._drop(next(iter(self._items)))
+            self._items[key] = (answer, self.clock(), group)
+            self._groups.setdefault(group, OrderedDict())[key] = None
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        item = self._items.pop(key, None)
+        if item is not None:
+            keys = self._groups[item[2]]
+            del keys[key]
+            if not keys:
+                del self._groups[item[2]]
 
     def put_many(self, texts: list[str], answers: list[Any], namespace: Namespace = "default") -> None:
         for text, answer in zip(texts, answers):
@@ -74,26 +94,42 @@ class ExactStore:
             return len(self._items)
 
 
-# KEYS: all, seq. ARGV: base, ttl_ms (0 = none), max_entries, then per entry: key suffix, value.
+# KEYS: all, seq. ARGV: base, ttl_ms (0 = none), max_entries, quota (0 = none), then per entry: key suffix
+# (<sha(quota key)>:<sha(namespace)>:<sha(text)>), value.
 _PUT_LUA = """
 local all, seqk, base = KEYS[1], KEYS[2], ARGV[1]
-local ttl, maxn = tonumber(ARGV[2]), tonumber(ARGV[3])
-local function purge()  -- expired keys leave the front of `all` (they expire oldest first)
+local ttl, maxn, quota = tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+local function group_of(k)  -- the quota key's set, named by the key's first hash
+  return base .. ':g:' .. string.match(k, '(%x+):%x+:%x+$')
+end
+local function purge(z)  -- expired keys leave the front of a set (they expire oldest first)
   while true do
-    local first = redis.call('ZRANGE', all, 0, 0)[1]
+    local first = redis.call('ZRANGE', z, 0, 0)[1]
     if not first or redis.call('EXISTS', first) == 1 then return end
-    redis.call('ZREM', all, first)
+    redis.call('ZREM', z, first)
   end
 end
-for j = 4, #ARGV, 2 do
+local function kill(k)
+  redis.call('ZREM', all, k)
+  redis.call('ZREM', group_of(k), k)
+  redis.call('DEL', k)
+end
+for j = 5, #ARGV, 2 do
   local k = base .. ':k:' .. ARGV[j]
+  local g = group_of(k)
+  if redis.call('EXISTS', k) == 1 then kill(k) end  -- a newer answer replaces the old one: the youngest
+  purge(all)
+  if quota > 0 then
+    purge(g)
+    while redis.call('ZCARD', g) >= quota do kill(redis.call('ZRANGE', g, 0, 0)[1]) end
+  end
+  while redis.call('ZCARD', all) >= maxn do kill(redis.call('ZRANGE', all, 0, 0)[1]) end
   if ttl > 0 then redis.call('SET', k, ARGV[j + 1], 'PX', ttl) else redis.call('SET', k, ARGV[j + 1]) end
-  redis.call('ZADD', all, redis.call('INCR', seqk), k)  -- a replaced key moves to the back: the youngest
-  purge()
-  while redis.call('ZCARD', all) > maxn do
-    local first = redis.call('ZRANGE', all, 0, 0)[1]
-    redis.call('ZREM', all, first)
-    redis.call('DEL', first)
+  local seq = redis.call('INCR', seqk)
+  redis.call('ZADD', all, seq, k)
+  if quota > 0 then
+    redis.call('ZADD', g, seq, k)
+    if ttl > 0 then redis.call('PEXPIRE', g, ttl + 60000) end
   end
 end
 if ttl > 0 then redis.call('PEXPIRE', all, ttl + 60000) redis.call('PEXPIRE', seqk, ttl + 60000) end
@@ -107,16 +143,18 @@ def _sha(text: str) -> str:
 
 class RedisExactStore:
     """Redis store: the same get / put / len as ExactStore, shared by every process using the same URL, prefix,
-    ttl_s and max_entries. TTL is Redis's (server clock). Answers must be JSON values. While Redis is down, gets
+    ttl_s, max_entries and quota. TTL is Redis's (server clock). Answers must be JSON values. While Redis is down, gets
     miss and puts are dropped (one warning per 30 s): the gateway keeps answering from its backends."""
 
     def __init__(self, url: Optional[str] = None, prefix: str = "optkit", max_entries: int = 100_000,
-                 ttl_s: Optional[float] = None, client: Any = None, timeout_s: float = 1.0):
+                 ttl_s: Optional[float] = None, client: Any = None, timeout_s: float = 1.0,
+                 quota: Optional[int] = None, quota_by: Optional[str] = None):
         from toolkit.cache.store_redis import connect
 
-        self.max_entries, self.ttl_s = max_entries, ttl_s
+        self.max_entries, self.ttl_s, self.quota, self.quota_by = max_entries, ttl_s, quota, quota_by
         self.redis, self.url, self._errors = connect(url, prefix, client, timeout_s)
-        spec = {"format": "optkit-exact-redis/1", "ttl_s": ttl_s, "max_entries": max_entries}
+        spec = {"format": "optkit-exact-redis/2", "ttl_s": ttl_s, "max_entries": max_entries, "quota": quota,
+                "quota_by": quota_by}
         self.base = "{%s:exact:%s}" % (prefix, _sha(json.dumps(spec, sort_keys=True))[:16])
         self._put = self.redis.register_script(_PUT_LUA)
         self._warned = float("-inf")
@@ -128,13 +166,13 @@ class RedisExactStore:
             raise OptkitError(f"cache store redis: cannot reach {self.url}: {redact_text(str(exc))}") from None
         log.info("cache: exact matches shared through redis %s under %s", self.url, self.base)
 
-    def _suffix(self, ns: str, text: str) -> str:
-        return f"{_sha(ns)}:{_sha(text)}"
+    def _suffix(self, namespace: Namespace, ns: str, text: str) -> str:
+        return f"{_sha(quota_key(namespace, self.quota_by))}:{_sha(ns)}:{_sha(text)}"
 
     def get(self, text: str, namespace: Namespace = "default") -> Optional[Any]:
         ns, norm = exact_key(text, namespace)
         try:
-            raw = self.redis.get(f"{self.base}:k:{self._suffix(ns, norm)}")
+            raw = self.redis.get(f"{self.base}:k:{self._suffix(namespace, ns, norm)}")
         except self._errors as exc:
             self._degraded("get", exc)
             return None
@@ -161,12 +199,12 @@ class RedisExactStore:
                                    separators=(",", ":"))
             except (TypeError, ValueError) as exc:
                 raise OptkitError(f"cache store redis: answers must be JSON values ({exc})") from None
-            args += [self._suffix(ns, norm), value]
+            args += [self._suffix(namespace, ns, norm), value]
         ttl_ms = 0 if self.ttl_s is None else max(1, int(round(self.ttl_s * 1000)))
         try:
             for i in range(0, len(args), 1024):  # 512 entries per round trip
                 self._put(keys=[f"{self.base}:all", f"{self.base}:seq"],
-                          args=[self.base, ttl_ms, self.max_entries] + args[i: i + 1024])
+                          args=[self.base, ttl_ms, self.max_entries, self.quota or 0] + args[i: i + 1024])
         except self._errors as exc:
             self._degraded("put", exc)
 
@@ -196,8 +234,8 @@ def _reject_constant(name: str):
 
 
 def exact_store(max_entries: int, ttl_s: Optional[float], store: str = "memory", redis_url: Optional[str] = None,
-                redis_prefix: str = "optkit"):
+                redis_prefix: str = "optkit", quota: Optional[int] = None, quota_by: Optional[str] = None):
     """The exact layer for a store setting (CachePolicy.store_settings(): {} = memory)."""
     if store == "redis":
-        return RedisExactStore(redis_url, redis_prefix, max_entries, ttl_s)
-    return ExactStore(max_entries, ttl_s)
+        return RedisExactStore(redis_url, redis_prefix, max_entries, ttl_s, quota=quota, quota_by=quota_by)
+    return ExactStore(max_entries, ttl_s, quota=quota, quota_by=quota_by)

@@ -19,13 +19,14 @@ import heapq
 import threading
 import time
 import unicodedata
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 
-from toolkit.cache.space import Namespace, Space, namespace_key
+from toolkit.cache.space import Namespace, Space, namespace_key, quota_key
 from toolkit.errors import MissingExtraError, OptkitError
 
 FORMAT = "optkit-cache/1"  # also in cachefile (which imports pydantic, so only load() imports it)
@@ -139,18 +140,25 @@ class SemanticCache:
     """
 
     def __init__(self, threshold: Optional[float], embedder: Any = None, *, ttl_s: Optional[float] = None,
-                 max_entries: int = 100_000, max_entries_per_namespace: Optional[int] = None, ann: str = "auto",
+                 max_entries: int = 100_000, max_entries_per_namespace: Optional[int] = None,
+                 quota_by: Optional[str] = None, ann: str = "auto",
                  ann_min_entries: int = 20_000, centroids: Optional[np.ndarray] = None,
                  cluster_thresholds: Optional[Sequence] = None, config: Optional[dict] = None,
                  weights: Optional[Sequence[float]] = None, clock: Callable[[], float] = time.time):
         weights = _check_weights(weights)
         _check_settings(threshold, ttl_s, max_entries, max_entries_per_namespace, ann, ann_min_entries, weights)
+        if quota_by is not None and not (isinstance(quota_by, str) and quota_by):
+            raise OptkitError(f"cache quota_by must be a namespace field name or None, got {quota_by!r}")
         self.weights = weights  # None = cosine; else the learned diagonal metric (applied to the query)
         self.threshold = None if threshold is None else float(threshold)  # None = exact matches only
         self.embedder = embedder
         self.ttl_s = ttl_s
         self.max_entries = max_entries
-        self.max_entries_per_namespace = max_entries_per_namespace  # a tenant's inserts evict only its own
+        # The quota: inserts beyond it evict the oldest entry of the same quota key -- the namespace, or with
+        # quota_by the namespace's field of that name (the gateway: "tenant", across its contexts and models), so
+        # one tenant's traffic can evict only its own entries.
+        self.max_entries_per_namespace = max_entries_per_namespace
+        self.quota_by = quota_by
         self.ann = ann
         self.ann_min_entries = ann_min_entries
         self.centroids = None if centroids is None else _unit_rows(centroids, "cache config: centroids")
@@ -170,6 +178,10 @@ class SemanticCache:
         # or until a rebuild when they outnumber the live ones.
         self._order: list[tuple[int, float, str]] = []
         self._live = 0
+        # per quota key: live entries, and (seq, namespace) in insertion order (dead ones skipped when popped)
+        self._quota_live: dict[str, int] = {}
+        self._quota_order: dict[str, deque] = {}
+        self._quota_of: dict[str, str] = {}  # namespace -> its quota key, while it holds entries
         self._seq = 0
         self._faiss = None
 
@@ -185,7 +197,7 @@ class SemanticCache:
         reference, or a loaded model / callable. Whatever it is must reproduce the probe embeddings stored in the
         config; a different embedding space is refused, because its similarities would be judged against a
         threshold tuned for another space. `overrides`: runtime settings (ttl_s, max_entries,
-        max_entries_per_namespace, ann, ann_min_entries) and clock. `store`: memory (this process) or redis
+        max_entries_per_namespace, quota_by, ann, ann_min_entries) and clock. `store`: memory (this process) or redis
         (entries shared by every process using `redis_url` + `redis_prefix`: toolkit/cache/store_redis.py).
         """
         from toolkit.cache import cachefile
@@ -249,21 +261,23 @@ class SemanticCache:
         for q in queries:
             if not isinstance(q, str) or not q.strip():
                 raise OptkitError("cache insert: a query must be a non-empty string")
-        ns = namespace_key(namespace)
+        ns, group = namespace_key(namespace), quota_key(namespace, self.quota_by)
         vecs = self._embed(queries) if vectors is None else l2_normalize(vectors)
         if vecs.ndim != 2 or len(vecs) != len(queries):
             raise OptkitError(f"cache insert: {len(queries)} queries but vectors of shape {vecs.shape}")
-        self._store(ns, [normalize_text(q) for q in queries], list(answers), vecs, self._clusters_of(vecs))
+        self._store(ns, [normalize_text(q) for q in queries], list(answers), vecs, self._clusters_of(vecs), group)
 
-    def _store(self, ns: str, keys: list, answers: list, vecs: np.ndarray, clusters: np.ndarray) -> None:
-        """The store seam: entries live in this process (store_redis.RedisSemanticCache keeps them in Redis)."""
+    def _store(self, ns: str, keys: list, answers: list, vecs: np.ndarray, clusters: np.ndarray,
+               group: str) -> None:
+        """The store seam: entries live in this process (store_redis.RedisSemanticCache keeps them in Redis).
+        `group`: the quota key (space.quota_key)."""
         with self._lock:
             self._expire_all()
             space = self._spaces.get(ns)
             if space is not None and vecs.shape[1] != space.dim:
                 raise OptkitError(f"cache insert: embedding dim {vecs.shape[1]} != {space.dim}")
             for key, a, v, c in zip(keys, answers, vecs, clusters):
-                space = self._insert_one(ns, key, a, v, int(c))
+                space = self._insert_one(ns, key, a, v, int(c), group)
             self._maybe_index(space)
 
     def __len__(self) -> int:
@@ -294,20 +308,24 @@ class SemanticCache:
                 return None
             return self._hit(space, ns, row, sim, exact=False)
 
-    def _insert_one(self, ns: str, key: str, answer: Any, vec: np.ndarray, cluster: int) -> Space:
+    def _insert_one(self, ns: str, key: str, answer: Any, vec: np.ndarray, cluster: int, group: str) -> Space:
         space = self._spaces.get(ns)
         if space is not None and key in space.exact:  # a newer answer for the same query replaces the old one
             self._kill(ns, space, space.exact[key])
         quota = self.max_entries_per_namespace
-        while quota is not None and ns in self._spaces and self._spaces[ns].live >= quota:
-            self._kill(ns, self._spaces[ns], self._spaces[ns].oldest())  # only this namespace's own entries
+        while quota is not None and self._quota_live.get(group, 0) >= quota:
+            seq, owner = self._quota_order[group].popleft()  # only this quota key's own entries
+            self._kill_entry(seq, owner)
         while self._live >= self.max_entries:
             self._evict_oldest()
-        space = self._spaces.get(ns)
-        if space is None:
-            space = self._spaces[ns] = Space(len(vec))
+        space = self._spaces.get(ns) or self._open_space(ns, len(vec), group)
         self._seq += 1
         self._added(ns, space, space.add(vec, key, answer, self.clock(), cluster, self._seq))
+        return space
+
+    def _open_space(self, ns: str, dim: int, group: str) -> Space:
+        self._quota_of[ns] = group
+        space = self._spaces[ns] = Space(dim)
         return space
 
     def _added(self, ns: str, space: Space, row: int) -> None:
@@ -317,18 +335,36 @@ class SemanticCache:
             self._order = [(int(s.seq[r]), float(s.created[r]), n) for n, s in self._spaces.items()
                            for r in np.nonzero(s.alive[: s.size])[0]]
             heapq.heapify(self._order)
+        group = self._quota_of[ns]
+        self._quota_live[group] = self._quota_live.get(group, 0) + 1
+        order = self._quota_order.setdefault(group, deque())
+        order.append((int(space.seq[row]), ns))
+        if len(order) > 2 * self._quota_live[group] + 64:  # entries expired or evicted elsewhere: drop them
+            self._quota_order[group] = deque(e for e in order if self._row_of(*e) >= 0)
+
+    def _row_of(self, seq: int, ns: str) -> int:
+        space = self._spaces.get(ns)
+        return -1 if space is None else space.row_of(seq)
 
     def _kill(self, ns: str, space: Space, row: int) -> None:
         if space.kill(row):
             self._live -= 1
+            self._gone(ns, 1)
         self._tidy(ns, space)
+
+    def _gone(self, ns: str, n: int) -> None:
+        """n entries of namespace ns died: its quota key counts them out."""
+        group = self._quota_of[ns]
+        self._quota_live[group] -= n
+        if self._quota_live[group] <= 0:
+            del self._quota_live[group], self._quota_order[group]
 
     def _tidy(self, ns: str, space: Space) -> None:
         """Drop an empty namespace; compact one whose rows are mostly dead (bounded memory and scan time)."""
         if self._spaces.get(ns) is not space:
             return
         if space.live == 0:
-            del self._spaces[ns]
+            del self._spaces[ns], self._quota_of[ns]
         elif space.sparse():
             self._spaces[ns] = space.compacted()
             self._maybe_index(self._spaces[ns])
@@ -337,7 +373,10 @@ class SemanticCache:
         """The namespace's space with its expired entries dropped; None when it holds nothing."""
         space = self._spaces.get(ns)
         if space is not None and self.ttl_s is not None:
-            self._live -= space.expire(self.clock() - self.ttl_s)
+            expired = space.expire(self.clock() - self.ttl_s)
+            if expired:
+                self._live -= expired
+                self._gone(ns, expired)
             self._tidy(ns, space)
             space = self._spaces.get(ns)
         return space
@@ -360,11 +399,10 @@ class SemanticCache:
 
     def _kill_entry(self, seq: int, ns: str) -> bool:
         """Kill the entry with this insertion number if it is still live; whether it was."""
-        space = self._spaces.get(ns)
-        row = -1 if space is None else space.row_of(seq)
+        row = self._row_of(seq, ns)
         if row < 0:
             return False
-        self._kill(ns, space, row)
+        self._kill(ns, self._spaces[ns], row)
         return True
 
     def _embed(self, texts: Sequence[str]) -> np.ndarray:

@@ -34,6 +34,14 @@ def namespace_key(ns: Namespace) -> str:
     return json.dumps(sorted(ns.items()), ensure_ascii=False, allow_nan=False)
 
 
+def quota_key(ns: Namespace, by: Optional[str]) -> str:
+    """What a quota counts under: the namespace's `by` field (quota_by="tenant": every namespace of one tenant --
+    its conversation contexts, models, parameters -- shares one quota), else the namespace itself."""
+    if by is not None and isinstance(ns, Mapping) and by in ns:
+        return namespace_key({by: ns[by]})
+    return namespace_key(ns)
+
+
 class Space:
     """One namespace's entries: vectors in a growable matrix (rows in insertion order), an exact-match map,
     and an optional faiss HNSW index. Rows are appended in time order, so the oldest live entry is the first

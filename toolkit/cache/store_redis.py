@@ -30,7 +30,7 @@ import numpy as np
 
 from toolkit.cache.redis_lua import COUNT_LUA, INSERT_LUA
 from toolkit.cache.runtime import SemanticCache
-from toolkit.cache.space import Namespace, Space, namespace_key
+from toolkit.cache.space import Namespace, namespace_key
 from toolkit.errors import MissingExtraError, OptkitError
 from toolkit.redact import redact_text, redact_url
 
@@ -121,7 +121,8 @@ class RedisSemanticCache(SemanticCache):
         spec = {"format": "optkit-cache-redis/1", "embedder": [emb.get("model"), emb.get("revision"),
                                                               emb.get("probe_vectors")],
                 "centroids": None if self.centroids is None else np.round(self.centroids, 6).tolist(),
-                "ttl_s": self.ttl_s, "max_entries": self.max_entries, "quota": self.max_entries_per_namespace}
+                "ttl_s": self.ttl_s, "max_entries": self.max_entries, "quota": self.max_entries_per_namespace,
+                **({"quota_by": self.quota_by} if self.quota_by else {})}
         return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ public API (memory store's, plus sync)
@@ -145,7 +146,8 @@ class RedisSemanticCache(SemanticCache):
 
     # ------------------------------------------------------------------ writes
 
-    def _store(self, ns: str, keys: list, answers: list, vecs: np.ndarray, clusters: np.ndarray) -> None:
+    def _store(self, ns: str, keys: list, answers: list, vecs: np.ndarray, clusters: np.ndarray,
+               group: str) -> None:
         try:
             encoded = [json.dumps(a, ensure_ascii=False, allow_nan=False, separators=(",", ":")) for a in answers]
         except (TypeError, ValueError) as exc:
@@ -155,7 +157,8 @@ class RedisSemanticCache(SemanticCache):
         self._dim = vecs.shape[1]
         h = _digest(ns)
         ttl_ms = 0 if self.ttl_s is None else max(1, int(round(self.ttl_s * 1000)))
-        head = [self.base, h, ns, ttl_ms, self.max_entries_per_namespace or 0, self.max_entries, LOG_MAXLEN]
+        counted = self._key("ns", h, "ids") if group == ns else self._key("g", _digest(group), "ids")
+        head = [self.base, h, ns, ttl_ms, self.max_entries_per_namespace or 0, self.max_entries, LOG_MAXLEN, counted]
         rows = [[k, _digest(k), a, np.asarray(v, "<f4").tobytes(), int(c)]
                 for k, a, v, c in zip(keys, encoded, vecs, clusters)]
         try:
@@ -274,8 +277,8 @@ class RedisSemanticCache(SemanticCache):
         if space is not None and query in space.exact:  # the same query re-answered: the newer entry wins
             self._kill(ns, space, space.exact[query])
             space = self._spaces.get(ns)
-        if space is None:
-            space = self._spaces[ns] = Space(len(vec))
+        if space is None:  # a mirror: Redis enforces the quota (redis_lua.py), this one is never reached
+            space = self._open_space(ns, len(vec), ns)
         self._added(ns, space, space.add(vec, query, answer, created, cluster, eid))
         self._maybe_index(space)
 
@@ -307,6 +310,9 @@ class RedisSemanticCache(SemanticCache):
         space = self._spaces.pop(ns, None)
         if space is not None:
             self._live -= space.live
+            if space.live:
+                self._gone(ns, space.live)
+            del self._quota_of[ns]
 
     def _bound(self, keep: str) -> None:
         """Mirrors are bounded: least recently synced namespaces are dropped (and re-read if asked again)."""

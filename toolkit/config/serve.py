@@ -64,8 +64,9 @@ class CachePolicy(Section):
     max_entries: Optional[int] = Field(None, ge=1, description="Entries kept (oldest evicted first); default = "
                                        "cache.json's max_entries (100,000 without a cache.json).")
     max_entries_per_tenant: Optional[int] = Field(None, ge=1, description="One tenant's inserts evict only its own "
-                                                  "entries beyond this many; default = cache.json's "
-                                                  "max_entries_per_namespace.")
+                                                  "entries beyond this many, counted across all its conversation "
+                                                  "contexts, models and parameters, in the exact and semantic "
+                                                  "layers alike; default = cache.json's max_entries_per_namespace.")
     ttl_s: Optional[float] = Field(None, gt=0, description="Entry lifetime; default = cache.json's ttl_s.")
     store: Literal["memory", "redis"] = Field(
         "memory", description="Where cache entries live, exact and semantic layers alike: memory = this gateway "

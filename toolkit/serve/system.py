@@ -65,6 +65,9 @@ def _cache(bundle, cfg: ServeConfig, router):
     request is embedded once); else the embedder cache.json names."""
     policy = cfg.cache
     overrides = dict(policy.store_settings())  # store: memory | redis (shared by replicas: toolkit/cache/store_redis)
+    # A namespace here is tenant x model x conversation context x parameters: the quota counts per tenant, so one
+    # tenant's many contexts cannot evict another tenant's entries.
+    overrides["quota_by"] = "tenant"
     # serve.yaml's limits where it sets them; cache.json's (the recipe's cache section) otherwise
     for key, value in (("max_entries", policy.max_entries), ("max_entries_per_namespace",
                                                             policy.max_entries_per_tenant), ("ttl_s", policy.ttl_s)):
@@ -111,7 +114,9 @@ def load_decider(bundle_dir: Path, cfg: ServeConfig) -> Decider:
     ttl = cfg.cache.ttl_s if cfg.cache.ttl_s is not None else getattr(cache, "ttl_s", None)
     # The one exact layer, in the configured store (redis: shared by replicas, also with no cache.json).
     limit = cfg.cache.max_entries or getattr(cache, "max_entries", None) or EXACT_MAX_ENTRIES
-    exact = exact_store(limit, ttl, **cfg.cache.store_settings()) if cfg.cache.enabled else None
+    quota = cfg.cache.max_entries_per_tenant or getattr(cache, "max_entries_per_namespace", None)
+    exact = exact_store(limit, ttl, **cfg.cache.store_settings(), quota=quota, quota_by="tenant") \
+        if cfg.cache.enabled else None
     cascade, escalate_to = _cascade(bundle, cfg, router)
     decider = Decider(cache, router, exact, target=lambda c: target_for(router, c, cfg.default_backend, cfg.routes),
                       default=cfg.default_backend, cascade=cascade, escalate_to=escalate_to)
