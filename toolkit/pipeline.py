@@ -125,6 +125,9 @@ class StageContext:
     def upstream(self, stage: str) -> Path:
         """Directory of a finished earlier stage; an error if that stage has not finished."""
         path = self.run_dir / stage
+        if getattr(self.recipe, stage) is None:
+            raise OptkitError(f"stage '{self.name}' needs the outputs of stage '{stage}', but the recipe has no "
+                              f"'{stage}' section")
         if not self.has_upstream(stage):
             raise OptkitError(f"stage '{self.name}' needs the outputs of stage '{stage}', which has not finished "
                               f"in {self.run_dir}; run it first (optkit run RECIPE --only {stage})")
@@ -133,7 +136,9 @@ class StageContext:
     def has_upstream(self, stage: str) -> bool:
         if stage not in stage_reads(self.name):  # reading undeclared outputs would make skips wrong
             raise TypeError(f"stage '{self.name}' reads the outputs of '{stage}' without declaring it in READS")
-        return is_done(read_manifest(self.run_dir / stage))
+        # Only a stage of this recipe: a finished directory left by an earlier recipe in the run dir is not an
+        # input (its changes would not re-run this stage: upstream_stages keys skips by the recipe's stages).
+        return getattr(self.recipe, stage) is not None and is_done(read_manifest(self.run_dir / stage))
 
     def add_input(self, path: Path) -> Path:
         """Record a user-supplied input file; a changed file makes the stage run again."""

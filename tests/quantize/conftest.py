@@ -75,6 +75,8 @@ def recipe(quantize: dict, **extra):
                              "data": {"path": str(BITEXT), "prompt_column": "instruction",
                                       "reference_column": "category"},
                              "quantize": quantize,
+                             # the stages fake_run leaves finished: a stage reads only its recipe's stages
+                             "collect": {}, "distill": {"student": {"model": "smollm2-135m-instruct"}},
                              "tracking": {"enabled": False}, **extra})
 
 

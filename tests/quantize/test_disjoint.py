@@ -95,3 +95,21 @@ def test_the_bench_splits_calibration_validation_and_test_apart(pruned_dir, tmp_
 
 def test_prompt_key_ignores_id_and_split():
     assert prompt_key(ex(1, "train", "x")) == prompt_key(ex(2, "test", "x")) != prompt_key(ex(1, "train", "y"))
+
+
+def test_a_finished_stage_the_recipe_no_longer_has_is_not_read(pruned_dir, workdir):
+    """The run dir keeps collect/ and distill/ from an earlier recipe that had them; this one has neither. Reading
+    them calibrated on old teacher answers that no skip decision tracks (upstream_stages keys skips by the
+    recipe's own stages): quantize now calibrates on the data file and says which model it lacks."""
+    from toolkit.quantize import source_model
+    from toolkit.quantize.calibration import load_examples
+
+    from .conftest import stage_ctx
+
+    run = fake_run(workdir, pruned_dir, n_train=20, n_test=8)
+    ctx = stage_ctx(run, recipe({"gptq": {}}, collect=None, distill=None))
+    assert not ctx.has_upstream("collect") and stage_ctx(run, recipe({"gptq": {}})).has_upstream("collect")
+    examples = load_examples(ctx)
+    assert len(examples) > 28 and all(e.teacher is None for e in examples)  # the data file's rows
+    with pytest.raises(OptkitError, match="recipe has no 'distill' section"):
+        source_model(ctx)
