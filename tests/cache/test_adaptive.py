@@ -74,7 +74,8 @@ def test_export_decision_never_sees_the_heldout_pairs(monkeypatch):
     def run(labels):
         glob = tune.select(sims[cal], labels[cal], 0.05, 0.95, bound="rate")
         return stage._adaptive(ctx, (sims[cal], labels[cal], vecs[cal]), (sims[held], labels[held], vecs[held]),
-                               tune.evaluate(sims[held], labels[held], glob.threshold), len(held) / len(cal), 1.0)
+                               tune.evaluate(sims[held], labels[held], glob.threshold), len(held) / len(cal), 1.0,
+                               None)
 
     ctx.config.bound = "rate"
     first = run(y)

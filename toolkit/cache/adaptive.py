@@ -108,7 +108,8 @@ class AdaptiveResult:
 
 def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilon: float, confidence: float,
               k: Optional[int] = None, seed: int = 0, method: str = "scan", bound: str = "rate",
-              batch_ratio: Optional[float] = None, crossfit: bool = True, limit: float = 1.0) -> AdaptiveResult:
+              batch_ratio: Optional[float] = None, crossfit: bool = True, limit: float = 1.0,
+              groups: Optional[np.ndarray] = None) -> AdaptiveResult:
     """Per-cluster curves and one tau, chosen with the same kind of bound as the global threshold. batch_ratio is
     relative to the whole calibration set.
 
@@ -116,11 +117,13 @@ def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, eps
     pairs behind the bound), then serve with curves fit on all pairs. The served curves are not exactly the ones
     that were certified, so the bound is approximate (cross-conformal style); measured in eval/bench_cache.py
     against crossfit=False (fit on one half, certify on the other: exact, but half the pairs behind the bound,
-    which costs hits)."""
+    which costs hits). `groups` (pairs.mirror_groups): a pair and its mirror fall in one half."""
+    from toolkit.cache.pairs import fold_ids
+
     sims, labels = np.asarray(sims), np.asarray(labels)
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(sims))
-    halves = [perm[: len(perm) // 2], perm[len(perm) // 2:]]
+    half = fold_ids(len(sims), 2, np.random.default_rng(seed), groups)
+    halves = [np.flatnonzero(half == 0), np.flatnonzero(half == 1)]
+    perm = np.concatenate(halves)
     k = k or default_clusters(len(halves[0]))
     if crossfit:
         scores = np.empty(len(sims))
@@ -148,14 +151,18 @@ DECISION_FOLDS = 3
 
 def decide(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilon: float, confidence: float,
            k: Optional[int] = None, seed: int = 0, method: str = "scan", bound: str = "rate",
-           batch_ratio: Optional[float] = None, folds: int = DECISION_FOLDS, limit: float = 1.0) -> dict:
+           batch_ratio: Optional[float] = None, folds: int = DECISION_FOLDS, limit: float = 1.0,
+           groups: Optional[np.ndarray] = None) -> dict:
     """Should per-cluster thresholds replace the global one? Judged on these (calibration) pairs only, by
     cross-fitting: each fold is served by both policies calibrated on the other folds, and per-cluster wins when
     its out-of-fold hit rate is higher with an out-of-fold false-hit share <= epsilon. Whatever pairs the stage
     then reports as its independent check never enter the decision. batch_ratio is relative to all these pairs
-    (the future batch keeps its size when a fold is left out)."""
+    (the future batch keeps its size when a fold is left out). `groups` (pairs.mirror_groups): a pair and its
+    mirror fall in one fold."""
+    from toolkit.cache.pairs import fold_ids
+
     sims, labels = np.asarray(sims), np.asarray(labels)
-    fold = np.random.default_rng(seed + 1).permutation(len(sims)) % folds
+    fold = fold_ids(len(sims), folds, np.random.default_rng(seed + 1), groups)
     served = {"cluster": np.zeros(len(sims), bool), "global": np.zeros(len(sims), bool)}
     for f in range(folds):
         tr, te = fold != f, fold == f
@@ -166,7 +173,7 @@ def decide(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, epsilo
         served["global"][te] = sims[te] >= g.threshold if g.feasible else False
         try:
             res = calibrate(sims[tr], labels[tr], cached_vecs[tr], epsilon, confidence, k, seed, method, bound,
-                            ratio, limit=limit)
+                            ratio, limit=limit, groups=None if groups is None else groups[tr])
         except Unfit as exc:
             return {"exported": False, "reason": f"not exported: fold {f}: {exc}", "folds": folds}
         served["cluster"][te] = res.served(sims[te], cached_vecs[te])

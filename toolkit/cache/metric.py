@@ -58,11 +58,17 @@ def fit(query_vecs: np.ndarray, cached_vecs: np.ndarray, labels: np.ndarray, lam
 
 
 def crossfit(query_vecs: np.ndarray, cached_vecs: np.ndarray, labels: np.ndarray, rows: np.ndarray,
-             pair_fn: PairFn, seed: int, folds: int = FOLDS) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+             pair_fn: PairFn, seed: int, folds: int = FOLDS,
+             groups: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Out-of-fold (scores, labels, cached rows) of the pairs `rows`: each fold paired and scored by weights
-    fitted on the other folds' pairs (their cosine pairs: what the data gives before any metric exists)."""
-    folds = max(2, min(folds, len(rows)))  # a handful of pairs: fewer folds, never an empty one
-    parts = np.array_split(np.random.default_rng(seed).permutation(len(rows)), folds)
+    fitted on the other folds' pairs (their cosine pairs: what the data gives before any metric exists).
+    `groups` (pairs.mirror_groups of `rows`): a pair and its mirror fall in one fold."""
+    from toolkit.cache.pairs import fold_ids
+
+    units = len(rows) if groups is None else len(np.unique(groups))
+    folds = max(2, min(folds, units))  # a handful of pairs: fewer folds, never an empty one
+    fold = fold_ids(len(rows), folds, np.random.default_rng(seed), groups)
+    parts = [np.flatnonzero(fold == k) for k in range(folds)]
     s, y, c = np.empty(len(rows)), np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
     for k, part in enumerate(parts):
         train = rows[np.concatenate([p for j, p in enumerate(parts) if j != k])]

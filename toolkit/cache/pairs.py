@@ -26,6 +26,21 @@ class Pairs:
     groups: Optional[list[str]] = None  # pairs built from groups: each text's group (a metric re-pairs by them)
 
 
+def mirror_groups(query: np.ndarray, cached: np.ndarray) -> np.ndarray:
+    """One id per pair, shared by a pair and its mirror (A->B and B->A: one similarity, one label)."""
+    lo, hi = np.minimum(query, cached).astype(np.int64), np.maximum(query, cached).astype(np.int64)
+    return lo * (int(hi.max(initial=0)) + 1) + hi
+
+
+def fold_ids(n: int, folds: int, rng: np.random.Generator, groups: Optional[np.ndarray] = None) -> np.ndarray:
+    """A random fold per pair; with `groups` (mirror_groups) a pair and its mirror share their fold, so no pair is
+    scored by a fit that saw its own mirror (cross-fitted scores would look better than they are)."""
+    if groups is None:
+        return rng.permutation(n) % folds
+    _, inverse = np.unique(groups, return_inverse=True)
+    return rng.permutation(int(inverse.max(initial=-1)) + 1)[inverse] % folds
+
+
 def _label(value, where: str) -> int:
     text = str(value).strip().lower()
     if text in ("1", "true", "1.0"):

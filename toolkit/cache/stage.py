@@ -20,8 +20,8 @@ from typing import Optional
 import numpy as np
 
 from toolkit.cache import metric, stress, tune
-from toolkit.cache.pairs import (Pairs, groups_from_data, hash_sample, nearest_pairs,  # noqa: F401 (bench)
-                                 pairs_from_file, test_prompt_texts)
+from toolkit.cache.pairs import (Pairs, groups_from_data, hash_sample, mirror_groups,  # noqa: F401 (bench)
+                                 nearest_pairs, pairs_from_file, test_prompt_texts)
 from toolkit.cache.runtime import (FORMAT, PROBES, STATIC_DIR, embed_texts, probe_vectors,
                                    similarity_spec)
 from toolkit.errors import OptkitError
@@ -200,7 +200,7 @@ def choose_metric(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: np.ndarra
     if cfg.metric == "cosine":
         return MetricChoice(None, cosine, sel_cos, sel_cos, {"kind": "cosine", "reason": "cache.metric: cosine"})
     qv, cv, y = vecs[pairs.query], vecs[pairs.cached], pairs.labels
-    crossfit = metric.crossfit(qv, cv, y, cal, fn, seed)
+    crossfit = metric.crossfit(qv, cv, y, cal, fn, seed, groups=mirror_groups(pairs.query[cal], pairs.cached[cal]))
     sel_fit = tune.select(*crossfit[:2], *args)
     served_cos = sel_cos.served if sel_cos.feasible else 0
     served_fit = sel_fit.served if sel_fit.feasible else 0
@@ -273,7 +273,8 @@ def run(ctx) -> dict:
 
     limit = 1.0 if weights is None else float(np.max(weights))  # the similarity's range, as cachefile checks it
     adaptive = (_adaptive(ctx, (s_cal, y_cal, vecs[c_cal]), (s_held, y_held, vecs[c_held]), held_eval,
-                          batch_ratio, limit) if cfg.adaptive == "cluster" else None)
+                          batch_ratio, limit, mirror_groups(pairs.query[cal], c_cal))
+                if cfg.adaptive == "cluster" else None)
     stress_report = _stress(embedder, sel.threshold, weights) if cfg.stress else None
 
     report = {
@@ -339,7 +340,8 @@ def _headline(sel: tune.Selection, held: dict, f1_ref: dict, adaptive: Optional[
     return m
 
 
-def _adaptive(ctx, cal: tuple, held: tuple, global_held: dict, ratio: float, limit: float) -> dict:
+def _adaptive(ctx, cal: tuple, held: tuple, global_held: dict, ratio: float, limit: float,
+              groups: Optional[np.ndarray]) -> dict:
     """Per-cluster thresholds, exported only when they beat the global threshold on the calibration pairs
     (cross-fitted: adaptive.decide). The held-out pairs never enter the decision, so their check below stays
     an independent report of whatever was exported."""
@@ -348,13 +350,13 @@ def _adaptive(ctx, cal: tuple, held: tuple, global_held: dict, ratio: float, lim
     cfg = ctx.config
     try:
         res = adaptive.calibrate(*cal, cfg.epsilon, cfg.confidence, cfg.clusters, ctx.recipe.seed, cfg.selection,
-                                 cfg.bound, ratio, limit=limit)
+                                 cfg.bound, ratio, limit=limit, groups=groups)
     except adaptive.Unfit as exc:
         raise OptkitError(f"cache.adaptive: cluster: per-cluster curves cannot be fitted on half of the "
                           f"{len(cal[0])} calibration pairs ({exc}); lower cache.clusters or set cache.adaptive: "
                           "none") from None
     decision = adaptive.decide(*cal, cfg.epsilon, cfg.confidence, cfg.clusters, ctx.recipe.seed, cfg.selection,
-                               cfg.bound, ratio, limit=limit)
+                               cfg.bound, ratio, limit=limit, groups=groups)
     exported = bool(res.selection.feasible and decision["exported"])
     reason = decision["reason"] if res.selection.feasible else "not exported: no tau met the bound"
     held_eval = tune.rates(res.served(held[0], held[2]), held[1], cfg.confidence)
