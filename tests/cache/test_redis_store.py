@@ -288,6 +288,10 @@ def test_quota_by_tenant_holds_across_replicas_and_namespaces(redis_server, repl
     for r in replicas:
         assert [i for i in range(5) if r.lookup(f"q{i} alpha", {"tenant": "t", "context": str(i)})] == [2, 3, 4]
         assert r.lookup("kept question here", u)["answer"] == {"u": 1}
+    # Without a quota no tenant set is kept: each held every id it ever saw (expired ones were never purged)
+    prefix = _open(replicas, redis_server.url, max_entries=40, quota_by="tenant", ttl_s=60.0)
+    a("insert", items=[[f"w{i} beta", {"i": i}, {"tenant": "t", "context": str(i)}] for i in range(3)])
+    assert a("len") == 3 and not list(redis_server.client.scan_iter(match=f"{{{prefix}:*:g:*"))
 
 
 def test_a_replica_behind_the_trimmed_log_rereads_the_namespace(redis_server, monkeypatch):

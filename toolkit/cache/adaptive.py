@@ -121,9 +121,14 @@ def calibrate(sims: np.ndarray, labels: np.ndarray, cached_vecs: np.ndarray, eps
     from toolkit.cache.pairs import fold_ids
 
     sims, labels = np.asarray(sims), np.asarray(labels)
-    half = fold_ids(len(sims), 2, np.random.default_rng(seed), groups)
-    halves = [np.flatnonzero(half == 0), np.flatnonzero(half == 1)]
-    perm = np.concatenate(halves)
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        perm = rng.permutation(len(sims))
+        halves = [perm[: len(perm) // 2], perm[len(perm) // 2:]]
+    else:
+        half = fold_ids(len(sims), 2, rng, groups)
+        halves = [np.flatnonzero(half == 0), np.flatnonzero(half == 1)]
+        perm = np.concatenate(halves)
     k = k or default_clusters(len(halves[0]))
     if crossfit:
         scores = np.empty(len(sims))

@@ -65,10 +65,16 @@ def crossfit(query_vecs: np.ndarray, cached_vecs: np.ndarray, labels: np.ndarray
     `groups` (pairs.mirror_groups of `rows`): a pair and its mirror fall in one fold."""
     from toolkit.cache.pairs import fold_ids
 
+    if groups is not None and len(np.unique(groups)) < 2:
+        groups = None  # one pair and its mirror: nothing to keep apart
     units = len(rows) if groups is None else len(np.unique(groups))
     folds = max(2, min(folds, units))  # a handful of pairs: fewer folds, never an empty one
-    fold = fold_ids(len(rows), folds, np.random.default_rng(seed), groups)
-    parts = [np.flatnonzero(fold == k) for k in range(folds)]
+    rng = np.random.default_rng(seed)
+    if groups is None:
+        parts = np.array_split(rng.permutation(len(rows)), folds)
+    else:
+        fold = fold_ids(len(rows), folds, rng, groups)
+        parts = [np.flatnonzero(fold == k) for k in range(folds)]
     s, y, c = np.empty(len(rows)), np.empty(len(rows), np.int64), np.empty(len(rows), np.int64)
     for k, part in enumerate(parts):
         train = rows[np.concatenate([p for j, p in enumerate(parts) if j != k])]

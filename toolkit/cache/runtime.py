@@ -324,7 +324,8 @@ class SemanticCache:
         return space
 
     def _open_space(self, ns: str, dim: int, group: str) -> Space:
-        self._quota_of[ns] = group
+        if self.max_entries_per_namespace is not None:  # quota bookkeeping only when there is a quota
+            self._quota_of[ns] = group
         space = self._spaces[ns] = Space(dim)
         return space
 
@@ -335,7 +336,9 @@ class SemanticCache:
             self._order = [(int(s.seq[r]), float(s.created[r]), n) for n, s in self._spaces.items()
                            for r in np.nonzero(s.alive[: s.size])[0]]
             heapq.heapify(self._order)
-        group = self._quota_of[ns]
+        group = self._quota_of.get(ns)
+        if group is None:
+            return
         self._quota_live[group] = self._quota_live.get(group, 0) + 1
         order = self._quota_order.setdefault(group, deque())
         order.append((int(space.seq[row]), ns))
@@ -354,7 +357,9 @@ class SemanticCache:
 
     def _gone(self, ns: str, n: int) -> None:
         """n entries of namespace ns died: its quota key counts them out."""
-        group = self._quota_of[ns]
+        group = self._quota_of.get(ns)
+        if group is None:
+            return
         self._quota_live[group] -= n
         if self._quota_live[group] <= 0:
             del self._quota_live[group], self._quota_order[group]
@@ -364,7 +369,8 @@ class SemanticCache:
         if self._spaces.get(ns) is not space:
             return
         if space.live == 0:
-            del self._spaces[ns], self._quota_of[ns]
+            del self._spaces[ns]
+            self._quota_of.pop(ns, None)
         elif space.sparse():
             self._spaces[ns] = space.compacted()
             self._maybe_index(self._spaces[ns])

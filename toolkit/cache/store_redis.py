@@ -157,7 +157,9 @@ class RedisSemanticCache(SemanticCache):
         self._dim = vecs.shape[1]
         h = _digest(ns)
         ttl_ms = 0 if self.ttl_s is None else max(1, int(round(self.ttl_s * 1000)))
-        counted = self._key("ns", h, "ids") if group == ns else self._key("g", _digest(group), "ids")
+        # the set the quota counts: the namespace's own ids, or its quota key's (only kept when a quota is set)
+        shared = group != ns and self.max_entries_per_namespace
+        counted = self._key("g", _digest(group), "ids") if shared else self._key("ns", h, "ids")
         head = [self.base, h, ns, ttl_ms, self.max_entries_per_namespace or 0, self.max_entries, LOG_MAXLEN, counted]
         rows = [[k, _digest(k), a, np.asarray(v, "<f4").tobytes(), int(c)]
                 for k, a, v, c in zip(keys, encoded, vecs, clusters)]
@@ -312,7 +314,7 @@ class RedisSemanticCache(SemanticCache):
             self._live -= space.live
             if space.live:
                 self._gone(ns, space.live)
-            del self._quota_of[ns]
+            self._quota_of.pop(ns, None)
 
     def _bound(self, keep: str) -> None:
         """Mirrors are bounded: least recently synced namespaces are dropped (and re-read if asked again)."""
