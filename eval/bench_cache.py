@@ -119,6 +119,8 @@ def parse_args():
     ap.add_argument("--cluster", action="store_true", help="bound study: add the per-cluster policies (slow)")
     ap.add_argument("--cluster-splits", type=int, default=50, help="bound study: per-cluster policies run on the "
                     "first this many splits only")
+    ap.add_argument("--keep-mirrors", action="store_true", help="bound study: keep both pairs of a mirror (A->B "
+                    "and B->A), as the cache stage did before it counted them once (the tables before 2026-12-02)")
     ap.add_argument("--learned", action="store_true", help="bound study: add the learned-metric policies "
                     "(cache.metric: auto, the default, and diagonal; ~3 s per split)")
     ap.add_argument("--policies", default=None, help="bound study: only these policies (comma-separated names)")
@@ -328,7 +330,7 @@ def embed_cached(texts: list[str], cache_dir: Path) -> np.ndarray:
     return vecs
 
 
-def bound_datasets(shared: Path, cache_dir: Path) -> dict:
+def bound_datasets(shared: Path, cache_dir: Path, keep_mirrors: bool = False) -> dict:
     """name -> (toolkit.cache.pairs.Pairs, embeddings of its texts). Nearest-neighbour pairs
     (each text against its nearest other text, label = same intent) for CLINC150 test (out-of-scope never
     reusable), Banking77 train and SNIPS train; and the shipped CLINC150 intent pairs file (hard negatives from the
@@ -356,7 +358,11 @@ def bound_datasets(shared: Path, cache_dir: Path) -> dict:
         v = vecs if name == "clinc150_nn" else embed_cached(texts, cache_dir)
         q, c, y = nn_pairs(v, intents)
         out[name] = (Pairs(texts, q, c, y, f"{source}, nearest-neighbour pairs", {}, nn_groups(intents)), v)
-    return out
+    if keep_mirrors:
+        return out
+    from toolkit.cache.pairs import drop_mirrors  # as the cache stage does: a mirrored pair counts once
+
+    return {name: (drop_mirrors(pairs), v) for name, (pairs, v) in out.items()}
 
 
 def bound_study(pairs, vecs, eps: float, policies: list[str], args) -> dict:
@@ -424,7 +430,8 @@ def markdown_bound(res: dict) -> str:
     b = res["bound"]
     lines = [f"# bench_cache default-bound study ({res['date']}, {res['machine']})", "",
              f"{b['calibration']} calibration pairs and {b['heldout']} other held-out pairs per split, {b['splits']} "
-             "random splits per dataset, confidence 0.95, MiniLM-L6 cosine. coverage = share of splits whose "
+             f"random splits per dataset, mirrored pairs (A->B and B->A) {b.get('mirrored_pairs', 'kept')}, "
+             "confidence 0.95, MiniLM-L6 cosine. coverage = share of splits whose "
              "REALIZED held-out false-hit share is <= eps; hit ratio = mean held-out hit rate / mean hit rate of "
              "the hindsight-best static threshold (max hits with realized share <= eps on that split's held-out "
              "pairs). ceiling = the single static threshold chosen knowing every split's held-out labels that keeps "
@@ -473,7 +480,7 @@ def markdown_bound(res: dict) -> str:
 
 def run_bound(args) -> None:
     t0 = time.perf_counter()
-    data = bound_datasets(Path(args.shared), Path(args.emb_cache))
+    data = bound_datasets(Path(args.shared), Path(args.emb_cache), args.keep_mirrors)
     policies = (list(BOUND_POLICIES) + (list(CLUSTER_POLICIES) if args.cluster else []) +
                 (list(METRIC_POLICIES) if args.learned else []))
     if args.policies:
@@ -487,7 +494,7 @@ def run_bound(args) -> None:
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared",
            "bound": {"calibration": args.calibration, "heldout": args.heldout, "splits": args.splits,
-                     "confidence": 0.95,
+                     "confidence": 0.95, "mirrored_pairs": "kept" if args.keep_mirrors else "counted once",
                      "policies": {m: list({**ALL_POLICIES, **METRIC_POLICIES}[m]) for m in policies},
                      "cluster_splits": min(args.cluster_splits, args.splits) if args.cluster else None,
                      "runtime_s": time.perf_counter() - t0, "results": results}}

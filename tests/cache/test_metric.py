@@ -175,3 +175,18 @@ def test_cross_fitted_folds_keep_a_pair_and_its_mirror_together():
         assert len({fold_of[r] for r in members}) == 1, members
     sizes = np.bincount(fold_ids(len(rows), 3, np.random.default_rng(1), ids), minlength=3)
     assert sizes.min() > 0.25 * len(rows)  # still about even
+
+
+def test_a_pair_and_its_mirror_count_once():
+    """A->B and B->A with one label are one observation; counted twice, the bound's n overstated the evidence and
+    the realized false-hit share exceeded epsilon on more held-out batches than promised. Differing labels (a
+    pairs file that disagrees with itself) are two observations and stay."""
+    from toolkit.cache.pairs import drop_mirrors
+
+    pairs = Pairs(["a", "b", "c", "d"], np.array([0, 1, 2, 3, 0, 2]), np.array([1, 0, 3, 2, 1, 0]),
+                  np.array([1, 1, 0, 1, 1, 0]), "test", {"test_split_rows": 0})
+    once = drop_mirrors(pairs)
+    assert [(int(q), int(c), int(y)) for q, c, y in zip(once.query, once.cached, once.labels)] == [
+        (0, 1, 1), (2, 3, 0), (3, 2, 1), (2, 0, 0)]
+    assert once.excluded == {"test_split_rows": 0, "mirrored_duplicate_pairs": 2}
+    assert drop_mirrors(once) is once

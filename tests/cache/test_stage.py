@@ -131,7 +131,10 @@ def test_pairs_from_bitext_intents(workdir):
     rows = [json.loads(line) for line in BITEXT.read_text().splitlines()]
     test = held_prompts(r)
     # Every prompt outside the test split is paired; none of the test split (evaluate scores the system on it).
-    assert report["pairs"]["total"] == len({" ".join(x["instruction"].split()) for x in rows} - test)
+    # A pair and its mirror (each the other's nearest, same label) are one observation: counted once.
+    queries = len({" ".join(x["instruction"].split()) for x in rows} - test)
+    mirrored = report["pairs"]["excluded"]["mirrored_duplicate_pairs"]
+    assert report["pairs"]["total"] == queries - mirrored and 0 < mirrored < queries / 2
     assert report["pairs"]["excluded"]["test_split_rows"] == len(test) > 50
     # Nearest-neighbour pairs: most neighbours share the intent, not all (that is what the threshold is for).
     assert 0.6 < report["pairs"]["positives"] / report["pairs"]["total"] < 0.99
@@ -218,7 +221,8 @@ def test_pairs_respect_data_limit_and_never_use_test_prompts(workdir):
 
     kept = load_prompts(r.data, r.resolve_path(r.data.path), r.seed)
     assert len(kept) == 300
-    assert report["pairs"]["total"] == len({p.prompt for p in kept if p.split != "test"})
+    mirrored = report["pairs"]["excluded"].pop("mirrored_duplicate_pairs")  # a mirror counts once
+    assert report["pairs"]["total"] + mirrored == len({p.prompt for p in kept if p.split != "test"})
     assert report["pairs"]["excluded"] == {"test_split_rows": sum(p.split == "test" for p in kept), "data_limit": 300}
 
     # data_rows: all = every row of the file (data.limit bounds only the teacher's work), still no test prompt.
@@ -228,7 +232,8 @@ def test_pairs_respect_data_limit_and_never_use_test_prompts(workdir):
     report = strict_json(workdir / "artifacts" / "allrows" / "cache" / "report.json")
     everything = load_prompts(r_all.data.model_copy(update={"limit": None}), r_all.resolve_path(r_all.data.path),
                               r_all.seed)
-    assert report["pairs"]["total"] == len({p.prompt for p in everything if p.split != "test"}) > 600
+    assert report["pairs"]["total"] + report["pairs"]["excluded"]["mirrored_duplicate_pairs"] == len(
+        {p.prompt for p in everything if p.split != "test"}) > 600
 
     # A pairs file that shares prompts with the test split: those pairs are dropped and counted.
     test = sorted(held_prompts(recipe({})))

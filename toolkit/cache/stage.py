@@ -20,8 +20,8 @@ from typing import Optional
 import numpy as np
 
 from toolkit.cache import metric, stress, tune
-from toolkit.cache.pairs import (Pairs, groups_from_data, hash_sample, mirror_groups,  # noqa: F401 (bench)
-                                 nearest_pairs, pairs_from_file, test_prompt_texts)
+from toolkit.cache.pairs import (Pairs, drop_mirrors, groups_from_data, hash_sample,  # noqa: F401 (bench)
+                                 mirror_groups, nearest_pairs, pairs_from_file, test_prompt_texts)
 from toolkit.cache.runtime import (FORMAT, PROBES, STATIC_DIR, embed_texts, probe_vectors,
                                    similarity_spec)
 from toolkit.errors import OptkitError
@@ -231,6 +231,7 @@ def run(ctx) -> dict:
         return loaded[0]
 
     pairs, vecs = load_pairs(ctx, embedder)
+    pairs = drop_mirrors(pairs)  # a pair and its mirror are one observation: counted once by the bound
     embedder = embedder()
     cosine = metric.scores(vecs[pairs.query], vecs[pairs.cached], None)
     tune.check_inputs(cosine, pairs.labels, cfg.epsilon, cfg.confidence, pairs.source)
