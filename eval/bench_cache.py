@@ -399,6 +399,7 @@ def bound_study(pairs, vecs, eps: float, policies: list[str], args) -> dict:
             rec[m]["split"].append(r)
     hind = np.array(hind)
     out = {"pairs": int(len(sims)), "positives": int(labels.sum()), "splits": args.splits,
+           "heldout": int(len(held_sets[0])),  # fewer than --heldout when the dataset runs out of pairs
            "hindsight_mean_hit_rate": float(hind.mean()), "policies": {}}
     for m, v in rec.items():
         hit, hs = np.array(v["hit"]), hind[v["split"]]  # hindsight on the same splits
@@ -419,7 +420,7 @@ def bound_study(pairs, vecs, eps: float, policies: list[str], args) -> dict:
     cover = (fhr <= eps).mean(0)
     ok = np.nonzero(cover >= 0.95)[0]
     best = ok[np.argmax(n_served.mean(0)[ok])] if len(ok) else None
-    hit = float(n_served.mean(0)[best] / args.heldout) if best is not None else 0.0
+    hit = float(n_served.mean(0)[best] / len(held_sets[0])) if best is not None else 0.0  # held <= heldout
     out["ceiling_static"] = {"threshold": float(grid[best]) if best is not None else None,
                              "share_splits_realized_le_eps": float(cover[best]) if best is not None else None,
                              "mean_hit_rate": hit, "hit_ratio_vs_hindsight": hit / hind.mean() if hind.mean() else None}
@@ -459,7 +460,8 @@ def markdown_bound(res: dict) -> str:
             c = r["ceiling_static"]
             ceil = (f"{c['share_splits_realized_le_eps']:.2f} / {c['hit_ratio_vs_hindsight']:.2f}"
                     if c["threshold"] is not None else "none")
-            lines.append(f"| {ds} ({r['pairs']}) | " + " | ".join(cells) + f" | {ceil} |")
+            short = f", held-out {r['heldout']}" if r.get("heldout", b["heldout"]) < b["heldout"] else ""
+            lines.append(f"| {ds} ({r['pairs']}{short}) | " + " | ".join(cells) + f" | {ceil} |")
         lines += ["", "cells: coverage / hit ratio vs hindsight. Mean hit rates:", "",
                   "| dataset | hindsight | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
         for ds, r in per.items():
