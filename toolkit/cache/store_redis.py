@@ -30,7 +30,7 @@ import numpy as np
 
 from toolkit.cache.redis_lua import COUNT_LUA, INSERT_LUA
 from toolkit.cache.runtime import SemanticCache
-from toolkit.cache.space import Namespace, namespace_key
+from toolkit.cache.space import Namespace, Space, namespace_key
 from toolkit.errors import MissingExtraError, OptkitError
 from toolkit.redact import redact_text, redact_url
 
@@ -279,8 +279,8 @@ class RedisSemanticCache(SemanticCache):
         if space is not None and query in space.exact:  # the same query re-answered: the newer entry wins
             self._kill(ns, space, space.exact[query])
             space = self._spaces.get(ns)
-        if space is None:  # a mirror: Redis enforces the quota (redis_lua.py), this one is never reached
-            space = self._open_space(ns, len(vec), ns)
+        if space is None:  # a mirror keeps no quota bookkeeping: Redis enforces the quota (redis_lua.py)
+            space = self._spaces[ns] = Space(len(vec))
         self._added(ns, space, space.add(vec, query, answer, created, cluster, eid))
         self._maybe_index(space)
 
@@ -312,9 +312,6 @@ class RedisSemanticCache(SemanticCache):
         space = self._spaces.pop(ns, None)
         if space is not None:
             self._live -= space.live
-            if space.live:
-                self._gone(ns, space.live)
-            self._quota_of.pop(ns, None)
 
     def _bound(self, keep: str) -> None:
         """Mirrors are bounded: least recently synced namespaces are dropped (and re-read if asked again)."""
