@@ -65,9 +65,9 @@ def crossfit(query_vecs: np.ndarray, cached_vecs: np.ndarray, labels: np.ndarray
     `groups` (pairs.mirror_groups of `rows`): a pair and its mirror fall in one fold."""
     from toolkit.cache.pairs import fold_ids
 
-    if groups is not None and len(np.unique(groups)) < 2:
-        groups = None  # one pair and its mirror: nothing to keep apart
     units = len(rows) if groups is None else len(np.unique(groups))
+    if units < 2:
+        groups, units = None, len(rows)  # one pair and its mirror: nothing to keep apart
     folds = max(2, min(folds, units))  # a handful of pairs: fewer folds, never an empty one
     rng = np.random.default_rng(seed)
     if groups is None:
