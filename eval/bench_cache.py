@@ -79,7 +79,10 @@ DEFAULT_POLICY = "realized_grid"  # what toolkit/config/cache.py defaults to (bo
 # uses), the threshold is set on cross-fitted calibration scores. name -> (cache.metric, selection, bound).
 # metric_auto is the product's default (auto + the default bound); diagonal_scan forces the learned metric with the
 # scan selection (more hits, less coverage).
-METRIC_POLICIES = {"metric_auto": ("auto", "grid", "realized"), "diagonal_scan": ("diagonal", "scan", "realized")}
+# query_*: cache.adaptive query (toolkit/cache/local.py) on top of the auto metric.
+METRIC_POLICIES = {"metric_auto": ("auto", "grid", "realized"), "diagonal_scan": ("diagonal", "scan", "realized"),
+                   "query_grid": ("auto", "grid", "realized", "query"),
+                   "query_scan": ("auto", "scan", "realized", "query")}
 
 
 def metric_policy(pairs, vecs, cal, held, eps, conf, batch_ratio, spec, seed=0):
@@ -88,12 +91,20 @@ def metric_policy(pairs, vecs, cal, held, eps, conf, batch_ratio, spec, seed=0):
     from toolkit.cache import stage
     from toolkit.config.cache import CacheConfig
 
-    kind, method, bound = spec
-    cfg = CacheConfig(metric=kind, epsilon=eps, confidence=conf, selection=method, bound=bound)
+    from toolkit.cache import local
+
+    kind, method, bound, adaptive = (*spec, "none")[:4]
+    cfg = CacheConfig(metric=kind, epsilon=eps, confidence=conf, selection=method, bound=bound, adaptive=adaptive)
     choice = stage.choose_metric(cfg, seed, pairs, vecs, cal, batch_ratio)
-    s_held, y_held, _ = stage.pair_fn(pairs, vecs)(choice.weights, held)
+    s_held, y_held, c_held = stage.pair_fn(pairs, vecs)(choice.weights, held)
     sel = choice.selection
     served = s_held >= sel.threshold if sel.feasible else np.zeros(len(held), bool)
+    if adaptive == "query":
+        gate = stage.choose_query_threshold(cfg, seed, pairs, vecs, cal, choice, batch_ratio).gate
+        if gate is not None:  # read only what a runtime query could (local.pair_skip), as the stage's check
+            q = pairs.query[held]
+            served = gate.served(s_held, vecs[q], local.pair_skip(q, c_held, pairs.query[cal], choice.calibration[2]))
+        return served, y_held, "query" if gate is not None else choice.report["kind"]
     return served, y_held, choice.report["kind"]
 
 
@@ -388,7 +399,7 @@ def bound_study(pairs, vecs, eps: float, policies: list[str], args) -> dict:
             if m in METRIC_POLICIES:
                 served, y_held, kind = metric_policy(pairs, vecs, cal, held, eps, conf, len(held) / len(cal),
                                                      METRIC_POLICIES[m], seed=r)
-                rec[m]["learned"].append(kind == "diagonal")
+                rec[m]["learned"].append(kind != "cosine")  # query: the gate was exported
             else:
                 served = run_policy(m, sims, labels, cached_vecs, cal, eps, conf, len(held) / len(cal), seed=r)[1][held]
                 y_held = labels[held]

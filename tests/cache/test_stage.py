@@ -283,3 +283,50 @@ def test_learned_metric_exported_and_served_exactly_as_tuned(workdir):
             served += 1
             assert hit.similarity == pytest.approx(want[i], abs=1e-4) and hit.answer == f"answer {i}"
     assert 0 < served < len(queries)  # both sides of the threshold were exercised
+
+
+def test_query_threshold_exported_bundled_and_served_as_tuned(workdir):
+    """cache.adaptive: query on the Bitext intents with the real MiniLM: exported only because, cross-fitted on the
+    calibration pairs, it serves more than the global threshold; its reference file travels into the bundle, and
+    the runtime's per-query thresholds are the definition's, computed here from the reference file by hand."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    from toolkit.cache.runtime import embed_texts
+    from toolkit.models import load_embedder
+    from tests.cache.test_local import plain_features
+
+    r = recipe_from_dict({**recipe({"group_column": "intent", "stress": False, "data_rows": "all",
+                                    "adaptive": "query"}).model_dump(exclude_unset=True), "export": {}})
+    outcome = run_pipeline(r)[0]
+    out = workdir / "artifacts" / "cachetest" / "cache"
+    cfg, report = strict_json(out / "cache.json"), strict_json(out / "report.json")
+    q = report["query_threshold"]
+    assert q["exported"] and cfg["query_threshold"]["offset"] == q["offset"]
+    assert q["calibration_served"]["query_crossfit"] > q["calibration_served"]["global"]
+    assert outcome.metrics["query_threshold_exported"] == 1
+    assert outcome.metrics["query_heldout_hit_rate"] == q["heldout"]["hit_rate"] and q["heldout"]["n"] == report[
+        "heldout"]["n"]
+    ref = load_file(out / cfg["query_threshold"]["reference"]["file"])
+    assert ref["vectors"].shape == (report["pairs"]["calibration"], 384)
+
+    bundle = workdir / "artifacts" / "cachetest" / "export" / "bundle"
+    assert (bundle / "cache-reference.safetensors").read_bytes() == (out / "cache-reference.safetensors").read_bytes()
+    emb = load_embedder("minilm-l6")
+    cache = SemanticCache.load(bundle / "cache.json", embedder=emb)
+    rows = [json.loads(line) for line in BITEXT.read_text().splitlines()][:120]
+    queries, cached = [x["instruction"] for x in rows[::2]], [x["instruction"] for x in rows[1::2]]
+    qv, cv = embed_texts(emb, queries), embed_texts(emb, cached)
+    slopes = np.array(cfg["query_threshold"]["slopes"])
+    want_t = cfg["query_threshold"]["offset"] - plain_features(qv, ref["vectors"], ref["labels"]) @ slopes
+    assert np.ptp(want_t) > 0.05  # the threshold moves with the query
+    weights = np.array(cfg["similarity"].get("weights") or np.ones(384), np.float32)
+    sims = np.sum(qv * weights * cv, 1)
+    served = 0
+    for i, (a, b) in enumerate(zip(queries, cached)):
+        cache.insert(b, f"answer {i}", namespace=str(i))
+        hit = cache.lookup(a, namespace=str(i), exact=False)
+        if abs(sims[i] - want_t[i]) > 1e-4:  # float32 ties aside, the runtime decides as the definition says
+            assert (hit is not None) == (sims[i] >= want_t[i]), i
+        served += hit is not None
+    assert 0 < served < len(queries)

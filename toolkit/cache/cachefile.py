@@ -85,6 +85,31 @@ class AdaptiveSpec(_Model):
         return self
 
 
+class ReferenceSpec(_Model):
+    file: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a file beside cache.json, never a path
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    n: int = Field(ge=1)
+
+
+class QueryThresholdSpec(_Model):
+    """cache.adaptive: query (toolkit/cache/local.py): threshold(q) = offset - slopes . features(q)."""
+    offset: Finite
+    slopes: list[Finite]
+    features: list[str]
+    reference: ReferenceSpec
+
+    @field_validator("slopes", "features")
+    @classmethod
+    def _features(cls, value, info: ValidationInfo):
+        from toolkit.cache.local import FEATURES
+
+        if info.field_name == "features" and value != list(FEATURES):
+            raise ValueError(f"{value} are not this version's {list(FEATURES)}")
+        if len(value) != len(FEATURES):
+            raise ValueError(f"{len(value)} values, want {len(FEATURES)}")
+        return value
+
+
 class RuntimeSpec(_Model):
     model_config = ConfigDict(strict=True, allow_inf_nan=False, extra="forbid")
     ttl_s: Optional[Annotated[float, Field(gt=0)]] = None
@@ -101,6 +126,7 @@ class CacheFile(_Model):
     threshold: Optional[Finite]  # None = exact matches only (no threshold met the bound)
     embedder: EmbedderSpec
     adaptive: Optional[AdaptiveSpec] = None
+    query_threshold: Optional[QueryThresholdSpec] = None
     runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
 
     @field_validator("threshold")
@@ -118,6 +144,9 @@ class CacheFile(_Model):
 
     @model_validator(mode="after")
     def _dims(self) -> "CacheFile":
+        if self.query_threshold is not None and self.adaptive is not None and self.adaptive.exported:
+            raise ValueError("query_threshold and exported adaptive clusters exclude each other (the stage writes "
+                             "one)")
         if self.adaptive is not None and len(self.adaptive.centroids[0]) != self.embedder.dim:
             raise ValueError(f"adaptive centroids have {len(self.adaptive.centroids[0])} values, the embedder "
                              f"dim is {self.embedder.dim}")

@@ -144,7 +144,8 @@ class SemanticCache:
                  quota_by: Optional[str] = None, ann: str = "auto",
                  ann_min_entries: int = 20_000, centroids: Optional[np.ndarray] = None,
                  cluster_thresholds: Optional[Sequence] = None, config: Optional[dict] = None,
-                 weights: Optional[Sequence[float]] = None, clock: Callable[[], float] = time.time):
+                 weights: Optional[Sequence[float]] = None, query_gate: Any = None,
+                 clock: Callable[[], float] = time.time):
         weights = _check_weights(weights)
         _check_settings(threshold, ttl_s, max_entries, max_entries_per_namespace, ann, ann_min_entries, weights)
         if quota_by is not None and not (isinstance(quota_by, str) and quota_by):
@@ -167,6 +168,9 @@ class SemanticCache:
                                    np.array([np.inf if t is None else t for t in cluster_thresholds], np.float64))
         if self.centroids is not None and len(self.centroids) != len(self.cluster_thresholds):
             raise OptkitError("cache config: centroids and cluster thresholds differ in length")
+        # cache.adaptive: query (toolkit/cache/local.py Gate): each query's own threshold, from its neighbourhood
+        # among the calibration queries; replaces the global / cluster threshold when set.
+        self.query_gate = query_gate
         self.config = config or {}
         self.clock = clock
         self._lock = threading.RLock()
@@ -217,7 +221,10 @@ class SemanticCache:
             embedder = load_embedder(str(embedder or spec.embedder.model))
         check_embedder(embedder, cfg["embedder"], source=str(path))
         clusters = spec.adaptive if spec.adaptive is not None and spec.adaptive.exported else None
+        from toolkit.cache import local
+
         parts = {"config": cfg, "weights": spec.similarity.weights,
+                 "query_gate": local.from_spec(spec.query_threshold, path.parent, spec.embedder.dim, str(path)),
                  "centroids": _unit_rows(clusters.centroids, f"{path}: adaptive.centroids") if clusters else None,
                  "cluster_thresholds": clusters.thresholds if clusters else None}
         if store == "redis":  # imported only here: the memory store never loads the redis client
@@ -240,7 +247,7 @@ class SemanticCache:
             row = space.exact.get(normalize_text(query)) if exact else None
             if row is not None:
                 return self._hit(space, ns, row, 1.0, exact=True)
-        if self.threshold is None and self.cluster_thresholds is None:
+        if self.threshold is None and self.cluster_thresholds is None and self.query_gate is None:
             return None  # no semantic threshold met the bound: exact matches only
         return self._lookup_key(self._embed([query])[0], ns)
 
@@ -295,6 +302,12 @@ class SemanticCache:
 
     def _lookup_key(self, vec: np.ndarray, ns: str) -> Optional[Hit]:
         vec = l2_normalize(vec)
+        t_query = None
+        if self.query_gate is not None:  # from the unit vector, as calibrated; outside the lock (a mat-vec)
+            if vec.shape != self.query_gate.ref_vecs.shape[1:]:
+                raise OptkitError(f"cache lookup: embedding dim {vec.shape[-1]} != the query threshold's "
+                                  f"{self.query_gate.ref_vecs.shape[1]}")
+            t_query = float(self.query_gate.thresholds(vec[None])[0])
         if self.weights is not None:  # entries stay unit vectors: the query carries the metric
             if vec.shape != self.weights.shape:
                 raise OptkitError(f"cache lookup: embedding dim {vec.shape[-1]} != the metric's {len(self.weights)}")
@@ -304,7 +317,7 @@ class SemanticCache:
             if space is None:
                 return None
             row, sim = space.nearest(vec)
-            if row < 0 or sim < self._threshold_of(space, row):
+            if row < 0 or sim < (self._threshold_of(space, row) if t_query is None else t_query):
                 return None
             return self._hit(space, ns, row, sim, exact=False)
 

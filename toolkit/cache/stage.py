@@ -19,9 +19,9 @@ from typing import Optional
 
 import numpy as np
 
-from toolkit.cache import metric, stress, tune
-from toolkit.cache.pairs import (Pairs, drop_mirrors, groups_from_data, hash_sample,  # noqa: F401 (bench)
-                                 mirror_groups, nearest_pairs, pairs_from_file, test_prompt_texts)
+from toolkit.cache import local, metric, stress, tune
+from toolkit.cache.pairs import (Pairs, drop_mirrors, fold_ids, groups_from_data,  # noqa: F401 (bench)
+                                 hash_sample, mirror_groups, nearest_pairs, pairs_from_file, test_prompt_texts)
 from toolkit.cache.runtime import (FORMAT, PROBES, STATIC_DIR, embed_texts, probe_vectors,
                                    similarity_spec)
 from toolkit.errors import OptkitError
@@ -219,6 +219,42 @@ def choose_metric(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: np.ndarra
     return MetricChoice(weights, crossfit, sel_fit, sel_cos, report)
 
 
+@dataclass
+class QueryChoice:
+    gate: Optional[local.Gate]  # None = the global threshold stays (not fitted, or not better)
+    report: dict
+
+
+def choose_query_threshold(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: np.ndarray, choice: MetricChoice,
+                           batch_ratio: float) -> QueryChoice:
+    """cache.adaptive: query (toolkit/cache/local.py): a gate on the chosen similarity and the query's
+    neighbourhood among the calibration queries, its threshold set with the same bound on cross-fitted gate
+    scores. Exported only when those serve more calibration pairs within the bound than the global threshold;
+    the held-out pairs never enter the decision."""
+    s_cal, y_cal, c_cal = choice.calibration
+    qids = pairs.query[cal]
+    fold = fold_ids(len(cal), local.FOLDS, np.random.default_rng(seed), mirror_groups(qids, c_cal))
+    served_global = choice.selection.served if choice.selection.feasible else 0
+    report = {"features": list(local.FEATURES), "folds": local.FOLDS}
+    try:
+        oof = local.crossfit_scores(s_cal, vecs[qids], y_cal, qids, c_cal, fold)
+        sel = tune.select(oof, y_cal, cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
+        gate = local.fit(s_cal, vecs[qids], y_cal, qids, c_cal, sel.threshold) if sel.feasible else None
+    except local.Unfit as exc:
+        return QueryChoice(None, {**report, "exported": False, "reason": f"not exported: the gate cannot be fitted "
+                                                                         f"({exc})"})
+    served = sel.served if sel.feasible else 0
+    better = gate is not None and served > served_global
+    reason = (f"cross-fitted on the calibration pairs the query threshold serves {served} of {len(cal)} within "
+              f"the bound, the global threshold {served_global}")
+    report.update(exported=better, reason=("exported: " if better else "not exported: ") + reason,
+                  calibration_served={"global": served_global, "query_crossfit": served},
+                  certify=sel.to_dict())
+    if gate is not None:
+        report.update(offset=gate.offset, slopes=dict(zip(local.FEATURES, gate.slopes.tolist())))
+    return QueryChoice(gate if better else None, report)
+
+
 def run(ctx) -> dict:
     from toolkit.models import load_embedder, model_revision
 
@@ -276,6 +312,15 @@ def run(ctx) -> dict:
     adaptive = (_adaptive(ctx, (s_cal, y_cal, vecs[c_cal]), (s_held, y_held, vecs[c_held]), held_eval,
                           batch_ratio, limit, mirror_groups(pairs.query[cal], c_cal))
                 if cfg.adaptive == "cluster" else None)
+    query = (choose_query_threshold(cfg, ctx.recipe.seed, pairs, vecs, cal, choice, batch_ratio)
+             if cfg.adaptive == "query" else None)
+    if query is not None:  # the held-out check, every pair reading only what a runtime query could
+        q_held = pairs.query[held]
+        query.report["global_heldout_hit_rate"] = held_eval["hit_rate"]
+        if query.gate is not None:
+            skip = local.pair_skip(q_held, c_held, pairs.query[cal], c_cal)
+            query.report["heldout"] = tune.rates(query.gate.served(s_held, vecs[q_held], skip), y_held,
+                                                 cfg.confidence)
     stress_report = _stress(embedder, sel.threshold, weights) if cfg.stress else None
 
     report = {
@@ -289,11 +334,16 @@ def run(ctx) -> dict:
         "selection": sel.to_dict(), "threshold_ci95_bootstrap": threshold_ci,
         "calibration_fhr_ci95": list(served_ci), "heldout": held_eval,
         "heldout_hindsight_best_static": hindsight, "f1_reference": f1_ref,
-        "adaptive": adaptive, "stress": stress_report,
+        "adaptive": adaptive, "query_threshold": query.report if query else None, "stress": stress_report,
         "curves": {"calibration": {**tune.curve_table(s_cal, y_cal, cfg.confidence), "n": int(len(cal))},
                    "heldout": {**tune.curve_table(s_held, y_held, cfg.confidence), "n": int(len(held))}},
     }
     metrics = {**_headline(sel, held_eval, f1_ref, adaptive), "metric_learned": int(weights is not None)}
+    if query is not None:
+        metrics["query_threshold_exported"] = int(query.gate is not None)
+        if query.gate is not None:
+            metrics.update(query_heldout_fhr=query.report["heldout"]["fhr"],
+                           query_heldout_hit_rate=query.report["heldout"]["hit_rate"])
     cache_cfg = {
         "format": FORMAT,
         "embedder": {"model": cfg.embedder, "revision": model_revision(cfg.embedder), "dim": int(vecs.shape[1]),
@@ -307,6 +357,8 @@ def run(ctx) -> dict:
         "threshold_ci95": threshold_ci,
         "calibration": {"pairs": sel.n, "served": sel.served, "false_hits": sel.false_hits},
         "adaptive": (adaptive or {}).get("config"),
+        "query_threshold": (local.spec(query.gate, local.save_reference(ctx.dir / local.REFERENCE_FILE, query.gate),
+                                       query.report["reason"]) if query and query.gate is not None else None),
         "runtime": {"ttl_s": cfg.ttl_s, "max_entries": cfg.max_entries,
                     "max_entries_per_namespace": cfg.max_entries_per_namespace, "ann": cfg.ann,
                     "ann_min_entries": cfg.ann_min_entries},
@@ -314,6 +366,8 @@ def run(ctx) -> dict:
     }
     if adaptive:
         adaptive.pop("config", None)
+    if cache_cfg["query_threshold"] is None:  # a re-run without the query threshold: no stale reference file
+        (ctx.dir / local.REFERENCE_FILE).unlink(missing_ok=True)
     write_json(ctx.dir / REPORT_JSON, report)
     plot_curves(ctx.dir / CURVES_PNG, report["curves"]["calibration"], report["curves"]["heldout"], sel, f1_t,
                 cfg.epsilon, "cosine similarity" if weights is None else "learned similarity (diagonal metric)")

@@ -66,10 +66,13 @@ class CacheConfig(Section):
         "the promise. A larger batch averages out more of its own noise, so the same epsilon allows more hits "
         "(eval/bench_cache.py --parts bound --heldout N measures both).")
     holdout: float = Field(0.3, gt=0, lt=1, description="Fraction of pairs held out to check the bound.")
-    adaptive: Literal["none", "cluster"] = Field("none", description="cluster = also fit per-cluster thresholds and "
-                                                 "export them only if, cross-fitted on the calibration pairs, they "
-                                                 "raise the hit rate within epsilon (the held-out check never "
-                                                 "enters the decision).")
+    adaptive: Literal["none", "cluster", "query"] = Field(
+        "none", description="cluster = also fit per-cluster thresholds (k-means regions of the cached entries); "
+        "query = a threshold that moves with the query's neighbourhood among the calibration queries (how often "
+        "their nearest entry was reusable, how crowded the region is: toolkit/cache/local.py; the calibration "
+        "queries ship beside cache.json). Either is exported only if, cross-fitted on the calibration pairs, it "
+        "serves more of them within the bound than the global threshold (the held-out check never enters the "
+        "decision).")
     clusters: Optional[int] = Field(None, ge=2, le=256, description="Clusters for adaptive=cluster (default: one "
                                     "per ~150 calibration pairs, 2..32).")
     stress: bool = Field(True, description="Also report the built-in negation / small-edit stress set.")

@@ -1,0 +1,195 @@
+"""A threshold that moves with the query's neighbourhood (cache.adaptive: query).
+
+One similarity threshold is too strict where nearest neighbours are usually reusable (a dense intent) and too
+loose where they are not (an out-of-scope region, a topic whose queries differ in one detail). The calibration
+pairs say which is which: for a query q, look at its nearest calibration queries and ask how often THEIR nearest
+entry was reusable (label rate), and how crowded the region is (mean similarity to them). The gate is a logistic
+score on [s(q, c), those four numbers of q]; a hit is served when it clears a threshold set with the cache's own
+bound on cross-fitted gate scores. Because the neighbourhood features depend on q alone, the gate is a threshold
+on the similarity that moves with the query:
+
+    serve the nearest entry c  iff  s(q, c) >= offset - slopes . f(q)
+
+so retrieval, the stores (memory, Redis) and the ANN index are unchanged; the runtime adds one mat-vec against
+the calibration queries (a few thousand x dim) per lookup. f(q) reads a FIXED reference set -- the calibration
+queries' unit vectors and labels, shipped beside cache.json -- never what the cache holds, so the bound's
+calibration describes the runtime exactly. A reference text identical to the query is skipped (in calibration that
+is the pair itself; at runtime the same rule keeps the features alike).
+
+Measured against issue 15's goal in eval/bench_cache.py --parts bound (policy `query`): see the README.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from toolkit.errors import OptkitError
+
+LABEL_KS = (10, 40)  # neighbours whose label rate is a feature
+CROWD_KS = (5, 50)  # neighbours whose mean similarity is a feature
+FEATURES = tuple(f"label_rate_{k}" for k in LABEL_KS) + tuple(f"crowding_{k}" for k in CROWD_KS)
+FOLDS = 5
+SAME_TEXT = 1.0 - 1e-6  # unit vectors this close are the same text
+REFERENCE_FILE = "cache-reference.safetensors"
+DEFINITION = ("serve the nearest entry c iff s(q, c) >= offset - sum_j slopes_j f_j(q); f(q) = over the reference "
+              "calibration queries nearest q (identical texts skipped): the mean label of the 10 and 40 nearest, "
+              "the mean similarity to the 5 and 50 nearest")
+
+
+def features(query_vecs: np.ndarray, ref_vecs: np.ndarray, ref_labels: np.ndarray,
+             skip: Optional[np.ndarray] = None) -> np.ndarray:
+    """[n, 4] neighbourhood features of unit query vectors against the reference set. `skip` [n, len(ref)]:
+    reference pairs a query may not read (see pair_skip)."""
+    sims = np.asarray(query_vecs, np.float32) @ np.asarray(ref_vecs, np.float32).T
+    sims[sims >= SAME_TEXT] = -np.inf
+    if skip is not None:
+        sims[skip] = -np.inf
+    k = min(max(LABEL_KS + CROWD_KS), sims.shape[1])
+    top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else np.argsort(-sims, axis=1)
+    top_sims = np.take_along_axis(sims, top, 1)
+    order = np.argsort(-top_sims, axis=1)
+    top, top_sims = np.take_along_axis(top, order, 1), np.take_along_axis(top_sims, order, 1)
+    valid = np.isfinite(top_sims)
+    labels = np.where(valid, np.asarray(ref_labels, np.float64)[top], 0.0)
+    sims64 = np.where(valid, top_sims, 0.0).astype(np.float64)
+    cols = []
+    for values, ks, empty in ((labels, LABEL_KS, 0.5), (sims64, CROWD_KS, 0.0)):
+        for kk in ks:
+            n = valid[:, :kk].sum(1)
+            cols.append(np.where(n > 0, values[:, :kk].sum(1) / np.maximum(n, 1), empty))
+    return np.stack(cols, 1)
+
+
+@dataclass
+class Gate:
+    """The fitted gate in its runtime form: a per-query threshold on the similarity."""
+    offset: float
+    slopes: np.ndarray  # [len(FEATURES)]
+    ref_vecs: np.ndarray  # [n, dim] float32 unit vectors of the calibration queries
+    ref_labels: np.ndarray  # [n] 0/1
+
+    def thresholds(self, query_vecs: np.ndarray, skip: Optional[np.ndarray] = None) -> np.ndarray:
+        return self.offset - features(query_vecs, self.ref_vecs, self.ref_labels, skip) @ self.slopes
+
+    def served(self, scores: np.ndarray, query_vecs: np.ndarray, skip: Optional[np.ndarray] = None) -> np.ndarray:
+        return np.asarray(scores, np.float64) >= self.thresholds(query_vecs, skip)
+
+
+def _logistic(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """(w, b) of a standardized L2 logistic regression, folded back so that score = X @ w + b."""
+    from sklearn.linear_model import LogisticRegression
+
+    mu, sd = X.mean(0), X.std(0) + 1e-9
+    if len(np.unique(y)) < 2:
+        raise Unfit("the labels are all equal")
+    m = LogisticRegression(C=1.0, max_iter=1000).fit((X - mu) / sd, y)
+    w = m.coef_[0] / sd
+    return w, float(m.intercept_[0] - (mu * w).sum())
+
+
+class Unfit(Exception):
+    pass
+
+
+def pair_skip(qids: np.ndarray, cids: np.ndarray, ref_qids: np.ndarray, ref_cids: np.ndarray) -> np.ndarray:
+    """[n, len(ref)]: the reference pairs a pair (q, c) may not read when it is scored for the bound. A reference
+    pair whose query is c (its label says whether c's own neighbour was reusable) or whose cached text is q says
+    something about this very pair that a runtime query, whose entries are traffic rather than calibration
+    queries, would not know; read, they make the calibration and the held-out check optimistic."""
+    return ((ref_qids[None, :] == qids[:, None]) | (ref_qids[None, :] == cids[:, None])
+            | (ref_cids[None, :] == qids[:, None]))
+
+
+def _fit(scores, qvecs, labels, qids, cids) -> tuple[np.ndarray, float]:
+    """Gate weights on the training pairs, their neighbourhood read from the training pairs themselves."""
+    f = features(qvecs, qvecs, labels, pair_skip(qids, cids, qids, cids))
+    return _logistic(np.column_stack([scores, f]), labels)
+
+
+def crossfit_scores(scores: np.ndarray, qvecs: np.ndarray, labels: np.ndarray, qids: np.ndarray,
+                    cids: np.ndarray, fold: np.ndarray) -> np.ndarray:
+    """Out-of-fold gate scores of the calibration pairs: each fold's gate fitted, and its neighbourhood read,
+    on the other folds only (`fold`: pairs.fold_ids, a pair and its mirror in one fold). qids / cids: text ids
+    of each pair's query and cached entry."""
+    out = np.empty(len(labels))
+    for k in np.unique(fold):
+        part, rest = fold == k, fold != k
+        w, b = _fit(scores[rest], qvecs[rest], labels[rest], qids[rest], cids[rest])
+        f = features(qvecs[part], qvecs[rest], labels[rest], pair_skip(qids[part], cids[part], qids[rest], cids[rest]))
+        out[part] = np.column_stack([scores[part], f]) @ w + b
+    return out
+
+
+def fit(scores: np.ndarray, qvecs: np.ndarray, labels: np.ndarray, qids: np.ndarray, cids: np.ndarray,
+        tau: float) -> Gate:
+    """The gate on every calibration pair, with its threshold tau (chosen on the cross-fitted scores) folded into
+    a per-query threshold on the similarity. Unfit when the similarity's own weight is not positive (the gate
+    would not be a threshold on it)."""
+    w, b = _fit(scores, qvecs, labels, qids, cids)
+    if not w[0] > 0:
+        raise Unfit(f"the similarity's weight in the gate is {w[0]:.3g}, not positive")
+    return Gate(float((tau - b) / w[0]), (w[1:] / w[0]).astype(np.float64),
+                np.asarray(qvecs, np.float32), np.asarray(labels, np.int64))
+
+
+# ---------------------------------------------------------------------------------------- the reference file
+
+
+def save_reference(path: Path, gate: Gate) -> str:
+    """The reference set as safetensors (atomic); returns its sha256, which cache.json records."""
+    import hashlib
+
+    from safetensors.numpy import save
+
+    from toolkit.io import atomic_write_bytes
+
+    data = save({"vectors": np.ascontiguousarray(gate.ref_vecs, np.float32),
+                 "labels": np.ascontiguousarray(gate.ref_labels, np.int64)})
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def load_reference(path: Path, sha256: str, dim: int, n: int, source: str) -> tuple[np.ndarray, np.ndarray]:
+    """(unit vectors, 0/1 labels) of the reference file, checked against what cache.json recorded."""
+    import hashlib
+
+    from safetensors.numpy import load
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise OptkitError(f"{source}: query_threshold.reference: cannot read {path} ({exc.strerror or exc}); it is "
+                          "written by the cache stage next to cache.json") from None
+    if hashlib.sha256(data).hexdigest() != sha256:
+        raise OptkitError(f"{source}: query_threshold.reference: {path.name} does not match the sha256 cache.json "
+                          "records (a file from another run?)")
+    try:
+        arrays = load(data)
+        vecs, labels = arrays["vectors"], arrays["labels"]
+    except Exception as exc:  # safetensors raises its own error types for a malformed header
+        raise OptkitError(f"{source}: query_threshold.reference: {path.name} is not a valid reference file "
+                          f"({str(exc)[:80]})") from None
+    if vecs.shape != (n, dim) or labels.shape != (n,) or not np.isfinite(vecs).all() or \
+            not np.isin(labels, (0, 1)).all():
+        raise OptkitError(f"{source}: query_threshold.reference: {path.name} holds vectors {vecs.shape} and labels "
+                          f"{labels.shape}; want ({n}, {dim}) finite vectors and {n} labels in {{0, 1}}")
+    return vecs.astype(np.float32), labels.astype(np.int64)
+
+
+def spec(gate: Gate, sha256: str, reason: str) -> dict:
+    """cache.json's `query_threshold`."""
+    return {"definition": DEFINITION, "offset": gate.offset, "slopes": [float(x) for x in gate.slopes],
+            "features": list(FEATURES), "reference": {"file": REFERENCE_FILE, "sha256": sha256,
+                                                      "n": int(len(gate.ref_labels))}, "reason": reason}
+
+
+def from_spec(qt, directory: Path, dim: int, source: str) -> Optional[Gate]:
+    """The Gate of a validated cachefile.QueryThresholdSpec (None stays None)."""
+    if qt is None:
+        return None
+    vecs, labels = load_reference(directory / qt.reference.file, qt.reference.sha256, dim, qt.reference.n, source)
+    return Gate(qt.offset, np.asarray(qt.slopes, np.float64), vecs, labels)
