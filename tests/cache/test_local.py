@@ -81,6 +81,15 @@ def test_the_query_threshold_serves_more_within_the_bound_where_one_threshold_ca
     # The neighbours' label rate carries the region: a higher rate lowers the threshold.
     assert rep["slopes"]["label_rate_10"] + rep["slopes"]["label_rate_40"] > 0
     assert (query.gate.ref_labels == choice.calibration[1]).all() and len(query.gate.ref_vecs) == len(cal)
+    # A query unlike every calibration query never gets a threshold below the global one, whatever the slopes say.
+    # (Here no global threshold meets the bound at all, so such a query gets no semantic hit.)
+    assert query.gate.fallback == choice.selection.threshold and not choice.selection.feasible
+    pool = l2_normalize(np.random.default_rng(5).normal(size=(400, vecs.shape[1]))).astype(np.float32)
+    f = local.features(pool, query.gate.ref_vecs, query.gate.ref_labels)
+    far = f[:, local.FEATURES.index("crowding_5")] < query.gate.support
+    t = query.gate.thresholds(pool)
+    assert far.sum() >= 10 and (t[far] == np.inf).all()
+    assert np.allclose(t[~far], query.gate.offset - f[~far] @ query.gate.slopes)
 
     s_held, y_held, c_held = pair_fn(pairs, vecs)(None, held)
     q = pairs.query[held]

@@ -95,6 +95,8 @@ class QueryThresholdSpec(_Model):
     """cache.adaptive: query (toolkit/cache/local.py): threshold(q) = offset - slopes . features(q)."""
     offset: Finite
     slopes: list[Finite]
+    support: Finite  # crowding_5 below it = an unfamiliar query
+    fallback: Optional[Finite]  # its threshold is at least this (None: no semantic hit)
     features: list[str]
     reference: ReferenceSpec
 

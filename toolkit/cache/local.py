@@ -34,10 +34,15 @@ CROWD_KS = (5, 50)  # neighbours whose mean similarity is a feature
 FEATURES = tuple(f"label_rate_{k}" for k in LABEL_KS) + tuple(f"crowding_{k}" for k in CROWD_KS)
 FOLDS = 5
 SAME_TEXT = 1.0 - 1e-6  # unit vectors this close are the same text
+# A query less crowded than this share of the calibration queries is unfamiliar: the gate's slopes were fitted where
+# calibration queries live and may extrapolate to a LOWER threshold out there, so such a query gets the global
+# threshold when that is stricter (the guard only ever raises a threshold).
+SUPPORT_QUANTILE = 0.01
 REFERENCE_FILE = "cache-reference.safetensors"
 DEFINITION = ("serve the nearest entry c iff s(q, c) >= offset - sum_j slopes_j f_j(q); f(q) = over the reference "
               "calibration queries nearest q (identical texts skipped): the mean label of the 10 and 40 nearest, "
-              "the mean similarity to the 5 and 50 nearest")
+              "the mean similarity to the 5 and 50 nearest; a query with crowding_5 < support gets at least the "
+              "fallback (the global threshold; null: no semantic hit)")
 
 
 def features(query_vecs: np.ndarray, ref_vecs: np.ndarray, ref_labels: np.ndarray,
@@ -71,9 +76,14 @@ class Gate:
     slopes: np.ndarray  # [len(FEATURES)]
     ref_vecs: np.ndarray  # [n, dim] float32 unit vectors of the calibration queries
     ref_labels: np.ndarray  # [n] 0/1
+    support: float  # crowding_5 below this = an unfamiliar query (SUPPORT_QUANTILE of the calibration queries')
+    fallback: Optional[float]  # the global threshold (None: it serves nothing)
 
     def thresholds(self, query_vecs: np.ndarray, skip: Optional[np.ndarray] = None) -> np.ndarray:
-        return self.offset - features(query_vecs, self.ref_vecs, self.ref_labels, skip) @ self.slopes
+        f = features(query_vecs, self.ref_vecs, self.ref_labels, skip)
+        t = self.offset - f @ self.slopes
+        unfamiliar = f[:, FEATURES.index(f"crowding_{CROWD_KS[0]}")] < self.support
+        return np.where(unfamiliar, np.maximum(t, np.inf if self.fallback is None else self.fallback), t)
 
     def served(self, scores: np.ndarray, query_vecs: np.ndarray, skip: Optional[np.ndarray] = None) -> np.ndarray:
         return np.asarray(scores, np.float64) >= self.thresholds(query_vecs, skip)
@@ -104,10 +114,11 @@ def pair_skip(qids: np.ndarray, cids: np.ndarray, ref_qids: np.ndarray, ref_cids
             | (ref_cids[None, :] == qids[:, None]))
 
 
-def _fit(scores, qvecs, labels, qids, cids) -> tuple[np.ndarray, float]:
-    """Gate weights on the training pairs, their neighbourhood read from the training pairs themselves."""
+def _fit(scores, qvecs, labels, qids, cids) -> tuple[np.ndarray, float, np.ndarray]:
+    """Gate weights on the training pairs, their neighbourhood read from the training pairs themselves; and those
+    features."""
     f = features(qvecs, qvecs, labels, pair_skip(qids, cids, qids, cids))
-    return _logistic(np.column_stack([scores, f]), labels)
+    return (*_logistic(np.column_stack([scores, f]), labels), f)
 
 
 def crossfit_scores(scores: np.ndarray, qvecs: np.ndarray, labels: np.ndarray, qids: np.ndarray,
@@ -118,22 +129,23 @@ def crossfit_scores(scores: np.ndarray, qvecs: np.ndarray, labels: np.ndarray, q
     out = np.empty(len(labels))
     for k in np.unique(fold):
         part, rest = fold == k, fold != k
-        w, b = _fit(scores[rest], qvecs[rest], labels[rest], qids[rest], cids[rest])
+        w, b, _ = _fit(scores[rest], qvecs[rest], labels[rest], qids[rest], cids[rest])
         f = features(qvecs[part], qvecs[rest], labels[rest], pair_skip(qids[part], cids[part], qids[rest], cids[rest]))
         out[part] = np.column_stack([scores[part], f]) @ w + b
     return out
 
 
 def fit(scores: np.ndarray, qvecs: np.ndarray, labels: np.ndarray, qids: np.ndarray, cids: np.ndarray,
-        tau: float) -> Gate:
+        tau: float, fallback: Optional[float]) -> Gate:
     """The gate on every calibration pair, with its threshold tau (chosen on the cross-fitted scores) folded into
-    a per-query threshold on the similarity. Unfit when the similarity's own weight is not positive (the gate
-    would not be a threshold on it)."""
-    w, b = _fit(scores, qvecs, labels, qids, cids)
+    a per-query threshold on the similarity; `fallback`: the global threshold, for unfamiliar queries. Unfit when
+    the similarity's own weight is not positive (the gate would not be a threshold on it)."""
+    w, b, f = _fit(scores, qvecs, labels, qids, cids)
     if not w[0] > 0:
         raise Unfit(f"the similarity's weight in the gate is {w[0]:.3g}, not positive")
+    support = float(np.quantile(f[:, FEATURES.index(f"crowding_{CROWD_KS[0]}")], SUPPORT_QUANTILE))
     return Gate(float((tau - b) / w[0]), (w[1:] / w[0]).astype(np.float64),
-                np.asarray(qvecs, np.float32), np.asarray(labels, np.int64))
+                np.asarray(qvecs, np.float32), np.asarray(labels, np.int64), support, fallback)
 
 
 # ---------------------------------------------------------------------------------------- the reference file
@@ -183,6 +195,7 @@ def load_reference(path: Path, sha256: str, dim: int, n: int, source: str) -> tu
 def spec(gate: Gate, sha256: str, reason: str) -> dict:
     """cache.json's `query_threshold`."""
     return {"definition": DEFINITION, "offset": gate.offset, "slopes": [float(x) for x in gate.slopes],
+            "support": gate.support, "fallback": gate.fallback,
             "features": list(FEATURES), "reference": {"file": REFERENCE_FILE, "sha256": sha256,
                                                       "n": int(len(gate.ref_labels))}, "reason": reason}
 
@@ -192,4 +205,4 @@ def from_spec(qt, directory: Path, dim: int, source: str) -> Optional[Gate]:
     if qt is None:
         return None
     vecs, labels = load_reference(directory / qt.reference.file, qt.reference.sha256, dim, qt.reference.n, source)
-    return Gate(qt.offset, np.asarray(qt.slopes, np.float64), vecs, labels)
+    return Gate(qt.offset, np.asarray(qt.slopes, np.float64), vecs, labels, qt.support, qt.fallback)

@@ -239,7 +239,8 @@ def choose_query_threshold(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: 
     try:
         oof = local.crossfit_scores(s_cal, vecs[qids], y_cal, qids, c_cal, fold)
         sel = tune.select(oof, y_cal, cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
-        gate = local.fit(s_cal, vecs[qids], y_cal, qids, c_cal, sel.threshold) if sel.feasible else None
+        gate = (local.fit(s_cal, vecs[qids], y_cal, qids, c_cal, sel.threshold, choice.selection.threshold)
+                if sel.feasible else None)
     except local.Unfit as exc:
         return QueryChoice(None, {**report, "exported": False, "reason": f"not exported: the gate cannot be fitted "
                                                                          f"({exc})"})
@@ -251,7 +252,8 @@ def choose_query_threshold(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: 
                   calibration_served={"global": served_global, "query_crossfit": served},
                   certify=sel.to_dict())
     if gate is not None:
-        report.update(offset=gate.offset, slopes=dict(zip(local.FEATURES, gate.slopes.tolist())))
+        report.update(offset=gate.offset, slopes=dict(zip(local.FEATURES, gate.slopes.tolist())),
+                      support=gate.support, fallback=gate.fallback)
     return QueryChoice(gate if better else None, report)
 
 
