@@ -377,6 +377,43 @@ def test_load_chooses_the_store_and_configs_that_differ_do_not_share(redis_serve
     assert out.stdout.split() == ["SemanticCache", "False"], out.stderr[-2000:]
 
 
+def test_a_query_threshold_is_applied_by_every_replica(redis_server, tmp_path):
+    """cache.adaptive: query: replicas share the entries and each applies the per-query threshold from the
+    reference file beside cache.json. Reference: queries about orders whose neighbours were reusable (label 1) and
+    queries about refunds whose neighbours were not (label 0); slopes that lower the threshold by the neighbours'
+    label rate. 'cancel my order now' then hits 'cancel my order' (cosine ~0.9 >= 1.2 - 1.0) while 'refund my money
+    now' misses 'refund my money' at a cosine above the global threshold (its threshold: 1.2)."""
+    from toolkit.cache import local
+    from toolkit.cache.runtime import PROBES, SemanticCache, l2_normalize
+    from toolkit.errors import OptkitError
+
+    texts = [f"{a} my order {w}" for a in ("cancel", "change", "track") for w in "abcdefghijklmn"] + \
+            [f"refund my money {w}" for w in "abcdefghijklmnopqrstuvwxyzopq"]
+    labels = np.array([1] * 42 + [0] * 29)
+    gate = local.Gate(1.2, np.array([0.5, 0.5, 0.0, 0.0]), l2_normalize(word_embedder(texts)), labels, -1.0, None)
+    path = tmp_path / "cache.json"
+    path.write_text(json.dumps({
+        "format": "optkit-cache/1", "similarity": {"kind": "cosine"}, "threshold": THRESHOLD,
+        "embedder": {"model": "word-hash", "probe_vectors": word_embedder(list(PROBES)).tolist()},
+        "query_threshold": local.spec(gate, local.save_reference(tmp_path / local.REFERENCE_FILE, gate), "test")}))
+    prefix = "gate" + uuid.uuid4().hex[:8]
+    a, b = (SemanticCache.load(path, word_embedder, store="redis", redis_url=redis_server.url, redis_prefix=prefix)
+            for _ in range(2))
+    a.insert("cancel my order", 1, "t")
+    a.insert("refund my money", 2, "t")
+    for replica in (a, b):
+        assert replica.query_gate is not None and replica.query_gate.fallback is None
+        hit = replica.lookup("cancel my order now", "t", exact=False)
+        assert hit is not None and hit.answer == 1 and hit.similarity > THRESHOLD
+        assert replica.lookup("refund my money now", "t", exact=False) is None
+    # The global threshold alone would have served the refund: the gate, not the cosine, refused it.
+    v = l2_normalize(word_embedder(["refund my money now", "refund my money"]))
+    assert v[0] @ v[1] > THRESHOLD
+    (tmp_path / local.REFERENCE_FILE).unlink()  # the reference file is part of the config: without it, no cache
+    with pytest.raises(OptkitError, match="query_threshold.reference"):
+        SemanticCache.load(path, word_embedder, store="redis", redis_url=redis_server.url, redis_prefix=prefix)
+
+
 def test_serve_yaml_store_settings(tmp_path, monkeypatch):
     """serve.yaml names the store; a password never sits in the file (nor in its error), the env var wins."""
     import yaml

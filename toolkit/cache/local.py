@@ -186,9 +186,9 @@ def load_reference(path: Path, sha256: str, dim: int, n: int, source: str) -> tu
         raise OptkitError(f"{source}: query_threshold.reference: {path.name} is not a valid reference file "
                           f"({str(exc)[:80]})") from None
     if vecs.shape != (n, dim) or labels.shape != (n,) or not np.isfinite(vecs).all() or \
-            not np.isin(labels, (0, 1)).all():
+            not np.isin(labels, (0, 1)).all() or not np.allclose(np.linalg.norm(vecs, axis=1), 1.0, atol=1e-3):
         raise OptkitError(f"{source}: query_threshold.reference: {path.name} holds vectors {vecs.shape} and labels "
-                          f"{labels.shape}; want ({n}, {dim}) finite vectors and {n} labels in {{0, 1}}")
+                          f"{labels.shape}; want ({n}, {dim}) finite unit vectors and {n} labels in {{0, 1}}")
     return vecs.astype(np.float32), labels.astype(np.int64)
 
 
