@@ -123,7 +123,8 @@ near = cache.lookup("i want to cancel my order please")
 # side and the heavy tools must stay out.
 training = sorted(m for m in sys.modules if m.split(".")[0] in ("mlflow", "llmcompressor", "llama_cpp", "matplotlib",
                   "vllm") or (m.startswith("toolkit.") and m not in ("toolkit.bundle", "toolkit.cache",
-                  "toolkit.cache.runtime", "toolkit.cache.space", "toolkit.cache.cachefile", "toolkit.route",
+                  "toolkit.cache.runtime", "toolkit.cache.space", "toolkit.cache.cachefile", "toolkit.cache.local",
+                  "toolkit.route",
                   "toolkit.route.runtime", "toolkit.route.spec", "toolkit.route.shift", "toolkit.errors",
                   "toolkit.io", "toolkit.models") and not m.startswith("toolkit.route.routers")))
 # (toolkit.route.routers[.<model>]: the numpy predictor of the router loaded, by design its only import there)

@@ -200,9 +200,7 @@ def spec(gate: Gate, sha256: str, reason: str) -> dict:
                                                       "n": int(len(gate.ref_labels))}, "reason": reason}
 
 
-def from_spec(qt, directory: Path, dim: int, source: str) -> Optional[Gate]:
-    """The Gate of a validated cachefile.QueryThresholdSpec (None stays None)."""
-    if qt is None:
-        return None
+def from_spec(qt, directory: Path, dim: int, source: str) -> Gate:
+    """The Gate of a validated cachefile.QueryThresholdSpec."""
     vecs, labels = load_reference(directory / qt.reference.file, qt.reference.sha256, dim, qt.reference.n, source)
     return Gate(qt.offset, np.asarray(qt.slopes, np.float64), vecs, labels, qt.support, qt.fallback)

@@ -221,10 +221,12 @@ class SemanticCache:
             embedder = load_embedder(str(embedder or spec.embedder.model))
         check_embedder(embedder, cfg["embedder"], source=str(path))
         clusters = spec.adaptive if spec.adaptive is not None and spec.adaptive.exported else None
-        from toolkit.cache import local
+        gate = None
+        if spec.query_threshold is not None:  # cache.adaptive: query; its reference file lies beside cache.json
+            from toolkit.cache import local
 
-        parts = {"config": cfg, "weights": spec.similarity.weights,
-                 "query_gate": local.from_spec(spec.query_threshold, path.parent, spec.embedder.dim, str(path)),
+            gate = local.from_spec(spec.query_threshold, path.parent, spec.embedder.dim, str(path))
+        parts = {"config": cfg, "weights": spec.similarity.weights, "query_gate": gate,
                  "centroids": _unit_rows(clusters.centroids, f"{path}: adaptive.centroids") if clusters else None,
                  "cluster_thresholds": clusters.thresholds if clusters else None}
         if store == "redis":  # imported only here: the memory store never loads the redis client
