@@ -127,6 +127,9 @@ def parse_args():
     ap.add_argument("--calibration", type=int, default=2000, help="bound study: calibration pairs per split")
     ap.add_argument("--heldout", type=int, default=857,
                     help="bound study: held-out pairs per split (857 = what cache.holdout 0.3 leaves beside 2,000)")
+    ap.add_argument("--first-split", type=int, default=0, help="bound study: the first split's number (split r "
+                    "uses seed 1000 + r): a later range re-measures a policy on splits its design never saw")
+    ap.add_argument("--datasets", default=None, help="bound study: only these datasets (comma-separated names)")
     ap.add_argument("--cluster", action="store_true", help="bound study: add the per-cluster policies (slow)")
     ap.add_argument("--cluster-splits", type=int, default=50, help="bound study: per-cluster policies run on the "
                     "first this many splits only")
@@ -388,13 +391,13 @@ def bound_study(pairs, vecs, eps: float, policies: list[str], args) -> dict:
     cached_vecs = vecs[pairs.cached]
     rec = {m: {"ok": [], "hit": [], "fhr": [], "split": [], "learned": []} for m in policies}
     hind, held_sets = [], []
-    for r in range(args.splits):
+    for r in range(args.first_split, args.first_split + args.splits):
         perm = np.random.default_rng(1000 + r).permutation(len(sims))
         cal, held = perm[:args.calibration], perm[args.calibration:args.calibration + args.heldout]
         held_sets.append(held)
         hind.append(tune.hindsight_best(sims[held], labels[held], eps)["hit_rate"])
         for m in policies:
-            if m in CLUSTER_POLICIES and r >= args.cluster_splits:
+            if m in CLUSTER_POLICIES and r - args.first_split >= args.cluster_splits:
                 continue
             if m in METRIC_POLICIES:
                 served, y_held, kind = metric_policy(pairs, vecs, cal, held, eps, conf, len(held) / len(cal),
@@ -407,7 +410,7 @@ def bound_study(pairs, vecs, eps: float, policies: list[str], args) -> dict:
             rec[m]["ok"].append(h["fhr"] <= eps)
             rec[m]["hit"].append(h["hit_rate"])
             rec[m]["fhr"].append(h["fhr"])
-            rec[m]["split"].append(r)
+            rec[m]["split"].append(r - args.first_split)  # index into hind
     hind = np.array(hind)
     out = {"pairs": int(len(sims)), "positives": int(labels.sum()), "splits": args.splits,
            "heldout": int(len(held_sets[0])),  # fewer than --heldout when the dataset runs out of pairs
@@ -442,7 +445,7 @@ def markdown_bound(res: dict) -> str:
     b = res["bound"]
     lines = [f"# bench_cache default-bound study ({res['date']}, {res['machine']})", "",
              f"{b['calibration']} calibration pairs and {b['heldout']} other held-out pairs per split, {b['splits']} "
-             f"random splits per dataset, mirrored pairs (A->B and B->A) {b.get('mirrored_pairs', 'kept')}, "
+             f"random splits per dataset (from split {b.get('first_split', 0)}), mirrored pairs (A->B and B->A) {b.get('mirrored_pairs', 'kept')}, "
              "confidence 0.95, MiniLM-L6 cosine. coverage = share of splits whose "
              "REALIZED held-out false-hit share is <= eps; hit ratio = mean held-out hit rate / mean hit rate of "
              "the hindsight-best static threshold (max hits with realized share <= eps on that split's held-out "
@@ -494,6 +497,8 @@ def markdown_bound(res: dict) -> str:
 def run_bound(args) -> None:
     t0 = time.perf_counter()
     data = bound_datasets(Path(args.shared), Path(args.emb_cache), args.keep_mirrors)
+    if args.datasets:
+        data = {name: data[name] for name in args.datasets.split(",")}
     policies = (list(BOUND_POLICIES) + (list(CLUSTER_POLICIES) if args.cluster else []) +
                 (list(METRIC_POLICIES) if args.learned else []))
     if args.policies:
@@ -507,6 +512,7 @@ def run_bound(args) -> None:
     res = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
            "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, shared",
            "bound": {"calibration": args.calibration, "heldout": args.heldout, "splits": args.splits,
+                     "first_split": args.first_split,
                      "confidence": 0.95, "mirrored_pairs": "kept" if args.keep_mirrors else "counted once",
                      "policies": {m: list({**ALL_POLICIES, **METRIC_POLICIES}[m]) for m in policies},
                      "cluster_splits": min(args.cluster_splits, args.splits) if args.cluster else None,
