@@ -25,7 +25,7 @@ def plain_features(q, ref, labels, skip=None):
     out = []
     for i, v in enumerate(q):
         sims = ref @ v
-        keep = [j for j in np.argsort(-sims, kind="stable") if sims[j] < 1 - 1e-6 and (skip is None or not skip[i, j])]
+        keep = [j for j in np.argsort(-sims, kind="stable") if sims[j] < 1 - 1e-4 and (skip is None or not skip[i, j])]
         out.append([labels[keep[:10]].mean(), labels[keep[:40]].mean(), sims[keep[:5]].mean(), sims[keep[:50]].mean()])
     return np.array(out)
 
@@ -43,6 +43,13 @@ def test_features_are_the_neighbourhood_label_rates_and_crowding():
     # The skip mattered, and a query identical to a reference text does not read its own label.
     assert not np.allclose(got[5], local.features(q[5:6], ref, labels)[0])
     assert np.allclose(got[0], plain_features(q[:1], ref, labels)[0], atol=1e-5)
+
+
+def test_pair_skip_hides_what_a_runtime_query_could_not_know():
+    # pair (q=0, c=5) against reference pairs (1->5): another query's label on this very entry; (5->9): the entry's
+    # own neighbour; (2->0): a pair about q; (3->4): unrelated, the only one it may read.
+    got = local.pair_skip(np.array([0]), np.array([5]), np.array([1, 5, 2, 3]), np.array([5, 9, 0, 4]))
+    assert got.tolist() == [[True, True, True, False]]
 
 
 def regions(seed=0, groups=30, per=12, oos=300, dim=32):
@@ -129,7 +136,7 @@ def cache_file(tmp_path, gate):
 
     emb = Embedder()
     sha = local.save_reference(tmp_path / local.REFERENCE_FILE, gate)
-    cfg = {"format": "optkit-cache/1", "similarity": {"kind": "cosine"}, "threshold": 0.9,
+    cfg = {"format": "optkit-cache/1", "similarity": {"kind": "cosine"}, "threshold": gate.fallback,
            "embedder": {"model": "synthetic", "dim": gate.ref_vecs.shape[1], "probes": list(PROBES),
                         "probe_vectors": probe_vectors(emb).tolist()},
            "query_threshold": local.spec(gate, sha, "test")}
@@ -155,6 +162,7 @@ def test_cache_json_and_its_reference_file_are_checked(tmp_path):
     bad = [({"features": ["label_rate_10"]}, "query_threshold.features"),
            ({"slopes": [0.1, 0.2]}, "query_threshold"),
            ({"offset": "0.5"}, "query_threshold.offset"),
+           ({"fallback": -5.0}, "query_threshold.fallback"),  # would switch the guard off: not the threshold
            ({"reference": {**spec["query_threshold"]["reference"], "file": "../cache-reference.safetensors"}},
             "query_threshold.reference.file"),
            ({"reference": {**spec["query_threshold"]["reference"], "n": len(cal) + 1}}, "holds vectors")]

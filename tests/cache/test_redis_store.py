@@ -390,7 +390,7 @@ def test_a_query_threshold_is_applied_by_every_replica(redis_server, tmp_path):
     texts = [f"{a} my order {w}" for a in ("cancel", "change", "track") for w in "abcdefghijklmn"] + \
             [f"refund my money {w}" for w in "abcdefghijklmnopqrstuvwxyzopq"]
     labels = np.array([1] * 42 + [0] * 29)
-    gate = local.Gate(1.2, np.array([0.5, 0.5, 0.0, 0.0]), l2_normalize(word_embedder(texts)), labels, -1.0, None)
+    gate = local.Gate(1.2, np.array([0.5, 0.5, 0.0, 0.0]), l2_normalize(word_embedder(texts)), labels, -1.0, THRESHOLD)
     path = tmp_path / "cache.json"
     path.write_text(json.dumps({
         "format": "optkit-cache/1", "similarity": {"kind": "cosine"}, "threshold": THRESHOLD,
@@ -402,7 +402,7 @@ def test_a_query_threshold_is_applied_by_every_replica(redis_server, tmp_path):
     a.insert("cancel my order", 1, "t")
     a.insert("refund my money", 2, "t")
     for replica in (a, b):
-        assert replica.query_gate is not None and replica.query_gate.fallback is None
+        assert replica.query_gate is not None and replica.query_gate.fallback == THRESHOLD
         hit = replica.lookup("cancel my order now", "t", exact=False)
         assert hit is not None and hit.answer == 1 and hit.similarity > THRESHOLD
         assert replica.lookup("refund my money now", "t", exact=False) is None

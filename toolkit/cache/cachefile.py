@@ -146,6 +146,9 @@ class CacheFile(_Model):
 
     @model_validator(mode="after")
     def _dims(self) -> "CacheFile":
+        qt = self.query_threshold
+        if qt is not None and qt.fallback != self.threshold:  # the guard falls back to the global threshold
+            raise ValueError(f"query_threshold.fallback {qt.fallback} is not the threshold {self.threshold}")
         if self.query_threshold is not None and self.adaptive is not None and self.adaptive.exported:
             raise ValueError("query_threshold and exported adaptive clusters exclude each other (the stage writes "
                              "one)")

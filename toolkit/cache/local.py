@@ -33,7 +33,7 @@ LABEL_KS = (10, 40)  # neighbours whose label rate is a feature
 CROWD_KS = (5, 50)  # neighbours whose mean similarity is a feature
 FEATURES = tuple(f"label_rate_{k}" for k in LABEL_KS) + tuple(f"crowding_{k}" for k in CROWD_KS)
 FOLDS = 5
-SAME_TEXT = 1.0 - 1e-6  # unit vectors this close are the same text
+SAME_TEXT = 1.0 - 1e-4  # unit vectors this close are the same text (re-embedded elsewhere it may not be exactly 1)
 # A query less crowded than this share of the calibration queries is unfamiliar: the gate's slopes were fitted where
 # calibration queries live and may extrapolate to a LOWER threshold out there, so such a query gets the global
 # threshold when that is stricter (the guard only ever raises a threshold).
@@ -107,11 +107,12 @@ class Unfit(Exception):
 
 def pair_skip(qids: np.ndarray, cids: np.ndarray, ref_qids: np.ndarray, ref_cids: np.ndarray) -> np.ndarray:
     """[n, len(ref)]: the reference pairs a pair (q, c) may not read when it is scored for the bound. A reference
-    pair whose query is c (its label says whether c's own neighbour was reusable) or whose cached text is q says
-    something about this very pair that a runtime query, whose entries are traffic rather than calibration
-    queries, would not know; read, they make the calibration and the held-out check optimistic."""
+    pair whose query is c (its label says whether c's own neighbour was reusable), whose cached text is q, or whose
+    cached text is c too (a nearby query's label on this very entry) says something about this pair that a runtime
+    query, whose entries are traffic rather than calibration texts, would not know; read, they make the calibration
+    and the held-out check optimistic."""
     return ((ref_qids[None, :] == qids[:, None]) | (ref_qids[None, :] == cids[:, None])
-            | (ref_cids[None, :] == qids[:, None]))
+            | (ref_cids[None, :] == qids[:, None]) | (ref_cids[None, :] == cids[:, None]))
 
 
 def _fit(scores, qvecs, labels, qids, cids) -> tuple[np.ndarray, float, np.ndarray]:
