@@ -114,12 +114,10 @@ def choose_parts(ctx) -> tuple[list[Part], list[str]]:
         parts.append(Part("cache", "cache", ctx.upstream("cache") / "cache.json", "cache.json"))
         if (ctx.upstream("cache") / "cache-embedder").is_dir():  # cache.embedding = static: its vectors travel too
             parts.append(Part("cache-embedder", "cache-embedder", ctx.upstream("cache") / "cache-embedder", "cache-embedder"))
-        from toolkit.cache import cachefile
-
-        query = cachefile.read(ctx.upstream("cache") / "cache.json").query_threshold
-        if query is not None:  # cache.adaptive = query: the calibration queries its threshold reads
-            name = query.reference.file
-            parts.append(Part("cache-reference", "cache-reference", ctx.upstream("cache") / name, name))
+        query = json.loads((ctx.upstream("cache") / "cache.json").read_text()).get("query_threshold")
+        if query:  # cache.adaptive = query: the calibration queries its threshold reads
+            parts.append(Part("cache-reference", "cache-reference", ctx.upstream("cache") / query["reference"]["file"],
+                              query["reference"]["file"]))
     for p in parts:
         if not p.src.exists():
             raise OptkitError(f"export: {p.src} is missing ({p.name}); re-run the stage that writes it")
