@@ -41,16 +41,6 @@ def crowding(sims_to_ref: np.ndarray) -> np.ndarray:
     return np.stack([top[:, :k].mean(1) for k in KS], 1).astype(np.float64)
 
 
-def logistic(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
-    """(w, b) of a standardized L2 logistic regression, folded back so that score = X @ w + b."""
-    from sklearn.linear_model import LogisticRegression
-
-    mu, sd = X.mean(0), X.std(0) + 1e-9
-    m = LogisticRegression(C=1.0, max_iter=1000).fit((X - mu) / sd, y)
-    w = m.coef_[0] / sd
-    return w, float(m.intercept_[0] - (mu * w).sum())
-
-
 def folds_of(rows: np.ndarray, qi, ci, k: int, seed: int) -> list[np.ndarray]:
     from toolkit.cache.pairs import fold_ids, mirror_groups
 
@@ -59,7 +49,7 @@ def folds_of(rows: np.ndarray, qi, ci, k: int, seed: int) -> list[np.ndarray]:
 
 
 def study(pairs, vecs: np.ndarray, splits: int, ablate: bool) -> dict:
-    from toolkit.cache import metric, tune
+    from toolkit.cache import local, metric, tune
 
     V = vecs.astype(np.float32)
     qi, ci, y0 = pairs.query, pairs.cached, pairs.labels
@@ -89,7 +79,7 @@ def study(pairs, vecs: np.ndarray, splits: int, ablate: bool) -> dict:
                 diag[part] = metric.scores(V[qi[rows[part]]], V[ci[rows[part]]],
                                            metric.fit(V[qi[rest]], V[ci[rest]], y0[rest]))
             w_diag = metric.fit(V[qi[rows]], V[ci[rows]], y0[rows])
-            w, b = logistic(features(rows, w_diag, diag, no_r), y0[rows])
+            w, b = local.logistic(features(rows, w_diag, diag, no_r), y0[rows])
             return w, b, w_diag
 
         def score(model, rows, no_r):

@@ -89,7 +89,7 @@ class Gate:
         return np.asarray(scores, np.float64) >= self.thresholds(query_vecs, skip)
 
 
-def _logistic(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+def logistic(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
     """(w, b) of a standardized L2 logistic regression, folded back so that score = X @ w + b."""
     from sklearn.linear_model import LogisticRegression
 
@@ -119,7 +119,7 @@ def _fit(scores, qvecs, labels, qids, cids) -> tuple[np.ndarray, float, np.ndarr
     """Gate weights on the training pairs, their neighbourhood read from the training pairs themselves; and those
     features."""
     f = features(qvecs, qvecs, labels, pair_skip(qids, cids, qids, cids))
-    return (*_logistic(np.column_stack([scores, f]), labels), f)
+    return (*logistic(np.column_stack([scores, f]), labels), f)
 
 
 def crossfit_scores(scores: np.ndarray, qvecs: np.ndarray, labels: np.ndarray, qids: np.ndarray,
