@@ -1,0 +1,190 @@
+"""Which search for the query gate's threshold keeps issue 15's goal -- a study of the `scan` search's optimism.
+
+`cache.adaptive: query, selection: scan` sits at the coverage line on CLINC150's labelled pairs (0.94 and 0.96 on two
+sets of 300 fresh splits). This runs the product's own calibration once per split (stage.choose_metric, then
+local.crossfit_scores: the expensive part) and applies several threshold searches to the SAME cross-fitted gate
+scores, each with the stage's export rule (the gate only when, cross-fitted, it serves more calibration pairs within
+the bound than the global threshold found by the same search), so the columns differ only by the search:
+
+  scan    the shipped search: the lowest threshold whose `realized` bound is <= eps (95%)
+  c96     scan at 96% instead of 95%: the cost of a flat safety margin
+  stable  scan, but every threshold serving down to 5% fewer pairs must pass too (no isolated lucky dip)
+  fs      fixed_sequence: high to low, stop at the first failure
+  grid    grid (served counts ~10% apart)
+  boot    scan with the search's optimism added back: the mean, over 100 bootstrap resamples of the calibration
+          pairs, of (false-hit share of all pairs - the resample's own) at the resample's scan pick, added to the
+          false-hit rate before the bound (Efron's optimism bootstrap)
+
+Also, for `scan`, where its failures come from: the held-out batch's own hindsight hit rate and the share the gate
+served on the failing splits against all splits, and how many of scan's failing splits each other search fails too.
+
+    python eval/bench_cache_rules.py --datasets clinc150_pairs --first-split 400 --splits 300
+    -> eval/results/bench_cache_rules_<datasets>.{json,md}        (~3 s per split and dataset on one core)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "eval"))
+
+EPS, CONF, NCAL, NHELD, BOOT = 0.05, 0.95, 2000, 857, 100
+
+
+def lowest_passing(c, false_hits, ratio: float, conf: float = CONF):
+    """Index of scan's pick on curve c with these false-hit counts (None: nothing passes)."""
+    from toolkit.cache import tune
+
+    ok = np.nonzero(tune.bounds(false_hits, c.served, conf, "realized", ratio, above=EPS) <= EPS)[0]
+    return int(ok[-1]) if len(ok) else None
+
+
+def by_select(method: str, conf: float = CONF):
+    def rule(s, y, ratio, seed):
+        from toolkit.cache import tune
+
+        sel = tune.select(s, y, EPS, conf, method, "realized", ratio)
+        return sel.threshold if sel.feasible else None
+    return rule
+
+
+def stable(s, y, ratio, seed, window: float = 0.05):
+    from toolkit.cache import tune
+
+    c = tune.curve(s, y)
+    ok = tune.bounds(c.false_hits, c.served, CONF, "realized", ratio, above=EPS) <= EPS
+    for i in np.nonzero(ok)[0][::-1]:
+        if ok[np.searchsorted(c.served, c.served[i] * (1 - window)):i + 1].all():
+            return float(c.thresholds[i])
+    return None
+
+
+def boot(s, y, ratio, seed):
+    from toolkit.cache import tune
+
+    rng = np.random.default_rng(seed)
+    optimism = []
+    for _ in range(BOOT):
+        idx = rng.integers(0, len(s), len(s))
+        cb = tune.curve(s[idx], y[idx])
+        i = lowest_passing(cb, cb.false_hits, ratio)
+        if i is not None:
+            optimism.append((1 - y[s >= cb.thresholds[i]].mean()) - cb.fhr[i])
+    c = tune.curve(s, y)
+    delta = max(0.0, float(np.mean(optimism))) if optimism else 0.0
+    i = lowest_passing(c, c.false_hits + delta * c.served, ratio)
+    return None if i is None else float(c.thresholds[i])
+
+
+RULES = {"scan": by_select("scan"), "c96": by_select("scan", 0.96), "stable": stable,
+         "fs": by_select("fixed_sequence"), "grid": by_select("grid"), "boot": boot}
+
+
+def study(pairs, vecs: np.ndarray, first: int, splits: int) -> dict:
+    from toolkit.cache import local, stage, tune
+    from toolkit.cache.pairs import fold_ids, mirror_groups
+    from toolkit.config.cache import CacheConfig
+
+    cfg = CacheConfig(metric="auto", epsilon=EPS, confidence=CONF, selection="scan", bound="realized",
+                      adaptive="query")
+    cosine = np.sum(vecs[pairs.query] * vecs[pairs.cached], 1).astype(np.float64)
+    rec = {k: {"ok": [], "hit": []} for k in RULES}
+    hind = []
+    for r in range(first, first + splits):
+        perm = np.random.default_rng(1000 + r).permutation(len(cosine))  # the splits of bench_cache --parts bound
+        cal, held = perm[:NCAL], perm[NCAL:NCAL + NHELD]
+        ratio = len(held) / len(cal)
+        hind.append(tune.hindsight_best(cosine[held], pairs.labels[held], EPS)["hit_rate"])
+        choice = stage.choose_metric(cfg, r, pairs, vecs, cal, ratio)
+        s_cal, y_cal, c_cal = choice.calibration
+        s_held, y_held, c_held = stage.pair_fn(pairs, vecs)(choice.weights, held)
+        qids, q = pairs.query[cal], pairs.query[held]
+        fold = fold_ids(len(cal), local.FOLDS, np.random.default_rng(r), mirror_groups(qids, c_cal))
+        oof = local.crossfit_scores(s_cal, vecs[qids], y_cal, qids, c_cal, fold)
+        skip = local.pair_skip(q, c_held, qids, c_cal)  # what a runtime query could read, as the stage's check
+        for name, rule in RULES.items():
+            t_global, tau = rule(s_cal, y_cal, ratio, r), rule(oof, y_cal, ratio, r)
+            served = s_held >= t_global if t_global is not None else np.zeros(len(held), bool)
+            n_global = int((s_cal >= t_global).sum()) if t_global is not None else 0
+            if tau is not None and int((oof >= tau).sum()) > n_global:  # the stage's export rule
+                try:
+                    gate = local.fit(s_cal, vecs[qids], y_cal, qids, c_cal, tau, t_global)
+                    served = gate.served(s_held, vecs[q], skip)
+                except local.Unfit:
+                    pass
+            h = tune.rates(served, y_held, CONF)
+            rec[name]["ok"].append(bool(h["fhr"] <= EPS))
+            rec[name]["hit"].append(h["hit_rate"])
+    hind = np.array(hind)
+    out = {"first_split": first, "splits": splits, "hindsight_mean_hit_rate": float(hind.mean()), "rules": {}}
+    fail = ~np.array(rec["scan"]["ok"])
+    for name, v in rec.items():
+        ok, hit = np.array(v["ok"]), np.array(v["hit"])
+        out["rules"][name] = {"coverage": float(ok.mean()), "hit_ratio_vs_hindsight": float(hit.mean() / hind.mean()),
+                              "fails_of_scans_fails": int((~ok & fail).sum())}
+    scan_hit = np.array(rec["scan"]["hit"])
+    out["scan_failures"] = {"n": int(fail.sum()),
+                            "hindsight_hit_rate": {"failing": float(hind[fail].mean()) if fail.any() else None,
+                                                   "all": float(hind.mean())},
+                            "served": {"failing": float(scan_hit[fail].mean()) if fail.any() else None,
+                                       "all": float(scan_hit.mean())}}
+    return out
+
+
+def markdown(res: dict) -> str:
+    lines = [f"# Query-gate threshold searches (eps {EPS}, {NCAL} calibration / {NHELD} held-out pairs)", "",
+             "Cell: share of splits whose realized held-out false-hit share is <= eps / hit rate / hindsight-best "
+             "static cosine threshold's / of scan's failing splits, how many this search fails too.", "",
+             "| dataset | splits | " + " | ".join(RULES) + " |", "|---|---|" + "---|" * len(RULES)]
+    for name, d in res["datasets"].items():
+        cells = [f"{r['coverage']:.3f} / {r['hit_ratio_vs_hindsight']:.3f} / {r['fails_of_scans_fails']}"
+                 for r in d["rules"].values()]
+        lines.append(f"| {name} | {d['first_split']}-{d['first_split'] + d['splits'] - 1} | " + " | ".join(cells) + " |")
+    lines += ["", "scan's failing splits: held-out hindsight hit rate and the share served, failing / all splits:", ""]
+    for name, d in res["datasets"].items():
+        f = d["scan_failures"]
+        if f["n"]:
+            lines.append(f"- {name}: {f['n']} failing; hindsight {f['hindsight_hit_rate']['failing']:.3f} / "
+                         f"{f['hindsight_hit_rate']['all']:.3f}; served {f['served']['failing']:.3f} / "
+                         f"{f['served']['all']:.3f}")
+    return "\n".join(lines) + "\n"
+
+
+def main():
+    import bench_cache as bc
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shared", default=str(REPO / ".." / "shared" / "data"))
+    ap.add_argument("--datasets", default="clinc150_pairs", help="comma-separated (bench_cache.bound_datasets)")
+    ap.add_argument("--first-split", type=int, default=400)
+    ap.add_argument("--splits", type=int, default=100)
+    ap.add_argument("--emb-cache", default=str(Path.home() / ".cache" / "optkit" / "bench_cache"))
+    ap.add_argument("--out", default=str(REPO / "eval" / "results" / "bench_cache_rules"))
+    args = ap.parse_args()
+    data = bc.bound_datasets(Path(args.shared), Path(args.emb_cache))
+    names = args.datasets.split(",")
+    unknown = sorted(set(names) - set(data))
+    if unknown:
+        sys.exit(f"--datasets: unknown {unknown}; known: {sorted(data)}")
+    t0 = time.time()
+    res = {"epsilon": EPS, "confidence": CONF, "calibration": NCAL, "heldout": NHELD, "datasets": {}}
+    for name in names:
+        res["datasets"][name] = study(*data[name], args.first_split, args.splits)
+        print(name, json.dumps(res["datasets"][name]["rules"]), flush=True)
+    res["seconds"] = round(time.time() - t0, 1)
+    out = Path(f"{args.out}_{'_'.join(names)}")
+    out.with_suffix(".json").write_text(json.dumps(res, indent=1, allow_nan=False))
+    out.with_suffix(".md").write_text(markdown(res))
+    print(markdown(res))
+
+
+if __name__ == "__main__":
+    main()
