@@ -39,11 +39,16 @@ sys.path.insert(0, str(REPO / "eval"))
 EPS, CONF, NCAL, NHELD, BOOT = 0.05, 0.95, 2000, 857, 100
 
 
-def lowest_passing(c, false_hits, ratio: float, conf: float = CONF):
-    """Index of scan's pick on curve c with these false-hit counts (None: nothing passes)."""
+def passing(c, false_hits, ratio: float) -> np.ndarray:
+    """Per threshold of curve c: is its `realized` bound with these false-hit counts <= eps."""
     from toolkit.cache import tune
 
-    ok = np.nonzero(tune.bounds(false_hits, c.served, conf, "realized", ratio, above=EPS) <= EPS)[0]
+    return tune.bounds(false_hits, c.served, CONF, "realized", ratio, above=EPS) <= EPS
+
+
+def lowest_passing(c, false_hits, ratio: float):
+    """Index of scan's pick on curve c with these false-hit counts (None: nothing passes)."""
+    ok = np.nonzero(passing(c, false_hits, ratio))[0]
     return int(ok[-1]) if len(ok) else None
 
 
@@ -60,7 +65,7 @@ def stable(s, y, ratio, seed, window: float = 0.05):
     from toolkit.cache import tune
 
     c = tune.curve(s, y)
-    ok = tune.bounds(c.false_hits, c.served, CONF, "realized", ratio, above=EPS) <= EPS
+    ok = passing(c, c.false_hits, ratio)
     for i in np.nonzero(ok)[0][::-1]:
         if ok[np.searchsorted(c.served, c.served[i] * (1 - window)):i + 1].all():
             return float(c.thresholds[i])
