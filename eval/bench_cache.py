@@ -103,7 +103,8 @@ def metric_policy(pairs, vecs, cal, held, eps, conf, batch_ratio, spec, seed=0):
         gate = stage.choose_query_threshold(cfg, seed, pairs, vecs, cal, choice, batch_ratio).gate
         if gate is not None:  # read only what a runtime query could (local.pair_skip), as the stage's check
             q = pairs.query[held]
-            served = gate.served(s_held, vecs[q], local.pair_skip(q, c_held, pairs.query[cal], choice.calibration[2]))
+            skip = local.pair_skip(q, c_held, pairs.query[cal], choice.calibration[2])
+            served = gate.served(s_held, vecs[q], vecs[c_held], skip)
         return served, y_held, "query" if gate is not None else choice.report["kind"]
     return served, y_held, choice.report["kind"]
 

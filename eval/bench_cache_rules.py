@@ -20,6 +20,7 @@ served on the failing splits against all splits, and how many of scan's failing 
 
     python eval/bench_cache_rules.py --datasets clinc150_pairs --first-split 400 --splits 300
     -> eval/results/bench_cache_rules_<datasets>.{json,md}        (~3 s per split and dataset on one core)
+    --entry: the gate with cache.query_entry (the entry's crowding too) -> bench_cache_rules_entry_<datasets>.*
 """
 
 from __future__ import annotations
@@ -93,13 +94,13 @@ RULES = {"scan": by_select("scan"), "c96": by_select("scan", 0.96), "stable": st
          "fs": by_select("fixed_sequence"), "grid": by_select("grid"), "boot": boot}
 
 
-def study(pairs, vecs: np.ndarray, first: int, splits: int) -> dict:
+def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False) -> dict:
     from toolkit.cache import local, stage, tune
     from toolkit.cache.pairs import fold_ids, mirror_groups
     from toolkit.config.cache import CacheConfig
 
     cfg = CacheConfig(metric="auto", epsilon=EPS, confidence=CONF, selection="scan", bound="realized",
-                      adaptive="query")
+                      adaptive="query", query_entry=entry)
     cosine = np.sum(vecs[pairs.query] * vecs[pairs.cached], 1).astype(np.float64)
     rec = {k: {"ok": [], "hit": []} for k in RULES}
     hind = []
@@ -113,7 +114,8 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int) -> dict:
         s_held, y_held, c_held = stage.pair_fn(pairs, vecs)(choice.weights, held)
         qids, q = pairs.query[cal], pairs.query[held]
         fold = fold_ids(len(cal), local.FOLDS, np.random.default_rng(r), mirror_groups(qids, c_cal))
-        oof = local.crossfit_scores(s_cal, vecs[qids], y_cal, qids, c_cal, fold)
+        entries = vecs[c_cal] if entry else None  # as stage.choose_query_threshold
+        oof = local.crossfit_scores(s_cal, vecs[qids], entries, y_cal, qids, c_cal, fold)
         skip = local.pair_skip(q, c_held, qids, c_cal)  # what a runtime query could read, as the stage's check
         for name, rule in RULES.items():
             t_global, tau = rule(s_cal, y_cal, ratio, r), rule(oof, y_cal, ratio, r)
@@ -121,8 +123,8 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int) -> dict:
             n_global = int((s_cal >= t_global).sum()) if t_global is not None else 0
             if tau is not None and int((oof >= tau).sum()) > n_global:  # the stage's export rule
                 try:
-                    gate = local.fit(s_cal, vecs[qids], y_cal, qids, c_cal, tau, t_global)
-                    served = gate.served(s_held, vecs[q], skip)
+                    gate = local.fit(s_cal, vecs[qids], entries, y_cal, qids, c_cal, tau, t_global)
+                    served = gate.served(s_held, vecs[q], vecs[c_held], skip)
                 except local.Unfit:
                     pass
             h = tune.rates(served, y_held, CONF)
@@ -145,7 +147,8 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int) -> dict:
 
 
 def markdown(res: dict) -> str:
-    lines = [f"# Query-gate threshold searches (eps {EPS}, {NCAL} calibration / {NHELD} held-out pairs)", "",
+    gate = "query and entry features (cache.query_entry)" if res["query_entry"] else "query features"
+    lines = [f"# Query-gate threshold searches (eps {EPS}, {NCAL} calibration / {NHELD} held-out pairs; {gate})", "",
              "Cell: share of splits whose realized held-out false-hit share is <= eps / hit rate / hindsight-best "
              "static cosine threshold's / of scan's failing splits, how many this search fails too.", "",
              "| dataset | splits | " + " | ".join(RULES) + " |", "|---|---|" + "---|" * len(RULES)]
@@ -171,6 +174,7 @@ def main():
     ap.add_argument("--datasets", default="clinc150_pairs", help="comma-separated (bench_cache.bound_datasets)")
     ap.add_argument("--first-split", type=int, default=400)
     ap.add_argument("--splits", type=int, default=100)
+    ap.add_argument("--entry", action="store_true", help="cache.query_entry: the gate reads the entry's crowding too")
     ap.add_argument("--emb-cache", default=str(Path.home() / ".cache" / "optkit" / "bench_cache"))
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "bench_cache_rules"))
     args = ap.parse_args()
@@ -180,12 +184,13 @@ def main():
     if unknown:
         sys.exit(f"--datasets: unknown {unknown}; known: {sorted(data)}")
     t0 = time.time()
-    res = {"epsilon": EPS, "confidence": CONF, "calibration": NCAL, "heldout": NHELD, "datasets": {}}
+    res = {"epsilon": EPS, "confidence": CONF, "calibration": NCAL, "heldout": NHELD, "query_entry": args.entry,
+           "datasets": {}}
     for name in names:
-        res["datasets"][name] = study(*data[name], args.first_split, args.splits)
+        res["datasets"][name] = study(*data[name], args.first_split, args.splits, args.entry)
         print(name, json.dumps(res["datasets"][name]["rules"]), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
-    out = Path(f"{args.out}_{'_'.join(names)}")
+    out = Path(f"{args.out}{'_entry' if args.entry else ''}_{'_'.join(names)}")
     out.with_suffix(".json").write_text(json.dumps(res, indent=1, allow_nan=False))
     out.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))

@@ -6,6 +6,7 @@ Synthetic vectors on purpose: they make the right answer known (a region whose n
 reusable at the same similarity as a region whose neighbours are). tests/cache/test_stage.py runs the same code on
 real MiniLM embeddings of real data."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -30,6 +31,19 @@ def plain_features(q, ref, labels, skip=None):
     return np.array(out)
 
 
+def plain_entry_features(c, ref, skip=None):
+    """The entry's part of the definition: the mean similarity of c to its 5 and 50 nearest reference queries."""
+    return plain_features(c, ref, np.zeros(len(ref)), skip)[:, 2:]
+
+
+def plain_thresholds(gate, q, c):
+    """offset - slopes . [f(q), g(c)], the fallback as the floor of an unfamiliar query's, written out."""
+    f = plain_features(q, gate.ref_vecs, gate.ref_labels)
+    t = gate.offset - np.column_stack([f, plain_entry_features(c, gate.ref_vecs)]) @ gate.slopes
+    floor = np.inf if gate.fallback is None else gate.fallback
+    return np.where(f[:, 2] < gate.support, np.maximum(t, floor), t)
+
+
 def test_features_are_the_neighbourhood_label_rates_and_crowding():
     rng = np.random.default_rng(0)
     ref = l2_normalize(rng.normal(size=(120, 16))).astype(np.float32)
@@ -38,11 +52,15 @@ def test_features_are_the_neighbourhood_label_rates_and_crowding():
     skip = np.zeros((8, 120), bool)
     skip[5, np.argsort(-(ref @ q[5]))[:4]] = True  # a query barred from its 4 nearest reference pairs
     got = local.features(q, ref, labels, skip)
-    assert got.shape == (8, len(local.FEATURES))
+    assert got.shape == (8, len(local.QUERY_FEATURES))
     assert np.allclose(got, plain_features(q, ref, labels, skip), atol=1e-5)
     # The skip mattered, and a query identical to a reference text does not read its own label.
     assert not np.allclose(got[5], local.features(q[5:6], ref, labels)[0])
     assert np.allclose(got[0], plain_features(q[:1], ref, labels)[0], atol=1e-5)
+    # The entry's features are its crowding, read with the same skips (a pair's own query never counts).
+    entry = local.entry_features(q, ref, skip)
+    assert entry.shape == (8, len(local.ENTRY_FEATURES))
+    assert np.allclose(entry, plain_entry_features(q, ref, skip), atol=1e-5) and np.allclose(entry, got[:, 2:])
 
 
 def test_pair_skip_hides_what_a_runtime_query_could_not_know():
@@ -74,11 +92,12 @@ def regions(seed=0, groups=30, per=12, oos=300, dim=32):
     return Pairs([f"t{i}" for i in queries], np.array(queries), cached, labels, "synthetic", {}, names), vecs
 
 
-def test_the_query_threshold_serves_more_within_the_bound_where_one_threshold_cannot_tell_regions_apart():
+@pytest.mark.parametrize("entry", [False, True], ids=["query", "query_entry"])
+def test_the_query_threshold_serves_more_within_the_bound_where_one_threshold_cannot_tell_regions_apart(entry):
     pairs, vecs = regions()
     cal, held = split(pairs, 0.3, seed=0)
     ratio = len(held) / len(cal)
-    cfg = CacheConfig(metric="cosine", adaptive="query", epsilon=0.05)
+    cfg = CacheConfig(metric="cosine", adaptive="query", epsilon=0.05, query_entry=entry)
     choice = choose_metric(cfg, 0, pairs, vecs, cal, ratio)
     query = choose_query_threshold(cfg, 0, pairs, vecs, cal, choice, ratio)
     rep = query.report
@@ -94,25 +113,32 @@ def test_the_query_threshold_serves_more_within_the_bound_where_one_threshold_ca
     pool = l2_normalize(np.random.default_rng(5).normal(size=(400, vecs.shape[1]))).astype(np.float32)
     f = local.features(pool, query.gate.ref_vecs, query.gate.ref_labels)
     far = f[:, local.FEATURES.index("crowding_5")] < query.gate.support
-    t = query.gate.thresholds(pool)
+    entries = pool[::-1]
+    t = query.gate.thresholds(pool, entries)
     assert far.sum() >= 10 and (t[far] == np.inf).all()
-    assert np.allclose(t[~far], query.gate.offset - f[~far] @ query.gate.slopes)
+    assert np.allclose(t, plain_thresholds(query.gate, pool, entries), atol=1e-5)
+    # With cache.query_entry the entry's crowding moves the threshold too (the same query, another entry, another
+    # threshold); without, the entry is never read.
+    inside = vecs[pairs.query[cal][:50]]
+    moves = np.ptp(query.gate.thresholds(inside[:1].repeat(50, 0), inside))
+    assert rep["features"] == list(local.FEATURES if entry else local.QUERY_FEATURES)
+    assert (moves > 0.01 and all(rep["slopes"][f] != 0 for f in local.ENTRY_FEATURES)) if entry else moves == 0
 
     s_held, y_held, c_held = pair_fn(pairs, vecs)(None, held)
     q = pairs.query[held]
     skip = local.pair_skip(q, c_held, pairs.query[cal], choice.calibration[2])
-    gated = tune.rates(query.gate.served(s_held, vecs[q], skip), y_held)
+    gated = tune.rates(query.gate.served(s_held, vecs[q], vecs[c_held], skip), y_held)
     global_ = tune.evaluate(s_held, y_held, choice.selection.threshold)
     assert gated["fhr"] <= 0.05 and gated["hit_rate"] > global_["hit_rate"] + 0.1, (gated, global_)
 
     # The runtime serves the per-query thresholds exactly: each held-out query against its cached text alone.
     cache = SemanticCache(choice.selection.threshold, query_gate=query.gate)
-    want = s_held >= query.gate.thresholds(vecs[q])  # at runtime no pair is skipped: it reads the whole reference
-    for i in range(0, len(held), 7):
+    want = s_held >= query.gate.thresholds(vecs[q], vecs[c_held])  # at runtime no pair is skipped
+    for i in range(len(held)):
         cache.insert_many([f"c{i}"], [i], namespace=str(i), vectors=vecs[c_held[i]][None])
         hit = cache.lookup_vector(vecs[q[i]], namespace=str(i))
         assert (hit is not None) == bool(want[i]), i
-    assert want[::7].any() and (~want[::7]).any()
+    assert want.any() and (~want).any()
 
 
 def test_not_exported_when_it_serves_no_more_than_the_global_threshold():
@@ -146,10 +172,10 @@ def cache_file(tmp_path, gate):
 def test_cache_json_and_its_reference_file_are_checked(tmp_path):
     pairs, vecs = regions(seed=1)
     cal, held = split(pairs, 0.3, seed=0)
-    cfg = CacheConfig(metric="cosine", adaptive="query")
+    cfg = CacheConfig(metric="cosine", adaptive="query", query_entry=True)
     choice = choose_metric(cfg, 0, pairs, vecs, cal, len(held) / len(cal))
     gate = choose_query_threshold(cfg, 0, pairs, vecs, cal, choice, len(held) / len(cal)).gate
-    assert gate is not None
+    assert gate is not None and gate.entry and len(local.spec(gate, "0" * 64, "")["slopes"]) == len(local.FEATURES)
     spec, emb = cache_file(tmp_path, gate)
     path = tmp_path / "cache.json"
 
@@ -158,9 +184,18 @@ def test_cache_json_and_its_reference_file_are_checked(tmp_path):
         return path
 
     loaded = SemanticCache.load(write(spec), embedder=emb)
-    assert np.allclose(loaded.query_gate.thresholds(vecs[:20]), gate.thresholds(vecs[:20]))
+    assert np.allclose(loaded.query_gate.thresholds(vecs[:20], vecs[20:40]), gate.thresholds(vecs[:20], vecs[20:40]))
+    # The query's features only (the default, and every cache.json from before cache.query_entry): served as tuned.
+    four = {**spec["query_threshold"], "features": list(local.QUERY_FEATURES),
+            "slopes": spec["query_threshold"]["slopes"][:4]}
+    before = SemanticCache.load(write({**spec, "query_threshold": four}), embedder=emb).query_gate
+    assert not before.entry
+    as_tuned = dataclasses.replace(gate, slopes=np.r_[gate.slopes[:4], 0.0, 0.0])
+    assert np.allclose(before.thresholds(vecs[:20], vecs[20:40]), plain_thresholds(as_tuned, vecs[:20], vecs[20:40]),
+                       atol=1e-5)
     bad = [({"features": ["label_rate_10"]}, "query_threshold.features"),
            ({"slopes": [0.1, 0.2]}, "query_threshold"),
+           ({"features": list(local.QUERY_FEATURES)}, "slopes: 6 values, want one per feature"),
            ({"offset": "0.5"}, "query_threshold.offset"),
            ({"fallback": -5.0}, "query_threshold.fallback"),  # would switch the guard off: not the threshold
            ({"reference": {**spec["query_threshold"]["reference"], "file": "../cache-reference.safetensors"}},
@@ -180,3 +215,8 @@ def test_cache_json_and_its_reference_file_are_checked(tmp_path):
     ref.unlink()
     with pytest.raises(OptkitError, match="cannot read"):
         SemanticCache.load(write(spec), embedder=emb)
+
+
+def test_query_entry_needs_the_query_threshold():
+    with pytest.raises(ValueError, match="query_entry: true needs adaptive: query"):
+        CacheConfig(adaptive="cluster", query_entry=True)

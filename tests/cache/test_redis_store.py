@@ -390,7 +390,8 @@ def test_a_query_threshold_is_applied_by_every_replica(redis_server, tmp_path):
     texts = [f"{a} my order {w}" for a in ("cancel", "change", "track") for w in "abcdefghijklmn"] + \
             [f"refund my money {w}" for w in "abcdefghijklmnopqrstuvwxyzopq"]
     labels = np.array([1] * 42 + [0] * 29)
-    gate = local.Gate(1.2, np.array([0.5, 0.5, 0.0, 0.0]), l2_normalize(word_embedder(texts)), labels, -1.0, THRESHOLD)
+    slopes = np.array([0.5, 0.5, 0.0, 0.0, 0.0, 0.0])
+    gate = local.Gate(1.2, slopes, l2_normalize(word_embedder(texts)), labels, -1.0, THRESHOLD)
     path = tmp_path / "cache.json"
     path.write_text(json.dumps({
         "format": "optkit-cache/1", "similarity": {"kind": "cosine"}, "threshold": THRESHOLD,

@@ -288,16 +288,18 @@ def test_learned_metric_exported_and_served_exactly_as_tuned(workdir):
 def test_query_threshold_exported_bundled_and_served_as_tuned(workdir):
     """cache.adaptive: query on the Bitext intents with the real MiniLM: exported only because, cross-fitted on the
     calibration pairs, it serves more than the global threshold; its reference file travels into the bundle, and
-    the runtime's per-query thresholds are the definition's, computed here from the reference file by hand."""
+    the runtime's thresholds (cache.query_entry: they move with the entry too) are the definition's, computed here
+    from the reference file by hand."""
     import numpy as np
     from safetensors.numpy import load_file
 
     from toolkit.cache.runtime import embed_texts
     from toolkit.models import load_embedder
-    from tests.cache.test_local import plain_features
+    from tests.cache.test_local import plain_thresholds
 
     r = recipe_from_dict({**recipe({"group_column": "intent", "stress": False, "data_rows": "all",
-                                    "adaptive": "query"}).model_dump(exclude_unset=True), "export": {}})
+                                    "adaptive": "query", "query_entry": True}).model_dump(exclude_unset=True),
+                          "export": {}})
     outcome = run_pipeline(r)[0]
     out = workdir / "artifacts" / "cachetest" / "cache"
     cfg, report = strict_json(out / "cache.json"), strict_json(out / "report.json")
@@ -317,9 +319,11 @@ def test_query_threshold_exported_bundled_and_served_as_tuned(workdir):
     rows = [json.loads(line) for line in BITEXT.read_text().splitlines()][:120]
     queries, cached = [x["instruction"] for x in rows[::2]], [x["instruction"] for x in rows[1::2]]
     qv, cv = embed_texts(emb, queries), embed_texts(emb, cached)
-    slopes = np.array(cfg["query_threshold"]["slopes"])
-    want_t = cfg["query_threshold"]["offset"] - plain_features(qv, ref["vectors"], ref["labels"]) @ slopes
-    assert np.ptp(want_t) > 0.05  # the threshold moves with the query
+    want_t = plain_thresholds(cache.query_gate, qv, cv)
+    gate, spec = cache.query_gate, cfg["query_threshold"]
+    assert gate.offset == spec["offset"] and gate.slopes.tolist() == spec["slopes"] and spec["slopes"][4:] != [0, 0]
+    assert (gate.ref_labels == ref["labels"]).all()
+    assert np.ptp(want_t[np.isfinite(want_t)]) > 0.05  # the threshold moves with the query and entry
     weights = np.array(cfg["similarity"].get("weights") or np.ones(384), np.float32)
     sims = np.sum(qv * weights * cv, 1)
     served = 0

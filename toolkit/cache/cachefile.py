@@ -92,7 +92,8 @@ class ReferenceSpec(_Model):
 
 
 class QueryThresholdSpec(_Model):
-    """cache.adaptive: query (toolkit/cache/local.py): threshold(q) = offset - slopes . features(q)."""
+    """cache.adaptive: query (toolkit/cache/local.py): the threshold of query q and its nearest entry c is
+    offset - slopes . [features(q), entry_features(c)]."""
     offset: Finite
     slopes: list[Finite]
     support: Finite  # crowding_5 below it = an unfamiliar query
@@ -100,16 +101,21 @@ class QueryThresholdSpec(_Model):
     features: list[str]
     reference: ReferenceSpec
 
-    @field_validator("slopes", "features")
+    @field_validator("features")
     @classmethod
-    def _features(cls, value, info: ValidationInfo):
-        from toolkit.cache.local import FEATURES
+    def _features(cls, value):
+        from toolkit.cache.local import FEATURES, QUERY_FEATURES
 
-        if info.field_name == "features" and value != list(FEATURES):
-            raise ValueError(f"{value} are not this version's {list(FEATURES)}")
-        if len(value) != len(FEATURES):
-            raise ValueError(f"{len(value)} values, want {len(FEATURES)}")
+        # QUERY_FEATURES alone: cache.query_entry off, as every cache.json written before it
+        if value not in (list(FEATURES), list(QUERY_FEATURES)):
+            raise ValueError(f"{value} are not this version's {list(FEATURES)} (or its first {len(QUERY_FEATURES)})")
         return value
+
+    @model_validator(mode="after")
+    def _slopes(self):
+        if len(self.slopes) != len(self.features):
+            raise ValueError(f"slopes: {len(self.slopes)} values, want one per feature ({len(self.features)})")
+        return self
 
 
 class RuntimeSpec(_Model):

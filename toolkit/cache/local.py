@@ -3,18 +3,19 @@
 One similarity threshold is too strict where nearest neighbours are usually reusable (a dense intent) and too
 loose where they are not (an out-of-scope region, a topic whose queries differ in one detail). The calibration
 pairs say which is which: for a query q, look at its nearest calibration queries and ask how often THEIR nearest
-entry was reusable (label rate), and how crowded the region is (mean similarity to them). The gate is a logistic
-score on [s(q, c), those four numbers of q]; a hit is served when it clears a threshold set with the cache's own
-bound on cross-fitted gate scores. Because the neighbourhood features depend on q alone, the gate is a threshold
-on the similarity that moves with the query:
+entry was reusable (label rate), and how crowded the region is (mean similarity to them); with cache.query_entry,
+also how crowded the region of calibration queries around the entry c it would be served is (an entry many
+different queries sit close to is one a near miss lands on). The gate is a logistic score on [s(q, c), those
+numbers]; a hit is served when it clears a threshold set with the cache's own bound on cross-fitted gate scores.
+The score enters linearly, so the gate is a threshold on the similarity that moves with the query (and entry):
 
-    serve the nearest entry c  iff  s(q, c) >= offset - slopes . f(q)
+    serve the nearest entry c  iff  s(q, c) >= offset - slopes . [f(q), g(c)]
 
-so retrieval, the stores (memory, Redis) and the ANN index are unchanged; the runtime adds one mat-vec against
-the calibration queries (a few thousand x dim) per lookup. f(q) reads a FIXED reference set -- the calibration
-queries' unit vectors and labels, shipped beside cache.json -- never what the cache holds, so the bound's
-calibration describes the runtime exactly. A reference text identical to the query is skipped (in calibration that
-is the pair itself; at runtime the same rule keeps the features alike).
+so retrieval, the stores (memory, Redis) and the ANN index are unchanged; the runtime adds one mat-vec of the query
+(and one of the nearest entry) against the calibration queries (a few thousand x dim) per lookup. f and g read a
+FIXED reference set -- the calibration queries' unit vectors and labels, shipped beside cache.json -- never what the
+cache holds, so the bound's calibration describes the runtime exactly. A reference text identical to the query (or
+entry) is skipped (in calibration that is the pair itself; at runtime the same rule keeps the features alike).
 
 Measured against issue 15's goal in eval/bench_cache.py --parts bound (policy `query`): see the README.
 """
@@ -31,7 +32,9 @@ from toolkit.errors import OptkitError
 
 LABEL_KS = (10, 40)  # neighbours whose label rate is a feature
 CROWD_KS = (5, 50)  # neighbours whose mean similarity is a feature
-FEATURES = tuple(f"label_rate_{k}" for k in LABEL_KS) + tuple(f"crowding_{k}" for k in CROWD_KS)
+QUERY_FEATURES = tuple(f"label_rate_{k}" for k in LABEL_KS) + tuple(f"crowding_{k}" for k in CROWD_KS)
+ENTRY_FEATURES = tuple(f"entry_crowding_{k}" for k in CROWD_KS)
+FEATURES = QUERY_FEATURES + ENTRY_FEATURES
 FOLDS = 5
 SAME_TEXT = 1.0 - 1e-4  # unit vectors this close are the same text (re-embedded elsewhere it may not be exactly 1)
 # A query less crowded than this share of the calibration queries is unfamiliar: the gate's slopes were fitted where
@@ -39,16 +42,17 @@ SAME_TEXT = 1.0 - 1e-4  # unit vectors this close are the same text (re-embedded
 # threshold when that is stricter (the guard only ever raises a threshold).
 SUPPORT_QUANTILE = 0.01
 REFERENCE_FILE = "cache-reference.safetensors"
-DEFINITION = ("serve the nearest entry c iff s(q, c) >= offset - sum_j slopes_j f_j(q); f(q) = over the reference "
-              "calibration queries nearest q (identical texts skipped): the mean label of the 10 and 40 nearest, "
-              "the mean similarity to the 5 and 50 nearest; a query with crowding_5 < support gets at least the "
-              "fallback (the global threshold; null: no semantic hit)")
+DEFINITION = ("serve the nearest entry c iff s(q, c) >= offset - sum_j slopes_j x_j; x = f(q), or [f(q), g(c)] when "
+              "`features` lists the entry's; f(q) = over the reference calibration queries nearest q (identical texts "
+              "skipped): the mean label of the 10 and 40 nearest, the mean similarity to the 5 and 50 nearest; g(c) = "
+              "the mean similarity of c to its 5 and 50 nearest reference queries (identical texts skipped); a query "
+              "with crowding_5 < support gets at least the fallback (the global threshold; null: no semantic hit)")
 
 
 def features(query_vecs: np.ndarray, ref_vecs: np.ndarray, ref_labels: np.ndarray,
              skip: Optional[np.ndarray] = None) -> np.ndarray:
-    """[n, 4] neighbourhood features of unit query vectors against the reference set. `skip` [n, len(ref)]:
-    reference pairs a query may not read (see pair_skip)."""
+    """[n, len(QUERY_FEATURES)] neighbourhood features of unit query vectors against the reference set. `skip`
+    [n, len(ref)]: reference pairs a query may not read (see pair_skip)."""
     sims = np.asarray(query_vecs, np.float32) @ np.asarray(ref_vecs, np.float32).T
     sims[sims >= SAME_TEXT] = -np.inf
     if skip is not None:
@@ -69,24 +73,57 @@ def features(query_vecs: np.ndarray, ref_vecs: np.ndarray, ref_labels: np.ndarra
     return np.stack(cols, 1)
 
 
+def entry_features(entry_vecs: np.ndarray, ref_vecs: np.ndarray, skip: Optional[np.ndarray] = None) -> np.ndarray:
+    """[n, len(ENTRY_FEATURES)]: how crowded each entry's region of reference queries is -- the query features'
+    crowding columns, read from the entry (`skip` as there: a calibration pair's own query, whose similarity to the
+    entry IS the pair's score, must not count)."""
+    dummy = np.zeros(len(ref_vecs))  # crowding reads no labels
+    return features(entry_vecs, ref_vecs, dummy, skip)[:, len(LABEL_KS):]
+
+
+def inputs(scores: np.ndarray, query_vecs: np.ndarray, entry_vecs: Optional[np.ndarray], ref_vecs: np.ndarray,
+           ref_labels: np.ndarray, skip: Optional[np.ndarray] = None) -> np.ndarray:
+    """The gate's inputs [s, f(q), g(c)] of pairs (q, c) with score s; [s, f(q)] when entry_vecs is None (the
+    entry's features off: cache.query_entry false)."""
+    cols = [scores, features(query_vecs, ref_vecs, ref_labels, skip)]
+    if entry_vecs is not None:
+        cols.append(entry_features(entry_vecs, ref_vecs, skip))
+    return np.column_stack(cols)
+
+
 @dataclass
 class Gate:
-    """The fitted gate in its runtime form: a per-query threshold on the similarity."""
+    """The fitted gate in its runtime form: a threshold on the similarity per query and nearest entry."""
     offset: float
-    slopes: np.ndarray  # [len(FEATURES)]
+    slopes: np.ndarray  # [len(FEATURES)]: the query's, then the entry's (zeros: the entry's features are off)
     ref_vecs: np.ndarray  # [n, dim] float32 unit vectors of the calibration queries
     ref_labels: np.ndarray  # [n] 0/1
     support: float  # crowding_5 below this = an unfamiliar query (SUPPORT_QUANTILE of the calibration queries')
     fallback: Optional[float]  # the global threshold (None: it serves nothing)
+    entry: bool = False  # the entry's features are part of the gate (cache.query_entry)
 
-    def thresholds(self, query_vecs: np.ndarray, skip: Optional[np.ndarray] = None) -> np.ndarray:
+    def query_part(self, query_vecs: np.ndarray, skip: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
+        """(offset - the query's slopes . f(q), is q unfamiliar): what is known before retrieval."""
         f = features(query_vecs, self.ref_vecs, self.ref_labels, skip)
-        t = self.offset - f @ self.slopes
-        unfamiliar = f[:, FEATURES.index(f"crowding_{CROWD_KS[0]}")] < self.support
+        unfamiliar = f[:, QUERY_FEATURES.index(f"crowding_{CROWD_KS[0]}")] < self.support
+        return self.offset - f @ self.slopes[:len(QUERY_FEATURES)], unfamiliar
+
+    def finish(self, part: tuple[np.ndarray, np.ndarray], entry_vecs: Optional[np.ndarray],
+               skip: Optional[np.ndarray] = None) -> np.ndarray:
+        """The thresholds, given query_part and the nearest entries. An unfamiliar query gets at least the fallback:
+        the slopes were fitted where calibration queries live and may extrapolate to a LOWER threshold out there."""
+        t, unfamiliar = part
+        if self.entry:
+            t = t - entry_features(entry_vecs, self.ref_vecs, skip) @ self.slopes[len(QUERY_FEATURES):]
         return np.where(unfamiliar, np.maximum(t, np.inf if self.fallback is None else self.fallback), t)
 
-    def served(self, scores: np.ndarray, query_vecs: np.ndarray, skip: Optional[np.ndarray] = None) -> np.ndarray:
-        return np.asarray(scores, np.float64) >= self.thresholds(query_vecs, skip)
+    def thresholds(self, query_vecs: np.ndarray, entry_vecs: Optional[np.ndarray],
+                   skip: Optional[np.ndarray] = None) -> np.ndarray:
+        return self.finish(self.query_part(query_vecs, skip), entry_vecs, skip)
+
+    def served(self, scores: np.ndarray, query_vecs: np.ndarray, entry_vecs: Optional[np.ndarray],
+               skip: Optional[np.ndarray] = None) -> np.ndarray:
+        return np.asarray(scores, np.float64) >= self.thresholds(query_vecs, entry_vecs, skip)
 
 
 def logistic(X: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
@@ -115,38 +152,42 @@ def pair_skip(qids: np.ndarray, cids: np.ndarray, ref_qids: np.ndarray, ref_cids
             | (ref_cids[None, :] == qids[:, None]) | (ref_cids[None, :] == cids[:, None]))
 
 
-def _fit(scores, qvecs, labels, qids, cids) -> tuple[np.ndarray, float, np.ndarray]:
+def _fit(scores, qvecs, cvecs, labels, qids, cids) -> tuple[np.ndarray, float, np.ndarray]:
     """Gate weights on the training pairs, their neighbourhood read from the training pairs themselves; and those
-    features."""
-    f = features(qvecs, qvecs, labels, pair_skip(qids, cids, qids, cids))
-    return (*logistic(np.column_stack([scores, f]), labels), f)
+    inputs. cvecs None: without the entry's features."""
+    x = inputs(scores, qvecs, cvecs, qvecs, labels, pair_skip(qids, cids, qids, cids))
+    return (*logistic(x, labels), x)
 
 
-def crossfit_scores(scores: np.ndarray, qvecs: np.ndarray, labels: np.ndarray, qids: np.ndarray,
-                    cids: np.ndarray, fold: np.ndarray) -> np.ndarray:
+def crossfit_scores(scores: np.ndarray, qvecs: np.ndarray, cvecs: Optional[np.ndarray], labels: np.ndarray,
+                    qids: np.ndarray, cids: np.ndarray, fold: np.ndarray) -> np.ndarray:
     """Out-of-fold gate scores of the calibration pairs: each fold's gate fitted, and its neighbourhood read,
-    on the other folds only (`fold`: pairs.fold_ids, a pair and its mirror in one fold). qids / cids: text ids
-    of each pair's query and cached entry."""
+    on the other folds only (`fold`: pairs.fold_ids, a pair and its mirror in one fold). qvecs / cvecs: unit
+    vectors of each pair's query and cached entry (cvecs None: the entry's features off); qids / cids: their
+    text ids."""
     out = np.empty(len(labels))
     for k in np.unique(fold):
         part, rest = fold == k, fold != k
-        w, b, _ = _fit(scores[rest], qvecs[rest], labels[rest], qids[rest], cids[rest])
-        f = features(qvecs[part], qvecs[rest], labels[rest], pair_skip(qids[part], cids[part], qids[rest], cids[rest]))
-        out[part] = np.column_stack([scores[part], f]) @ w + b
+        c_rest, c_part = (None, None) if cvecs is None else (cvecs[rest], cvecs[part])
+        w, b, _ = _fit(scores[rest], qvecs[rest], c_rest, labels[rest], qids[rest], cids[rest])
+        skip = pair_skip(qids[part], cids[part], qids[rest], cids[rest])
+        out[part] = inputs(scores[part], qvecs[part], c_part, qvecs[rest], labels[rest], skip) @ w + b
     return out
 
 
-def fit(scores: np.ndarray, qvecs: np.ndarray, labels: np.ndarray, qids: np.ndarray, cids: np.ndarray,
-        tau: float, fallback: Optional[float]) -> Gate:
+def fit(scores: np.ndarray, qvecs: np.ndarray, cvecs: Optional[np.ndarray], labels: np.ndarray, qids: np.ndarray,
+        cids: np.ndarray, tau: float, fallback: Optional[float]) -> Gate:
     """The gate on every calibration pair, with its threshold tau (chosen on the cross-fitted scores) folded into
     a per-query threshold on the similarity; `fallback`: the global threshold, for unfamiliar queries. Unfit when
     the similarity's own weight is not positive (the gate would not be a threshold on it)."""
-    w, b, f = _fit(scores, qvecs, labels, qids, cids)
+    w, b, x = _fit(scores, qvecs, cvecs, labels, qids, cids)
     if not w[0] > 0:
         raise Unfit(f"the similarity's weight in the gate is {w[0]:.3g}, not positive")
-    support = float(np.quantile(f[:, FEATURES.index(f"crowding_{CROWD_KS[0]}")], SUPPORT_QUANTILE))
-    return Gate(float((tau - b) / w[0]), (w[1:] / w[0]).astype(np.float64),
-                np.asarray(qvecs, np.float32), np.asarray(labels, np.int64), support, fallback)
+    support = float(np.quantile(x[:, 1 + FEATURES.index(f"crowding_{CROWD_KS[0]}")], SUPPORT_QUANTILE))
+    slopes = np.zeros(len(FEATURES))
+    slopes[:len(w) - 1] = w[1:] / w[0]
+    return Gate(float((tau - b) / w[0]), slopes, np.asarray(qvecs, np.float32), np.asarray(labels, np.int64),
+                support, fallback, entry=cvecs is not None)
 
 
 # ---------------------------------------------------------------------------------------- the reference file
@@ -195,13 +236,16 @@ def load_reference(path: Path, sha256: str, dim: int, n: int, source: str) -> tu
 
 def spec(gate: Gate, sha256: str, reason: str) -> dict:
     """cache.json's `query_threshold`."""
-    return {"definition": DEFINITION, "offset": gate.offset, "slopes": [float(x) for x in gate.slopes],
+    names = FEATURES if gate.entry else QUERY_FEATURES
+    return {"definition": DEFINITION, "offset": gate.offset, "slopes": [float(x) for x in gate.slopes[:len(names)]],
             "support": gate.support, "fallback": gate.fallback,
-            "features": list(FEATURES), "reference": {"file": REFERENCE_FILE, "sha256": sha256,
-                                                      "n": int(len(gate.ref_labels))}, "reason": reason}
+            "features": list(names),
+            "reference": {"file": REFERENCE_FILE, "sha256": sha256, "n": int(len(gate.ref_labels))}, "reason": reason}
 
 
 def from_spec(qt, directory: Path, dim: int, source: str) -> Gate:
     """The Gate of a validated cachefile.QueryThresholdSpec."""
     vecs, labels = load_reference(directory / qt.reference.file, qt.reference.sha256, dim, qt.reference.n, source)
-    return Gate(qt.offset, np.asarray(qt.slopes, np.float64), vecs, labels, qt.support, qt.fallback)
+    slopes = np.zeros(len(FEATURES))
+    slopes[:len(qt.slopes)] = qt.slopes
+    return Gate(qt.offset, slopes, vecs, labels, qt.support, qt.fallback, entry=len(qt.features) == len(FEATURES))

@@ -304,12 +304,12 @@ class SemanticCache:
 
     def _lookup_key(self, vec: np.ndarray, ns: str) -> Optional[Hit]:
         vec = l2_normalize(vec)
-        t_query = None
+        gate_part = None
         if self.query_gate is not None:  # from the unit vector, as calibrated; outside the lock (a mat-vec)
             if vec.shape != self.query_gate.ref_vecs.shape[1:]:
                 raise OptkitError(f"cache lookup: embedding dim {vec.shape[-1]} != the query threshold's "
                                   f"{self.query_gate.ref_vecs.shape[1]}")
-            t_query = float(self.query_gate.thresholds(vec[None])[0])
+            gate_part = self.query_gate.query_part(vec[None])
         if self.weights is not None:  # entries stay unit vectors: the query carries the metric
             if vec.shape != self.weights.shape:
                 raise OptkitError(f"cache lookup: embedding dim {vec.shape[-1]} != the metric's {len(self.weights)}")
@@ -319,7 +319,13 @@ class SemanticCache:
             if space is None:
                 return None
             row, sim = space.nearest(vec)
-            if row < 0 or sim < (self._threshold_of(space, row) if t_query is None else t_query):
+            if row < 0:
+                return None
+            if gate_part is None:
+                threshold = self._threshold_of(space, row)
+            else:  # the entry's part (a mat-vec of its unit vector, as calibrated) under the lock: rows get reused
+                threshold = float(self.query_gate.finish(gate_part, space.vectors[row][None])[0])
+            if sim < threshold:
                 return None
             return self._hit(space, ns, row, sim, exact=False)
 

@@ -235,11 +235,12 @@ def choose_query_threshold(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: 
     qids = pairs.query[cal]
     fold = fold_ids(len(cal), local.FOLDS, np.random.default_rng(seed), mirror_groups(qids, c_cal))
     served_global = choice.selection.served if choice.selection.feasible else 0
-    report = {"features": list(local.FEATURES), "folds": local.FOLDS}
+    entries = vecs[c_cal] if cfg.query_entry else None  # None: the query's features only
+    report = {"features": list(local.FEATURES if cfg.query_entry else local.QUERY_FEATURES), "folds": local.FOLDS}
     try:
-        oof = local.crossfit_scores(s_cal, vecs[qids], y_cal, qids, c_cal, fold)
+        oof = local.crossfit_scores(s_cal, vecs[qids], entries, y_cal, qids, c_cal, fold)
         sel = tune.select(oof, y_cal, cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
-        gate = (local.fit(s_cal, vecs[qids], y_cal, qids, c_cal, sel.threshold, choice.selection.threshold)
+        gate = (local.fit(s_cal, vecs[qids], entries, y_cal, qids, c_cal, sel.threshold, choice.selection.threshold)
                 if sel.feasible else None)
     except local.Unfit as exc:
         return QueryChoice(None, {**report, "exported": False, "reason": f"not exported: the gate cannot be fitted "
@@ -252,7 +253,7 @@ def choose_query_threshold(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: 
                   calibration_served={"global": served_global, "query_crossfit": served},
                   certify=sel.to_dict())
     if gate is not None:
-        report.update(offset=gate.offset, slopes=dict(zip(local.FEATURES, gate.slopes.tolist())),
+        report.update(offset=gate.offset, slopes=dict(zip(report["features"], gate.slopes.tolist())),
                       support=gate.support, fallback=gate.fallback)
     return QueryChoice(gate if better else None, report)
 
@@ -321,7 +322,7 @@ def run(ctx) -> dict:
         query.report["global_heldout_hit_rate"] = held_eval["hit_rate"]
         if query.gate is not None:
             skip = local.pair_skip(q_held, c_held, pairs.query[cal], c_cal)
-            query.report["heldout"] = tune.rates(query.gate.served(s_held, vecs[q_held], skip), y_held,
+            query.report["heldout"] = tune.rates(query.gate.served(s_held, vecs[q_held], vecs[c_held], skip), y_held,
                                                  cfg.confidence)
     stress_report = _stress(embedder, sel.threshold, weights) if cfg.stress else None
 
