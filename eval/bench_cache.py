@@ -1,6 +1,9 @@
 """Benchmark of the cache stage: does the promised false-hit bound hold, how many hits does it cost, how fast is
 a lookup at 100k entries. Rerun: `python eval/bench_cache.py` (about 5 minutes on 2 CPU cores).
 
+What the query threshold adds to a lookup: `python eval/bench_cache.py --parts gate --out
+eval/results/bench_cache_gate` (a minute).
+
 The default-bound study: `python eval/bench_cache.py --parts bound --splits 500 --cluster` (~15 minutes on one
 loaded core; embeddings of the three datasets, ~4 minutes, are kept in ~/.cache/optkit/bench_cache) writes
 eval/results/bench_cache_bound.{json,md}: for CLINC150 (test split: the shipped intent pairs and nearest-neighbour
@@ -284,6 +287,44 @@ def latency(vecs: np.ndarray, texts: list[str], rng) -> dict:
     return out
 
 
+def gate_latency(vecs: np.ndarray, rng, entries: int = 20_000, ref: int = 2_000) -> dict:
+    """What cache.adaptive: query adds to a lookup (--parts gate): one cache of `entries` real and perturbed
+    embeddings, looked up with the global threshold only, with the query gate (one product of the query with a
+    `ref` x dim reference) and with cache.query_entry (one more, of the nearest entry). The three are timed in turn
+    on the same queries, the order rotating, so the machine's noise falls on all three alike."""
+    from toolkit.cache import SemanticCache, local
+    from toolkit.cache.runtime import l2_normalize
+
+    reps = int(np.ceil(entries / len(vecs)))
+    corpus = l2_normalize(np.tile(vecs, (reps, 1))[:entries] + 0.35 * rng.standard_normal(
+        (entries, vecs.shape[1])).astype(np.float32) / np.sqrt(vecs.shape[1]))
+    pick = rng.choice(len(vecs), ref, replace=False)
+    gate = dict(offset=0.9, ref_vecs=vecs[pick].astype(np.float32), ref_labels=rng.integers(0, 2, ref),
+                support=-1.0, fallback=0.9)
+    caches = {"global": SemanticCache(0.9, max_entries=entries),
+              "query": SemanticCache(0.9, max_entries=entries, query_gate=local.Gate(
+                  slopes=np.r_[0.1, 0.1, 0.1, 0.1, 0.0, 0.0], entry=False, **gate)),
+              "query_entry": SemanticCache(0.9, max_entries=entries, query_gate=local.Gate(
+                  slopes=np.full(len(local.FEATURES), 0.1), entry=True, **gate))}
+    for cache in caches.values():
+        cache.insert_many([f"q{i}" for i in range(entries)], list(range(entries)), vectors=corpus)
+    queries = l2_normalize(vecs[rng.choice(len(vecs), 1000, replace=False)]
+                           + 0.2 * rng.standard_normal((1000, vecs.shape[1])).astype(np.float32) / np.sqrt(384))
+    names, times = list(caches), {name: [] for name in caches}
+    for i, q in enumerate(queries):
+        for name in names[i % 3:] + names[:i % 3]:
+            t = time.perf_counter()
+            caches[name].lookup_vector(q)
+            times[name].append(time.perf_counter() - t)
+    p50 = {name: float(np.median(t) * 1e3) for name, t in times.items()}
+    out = {"entries": entries, "reference": ref, "lookups": len(queries), "p50_ms": p50,
+           "p99_ms": {name: float(np.percentile(t, 99) * 1e3) for name, t in times.items()},
+           "added_p50_ms": {"query": float(np.median(np.array(times["query"]) - times["global"]) * 1e3),
+                            "query_entry": float(np.median(np.array(times["query_entry"]) - times["global"]) * 1e3)}}
+    print(f"[gate latency] {out}")
+    return out
+
+
 def markdown(res: dict) -> str:
     eps = res["epsilon"]
     lines = [f"# bench_cache results ({res['date']}, {res['machine']})", "",
@@ -311,6 +352,13 @@ def markdown(res: dict) -> str:
             f1 = s["f1_reference"]
             lines += ["", f"F1-optimal threshold {f1['threshold']:.3f}: held-out FHR {f1['heldout_fhr']:.3f}, hit "
                       f"rate {f1['heldout_hit_rate']:.3f}.", ""]
+    if "gate_latency" in res:
+        g = res["gate_latency"]
+        lines += [f"## what cache.adaptive: query adds to a lookup ({g['entries']} entries, {g['reference']} x 384 "
+                  f"reference, {g['lookups']} lookups timed in turn)", "",
+                  "| lookup | p50 ms | p99 ms | added, median of per-query differences, ms |", "|---|---|---|---|"]
+        lines += [f"| {name} | {g['p50_ms'][name]:.3f} | {g['p99_ms'][name]:.3f} | "
+                  f"{g['added_p50_ms'].get(name, 0.0):.3f} |" for name in g["p50_ms"]] + [""]
     if "latency" not in res:
         return "\n".join(lines)
     lat = res["latency"]
@@ -562,6 +610,8 @@ def main():
                      for conf in confs}
     if "latency" in parts:
         res["latency"] = latency(vecs, texts, rng)
+    if "gate" in parts:
+        res["gate_latency"] = gate_latency(vecs, rng)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=2, allow_nan=False) + "\n")
