@@ -78,10 +78,10 @@ class CacheConfig(Section):
     query_entry: bool = Field(
         False, description="adaptive=query: also read how crowded the region of calibration queries around the "
         "nearest entry is (mean similarity to its 5 and 50 nearest), so the threshold moves with the entry too (one "
-        "more product with the reference set per lookup). Measured on 2,000 calibration pairs at epsilon 0.05 "
-        "(eval/bench_cache_rules.py --entry): 11-12% more hits on CLINC150's intent pairs, where texts recur across "
-        "pairs, with coverage unchanged under selection grid but lower under scan; within noise on nearest-neighbour "
-        "pairs (README, cache section).")
+        "more product with the reference set per lookup, ~0.3 ms). On 2,000 calibration pairs at epsilon 0.05 "
+        "(eval/bench_cache_rules.py --entry): 10-12% more hits on CLINC150's intent pairs, where texts recur across "
+        "pairs, at 0.01-0.02 less coverage; no change beyond noise on nearest-neighbour pairs (README, cache "
+        "section).")
     clusters: Optional[int] = Field(None, ge=2, le=256, description="Clusters for adaptive=cluster (default: one "
                                     "per ~150 calibration pairs, 2..32).")
     stress: bool = Field(True, description="Also report the built-in negation / small-edit stress set.")
