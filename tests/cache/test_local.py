@@ -20,26 +20,32 @@ from toolkit.config.cache import CacheConfig
 from toolkit.errors import OptkitError
 
 
-def plain_features(q, ref, labels, skip=None):
-    """The definition, written out: over the reference rows nearest q (identical vectors and skipped rows left out),
-    the mean label of the 10 and 40 nearest and the mean similarity to the 5 and 50 nearest."""
+def plain_features(q, ref, labels, skip=None, crowd_skip=None):
+    """The definition, written out: over the reference rows nearest q (identical vectors left out, and the rows
+    `skip` / `crowd_skip` bar), the mean label of the 10 and 40 nearest and the mean similarity to the 5 and 50
+    nearest."""
     out = []
     for i, v in enumerate(q):
         sims = ref @ v
-        keep = [j for j in np.argsort(-sims, kind="stable") if sims[j] < 1 - 1e-4 and (skip is None or not skip[i, j])]
-        out.append([labels[keep[:10]].mean(), labels[keep[:40]].mean(), sims[keep[:5]].mean(), sims[keep[:50]].mean()])
+        order = [j for j in np.argsort(-sims, kind="stable") if sims[j] < 1 - 1e-4]
+        near = [j for j in order if skip is None or not skip[i, j]]
+        crowd = [j for j in order if crowd_skip is None or not crowd_skip[i, j]]
+        out.append([labels[near[:10]].mean(), labels[near[:40]].mean(), sims[crowd[:5]].mean(),
+                    sims[crowd[:50]].mean()])
     return np.array(out)
 
 
 def plain_entry_features(c, ref, skip=None):
     """The entry's part of the definition: the mean similarity of c to its 5 and 50 nearest reference queries."""
-    return plain_features(c, ref, np.zeros(len(ref)), skip)[:, 2:]
+    return plain_features(c, ref, np.zeros(len(ref)), None, skip)[:, 2:]
 
 
 def plain_thresholds(gate, q, c):
-    """offset - slopes . [f(q), g(c)], the fallback as the floor of an unfamiliar query's, written out."""
+    """offset - slopes . [f(q), g(c)], the fallback as the floor of an unfamiliar query's, written out; g(c) never
+    counts a reference text identical to the query (calibration never counts a pair's own query)."""
     f = plain_features(q, gate.ref_vecs, gate.ref_labels)
-    t = gate.offset - np.column_stack([f, plain_entry_features(c, gate.ref_vecs)]) @ gate.slopes
+    own = q @ gate.ref_vecs.T >= 1 - 1e-4
+    t = gate.offset - np.column_stack([f, plain_entry_features(c, gate.ref_vecs, own)]) @ gate.slopes
     floor = np.inf if gate.fallback is None else gate.fallback
     return np.where(f[:, 2] < gate.support, np.maximum(t, floor), t)
 
@@ -49,25 +55,32 @@ def test_features_are_the_neighbourhood_label_rates_and_crowding():
     ref = l2_normalize(rng.normal(size=(120, 16))).astype(np.float32)
     labels = rng.integers(0, 2, 120)
     q = np.concatenate([ref[:3], l2_normalize(rng.normal(size=(5, 16))).astype(np.float32)])  # 3 are reference texts
-    skip = np.zeros((8, 120), bool)
-    skip[5, np.argsort(-(ref @ q[5]))[:4]] = True  # a query barred from its 4 nearest reference pairs
-    got = local.features(q, ref, labels, skip)
+    skip, crowd_skip = np.zeros((8, 120), bool), np.zeros((8, 120), bool)
+    skip[5, np.argsort(-(ref @ q[5]))[:4]] = True  # a query barred from its 4 nearest reference pairs' labels
+    crowd_skip[5, np.argsort(-(ref @ q[5]))[1:3]] = True  # and from 2 of them for the crowding
+    got = local.features(q, ref, labels, skip, crowd_skip)
     assert got.shape == (8, len(local.QUERY_FEATURES))
-    assert np.allclose(got, plain_features(q, ref, labels, skip), atol=1e-5)
-    # The skip mattered, and a query identical to a reference text does not read its own label.
-    assert not np.allclose(got[5], local.features(q[5:6], ref, labels)[0])
+    assert np.allclose(got, plain_features(q, ref, labels, skip, crowd_skip), atol=1e-5)
+    # Both skips mattered, each to its own columns, and a query identical to a reference text does not read its
+    # own label.
+    assert not np.allclose(got[5, :2], local.features(q[5:6], ref, labels, None, crowd_skip[5:6])[0, :2])
+    assert not np.allclose(got[5, 2:], local.features(q[5:6], ref, labels, skip[5:6])[0, 2:])
     assert np.allclose(got[0], plain_features(q[:1], ref, labels)[0], atol=1e-5)
-    # The entry's features are its crowding, read with the same skips (a pair's own query never counts).
+    # The entry's features are its crowding (a pair's own query never counts).
     entry = local.entry_features(q, ref, skip)
     assert entry.shape == (8, len(local.ENTRY_FEATURES))
-    assert np.allclose(entry, plain_entry_features(q, ref, skip), atol=1e-5) and np.allclose(entry, got[:, 2:])
+    assert np.allclose(entry, plain_entry_features(q, ref, skip), atol=1e-5)
 
 
 def test_pair_skip_hides_what_a_runtime_query_could_not_know():
     # pair (q=0, c=5) against reference pairs (1->5): another query's label on this very entry; (5->9): the entry's
     # own neighbour; (2->0): a pair about q; (3->4): unrelated, the only one it may read.
     got = local.pair_skip(np.array([0]), np.array([5]), np.array([1, 5, 2, 3]), np.array([5, 9, 0, 4]))
-    assert got.tolist() == [[True, True, True, False]]
+    assert got.labels.tolist() == [[True, True, True, False]]
+    # The crowding reads no label: only the reference queries that ARE q or c are hidden (q's similarity to c is
+    # the pair's score); the query 1, whose nearest entry is c, crowds c at runtime too.
+    got = local.pair_skip(np.array([0]), np.array([5]), np.array([1, 5, 0, 3]), np.array([5, 9, 7, 4]))
+    assert got.crowding.tolist() == [[False, True, True, False]]
 
 
 def regions(seed=0, groups=30, per=12, oos=300, dim=32):
@@ -139,6 +152,11 @@ def test_the_query_threshold_serves_more_within_the_bound_where_one_threshold_ca
         hit = cache.lookup_vector(vecs[q[i]], namespace=str(i))
         assert (hit is not None) == bool(want[i]), i
     assert want.any() and (~want).any()
+    # A query that is itself a calibration text: the entry's crowding never counts it (calibration never counts a
+    # pair's own query, whose similarity to the entry is the score), at runtime as in the definition.
+    qc, cc = pairs.query[cal][:40], choice.calibration[2][:40]
+    assert np.allclose(query.gate.thresholds(vecs[qc], vecs[cc]), plain_thresholds(query.gate, vecs[qc], vecs[cc]),
+                       atol=1e-5)
 
 
 def test_not_exported_when_it_serves_no_more_than_the_global_threshold():

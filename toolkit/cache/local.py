@@ -14,8 +14,10 @@ The score enters linearly, so the gate is a threshold on the similarity that mov
 so retrieval, the stores (memory, Redis) and the ANN index are unchanged; the runtime adds one mat-vec of the query
 (and one of the nearest entry) against the calibration queries (a few thousand x dim) per lookup. f and g read a
 FIXED reference set -- the calibration queries' unit vectors and labels, shipped beside cache.json -- never what the
-cache holds, so the bound's calibration describes the runtime exactly. A reference text identical to the query (or
-entry) is skipped (in calibration that is the pair itself; at runtime the same rule keeps the features alike).
+cache holds, so the bound's calibration describes the runtime exactly. No feature reads a reference text identical
+to the query, and the entry's none identical to the query or the entry (in calibration: the pair's own texts).
+Calibration also hides from the label rates what a runtime query could not know (pair_skip); the crowding reads
+no label and keeps every other calibration query, as the runtime does.
 
 Measured against issue 15's goal in eval/bench_cache.py --parts bound (policy `query`): see the README.
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import numpy as np
 
@@ -50,44 +52,65 @@ DEFINITION = ("serve the nearest entry c iff s(q, c) >= offset - sum_j slopes_j 
 
 
 def features(query_vecs: np.ndarray, ref_vecs: np.ndarray, ref_labels: np.ndarray,
-             skip: Optional[np.ndarray] = None) -> np.ndarray:
-    """[n, len(QUERY_FEATURES)] neighbourhood features of unit query vectors against the reference set. `skip`
-    [n, len(ref)]: reference pairs a query may not read (see pair_skip)."""
+             skip: Optional[np.ndarray] = None, crowd_skip: Optional[np.ndarray] = None) -> np.ndarray:
+    """[n, len(QUERY_FEATURES)] neighbourhood features of unit query vectors against the reference set. `skip` /
+    `crowd_skip` [n, len(ref)]: reference pairs the label rates / the crowding may not read (see pair_skip)."""
     sims = np.asarray(query_vecs, np.float32) @ np.asarray(ref_vecs, np.float32).T
+    return _features(sims, ref_labels, skip, crowd_skip)
+
+
+def _features(sims: np.ndarray, ref_labels: np.ndarray, skip: Optional[np.ndarray],
+              crowd_skip: Optional[np.ndarray]) -> np.ndarray:
+    labels = np.asarray(ref_labels, np.float64)
+    return np.column_stack([_nearest_means(sims, skip, labels, LABEL_KS, 0.5),
+                            _nearest_means(sims, crowd_skip, None, CROWD_KS, 0.0)])
+
+
+def _nearest_means(sims: np.ndarray, skip: Optional[np.ndarray], values: Optional[np.ndarray], ks: tuple,
+                   empty: float) -> np.ndarray:
+    """[n, len(ks)]: the mean of `values` (None: of the similarity itself) over each row's ks nearest reference
+    rows, identical texts and `skip` left out (`empty` where none is left)."""
+    sims = sims.copy()
     sims[sims >= SAME_TEXT] = -np.inf
     if skip is not None:
         sims[skip] = -np.inf
-    k = min(max(LABEL_KS + CROWD_KS), sims.shape[1])
+    k = min(max(ks), sims.shape[1])
     top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else np.argsort(-sims, axis=1)
     top_sims = np.take_along_axis(sims, top, 1)
     order = np.argsort(-top_sims, axis=1)
     top, top_sims = np.take_along_axis(top, order, 1), np.take_along_axis(top_sims, order, 1)
     valid = np.isfinite(top_sims)
-    labels = np.where(valid, np.asarray(ref_labels, np.float64)[top], 0.0)
-    sims64 = np.where(valid, top_sims, 0.0).astype(np.float64)
+    picked = np.where(valid, top_sims if values is None else values[top], 0.0).astype(np.float64)
     cols = []
-    for values, ks, empty in ((labels, LABEL_KS, 0.5), (sims64, CROWD_KS, 0.0)):
-        for kk in ks:
-            n = valid[:, :kk].sum(1)
-            cols.append(np.where(n > 0, values[:, :kk].sum(1) / np.maximum(n, 1), empty))
+    for kk in ks:
+        n = valid[:, :kk].sum(1)
+        cols.append(np.where(n > 0, picked[:, :kk].sum(1) / np.maximum(n, 1), empty))
     return np.stack(cols, 1)
 
 
 def entry_features(entry_vecs: np.ndarray, ref_vecs: np.ndarray, skip: Optional[np.ndarray] = None) -> np.ndarray:
     """[n, len(ENTRY_FEATURES)]: how crowded each entry's region of reference queries is -- the query features'
-    crowding columns, read from the entry (`skip` as there: a calibration pair's own query, whose similarity to the
-    entry IS the pair's score, must not count)."""
-    dummy = np.zeros(len(ref_vecs))  # crowding reads no labels
-    return features(entry_vecs, ref_vecs, dummy, skip)[:, len(LABEL_KS):]
+    crowding columns, read from the entry. `skip` [n, len(ref)]: Skip.crowding, the pair's own query (whose
+    similarity to the entry IS the pair's score) and the entry's own text; at runtime, the reference texts identical
+    to the query."""
+    sims = np.asarray(entry_vecs, np.float32) @ np.asarray(ref_vecs, np.float32).T
+    return _nearest_means(sims, skip, None, CROWD_KS, 0.0)
+
+
+class Skip(NamedTuple):
+    """What pairs scored for the bound may not read (pair_skip): [n, len(ref)] masks for the label rates and for
+    the crowding (the query's and the entry's)."""
+    labels: np.ndarray
+    crowding: np.ndarray
 
 
 def inputs(scores: np.ndarray, query_vecs: np.ndarray, entry_vecs: Optional[np.ndarray], ref_vecs: np.ndarray,
-           ref_labels: np.ndarray, skip: Optional[np.ndarray] = None) -> np.ndarray:
-    """The gate's inputs [s, f(q), g(c)] of pairs (q, c) with score s; [s, f(q)] when entry_vecs is None (the
-    entry's features off: cache.query_entry false)."""
-    cols = [scores, features(query_vecs, ref_vecs, ref_labels, skip)]
+           ref_labels: np.ndarray, skip: Skip) -> np.ndarray:
+    """The gate's inputs [s, f(q), g(c)] of calibration pairs (q, c) with score s; [s, f(q)] when entry_vecs is
+    None (the entry's features off: cache.query_entry false)."""
+    cols = [scores, features(query_vecs, ref_vecs, ref_labels, skip.labels, skip.crowding)]
     if entry_vecs is not None:
-        cols.append(entry_features(entry_vecs, ref_vecs, skip))
+        cols.append(entry_features(entry_vecs, ref_vecs, skip.crowding))
     return np.column_stack(cols)
 
 
@@ -102,27 +125,29 @@ class Gate:
     fallback: Optional[float]  # the global threshold (None: it serves nothing)
     entry: bool = False  # the entry's features are part of the gate (cache.query_entry)
 
-    def query_part(self, query_vecs: np.ndarray, skip: Optional[np.ndarray] = None) -> tuple[np.ndarray, np.ndarray]:
-        """(offset - the query's slopes . f(q), is q unfamiliar): what is known before retrieval."""
-        f = features(query_vecs, self.ref_vecs, self.ref_labels, skip)
+    def query_part(self, query_vecs: np.ndarray, skip: Optional[Skip] = None) -> tuple:
+        """What is known before retrieval: offset - the query's slopes . f(q), whether q is unfamiliar, and which
+        reference texts are the query's own (the entry's features skip them, as calibration skips a pair's query)."""
+        sims = np.asarray(query_vecs, np.float32) @ self.ref_vecs.T
+        f = _features(sims, self.ref_labels, *(skip or (None, None)))
         unfamiliar = f[:, QUERY_FEATURES.index(f"crowding_{CROWD_KS[0]}")] < self.support
-        return self.offset - f @ self.slopes[:len(QUERY_FEATURES)], unfamiliar
+        return self.offset - f @ self.slopes[:len(QUERY_FEATURES)], unfamiliar, sims >= SAME_TEXT
 
-    def finish(self, part: tuple[np.ndarray, np.ndarray], entry_vecs: Optional[np.ndarray],
-               skip: Optional[np.ndarray] = None) -> np.ndarray:
+    def finish(self, part: tuple, entry_vecs: Optional[np.ndarray], skip: Optional[Skip] = None) -> np.ndarray:
         """The thresholds, given query_part and the nearest entries. An unfamiliar query gets at least the fallback:
         the slopes were fitted where calibration queries live and may extrapolate to a LOWER threshold out there."""
-        t, unfamiliar = part
+        t, unfamiliar, own = part
         if self.entry:
-            t = t - entry_features(entry_vecs, self.ref_vecs, skip) @ self.slopes[len(QUERY_FEATURES):]
+            mask = own if skip is None else own | skip.crowding
+            t = t - entry_features(entry_vecs, self.ref_vecs, mask) @ self.slopes[len(QUERY_FEATURES):]
         return np.where(unfamiliar, np.maximum(t, np.inf if self.fallback is None else self.fallback), t)
 
     def thresholds(self, query_vecs: np.ndarray, entry_vecs: Optional[np.ndarray],
-                   skip: Optional[np.ndarray] = None) -> np.ndarray:
+                   skip: Optional[Skip] = None) -> np.ndarray:
         return self.finish(self.query_part(query_vecs, skip), entry_vecs, skip)
 
     def served(self, scores: np.ndarray, query_vecs: np.ndarray, entry_vecs: Optional[np.ndarray],
-               skip: Optional[np.ndarray] = None) -> np.ndarray:
+               skip: Optional[Skip] = None) -> np.ndarray:
         return np.asarray(scores, np.float64) >= self.thresholds(query_vecs, entry_vecs, skip)
 
 
@@ -142,14 +167,16 @@ class Unfit(Exception):
     pass
 
 
-def pair_skip(qids: np.ndarray, cids: np.ndarray, ref_qids: np.ndarray, ref_cids: np.ndarray) -> np.ndarray:
-    """[n, len(ref)]: the reference pairs a pair (q, c) may not read when it is scored for the bound. A reference
+def pair_skip(qids: np.ndarray, cids: np.ndarray, ref_qids: np.ndarray, ref_cids: np.ndarray) -> Skip:
+    """The reference pairs a pair (q, c) may not read when it is scored for the bound. The label rates: a reference
     pair whose query is c (its label says whether c's own neighbour was reusable), whose cached text is q, or whose
     cached text is c too (a nearby query's label on this very entry) says something about this pair that a runtime
     query, whose entries are traffic rather than calibration texts, would not know; read, they make the calibration
-    and the held-out check optimistic."""
-    return ((ref_qids[None, :] == qids[:, None]) | (ref_qids[None, :] == cids[:, None])
-            | (ref_cids[None, :] == qids[:, None]) | (ref_cids[None, :] == cids[:, None]))
+    and the held-out check optimistic. The crowding reads no labels, so only the reference queries that ARE q or c
+    are skipped (q's similarity to c is the pair's score; at runtime neither the query nor, as a rule, the entry is
+    a reference text): the queries whose nearest entry was q or c crowd them at runtime too."""
+    own = (ref_qids[None, :] == qids[:, None]) | (ref_qids[None, :] == cids[:, None])
+    return Skip(own | (ref_cids[None, :] == qids[:, None]) | (ref_cids[None, :] == cids[:, None]), own)
 
 
 def _fit(scores, qvecs, cvecs, labels, qids, cids) -> tuple[np.ndarray, float, np.ndarray]:
