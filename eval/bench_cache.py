@@ -309,7 +309,8 @@ def gate_latency(vecs: np.ndarray, rng, entries: int = 20_000, ref: int = 2_000)
     for cache in caches.values():
         cache.insert_many([f"q{i}" for i in range(entries)], list(range(entries)), vectors=corpus)
     queries = l2_normalize(vecs[rng.choice(len(vecs), 1000, replace=False)]
-                           + 0.2 * rng.standard_normal((1000, vecs.shape[1])).astype(np.float32) / np.sqrt(384))
+                           + 0.2 * rng.standard_normal((1000, vecs.shape[1])).astype(np.float32)
+                           / np.sqrt(vecs.shape[1]))
     names, times = list(caches), {name: [] for name in caches}
     for i, q in enumerate(queries):
         for name in names[i % 3:] + names[:i % 3]:
@@ -317,7 +318,7 @@ def gate_latency(vecs: np.ndarray, rng, entries: int = 20_000, ref: int = 2_000)
             caches[name].lookup_vector(q)
             times[name].append(time.perf_counter() - t)
     p50 = {name: float(np.median(t) * 1e3) for name, t in times.items()}
-    out = {"entries": entries, "reference": ref, "lookups": len(queries), "p50_ms": p50,
+    out = {"entries": entries, "reference": ref, "dim": int(vecs.shape[1]), "lookups": len(queries), "p50_ms": p50,
            "p99_ms": {name: float(np.percentile(t, 99) * 1e3) for name, t in times.items()},
            "added_p50_ms": {"query": float(np.median(np.array(times["query"]) - times["global"]) * 1e3),
                             "query_entry": float(np.median(np.array(times["query_entry"]) - times["global"]) * 1e3)}}
@@ -354,8 +355,8 @@ def markdown(res: dict) -> str:
                       f"rate {f1['heldout_hit_rate']:.3f}.", ""]
     if "gate_latency" in res:
         g = res["gate_latency"]
-        lines += [f"## what cache.adaptive: query adds to a lookup ({g['entries']} entries, {g['reference']} x 384 "
-                  f"reference, {g['lookups']} lookups timed in turn)", "",
+        lines += [f"## what cache.adaptive: query adds to a lookup ({g['entries']} entries, {g['reference']} x "
+                  f"{g['dim']} reference, {g['lookups']} lookups timed in turn)", "",
                   "| lookup | p50 ms | p99 ms | added, median of per-query differences, ms |", "|---|---|---|---|"]
         lines += [f"| {name} | {g['p50_ms'][name]:.3f} | {g['p99_ms'][name]:.3f} | "
                   f"{g['added_p50_ms'].get(name, 0.0):.3f} |" for name in g["p50_ms"]] + [""]
