@@ -81,6 +81,57 @@ def test_eight_threads_insert_lookup_and_evict_without_corruption():
     check_consistent(cache, vecs)
 
 
+def test_a_gate_reading_the_entry_judges_every_hit_by_that_entry_under_eviction():
+    """cache.query_entry: the threshold depends on the nearest entry's vector, which the runtime reads under the
+    lock and gates outside it while writers insert, evict and compact. Every hit served must carry that entry's own
+    answer and similarity and clear the threshold of that very entry."""
+    from toolkit.cache.local import FEATURES, Gate
+
+    vecs, ref = unit_vectors(400, seed=2), unit_vectors(300, seed=3)
+    slopes = np.zeros(len(FEATURES))
+    slopes[-2:] = 1.0  # the entry's crowding moves the threshold a lot; the query's features not at all
+    probe = Gate(0.0, slopes, ref, np.ones(len(ref), np.int64), support=-1.0, fallback=None, entry=True)
+    offset = 0.95 - float(np.median(probe.thresholds(vecs, vecs)))  # about half the near-copy lookups pass
+    gate = Gate(offset, slopes, ref, np.ones(len(ref), np.int64), support=-1.0, fallback=None, entry=True)
+    cache = SemanticCache(threshold=0.9, ann="numpy", max_entries=40, query_gate=gate)  # rows reused constantly
+    errors, wrong, served = [], [], []
+    stop = time.monotonic() + 2.0
+
+    def worker(seed: int):
+        r = np.random.default_rng(seed)
+        try:
+            while time.monotonic() < stop:
+                idx = r.integers(0, len(vecs), 8)
+                cache.insert_many([f"q{i}" for i in idx], [f"a{i}" for i in idx], vectors=vecs[idx])
+                for i in r.integers(0, len(vecs), 8):
+                    q = vecs[i] + 0.05 * r.standard_normal(DIM).astype(np.float32)
+                    q /= np.linalg.norm(q)
+                    hit = cache.lookup_vector(q)
+                    if hit is None:
+                        continue
+                    j = int(hit.query[1:])
+                    want = float(gate.thresholds(q[None], vecs[j][None])[0])
+                    if hit.answer != f"a{j}" or abs(hit.similarity - float(q @ vecs[j])) > 1e-5 or \
+                            hit.similarity < want - 1e-6:
+                        wrong.append((i, hit.query, hit.similarity, want))
+                    served.append(j == i)
+        except Exception as exc:  # noqa: BLE001 - any exception in a thread is the failure we look for
+            errors.append(repr(exc))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    assert errors == [] and wrong == []
+    assert len(served) > 50 and np.mean(served) > 0.5  # the gate did serve, mostly the looked-up entry itself
+
+
 # ------------------------------------------------------------------------------------------- namespaces
 
 

@@ -127,11 +127,13 @@ class Gate:
 
     def query_part(self, query_vecs: np.ndarray, skip: Optional[Skip] = None) -> tuple:
         """What is known before retrieval: offset - the query's slopes . f(q), whether q is unfamiliar, and which
-        reference texts are the query's own (the entry's features skip them, as calibration skips a pair's query)."""
+        reference texts are the query's own (the entry's features skip them, as calibration skips a pair's query;
+        None when the gate reads no entry features)."""
         sims = np.asarray(query_vecs, np.float32) @ self.ref_vecs.T
         f = _features(sims, self.ref_labels, *(skip or (None, None)))
         unfamiliar = f[:, QUERY_FEATURES.index(f"crowding_{CROWD_KS[0]}")] < self.support
-        return self.offset - f @ self.slopes[:len(QUERY_FEATURES)], unfamiliar, sims >= SAME_TEXT
+        own = sims >= SAME_TEXT if self.entry else None  # an [n, len(ref)] mask: only built when it is read
+        return self.offset - f @ self.slopes[:len(QUERY_FEATURES)], unfamiliar, own
 
     def finish(self, part: tuple, entry_vecs: Optional[np.ndarray], skip: Optional[Skip] = None) -> np.ndarray:
         """The thresholds, given query_part and the nearest entries. An unfamiliar query gets at least the fallback:

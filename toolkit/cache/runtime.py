@@ -322,12 +322,12 @@ class SemanticCache:
             if row < 0:
                 return None
             if gate_part is None:
-                threshold = self._threshold_of(space, row)
-            else:  # the entry's part (a mat-vec of its unit vector, as calibrated) under the lock: rows get reused
-                threshold = float(self.query_gate.finish(gate_part, space.vectors[row][None])[0])
-            if sim < threshold:
-                return None
-            return self._hit(space, ns, row, sim, exact=False)
+                return self._hit(space, ns, row, sim, exact=False) if sim >= self._threshold_of(space, row) else None
+            # The candidate and its entry's unit vector are read together, as one snapshot, under the lock (eviction
+            # frees a row's payload, compaction reclaims rows); the gate's entry part, a mat-vec against the
+            # reference set, then runs outside it.
+            hit, entry = self._hit(space, ns, row, sim, exact=False), space.vectors[row].copy()
+        return hit if sim >= float(self.query_gate.finish(gate_part, entry[None])[0]) else None
 
     def _insert_one(self, ns: str, key: str, answer: Any, vec: np.ndarray, cluster: int, group: str) -> Space:
         space = self._spaces.get(ns)
