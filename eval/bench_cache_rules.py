@@ -8,12 +8,18 @@ the bound than the global threshold found by the same search), so the columns di
 
   scan    the shipped search: the lowest threshold whose `realized` bound is <= eps (95%)
   c96     scan at 96% instead of 95%: the cost of a flat safety margin
+  c975    scan at 97.5%
   stable  scan, but every threshold serving down to 5% fewer pairs must pass too (no isolated lucky dip)
   fs      fixed_sequence: high to low, stop at the first failure
   grid    grid (served counts ~10% apart)
   boot    scan with the search's optimism added back: the mean, over 100 bootstrap resamples of the calibration
           pairs, of (false-hit share of all pairs - the resample's own) at the resample's scan pick, added to the
           false-hit rate before the bound (Efron's optimism bootstrap)
+
+Every search is also scored as before metric.crossfit_shift (the learned metric's cross-fitted calibration scores
+NOT moved onto the final metric's scale): the same gate and thresholds, applied to the held-out scores minus the
+shift, which is exactly what the unshifted calibration exports (every step is shift-equivariant), so the two tables
+are side by side on the same splits.
 
 Also, for `scan`, where its failures come from: the held-out batch's own hindsight hit rate and the share the gate
 served on the failing splits against all splits, and how many of scan's failing splits each other search fails too.
@@ -90,7 +96,7 @@ def boot(s, y, ratio, seed):
     return None if i is None else float(c.thresholds[i])
 
 
-RULES = {"scan": by_select("scan"), "c96": by_select("scan", 0.96), "stable": stable,
+RULES = {"scan": by_select("scan"), "c96": by_select("scan", 0.96), "c975": by_select("scan", 0.975), "stable": stable,
          "fs": by_select("fixed_sequence"), "grid": by_select("grid"), "boot": boot}
 
 
@@ -103,6 +109,7 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False)
                       adaptive="query", query_entry=entry)
     cosine = np.sum(vecs[pairs.query] * vecs[pairs.cached], 1).astype(np.float64)
     rec = {k: {"ok": [], "hit": []} for k in RULES}
+    before = {k: {"ok": [], "hit": []} for k in RULES}  # without metric.crossfit_shift
     hind = []
     for r in range(first, first + splits):
         perm = np.random.default_rng(1000 + r).permutation(len(cosine))  # the splits of bench_cache --parts bound
@@ -112,6 +119,7 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False)
         choice = stage.choose_metric(cfg, r, pairs, vecs, cal, ratio)
         s_cal, y_cal, c_cal = choice.calibration
         s_held, y_held, c_held = stage.pair_fn(pairs, vecs)(choice.weights, held)
+        shift = choice.report.get("crossfit_shift", 0.0)  # 0: the cosine, its calibration scores are final
         qids, q = pairs.query[cal], pairs.query[held]
         fold = fold_ids(len(cal), local.FOLDS, np.random.default_rng(r), mirror_groups(qids, c_cal))
         entries = vecs[c_cal] if entry else None  # as stage.choose_query_threshold
@@ -119,17 +127,21 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False)
         skip = local.pair_skip(q, c_held, qids, c_cal)  # what a runtime query could read, as the stage's check
         for name, rule in RULES.items():
             t_global, tau = rule(s_cal, y_cal, ratio, r), rule(oof, y_cal, ratio, r)
-            served = s_held >= t_global if t_global is not None else np.zeros(len(held), bool)
             n_global = int((s_cal >= t_global).sum()) if t_global is not None else 0
+            gate = None
             if tau is not None and int((oof >= tau).sum()) > n_global:  # the stage's export rule
                 try:
                     gate = local.fit(s_cal, vecs[qids], entries, y_cal, qids, c_cal, tau, t_global)
-                    served = gate.served(s_held, vecs[q], vecs[c_held], skip)
                 except local.Unfit:
                     pass
-            h = tune.rates(served, y_held, CONF)
-            rec[name]["ok"].append(bool(h["fhr"] <= EPS))
-            rec[name]["hit"].append(h["hit_rate"])
+            for out, s in ((rec, s_held), (before, s_held - shift)):
+                if gate is not None:
+                    served = gate.served(s, vecs[q], vecs[c_held], skip)
+                else:
+                    served = s >= t_global if t_global is not None else np.zeros(len(held), bool)
+                h = tune.rates(served, y_held, CONF)
+                out[name]["ok"].append(bool(h["fhr"] <= EPS))
+                out[name]["hit"].append(h["hit_rate"])
     hind = np.array(hind)
     out = {"first_split": first, "splits": splits, "hindsight_mean_hit_rate": float(hind.mean()), "rules": {}}
     fail = ~np.array(rec["scan"]["ok"])
@@ -137,6 +149,9 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False)
         ok, hit = np.array(v["ok"]), np.array(v["hit"])
         out["rules"][name] = {"coverage": float(ok.mean()), "hit_ratio_vs_hindsight": float(hit.mean() / hind.mean()),
                               "fails_of_scans_fails": int((~ok & fail).sum())}
+    out["unshifted"] = {name: {"coverage": float(np.mean(v["ok"])),
+                               "hit_ratio_vs_hindsight": float(np.mean(v["hit"]) / hind.mean())}
+                        for name, v in before.items()}
     scan_hit = np.array(rec["scan"]["hit"])
     out["scan_failures"] = {"n": int(fail.sum()),
                             "hindsight_hit_rate": {"failing": float(hind[fail].mean()) if fail.any() else None,
@@ -155,6 +170,11 @@ def markdown(res: dict) -> str:
     for name, d in res["datasets"].items():
         cells = [f"{r['coverage']:.3f} / {r['hit_ratio_vs_hindsight']:.3f} / {r['fails_of_scans_fails']}"
                  for r in d["rules"].values()]
+        lines.append(f"| {name} | {d['first_split']}-{d['first_split'] + d['splits'] - 1} | " + " | ".join(cells) + " |")
+    lines += ["", "Before metric.crossfit_shift (the same splits; coverage / hit ratio):", "",
+              "| dataset | splits | " + " | ".join(RULES) + " |", "|---|---|" + "---|" * len(RULES)]
+    for name, d in res["datasets"].items():
+        cells = [f"{r['coverage']:.3f} / {r['hit_ratio_vs_hindsight']:.3f}" for r in d["unshifted"].values()]
         lines.append(f"| {name} | {d['first_split']}-{d['first_split'] + d['splits'] - 1} | " + " | ".join(cells) + " |")
     lines += ["", "scan's failing splits: held-out hindsight hit rate and the share served, failing / all splits:", ""]
     for name, d in res["datasets"].items():

@@ -10,6 +10,9 @@ Redis) and an inner-product index keep the same unit vectors and only the lookup
 
 The threshold on the learned score is chosen with the same bound as the cosine's, on cross-fitted scores
 (each calibration pair scored by a model that never saw it), so the bound is not spent on the fit's optimism.
+The fold models' scores run on a slightly different scale than the final metric's (fitted on 4/5 of the pairs,
+they sit ~0.01 higher on Banking77), so a threshold copied across served fewer queries than it was certified for;
+the cross-fitted scores are first moved onto the final metric's scale (crossfit_shift).
 """
 
 from __future__ import annotations
@@ -55,6 +58,16 @@ def fit(query_vecs: np.ndarray, cached_vecs: np.ndarray, labels: np.ndarray, lam
     res = minimize(loss, np.append(np.ones(d), 0.0), jac=True, method="L-BFGS-B",
                    bounds=[(0.0, None)] * d + [(None, None)], options={"maxiter": 200})
     return res.x[:d].astype(np.float32)
+
+
+def crossfit_shift(crossfit_scores: np.ndarray, final_scores: np.ndarray) -> float:
+    """How much higher the cross-fitted scores of the calibration pairs run than the final metric's scores of the
+    same pairs: the median of their quantile differences (5%..95%). Subtracted from the cross-fitted scores, a
+    threshold chosen on them serves the share of queries it was certified for. The final scores are in-sample, but
+    only their distribution is used, never their labels: the fit separates labels, it barely moves the marginal
+    (held-out pairs under the final metric have the same quantiles within ~0.01 on Banking77 and SNIPS)."""
+    levels = np.linspace(0.05, 0.95, 19)
+    return float(np.median(np.quantile(crossfit_scores, levels) - np.quantile(final_scores, levels)))
 
 
 def crossfit(query_vecs: np.ndarray, cached_vecs: np.ndarray, labels: np.ndarray, rows: np.ndarray,

@@ -181,7 +181,8 @@ def pair_fn(pairs: Pairs, vecs: np.ndarray) -> metric.PairFn:
 @dataclass
 class MetricChoice:
     weights: Optional[np.ndarray]  # None = the cosine
-    calibration: tuple  # (scores, labels, cached text rows) of the calibration pairs, cross-fitted when learned
+    calibration: tuple  # (scores, labels, cached text rows) of the calibration pairs; when learned, cross-fitted
+    # and moved onto the final metric's scale (metric.crossfit_shift)
     selection: tune.Selection  # the threshold chosen on those scores: the promise
     cosine_selection: tune.Selection  # the cosine's, on the same calibration pairs
     report: dict
@@ -191,7 +192,8 @@ def choose_metric(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: np.ndarra
                   batch_ratio: float) -> MetricChoice:
     """The similarity and its threshold. The calibration scores of a learned metric are cross-fitted, so the
     threshold chosen on them is not chosen on the fit's own optimism; auto keeps the learned metric only if those
-    scores serve more calibration pairs within the bound than the cosine.
+    scores serve more calibration pairs within the bound than the cosine. They are then shifted onto the final
+    metric's scale (metric.crossfit_shift), so the threshold serves at runtime the share it was certified for.
     `cfg`: the cache section (metric, epsilon, confidence, selection, bound)."""
     fn = pair_fn(pairs, vecs)
     args = (cfg.epsilon, cfg.confidence, cfg.selection, cfg.bound, batch_ratio)
@@ -216,7 +218,12 @@ def choose_metric(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: np.ndarra
     weights = metric.fit(qv[cal], cv[cal], y[cal])
     report["weights"] = {"min": float(weights.min()), "max": float(weights.max()),
                          "zero": int((weights == 0).sum()), "dim": int(len(weights))}
-    return MetricChoice(weights, crossfit, sel_fit, sel_cos, report)
+    # The threshold is applied to the final metric's scores: move the cross-fitted ones onto their scale first
+    # (a monotone shift: the same pairs are served and certified; only the threshold's value moves).
+    shift = metric.crossfit_shift(crossfit[0], fn(weights, cal)[0])
+    report["crossfit_shift"] = shift
+    calibration = (crossfit[0] - shift, *crossfit[1:])
+    return MetricChoice(weights, calibration, tune.select(*calibration[:2], *args), sel_cos, report)
 
 
 @dataclass
