@@ -95,12 +95,12 @@ def test_a_gate_reading_the_entry_judges_every_hit_by_that_entry_under_eviction(
     gate = Gate(offset, slopes, ref, np.ones(len(ref), np.int64), support=-1.0, fallback=None, entry=True)
     cache = SemanticCache(threshold=0.9, ann="numpy", max_entries=40, query_gate=gate)  # rows reused constantly
     errors, wrong, served = [], [], []
-    stop = time.monotonic() + 2.0
+    stop = time.monotonic() + 30.0  # a cap: the threads stop once 200 hits were served (a few seconds)
 
     def worker(seed: int):
         r = np.random.default_rng(seed)
         try:
-            while time.monotonic() < stop:
+            while time.monotonic() < stop and len(served) < 200:
                 idx = r.integers(0, len(vecs), 8)
                 cache.insert_many([f"q{i}" for i in idx], [f"a{i}" for i in idx], vectors=vecs[idx])
                 for i in r.integers(0, len(vecs), 8):

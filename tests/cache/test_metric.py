@@ -86,23 +86,30 @@ def test_the_threshold_serves_under_the_final_metric_the_share_it_was_certified_
     raw, y_raw, _ = metric.crossfit(vecs[pairs.query], vecs[pairs.cached], pairs.labels, cal, fn, 0,
                                     groups=mirror_groups(pairs.query[cal], pairs.cached[cal]))
     final = fn(choice.weights, cal)[0]
-    assert shift == metric.crossfit_shift(raw, final) > 0.01 and np.allclose(s_cal, raw - shift)
     sel, unshifted = choice.selection, tune.select(raw, y_raw, 0.05, 0.95, "grid", "realized", len(held) / len(cal))
+    assert shift == metric.crossfit_shift(raw, final, unshifted.threshold) > 0.01 and np.allclose(s_cal, raw - shift)
     assert (sel.served, sel.false_hits) == (unshifted.served, unshifted.false_hits)  # the same certificate
     assert sel.threshold == pytest.approx(unshifted.threshold - shift)
+    assert (final >= sel.threshold).sum() == sel.served  # under the final metric: the very count certified
     certified, s_held = sel.hit_rate, fn(choice.weights, held)[0]
     assert 0.2 < certified < 0.8
     assert abs((s_held >= sel.threshold).mean() - certified) < 0.05  # held-out: the share certified
     assert (s_held >= unshifted.threshold).mean() < certified - 0.1  # what copying the threshold across served
 
 
-def test_crossfit_shift_is_the_typical_quantile_gap():
+def test_crossfit_shift_is_the_gap_where_the_threshold_operates():
     base = np.random.default_rng(0).normal(0.7, 0.1, 2000)
-    assert metric.crossfit_shift(base + 0.02, base) == pytest.approx(0.02)
-    assert metric.crossfit_shift(base, base + 0.02) == pytest.approx(-0.02)
-    tail = base.copy()
-    tail[np.argsort(tail)[-20:]] += 1.0  # a few outlying scores do not move the shift
-    assert metric.crossfit_shift(tail, base) == pytest.approx(0.0, abs=1e-9)
+    assert metric.crossfit_shift(base + 0.02, base, float(np.quantile(base + 0.02, 0.6))) == pytest.approx(0.02, abs=1e-3)
+    # The gap differs along the curve (0.02 in the middle, 0.005 in the top tenth): a high threshold is moved by
+    # the top's gap, not the middle's, and either way serves exactly as many pairs under the final scores.
+    bent = np.where(base > np.quantile(base, 0.9), base + 0.005, base + 0.02)
+    for level, gap in ((0.97, 0.005), (0.5, 0.02)):
+        t = float(np.quantile(bent, level))
+        shift = metric.crossfit_shift(bent, base, t)
+        assert shift == pytest.approx(gap, abs=1e-3) and (base >= t - shift).sum() == (bent >= t).sum()
+    # Nothing certified (no threshold): the median gap over the quantiles; a threshold above every score: none.
+    assert metric.crossfit_shift(bent, base, None) == pytest.approx(0.02)
+    assert metric.crossfit_shift(bent, base, 9.0) == 0.0
 
 
 def test_auto_keeps_the_cosine_when_learning_does_not_serve_more():

@@ -220,7 +220,7 @@ def choose_metric(cfg, seed: int, pairs: Pairs, vecs: np.ndarray, cal: np.ndarra
                          "zero": int((weights == 0).sum()), "dim": int(len(weights))}
     # The threshold is applied to the final metric's scores: move the cross-fitted ones onto their scale first
     # (a monotone shift: the same pairs are served and certified; only the threshold's value moves).
-    shift = metric.crossfit_shift(crossfit[0], fn(weights, cal)[0])
+    shift = metric.crossfit_shift(crossfit[0], fn(weights, cal)[0], sel_fit.threshold)
     report["crossfit_shift"] = shift
     calibration = (crossfit[0] - shift, *crossfit[1:])
     return MetricChoice(weights, calibration, tune.select(*calibration[:2], *args), sel_cos, report)
