@@ -38,6 +38,30 @@ def check_consistent(cache: SemanticCache, vecs: np.ndarray) -> None:
     assert cache._live == live == len(cache) and 0 <= live <= cache.max_entries
 
 
+def run_threads(worker, n: int) -> list[str]:
+    """worker(seed) for seeds 0..n-1, in threads switched as often as possible (races show up in seconds, not
+    hours); the exceptions they raised, as reprs."""
+    errors = []
+
+    def guarded(seed: int):
+        try:
+            worker(seed)
+        except Exception as exc:  # noqa: BLE001 - any exception in a thread is the failure we look for
+            errors.append(repr(exc))
+
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        threads = [threading.Thread(target=guarded, args=(s,)) for s in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        sys.setswitchinterval(old)
+    return errors
+
+
 def test_eight_threads_insert_lookup_and_evict_without_corruption():
     """8 threads insert, look up, count and (through TTL and max_entries) expire, evict and compact at once.
     Before the lock: IndexError storms, hits with answer None, a negative or wrong len(), more live entries than
@@ -46,36 +70,24 @@ def test_eight_threads_insert_lookup_and_evict_without_corruption():
     frozen = []  # the check below runs on a stopped clock: entries expiring while it counts are not a race
     cache = SemanticCache(threshold=0.99, ann="numpy", max_entries=1500, ttl_s=0.5,
                           clock=lambda: frozen[0] if frozen else time.time())
-    errors, wrong = [], []
+    wrong = []
     stop = time.monotonic() + 4.0
 
     def worker(seed: int):
         rng = np.random.default_rng(seed)
-        try:
-            while time.monotonic() < stop:
-                ns = {"tenant": int(rng.integers(3))}
-                idx = rng.integers(0, len(vecs), int(rng.integers(1, 40)))
-                cache.insert_many([f"q{i}" for i in idx], [f"a{i}" for i in idx], ns, vectors=vecs[idx])
-                for i in rng.integers(0, len(vecs), 20):
-                    hit = cache.lookup_vector(vecs[i], ns)
-                    if hit is not None and (hit.answer != f"a{i}" or hit.query != f"q{i}"):
-                        wrong.append((i, hit.query, hit.answer))
-                n = len(cache)
-                if not 0 <= n <= cache.max_entries:
-                    wrong.append(("len", n))
-        except Exception as exc:  # noqa: BLE001 - any exception in a thread is the failure we look for
-            errors.append(repr(exc))
+        while time.monotonic() < stop:
+            ns = {"tenant": int(rng.integers(3))}
+            idx = rng.integers(0, len(vecs), int(rng.integers(1, 40)))
+            cache.insert_many([f"q{i}" for i in idx], [f"a{i}" for i in idx], ns, vectors=vecs[idx])
+            for i in rng.integers(0, len(vecs), 20):
+                hit = cache.lookup_vector(vecs[i], ns)
+                if hit is not None and (hit.answer != f"a{i}" or hit.query != f"q{i}"):
+                    wrong.append((i, hit.query, hit.answer))
+            n = len(cache)
+            if not 0 <= n <= cache.max_entries:
+                wrong.append(("len", n))
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # switch threads as often as possible: races show up in seconds, not hours
-    try:
-        threads = [threading.Thread(target=worker, args=(s,)) for s in range(8)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    errors = run_threads(worker, 8)
     assert errors == [] and wrong == []
     frozen.append(time.time())
     check_consistent(cache, vecs)
@@ -93,41 +105,29 @@ def test_a_gate_reading_the_entry_judges_every_hit_by_that_entry_under_eviction(
     probe = Gate(0.0, slopes, ref, np.ones(len(ref), np.int64), support=-1.0, fallback=None, entry=True)
     offset = 0.95 - float(np.median(probe.thresholds(vecs, vecs)))  # about half the near-copy lookups pass
     gate = Gate(offset, slopes, ref, np.ones(len(ref), np.int64), support=-1.0, fallback=None, entry=True)
-    cache = SemanticCache(threshold=0.9, ann="numpy", max_entries=40, query_gate=gate)  # rows reused constantly
-    errors, wrong, served = [], [], []
+    cache = SemanticCache(threshold=0.9, ann="numpy", max_entries=40, query_gate=gate)  # evicts and compacts constantly
+    wrong, served = [], []
     stop = time.monotonic() + 30.0  # a cap: the threads stop once 200 hits were served (a few seconds)
 
     def worker(seed: int):
         r = np.random.default_rng(seed)
-        try:
-            while time.monotonic() < stop and len(served) < 200:
-                idx = r.integers(0, len(vecs), 8)
-                cache.insert_many([f"q{i}" for i in idx], [f"a{i}" for i in idx], vectors=vecs[idx])
-                for i in r.integers(0, len(vecs), 8):
-                    q = vecs[i] + 0.05 * r.standard_normal(DIM).astype(np.float32)
-                    q /= np.linalg.norm(q)
-                    hit = cache.lookup_vector(q)
-                    if hit is None:
-                        continue
-                    j = int(hit.query[1:])
-                    want = float(gate.thresholds(q[None], vecs[j][None])[0])
-                    if hit.answer != f"a{j}" or abs(hit.similarity - float(q @ vecs[j])) > 1e-5 or \
-                            hit.similarity < want - 1e-6:
-                        wrong.append((i, hit.query, hit.similarity, want))
-                    served.append(j == i)
-        except Exception as exc:  # noqa: BLE001 - any exception in a thread is the failure we look for
-            errors.append(repr(exc))
+        while time.monotonic() < stop and len(served) < 200:
+            idx = r.integers(0, len(vecs), 8)
+            cache.insert_many([f"q{i}" for i in idx], [f"a{i}" for i in idx], vectors=vecs[idx])
+            for i in r.integers(0, len(vecs), 8):
+                q = vecs[i] + 0.05 * r.standard_normal(DIM).astype(np.float32)
+                q /= np.linalg.norm(q)
+                hit = cache.lookup_vector(q)
+                if hit is None:
+                    continue
+                j = int(hit.query[1:])
+                want = float(gate.thresholds(q[None], vecs[j][None])[0])
+                if hit.answer != f"a{j}" or abs(hit.similarity - float(q @ vecs[j])) > 1e-5 or \
+                        hit.similarity < want - 1e-6:
+                    wrong.append((i, hit.query, hit.similarity, want))
+                served.append(j == i)
 
-    old = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        threads = [threading.Thread(target=worker, args=(s,)) for s in range(6)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-    finally:
-        sys.setswitchinterval(old)
+    errors = run_threads(worker, 6)
     assert errors == [] and wrong == []
     assert len(served) > 50 and np.mean(served) > 0.5  # the gate did serve, mostly the looked-up entry itself
 
