@@ -100,7 +100,7 @@ RULES = {"scan": by_select("scan"), "c96": by_select("scan", 0.96), "c975": by_s
          "fs": by_select("fixed_sequence"), "grid": by_select("grid"), "boot": boot}
 
 
-def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False) -> dict:
+def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False, rules: dict = RULES) -> dict:
     from toolkit.cache import local, stage, tune
     from toolkit.cache.pairs import fold_ids, mirror_groups
     from toolkit.config.cache import CacheConfig
@@ -108,8 +108,8 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False)
     cfg = CacheConfig(metric="auto", epsilon=EPS, confidence=CONF, selection="scan", bound="realized",
                       adaptive="query", query_entry=entry)
     cosine = np.sum(vecs[pairs.query] * vecs[pairs.cached], 1).astype(np.float64)
-    rec = {k: {"ok": [], "hit": []} for k in RULES}
-    before = {k: {"ok": [], "hit": []} for k in RULES}  # without metric.crossfit_shift
+    rec = {k: {"ok": [], "hit": []} for k in rules}
+    before = {k: {"ok": [], "hit": []} for k in rules}  # without metric.crossfit_shift
     hind = []
     for r in range(first, first + splits):
         perm = np.random.default_rng(1000 + r).permutation(len(cosine))  # the splits of bench_cache --parts bound
@@ -125,7 +125,7 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False)
         entries = vecs[c_cal] if entry else None  # as stage.choose_query_threshold
         oof = local.crossfit_scores(s_cal, vecs[qids], entries, y_cal, qids, c_cal, fold)
         skip = local.pair_skip(q, c_held, qids, c_cal)  # what a runtime query could read, as the stage's check
-        for name, rule in RULES.items():
+        for name, rule in rules.items():
             t_global, tau = rule(s_cal, y_cal, ratio, r), rule(oof, y_cal, ratio, r)
             n_global = int((s_cal >= t_global).sum()) if t_global is not None else 0
             gate = None
@@ -143,8 +143,10 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False)
                 out[name]["ok"].append(bool(h["fhr"] <= EPS))
                 out[name]["hit"].append(h["hit_rate"])
     hind = np.array(hind)
-    out = {"first_split": first, "splits": splits, "hindsight_mean_hit_rate": float(hind.mean()), "rules": {}}
-    fail = ~np.array(rec["scan"]["ok"])
+    # per split too, so that runs over different splits pool exactly (coverage and hit ratio with a CI)
+    out = {"first_split": first, "splits": splits, "hindsight_mean_hit_rate": float(hind.mean()), "rules": {},
+           "per_split": {"hindsight_hit_rate": hind.tolist(), **{name: v for name, v in rec.items()}}}
+    fail = ~np.array(rec["scan"]["ok"]) if "scan" in rec else np.zeros(splits, bool)
     for name, v in rec.items():
         ok, hit = np.array(v["ok"]), np.array(v["hit"])
         out["rules"][name] = {"coverage": float(ok.mean()), "hit_ratio_vs_hindsight": float(hit.mean() / hind.mean()),
@@ -152,7 +154,7 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False)
     out["unshifted"] = {name: {"coverage": float(np.mean(v["ok"])),
                                "hit_ratio_vs_hindsight": float(np.mean(v["hit"]) / hind.mean())}
                         for name, v in before.items()}
-    scan_hit = np.array(rec["scan"]["hit"])
+    scan_hit = np.array(rec["scan"]["hit"]) if "scan" in rec else np.zeros(splits)
     out["scan_failures"] = {"n": int(fail.sum()),
                             "hindsight_hit_rate": {"failing": float(hind[fail].mean()) if fail.any() else None,
                                                    "all": float(hind.mean())},
@@ -166,13 +168,13 @@ def markdown(res: dict) -> str:
     lines = [f"# Query-gate threshold searches (eps {EPS}, {NCAL} calibration / {NHELD} held-out pairs; {gate})", "",
              "Cell: share of splits whose realized held-out false-hit share is <= eps / hit rate / hindsight-best "
              "static cosine threshold's / of scan's failing splits, how many this search fails too.", "",
-             "| dataset | splits | " + " | ".join(RULES) + " |", "|---|---|" + "---|" * len(RULES)]
+             "| dataset | splits | " + " | ".join(res["rules"]) + " |", "|---|---|" + "---|" * len(res["rules"])]
     for name, d in res["datasets"].items():
         cells = [f"{r['coverage']:.3f} / {r['hit_ratio_vs_hindsight']:.3f} / {r['fails_of_scans_fails']}"
                  for r in d["rules"].values()]
         lines.append(f"| {name} | {d['first_split']}-{d['first_split'] + d['splits'] - 1} | " + " | ".join(cells) + " |")
     lines += ["", "Before metric.crossfit_shift (the same splits; coverage / hit ratio):", "",
-              "| dataset | splits | " + " | ".join(RULES) + " |", "|---|---|" + "---|" * len(RULES)]
+              "| dataset | splits | " + " | ".join(res["rules"]) + " |", "|---|---|" + "---|" * len(res["rules"])]
     for name, d in res["datasets"].items():
         cells = [f"{r['coverage']:.3f} / {r['hit_ratio_vs_hindsight']:.3f}" for r in d["unshifted"].values()]
         lines.append(f"| {name} | {d['first_split']}-{d['first_split'] + d['splits'] - 1} | " + " | ".join(cells) + " |")
@@ -195,6 +197,7 @@ def main():
     ap.add_argument("--first-split", type=int, default=400)
     ap.add_argument("--splits", type=int, default=100)
     ap.add_argument("--entry", action="store_true", help="cache.query_entry: the gate reads the entry's crowding too")
+    ap.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {','.join(RULES)}")
     ap.add_argument("--emb-cache", default=str(Path.home() / ".cache" / "optkit" / "bench_cache"))
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "bench_cache_rules"))
     args = ap.parse_args()
@@ -203,11 +206,14 @@ def main():
     unknown = sorted(set(names) - set(data))
     if unknown:
         sys.exit(f"--datasets: unknown {unknown}; known: {sorted(data)}")
+    rules = {k: RULES[k] for k in args.rules.split(",") if k in RULES}
+    if len(rules) != len(args.rules.split(",")):
+        sys.exit(f"--rules: unknown {sorted(set(args.rules.split(',')) - set(RULES))}; known: {list(RULES)}")
     t0 = time.time()
     res = {"epsilon": EPS, "confidence": CONF, "calibration": NCAL, "heldout": NHELD, "query_entry": args.entry,
-           "datasets": {}}
+           "rules": list(rules), "datasets": {}}
     for name in names:
-        res["datasets"][name] = study(*data[name], args.first_split, args.splits, args.entry)
+        res["datasets"][name] = study(*data[name], args.first_split, args.splits, args.entry, rules)
         print(name, json.dumps(res["datasets"][name]["rules"]), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
     out = Path(f"{args.out}{'_entry' if args.entry else ''}_{'_'.join(names)}")
