@@ -27,6 +27,7 @@ served on the failing splits against all splits, and how many of scan's failing 
     python eval/bench_cache_rules.py --datasets clinc150_pairs --first-split 400 --splits 300
     -> eval/results/bench_cache_rules_<datasets>.{json,md}        (~3 s per split and dataset on one core)
     --entry: the gate with cache.query_entry (the entry's crowding too) -> bench_cache_rules_entry_<datasets>.*
+    --pool A.json B.json ... --out X: one table over several runs (coverage with its exact interval) -> X.md
 """
 
 from __future__ import annotations
@@ -188,6 +189,49 @@ def markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def pool(paths: list[Path]) -> str:
+    """One table over several runs of the same gate: per dataset and search, coverage (with its exact 95% interval)
+    and hit ratio over every split run, each split counted once (overlapping split ranges are an error)."""
+    from scipy.stats import binomtest
+
+    runs = [(p, json.loads(p.read_text())) for p in paths]
+    entry = {r["query_entry"] for _, r in runs}
+    if len(entry) != 1:
+        sys.exit(f"--pool: mixes runs with and without --entry: {[str(p) for p, _ in runs]}")
+    acc: dict = {}  # dataset -> rule -> [ok, n, hit sum, hindsight sum], and the split ranges seen
+    for path, r in runs:
+        for name, d in r["datasets"].items():
+            span = range(d["first_split"], d["first_split"] + d["splits"])
+            seen = acc.setdefault(name, {"spans": [], "rules": {}})
+            clash = [s for s in seen["spans"] if set(s) & set(span)]
+            if clash:
+                sys.exit(f"--pool: {path}: {name} splits {span.start}-{span.stop - 1} overlap an earlier file's")
+            seen["spans"].append(span)
+            n, hind = d["splits"], d["hindsight_mean_hit_rate"]
+            for rule, v in d["rules"].items():
+                a = seen["rules"].setdefault(rule, [0, 0, 0.0, 0.0])
+                # hit_ratio_vs_hindsight = mean hit / mean hindsight, so sums recover exactly
+                a[0] += round(v["coverage"] * n)
+                a[1] += n
+                a[2] += v["hit_ratio_vs_hindsight"] * hind * n
+                a[3] += hind * n
+    common = set.intersection(*(set(d["rules"]) for d in acc.values()))
+    rules = [k for k in RULES if k in common]
+    gate = "query and entry features" if entry.pop() else "query features"
+    lines = [f"# Query-gate searches pooled over {len(runs)} runs ({gate}; eps {EPS})", "",
+             "Cell: coverage [exact 95% interval] / hit ratio against the hindsight-best static cosine threshold.", "",
+             "| dataset | splits | " + " | ".join(rules) + " |", "|---|---|" + "---|" * len(rules)]
+    for name, seen in acc.items():
+        cells = []
+        for rule in rules:
+            ok, n, hit, hind = seen["rules"][rule]
+            ci = binomtest(ok, n).proportion_ci(0.95, "exact")
+            cells.append(f"{ok / n:.3f} [{ci.low:.3f}, {ci.high:.3f}] / {hit / hind:.3f}")
+        lines.append(f"| {name} | {sum(len(s) for s in seen['spans'])} | " + " | ".join(cells) + " |")
+    lines += ["", "Runs: " + ", ".join(p.name for p, _ in runs)]
+    return "\n".join(lines) + "\n"
+
+
 def main():
     import bench_cache as bc
 
@@ -200,7 +244,13 @@ def main():
     ap.add_argument("--rules", default=",".join(RULES), help=f"comma-separated, of {','.join(RULES)}")
     ap.add_argument("--emb-cache", default=str(Path.home() / ".cache" / "optkit" / "bench_cache"))
     ap.add_argument("--out", default=str(REPO / "eval" / "results" / "bench_cache_rules"))
+    ap.add_argument("--pool", nargs="+", help="result JSONs of this script: one pooled table to OUT.md, no run")
     args = ap.parse_args()
+    if args.pool:
+        text = pool([Path(p) for p in args.pool])
+        Path(f"{args.out}.md").write_text(text)
+        print(text)
+        return
     data = bc.bound_datasets(Path(args.shared), Path(args.emb_cache))
     names = args.datasets.split(",")
     unknown = sorted(set(names) - set(data))
