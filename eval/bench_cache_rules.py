@@ -215,7 +215,8 @@ def pool(paths: list[Path]) -> str:
                 a[1] += n
                 a[2] += v["hit_ratio_vs_hindsight"] * hind * n
                 a[3] += hind * n
-    common = set.intersection(*(set(d["rules"]) for d in acc.values()))
+    # only the searches every run ran, so that each cell covers the same splits as its row's count
+    common = set.intersection(*(set(d["rules"]) for _, r in runs for d in r["datasets"].values()))
     rules = [k for k in RULES if k in common]
     gate = "query and entry features" if entry.pop() else "query features"
     lines = [f"# Query-gate searches pooled over {len(runs)} runs ({gate}; eps {EPS})", "",
