@@ -12,6 +12,7 @@ the bound than the global threshold found by the same search), so the columns di
   stable  scan, but every threshold serving down to 5% fewer pairs must pass too (no isolated lucky dip)
   fs      fixed_sequence: high to low, stop at the first failure
   grid    grid (served counts ~10% apart)
+  g05     grid with served counts ~5% apart: between grid and scan
   boot    scan with the search's optimism added back: the mean, over 100 bootstrap resamples of the calibration
           pairs, of (false-hit share of all pairs - the resample's own) at the resample's scan pick, added to the
           false-hit rate before the bound (Efron's optimism bootstrap)
@@ -80,6 +81,20 @@ def stable(s, y, ratio, seed, window: float = 0.05):
     return None
 
 
+def grid_step(log_step: float):
+    """grid with another spacing: the lowest passing threshold among those whose served counts are exp(log_step)
+    apart (the shipped grid: 0.1, ~10%; scan: every threshold)."""
+    def rule(s, y, ratio, seed):
+        from toolkit.cache import tune
+
+        c = tune.curve(s, y)
+        targets = np.unique(np.ceil(np.exp(np.arange(0, np.log(max(c.served[-1], 1)) + log_step, log_step))))
+        idx = np.unique(np.minimum(np.searchsorted(c.served, targets), len(c.served) - 1))
+        ok = idx[passing(c, c.false_hits, ratio)[idx]]
+        return float(c.thresholds[ok[-1]]) if len(ok) else None
+    return rule
+
+
 def boot(s, y, ratio, seed):
     from toolkit.cache import tune
 
@@ -98,7 +113,7 @@ def boot(s, y, ratio, seed):
 
 
 RULES = {"scan": by_select("scan"), "c96": by_select("scan", 0.96), "c975": by_select("scan", 0.975), "stable": stable,
-         "fs": by_select("fixed_sequence"), "grid": by_select("grid"), "boot": boot}
+         "fs": by_select("fixed_sequence"), "grid": by_select("grid"), "g05": grid_step(0.05), "boot": boot}
 
 
 def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False, rules: dict = RULES) -> dict:
