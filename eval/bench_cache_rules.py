@@ -161,7 +161,9 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False,
     hind = np.array(hind)
     # per split too, so that runs over different splits pool exactly (coverage and hit ratio with a CI)
     out = {"first_split": first, "splits": splits, "hindsight_mean_hit_rate": float(hind.mean()), "rules": {},
-           "per_split": {"hindsight_hit_rate": hind.tolist(), **{name: v for name, v in rec.items()}}}
+           "per_split": {"hindsight_hit_rate": [round(h, 6) for h in hind.tolist()],
+                         **{name: {"ok": [int(o) for o in v["ok"]], "hit": [round(h, 6) for h in v["hit"]]}
+                            for name, v in rec.items()}}}
     fail = ~np.array(rec["scan"]["ok"]) if "scan" in rec else np.zeros(splits, bool)
     for name, v in rec.items():
         ok, hit = np.array(v["ok"]), np.array(v["hit"])
@@ -283,7 +285,7 @@ def main():
         print(name, json.dumps(res["datasets"][name]["rules"]), flush=True)
     res["seconds"] = round(time.time() - t0, 1)
     out = Path(f"{args.out}{'_entry' if args.entry else ''}_{'_'.join(names)}")
-    out.with_suffix(".json").write_text(json.dumps(res, indent=1, allow_nan=False))
+    out.with_suffix(".json").write_text(json.dumps(res, allow_nan=False, separators=(",", ":")) + "\n")
     out.with_suffix(".md").write_text(markdown(res))
     print(markdown(res))
 
