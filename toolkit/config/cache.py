@@ -82,7 +82,7 @@ class CacheConfig(Section):
         "more product with the reference set per lookup, ~0.3 ms). On 2,000 calibration pairs at epsilon 0.05 "
         "(eval/bench_cache_rules.py --entry): 10-12% more hits on CLINC150's intent pairs, where texts recur across "
         "pairs, at 0.01-0.02 less coverage; no change beyond noise on nearest-neighbour pairs. With selection scan "
-        "and confidence 0.96 it met issue 15's goal on 1,000-1,200 splits of each of CLINC150 (intent and "
+        "and confidence 0.96 it met issue 15's goal on 1,000-1,400 splits of each of CLINC150 (intent and "
         "nearest-neighbour pairs), Banking77 and SNIPS: the realized false-hit share <= epsilon on 95.4-97.8% of "
         "splits at 0.94-0.97 of the hindsight-best static threshold's hits (README, cache section).")
     clusters: Optional[int] = Field(None, ge=2, le=256, description="Clusters for adaptive=cluster (default: one "
