@@ -88,8 +88,7 @@ def grid_step(log_step: float):
         from toolkit.cache import tune
 
         c = tune.curve(s, y)
-        targets = np.unique(np.ceil(np.exp(np.arange(0, np.log(max(c.served[-1], 1)) + log_step, log_step))))
-        idx = np.unique(np.minimum(np.searchsorted(c.served, targets), len(c.served) - 1))
+        idx = tune.grid_indices(c.served, log_step)
         ok = idx[passing(c, c.false_hits, ratio)[idx]]
         return float(c.thresholds[ok[-1]]) if len(ok) else None
     return rule
@@ -159,7 +158,7 @@ def study(pairs, vecs: np.ndarray, first: int, splits: int, entry: bool = False,
                 out[name]["ok"].append(bool(h["fhr"] <= EPS))
                 out[name]["hit"].append(h["hit_rate"])
     hind = np.array(hind)
-    # per split too, so that runs over different splits pool exactly (coverage and hit ratio with a CI)
+    # per split too, for paired comparisons of searches on the same splits (--pool needs only the aggregates)
     out = {"first_split": first, "splits": splits, "hindsight_mean_hit_rate": float(hind.mean()), "rules": {},
            "per_split": {"hindsight_hit_rate": [round(h, 6) for h in hind.tolist()],
                          **{name: {"ok": [int(o) for o in v["ok"]], "hit": [round(h, 6) for h in v["hit"]]}

@@ -298,10 +298,10 @@ def select(sims: np.ndarray, labels: np.ndarray, epsilon: float, confidence: flo
                      recall=float(c.recall[i]), **common)
 
 
-def grid_indices(served: np.ndarray) -> np.ndarray:
+def grid_indices(served: np.ndarray, log_step: float = GRID_LOG_STEP) -> np.ndarray:
     """Indices of the thresholds `grid` selection tests: the first whose served count reaches each point of a
-    geometric grid (factor exp(GRID_LOG_STEP)). The grid depends on counts only, never on labels."""
-    targets = np.unique(np.ceil(np.exp(np.arange(0, np.log(max(served[-1], 1)) + GRID_LOG_STEP, GRID_LOG_STEP))))
+    geometric grid (factor exp(log_step)). The grid depends on counts only, never on labels."""
+    targets = np.unique(np.ceil(np.exp(np.arange(0, np.log(max(served[-1], 1)) + log_step, log_step))))
     return np.unique(np.minimum(np.searchsorted(served, targets), len(served) - 1))
 
 
